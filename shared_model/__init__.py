@@ -1,0 +1,1 @@
+"""TME-PSR model, data and metrics (torch + numpy; no Flower, no network I/O)."""
