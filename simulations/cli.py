@@ -7,8 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from shared_model.data import DATASETS, DataFormatError, InteractionLog, load_dataset, load_event_table
-from shared_model.data import load_recbole_inter
+from shared_model.data import (
+    DATASETS,
+    DataFormatError,
+    InteractionLog,
+    load_dataset,
+    load_event_table,
+    load_recbole_inter,
+)
 from shared_model.data.locate import data_root
 from shared_model.data.stats import log_stats
 
@@ -51,14 +57,18 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
         ("explanation rule", stats["explanation_rule"]),
     ]  # fmt: skip
     if "eval_users_last_two_tied" in stats:
-        rows.append(("last two events tied", f"{stats['eval_users_last_two_tied']:,} users (broken by item id)"))
+        rows.append(
+            ("last two events tied", f"{stats['eval_users_last_two_tied']:,} users (broken by item id)")
+        )
     for key, value in rows:
         print(f"{key:28} {value}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tmepsr", description="Federated, on-device sequential recommendation.")
+    parser = argparse.ArgumentParser(
+        prog="tmepsr", description="Federated, on-device sequential recommendation."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="datasets: list them, print statistics")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -67,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.set_defaults(func=_cmd_data_list)
     p_stats = data_sub.add_parser("stats", help="statistics of a dataset (a known name or a file path)")
     p_stats.add_argument("name", help="dataset name from 'tmepsr data list', or a .inter/.csv/.parquet file")
-    p_stats.add_argument("--data-dir", help="shared data folder (default: $TMEPSR_DATA_DIR or ../shared/data)")
+    p_stats.add_argument(
+        "--data-dir", help="shared data folder (default: $TMEPSR_DATA_DIR or ../shared/data)"
+    )
     p_stats.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p_stats.set_defaults(func=_cmd_data_stats)
     return parser

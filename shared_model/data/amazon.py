@@ -49,7 +49,9 @@ def load_amazon_beauty_5core(folder: Path) -> InteractionLog:
         names = [maps["id2attribute"][str(a)] for a in kept]
         asin = maps["id2item"]
     except (KeyError, TypeError, ValueError) as exc:
-        raise DataFormatError(folder / "p5-datamaps" / "datamaps.json", f"unexpected structure ({exc})") from None
+        raise DataFormatError(
+            folder / "p5-datamaps" / "datamaps.json", f"unexpected structure ({exc})"
+        ) from None
     item_ids = np.unique(np.asarray(items, dtype=np.int64))
     rows = []
     for i in item_ids:

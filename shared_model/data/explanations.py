@@ -25,7 +25,9 @@ import numpy as np
 from .log import ExplanationVocab, InteractionLog, Ragged
 
 
-def history_matched_labels(log: InteractionLog, attributes: Ragged, names: Sequence[str], what: str) -> InteractionLog:
+def history_matched_labels(
+    log: InteractionLog, attributes: Ragged, names: Sequence[str], what: str
+) -> InteractionLog:
     """Label each event with the item attribute that best matches the user's history so far."""
     items_per_attr = np.bincount(attributes.ids, minlength=len(names))
     attr_rows = [attributes.row(i).tolist() for i in range(len(attributes))]
@@ -136,12 +138,17 @@ def mine_review_phrases(
         for key, phrase in groups.items():
             users_of_group[key].add(user)
             surface[key][phrase] += 1
-    kept = sorted((k for k, us in users_of_group.items() if len(us) >= min_users), key=lambda k: (-len(users_of_group[k]), k))
+    kept = sorted(
+        (k for k, us in users_of_group.items() if len(us) >= min_users),
+        key=lambda k: (-len(users_of_group[k]), k),
+    )
     group_id = {k: i for i, k in enumerate(kept)}
     vocab_texts = tuple(" ".join(surface[k].most_common(1)[0][0]) for k in kept)
     labels = []
     for groups in per_review:
-        ids = sorted((group_id[k] for k in groups if k in group_id), key=lambda i: (len(users_of_group[kept[i]]), i))
+        ids = sorted(
+            (group_id[k] for k in groups if k in group_id), key=lambda i: (len(users_of_group[kept[i]]), i)
+        )
         labels.append(ids[:max_labels])
     covered = sum(1 for x in labels if x)
     rule = (

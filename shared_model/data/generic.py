@@ -29,7 +29,9 @@ def load_recbole_inter(path: str | Path, name: str | None = None) -> Interaction
     users = [r[fields["user_id"]] for _, r in records]
     items = [r[fields["item_id"]] for _, r in records]
     times = [parse_timestamp(r[fields["timestamp"]], path, line) for line, r in records] if has_time else None
-    return InteractionLog.from_events(name or path.stem, users, items, times, "seconds" if has_time else "order")
+    return InteractionLog.from_events(
+        name or path.stem, users, items, times, "seconds" if has_time else "order"
+    )
 
 
 def load_event_table(path: str | Path, name: str | None = None) -> InteractionLog:

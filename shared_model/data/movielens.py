@@ -15,7 +15,9 @@ from .lrurec import load_lrurec_pickle
 from .readers import parse_int, parse_timestamp, read_csv_records, read_text_lines
 
 
-def _genre_meta(item_ids: np.ndarray, titles: dict[int, str], genres: dict[int, list[str]], path: Path) -> tuple[ItemMeta, list[str]]:
+def _genre_meta(
+    item_ids: np.ndarray, titles: dict[int, str], genres: dict[int, list[str]], path: Path
+) -> tuple[ItemMeta, list[str]]:
     missing = [int(i) for i in item_ids if int(i) not in titles]
     if missing:
         raise DataFormatError(path, f"{len(missing)} rated items have no metadata, e.g. {missing[:5]}")
@@ -79,13 +81,17 @@ def load_movielens_100k(folder: Path) -> InteractionLog:
             continue
         parts = text.split("|")
         if len(parts) != 5 + len(genre_names):
-            raise DataFormatError(item_file, f"expected {5 + len(genre_names)} fields, found {len(parts)}", line=line)
+            raise DataFormatError(
+                item_file, f"expected {5 + len(genre_names)} fields, found {len(parts)}", line=line
+            )
         mid = parse_int(parts[0], item_file, line, "movie id")
         titles[mid] = parts[1]
         genres[mid] = [g for g, flag in zip(genre_names, parts[5:], strict=True) if flag.strip() == "1"]
     item_ids = np.unique(np.asarray(items, dtype=np.int64))
     meta, names = _genre_meta(item_ids, titles, genres, item_file)
-    log = InteractionLog.from_events("movielens-100k", users, items, times, "seconds", item_universe=item_ids, item_meta=meta)
+    log = InteractionLog.from_events(
+        "movielens-100k", users, items, times, "seconds", item_universe=item_ids, item_meta=meta
+    )
     return history_matched_labels(log, meta.attributes, names, "genre")
 
 
@@ -98,7 +104,9 @@ def load_movielens_1m_lrurec(folder: Path) -> InteractionLog:
             continue
         parts = text.split("::")
         if len(parts) != 3:
-            raise DataFormatError(movies, f"expected MovieID::Title::Genres, found {len(parts)} fields", line=line)
+            raise DataFormatError(
+                movies, f"expected MovieID::Title::Genres, found {len(parts)} fields", line=line
+            )
         mid = parse_int(parts[0], movies, line, "MovieID")
         titles[mid] = parts[1]
         genres[mid] = [g for g in parts[2].split("|") if g]

@@ -41,18 +41,44 @@ def _lrurec(name: str) -> Callable[[Path], InteractionLog]:
 DATASETS: dict[str, DatasetSpec] = {
     s.name: s
     for s in (
-        DatasetSpec("movielens-latest-small", load_movielens_latest_small, (610, 9724, 100836), "seconds",
-                    "user tags, else genre", embedded=True),
+        DatasetSpec(
+            "movielens-latest-small",
+            load_movielens_latest_small,
+            (610, 9724, 100836),
+            "seconds",
+            "user tags, else genre",
+            embedded=True,
+        ),
         DatasetSpec("movielens-100k", load_movielens_100k, (943, 1682, 100000), "seconds", "genre"),
         DatasetSpec("movielens-1m-lrurec", load_movielens_1m_lrurec, (6040, 3416, 999611), "order", "genre"),
-        DatasetSpec("amazon-beauty-sasrec-lrurec", _lrurec("amazon-beauty-sasrec-lrurec"), (52204, 57289, 394908),
-                    "order", "none"),
-        DatasetSpec("amazon-beauty-5core", load_amazon_beauty_5core, (22363, 12101, 198502), "days",
-                    "brand/category attribute"),
-        DatasetSpec("amazon-musical-instruments-5core", load_amazon_musical_instruments, (1429, 900, 10261),
-                    "days", "review phrases (EXTRA-style)"),
-        DatasetSpec("amazon-video-games-sasrec-lrurec", _lrurec("amazon-video-games-sasrec-lrurec"),
-                    (31013, 23715, 287107), "order", "none"),
+        DatasetSpec(
+            "amazon-beauty-sasrec-lrurec",
+            _lrurec("amazon-beauty-sasrec-lrurec"),
+            (52204, 57289, 394908),
+            "order",
+            "none",
+        ),
+        DatasetSpec(
+            "amazon-beauty-5core",
+            load_amazon_beauty_5core,
+            (22363, 12101, 198502),
+            "days",
+            "brand/category attribute",
+        ),
+        DatasetSpec(
+            "amazon-musical-instruments-5core",
+            load_amazon_musical_instruments,
+            (1429, 900, 10261),
+            "days",
+            "review phrases (EXTRA-style)",
+        ),
+        DatasetSpec(
+            "amazon-video-games-sasrec-lrurec",
+            _lrurec("amazon-video-games-sasrec-lrurec"),
+            (31013, 23715, 287107),
+            "order",
+            "none",
+        ),
     )  # fmt: skip
 }
 

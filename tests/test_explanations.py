@@ -1,0 +1,56 @@
+"""Explanation vocabularies: the three labelling rules on hand-made data."""
+
+from __future__ import annotations
+
+from shared_model.data import InteractionLog, Ragged
+from shared_model.data.explanations import (
+    history_matched_labels,
+    mine_review_phrases,
+    review_phrases,
+    tag_or_genre_labels,
+)
+
+NAMES = ("Drama", "Comedy", "Noir")
+# item 0: Drama+Comedy, item 1: Comedy, item 2: Drama+Noir, item 3: no attribute
+ATTRS = Ragged.from_lists([[0, 1], [1], [0, 2], []])
+
+
+def _log() -> InteractionLog:
+    # user 0 watches items 1, 1?, 0, 2, 3 in time order
+    return InteractionLog.from_events(
+        "t", [0, 0, 0, 0], [1, 0, 2, 3], [1, 2, 3, 4], "seconds", item_universe=[0, 1, 2, 3]
+    )
+
+
+def test_history_matched_is_causal_and_prefers_specific():
+    log = history_matched_labels(_log(), ATTRS, NAMES, "genre")
+    labels = [log.explanations.row(e).tolist() for e in range(4)]
+    # event 0 (item 1): only Comedy. event 1 (item 0): Comedy seen once before -> Comedy.
+    # event 2 (item 2): Drama seen once, Noir never -> Drama. event 3 (item 3): no attribute -> no label.
+    assert labels == [[1], [1], [0], []]
+    assert "earlier events" in log.vocab.rule and log.vocab.texts == NAMES
+
+
+def test_first_event_tie_goes_to_the_rarer_attribute():
+    log = InteractionLog.from_events("t", [0], [2], [1], "seconds", item_universe=[0, 1, 2, 3])
+    assert history_matched_labels(log, ATTRS, NAMES, "genre").explanations.row(0).tolist() == [2]  # Noir
+
+
+def test_user_tags_win_over_genres():
+    tags = {(0, 0): ["Funny ", "funny"], (0, 2): ["rare tag"]}
+    tags_other = {(5, 0): ["FUNNY"]}  # a second (user, item) pair makes 'funny' frequent enough
+    log = tag_or_genre_labels(_log(), ATTRS, NAMES, {**tags, **tags_other}, min_pairs=2)
+    assert log.vocab.texts == (*NAMES, "tag: funny")
+    labels = [log.explanations.row(e).tolist() for e in range(4)]
+    assert labels == [[1], [3], [0], []]  # item 0 -> its tag; 'rare tag' is below min_pairs -> genre
+
+
+def test_review_phrases_group_near_duplicates():
+    assert ("great", "sound") in review_phrases("Great sound! The strings are ok.")
+    assert ("the", "strings") not in review_phrases("The strings")  # starts with a stopword
+    users = ["a", "b", "c", "d"]
+    texts = ["Great sound. Cheap case", "great sounds!", "GREAT SOUND, works", "nothing here"]
+    vocab, labels = mine_review_phrases(users, texts, min_users=3)
+    assert vocab.texts == ("great sound",)
+    assert labels == [[0], [0], [0], []]
+    assert "coverage 3/4" in vocab.rule
