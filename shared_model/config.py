@@ -1,0 +1,77 @@
+"""Typed configuration in one place: the model and its training. Saved with every checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+ModelKind = Literal["tmepsr", "sasrec"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and loss of a sequence model. Every TME-PSR module can be switched off here.
+
+    ``num_items`` / ``num_explanations`` are vocabulary sizes (item ids are shifted by one inside the model:
+    0 is padding). ``time_unit`` is the dataset's ("seconds", "days" or "order").
+    """
+
+    num_items: int
+    num_explanations: int = 0
+    kind: ModelKind = "tmepsr"
+    time_unit: str = "seconds"
+    d_model: int = 64
+    num_heads: int = 4  # interest heads (1 = a plain LRU, as LRURec)
+    num_blocks: int = 2
+    dropout: float = 0.2
+    max_len: int = 200
+    use_time: bool = True  # dual-view gated time encoder
+    use_explanations: bool = True  # explanation branch + its losses
+    dynamic_mi: bool = True  # per-user MI weights from a small network; False = fixed equal weights
+    alpha: float = 0.5  # weight of the explanation cross-entropy
+    beta: float = 0.1  # weight of the mutual-information terms
+    gamma: float = 0.01  # weight of the head-diversity regulariser
+    mi_temperature: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.num_items < 1:
+            raise ValueError("num_items must be >= 1")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.use_explanations and self.kind == "tmepsr" and self.num_explanations < 1:
+            raise ValueError(
+                "use_explanations needs a dataset with an explanation vocabulary (num_explanations >= 1)"
+            )
+        if self.time_unit not in ("seconds", "days", "order"):
+            raise ValueError(f"unknown time_unit {self.time_unit!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and early stopping (defaults follow LRURec: AdamW, lr 1e-3, weight decay 1e-2, batch 128)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 128
+    max_epochs: int = 200
+    patience: int = 5  # epochs without a better validation NDCG@10
+    eval_every: int = 1
+    eval_batch_size: int = 512
+    max_minutes: float | None = None  # compute budget; training stops (and says so) when it runs out
+    seed: int = 0
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def to_json(cfg: ModelConfig | TrainConfig) -> str:
+    return json.dumps(asdict(cfg), sort_keys=True)
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Rebuild a :class:`ModelConfig`; unknown keys are an error (a checkpoint from another version)."""
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown model config keys {sorted(unknown)}")
+    return ModelConfig(**data)

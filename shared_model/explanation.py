@@ -1,0 +1,87 @@
+"""Explanation branch with dynamic dual-branch mutual-information weighting (shared; DESIGN section 3).
+
+For a user state ``h`` (the sequence encoder's output before the next event) and an item ``e`` (the item
+being recommended, or at training time the true next item), the explanation encoder builds a query
+``q = MLP([h; e; h * e])`` and ranks the whole explanation vocabulary by ``q . E_x + b_x``.
+
+Two InfoNCE lower bounds align the branches:
+
+* ``nce_rec``: recommendation state <-> the explanation(s) of the next event, with every explanation in the
+  vocabulary as a candidate (no false negatives from repeated labels in a batch);
+* ``nce_exp``: explanation state ``q`` <-> the item it explains, with the other items of the batch as
+  negatives (positions whose item repeats are masked out of each other's negatives).
+
+The dynamic part: a small network maps each user state to two log-variances ``s``; the MI loss is
+``exp(-s_1) nce_rec + s_1 + exp(-s_2) nce_exp + s_2`` (uncertainty weighting), so every user gets their own
+balance of the two terms. ``dynamic=False`` fixes ``s = 0`` (equal, fixed weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MAX_NCE_ITEMS = 512  # positions sampled for the in-batch item InfoNCE (keeps it O(512^2))
+
+
+class ExplanationBranch(nn.Module):
+    """Explanation embeddings, the (state, item) -> explanation encoder, and the MI terms."""
+
+    def __init__(
+        self, d_model: int, num_explanations: int, dynamic: bool = True, temperature: float = 0.2
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_explanations, d_model)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.bias = nn.Parameter(torch.zeros(num_explanations))
+        self.encoder = nn.Sequential(nn.Linear(3 * d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.rec_proj = nn.Linear(d_model, d_model)
+        self.exp_proj = nn.Linear(d_model, d_model)
+        self.weigher = (
+            nn.Sequential(nn.Linear(d_model, d_model // 2), nn.Tanh(), nn.Linear(d_model // 2, 2))
+            if dynamic
+            else None
+        )
+        self.temperature = temperature
+
+    def query(self, state: Tensor, item_vec: Tensor) -> Tensor:
+        """Explanation state for (user state, item): (..., d)."""
+        return self.encoder(torch.cat((state, item_vec, state * item_vec), dim=-1))
+
+    def scores(self, query: Tensor) -> Tensor:
+        """Scores of every explanation id: (..., num_explanations)."""
+        return F.linear(query, self.embedding.weight, self.bias)
+
+    def mi_weights(self, state: Tensor) -> Tensor:
+        """Per-user log-variances (N, 2) of the two MI terms (zeros when weighting is fixed)."""
+        if self.weigher is None:
+            return state.new_zeros(state.shape[0], 2)
+        return self.weigher(state)
+
+    def mi_loss(
+        self, state: Tensor, query: Tensor, item_vec: Tensor, items: Tensor, target_dist: Tensor
+    ) -> Tensor:
+        """Dynamically weighted InfoNCE terms for N labelled positions.
+
+        ``state``/``query``/``item_vec`` (N, d); ``items`` (N,) the explained item ids; ``target_dist``
+        (N, V) the explanation labels of each position as a distribution.
+        """
+        tau = self.temperature
+        z_rec = F.normalize(self.rec_proj(state), dim=-1)
+        z_vocab = F.normalize(self.embedding.weight, dim=-1)
+        nce_rec = -(target_dist * F.log_softmax(z_rec @ z_vocab.T / tau, dim=-1)).sum(-1)
+
+        n = min(len(items), MAX_NCE_ITEMS)
+        pick = torch.randperm(len(items), device=items.device)[:n]
+        z_q = F.normalize(self.exp_proj(query[pick]), dim=-1)
+        z_i = F.normalize(item_vec[pick], dim=-1)
+        logits = z_q @ z_i.T / tau
+        same_item = items[pick][:, None] == items[pick][None, :]
+        logits = logits.masked_fill(same_item & ~torch.eye(n, dtype=torch.bool, device=logits.device), -1e9)
+        nce_exp = F.cross_entropy(logits, torch.arange(n, device=logits.device), reduction="none")
+
+        s = self.mi_weights(state)
+        rec_term = torch.exp(-s[:, 0]) * nce_rec + s[:, 0]
+        exp_term = torch.exp(-s[pick, 1]) * nce_exp + s[pick, 1]
+        return rec_term.mean() + exp_term.mean()

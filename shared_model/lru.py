@@ -1,0 +1,188 @@
+"""Multihead Linear Recurrent Unit (LRU, Orvieto et al. 2023) and the LRURec blocks built on it (DESIGN §3).
+
+Everything is real arithmetic: a complex number is a trailing pair ``[..., 2] = [real, imag]``, so the
+module exports to ONNX. Each head owns its own slice of channels and runs a diagonal complex recurrence
+
+    h_t = lambda * h_{t-1} + gamma * (B x_t),    y_t = Re(C h_t) + D * x_t,
+
+with ``lambda = exp(-exp(nu) + i exp(theta))`` and ``gamma = sqrt(1 - |lambda|^2)``. Two forms compute it and
+agree: a parallel (Hillis-Steele doubling) scan over a whole sequence, of depth ceil(log2 L), for training,
+and an O(1) ``step`` for on-device inference.
+
+Padding contract: sequences are LEFT-padded with all-zero input vectors, and no mask is taken. A zero input
+at the zero state leaves the state at zero and gives a zero output, in every layer of every block (the block's
+LayerNorms and feed-forward layers have no bias for this reason), so a padded prefix changes nothing that
+follows it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def scan_offsets(length: int) -> list[int]:
+    """The doubling offsets 1, 2, 4, ... below ``length``: ceil(log2 length) scan iterations."""
+    offsets = []
+    k = 1
+    while k < length:
+        offsets.append(k)
+        k *= 2
+    return offsets
+
+
+def _cmul(z: Tensor, re: Tensor, im: Tensor) -> Tensor:
+    """Complex product of ``z`` (..., 2) with ``re + i im`` (broadcast against ``z[..., 0]``)."""
+    z_re, z_im = z.unbind(-1)
+    return torch.stack((re * z_re - im * z_im, re * z_im + im * z_re), dim=-1)
+
+
+class MultiheadLRU(nn.Module):
+    """``num_heads`` independent LRUs, head ``h`` on channels ``[h * d_head, (h + 1) * d_head)``.
+
+    The state is ``(batch, num_heads, d_head, 2)``: ``d_head`` complex numbers per head as [real, imag].
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        r_min: float = 0.8,
+        r_max: float = 0.99,
+        phase_max: float = 2 * math.pi,
+    ) -> None:
+        super().__init__()
+        assert d_model % num_heads == 0, f"d_model={d_model} is not divisible by num_heads={num_heads}"
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.d_head = n = d_model // num_heads
+        shape = (num_heads, n)
+        # Ring initialisation: |lambda|^2 uniform in [r_min^2, r_max^2], arg(lambda) uniform in (0, phase_max].
+        u1, u2 = torch.rand(shape), 1 - torch.rand(shape)
+        self.nu_log = nn.Parameter(torch.log(-0.5 * torch.log(u1 * (r_max**2 - r_min**2) + r_min**2)))
+        self.theta_log = nn.Parameter(torch.log(phase_max * u2))
+        self.B_re = nn.Parameter(torch.randn(num_heads, n, n) / math.sqrt(2 * n))  # (head, state, input)
+        self.B_im = nn.Parameter(torch.randn(num_heads, n, n) / math.sqrt(2 * n))
+        self.C_re = nn.Parameter(torch.randn(num_heads, n, n) / math.sqrt(n))  # (head, output, state)
+        self.C_im = nn.Parameter(torch.randn(num_heads, n, n) / math.sqrt(n))
+        self.D = nn.Parameter(torch.randn(d_model))
+
+    def lambda_power(self, k: int) -> tuple[Tensor, Tensor]:
+        """Real and imaginary parts of ``lambda ** k``, each (num_heads, d_head), in polar form."""
+        log_modulus = -k * torch.exp(self.nu_log)
+        angle = k * torch.exp(self.theta_log)
+        modulus = torch.exp(log_modulus)
+        return modulus * torch.cos(angle), modulus * torch.sin(angle)
+
+    def _drive(self, x: Tensor) -> Tensor:
+        """``gamma * B x`` per head: x (..., d_model) -> (..., num_heads, d_head, 2)."""
+        gamma = torch.sqrt(1 - torch.exp(-2 * torch.exp(self.nu_log)))  # sqrt(1 - |lambda|^2)
+        weight = torch.stack((self.B_re, self.B_im), dim=2) * gamma[:, :, None, None]  # (H, N, 2, d_head)
+        return torch.einsum("...hd,hnkd->...hnk", x.unflatten(-1, (self.num_heads, self.d_head)), weight)
+
+    def _readout(self, h: Tensor, x: Tensor) -> Tensor:
+        """``Re(C h) + D * x``: h (..., num_heads, d_head, 2), x (..., d_model) -> (..., d_model)."""
+        weight = torch.stack((self.C_re, -self.C_im), dim=-1)  # (H, d_head, N, 2)
+        return torch.einsum("...hnk,hdnk->...hd", h, weight).flatten(-2) + self.D * x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (batch, L, d_model), left-padded with zeros -> y (batch, L, d_model)."""
+        return self.scan_with_state(x)[0]
+
+    def scan_with_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Parallel scan over x (batch, L, d_model): y (batch, L, d_model) and the state after the last step."""
+        h = self._drive(x)  # (B, L, H, N, 2); after the pass for offset k, h[t] sums the last 2k inputs
+        for k in scan_offsets(x.shape[1]):
+            re, im = self.lambda_power(k)
+            earlier = torch.cat((torch.zeros_like(h[:, :k]), h[:, :-k]), dim=1)  # h[t - k], zero for t < k
+            h = h + _cmul(earlier, re, im)
+        return self._readout(h, x), h[:, -1]
+
+    def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """One event: x_t (batch, d_model), state (batch, num_heads, d_head, 2) -> y_t, new state."""
+        re, im = self.lambda_power(1)
+        h = _cmul(state, re, im) + self._drive(x_t)
+        return self._readout(h, x_t), h
+
+    def initial_state(self, batch: int) -> Tensor:
+        """The zero state (batch, num_heads, d_head, 2)."""
+        return self.nu_log.new_zeros(batch, self.num_heads, self.d_head, 2)
+
+
+class LRUBlock(nn.Module):
+    """LRURec block: LRU -> dropout -> residual + LayerNorm -> FFN (d -> 4d -> d, GELU) -> residual + LayerNorm.
+
+    LayerNorms and FFN are bias-free so that a zero input at the zero state maps to a zero output (the
+    left-padding contract in the module docstring).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.lru = MultiheadLRU(d_model, num_heads)
+        self.dropout = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model, bias=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model, bias=False),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(4 * d_model, d_model, bias=False),
+            nn.Dropout(dropout),
+        )
+        self.norm2 = nn.LayerNorm(d_model, bias=False)
+
+    def _position_wise(self, x: Tensor, y: Tensor) -> Tensor:
+        z = self.norm1(x + self.dropout(y))
+        return self.norm2(z + self.ffn(z))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (batch, L, d_model) -> (batch, L, d_model)."""
+        return self.scan_with_state(x)[0]
+
+    def scan_with_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Outputs (batch, L, d_model) and the LRU state after the last step (batch, H, d_head, 2)."""
+        y, state = self.lru.scan_with_state(x)
+        return self._position_wise(x, y), state
+
+    def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """One event: x_t (batch, d_model), state (batch, H, d_head, 2) -> output, new state."""
+        y, state = self.lru.step(x_t, state)
+        return self._position_wise(x_t, y), state
+
+    def initial_state(self, batch: int) -> Tensor:
+        """The zero state (batch, H, d_head, 2)."""
+        return self.lru.initial_state(batch)
+
+
+class LRUEncoder(nn.Module):
+    """A stack of ``num_blocks`` LRUBlocks; its state is the blocks' states stacked on dim 1:
+    (batch, num_blocks, num_heads, d_head, 2)."""
+
+    def __init__(self, d_model: int, num_heads: int, num_blocks: int = 2, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(LRUBlock(d_model, num_heads, dropout) for _ in range(num_blocks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (batch, L, d_model), left-padded with zeros -> (batch, L, d_model)."""
+        return self.scan_with_state(x)[0]
+
+    def scan_with_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Outputs (batch, L, d_model) and the final state (batch, num_blocks, H, d_head, 2)."""
+        states = []
+        for block in self.blocks:
+            x, state = block.scan_with_state(x)
+            states.append(state)
+        return x, torch.stack(states, dim=1)
+
+    def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """One event: x_t (batch, d_model), state (batch, num_blocks, H, d_head, 2) -> output, new state."""
+        states = []
+        for i, block in enumerate(self.blocks):
+            x_t, block_state = block.step(x_t, state[:, i])
+            states.append(block_state)
+        return x_t, torch.stack(states, dim=1)
+
+    def initial_state(self, batch: int) -> Tensor:
+        """The zero state (batch, num_blocks, H, d_head, 2)."""
+        return torch.stack([block.initial_state(batch) for block in self.blocks], dim=1)

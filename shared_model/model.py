@@ -1,0 +1,143 @@
+"""The composed TME-PSR model (DESIGN section 3) and its loss.
+
+    item embedding (shared) + dual-view gated time encoder (personal)
+        -> multihead LRU blocks (personal) -> interest heads (personal)
+        -> item scores  F.linear(u, item table, item bias)       (shared table)
+        -> explanation branch with dynamic MI weighting           (shared)
+
+Interest heads: head ``h`` reads the channels of LRU head ``h`` and projects them to a sub-interest vector
+``v_h``; a gate on the state gives mixture weights ``a_h`` and the user vector is ``u = sum_h a_h v_h``, so an
+item's score decomposes exactly into head contributions ``a_h <v_h, e_i>`` and the head that drove a
+recommendation is the largest contribution. (Item-dependent attention over heads, as in ComiRec, would need
+an (H x items) score tensor at every training position; the exact decomposition keeps full-softmax training
+at the cost of one d-vector per position.)
+
+Loss: ``CE_items + alpha * CE_explanations + beta * L_MI + gamma * L_reg``; ``L_reg`` penalises the squared
+cosine similarity between different heads' sub-interest vectors so that the heads do not collapse.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batching import Batch
+from .config import ModelConfig
+from .explanation import ExplanationBranch
+from .lru import LRUEncoder
+from .recommender import SequenceRecommender
+from .time_encoder import DualViewGatedTimeEncoder
+
+
+class InterestHeads(nn.Module):
+    """Sub-interest vectors per head and their state-dependent mixture weights (personal)."""
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        d_head = d_model // num_heads
+        self.proj = nn.Parameter(torch.randn(num_heads, d_head, d_model) / d_head**0.5)
+        self.gate = nn.Linear(d_model, num_heads)
+
+    def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``y`` (..., d) -> sub-interests ``v`` (..., H, d) and mixture weights ``a`` (..., H)."""
+        slices = y.unflatten(-1, (self.num_heads, -1))
+        v = torch.einsum("...hk,hkd->...hd", slices, self.proj)
+        return v, torch.softmax(self.gate(y), dim=-1)
+
+
+class TMEPSR(SequenceRecommender):
+    """TME-PSR sequence recommender; any module can be switched off through :class:`ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        d = cfg.d_model
+        self.time_encoder = DualViewGatedTimeEncoder(d, cfg.time_unit, cfg.max_len) if cfg.use_time else None
+        self.encoder = LRUEncoder(d, cfg.num_heads, cfg.num_blocks, cfg.dropout)
+        self.interests = InterestHeads(d, cfg.num_heads)
+        self.explanation = (
+            ExplanationBranch(d, cfg.num_explanations, cfg.dynamic_mi, cfg.mi_temperature)
+            if cfg.use_explanations
+            else None
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    # ------------------------------------------------------------------ encoding and scoring
+    def embed(self, items: Tensor, times: Tensor, mask: Tensor) -> Tensor:
+        """Input vectors (B, L, d): item embedding plus time vector; exactly zero at padding."""
+        x = self.item_emb(items)
+        if self.time_encoder is not None:
+            x = x + self.time_encoder(times, mask)
+        return self.dropout(x) * mask.unsqueeze(-1)
+
+    def encode(self, batch: Batch) -> Tensor:
+        """States (B, L, d): the LRU encoder output after each event (parallel scan)."""
+        return self.encoder(self.embed(batch.items, batch.times, batch.mask))
+
+    def initial_state(self, batch: int) -> tuple[Tensor, Tensor]:
+        """Zero recurrent state: (LRU state (B, blocks, H, d_head, 2), time-encoder state (B, S))."""
+        time_state = (
+            self.time_encoder.initial_state(batch) if self.time_encoder is not None else torch.zeros(batch, 0)
+        )
+        return self.encoder.initial_state(batch), time_state
+
+    def step(
+        self, items: Tensor, times: Tensor, lru_state: Tensor, time_state: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """O(1) update with one event per row (dense ``items`` (B,), ``times`` (B,)): the new state vector
+        (B, d) (what :meth:`encode` gives at the last position) and the new recurrent states. Eval mode only."""
+        x = self.item_emb(items + 1)
+        if self.time_encoder is not None:
+            t_vec, time_state = self.time_encoder.step(times, time_state)
+            x = x + t_vec
+        y, lru_state = self.encoder.step(x, lru_state)
+        return y, lru_state, time_state
+
+    def user_vector(self, states: Tensor) -> Tensor:
+        """``u = sum_h a_h v_h`` (..., d)."""
+        v, a = self.interests(states)
+        return (a.unsqueeze(-1) * v).sum(-2)
+
+    def head_contributions(self, states: Tensor, items: Tensor) -> Tensor:
+        """``a_h <v_h, e_i>`` for dense ``items`` (N, K) given ``states`` (N, d): (N, K, H)."""
+        v, a = self.interests(states)
+        e = self.item_emb(items + 1)
+        return torch.einsum("nhd,nkd->nkh", v, e) * a.unsqueeze(1)
+
+    def explanation_scores(self, states: Tensor, items: Tensor) -> Tensor:
+        """Explanation-vocabulary scores for (state, dense item) pairs: states (N, d), items (N,) -> (N, V)."""
+        if self.explanation is None:
+            raise RuntimeError("this model was configured without the explanation branch")
+        return self.explanation.scores(self.explanation.query(states, self.item_emb(items + 1)))
+
+    # ------------------------------------------------------------------ training loss
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """Total loss and its parts for a training batch (targets and explanation labels filled in)."""
+        assert batch.targets is not None, "training batches carry targets"
+        states = self.encode(batch)
+        ce_items = self.item_loss(states, batch.targets)
+        total = ce_items
+        parts = {"ce_items": ce_items.item()}
+        if self.cfg.num_heads > 1 and self.cfg.gamma > 0:
+            v, _ = self.interests(states[batch.targets > 0])
+            vn = F.normalize(v, dim=-1)
+            gram = vn @ vn.transpose(-1, -2)
+            off = gram - torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1))
+            reg = off.pow(2).sum((-1, -2)).mean() / (self.cfg.num_heads * (self.cfg.num_heads - 1))
+            total = total + self.cfg.gamma * reg
+            parts["reg_heads"] = reg.item()
+        if self.explanation is not None and batch.expl_pos is not None and len(batch.expl_pos):
+            positions, slot = torch.unique(batch.expl_pos, return_inverse=True)
+            flat_states = states.reshape(-1, states.shape[-1])[positions]
+            target_items = batch.targets.reshape(-1)[positions]
+            item_vec = self.item_emb(target_items)
+            query = self.explanation.query(flat_states, item_vec)
+            dist = torch.zeros(len(positions), self.cfg.num_explanations, device=states.device)
+            dist.index_put_((slot, batch.expl_ids), batch.expl_weight, accumulate=True)
+            ce_expl = -(dist * F.log_softmax(self.explanation.scores(query), dim=-1)).sum(-1).mean()
+            mi = self.explanation.mi_loss(flat_states, query, item_vec, target_items, dist)
+            total = total + self.cfg.alpha * ce_expl + self.cfg.beta * mi
+            parts |= {"ce_expl": ce_expl.item(), "mi": mi.item()}
+        parts["loss"] = total.item()
+        return total, parts

@@ -1,0 +1,57 @@
+"""What every sequence model in tme-psr shares: the item table, full-softmax scoring and the item loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batching import Batch
+from .config import ModelConfig
+
+
+class SequenceRecommender(nn.Module):
+    """Base class: an item table (``item_emb``, ``item_bias``; id 0 = padding) scored with ``F.linear``.
+
+    Subclasses implement :meth:`encode` (states after each event) and :meth:`user_vector`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.explanation: nn.Module | None = None  # subclasses with an explanation branch replace it
+        self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.d_model, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.item_bias = nn.Parameter(torch.zeros(cfg.num_items + 1))
+
+    def encode(self, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def user_vector(self, states: Tensor) -> Tensor:
+        """The vector that scores items, (..., d)."""
+        raise NotImplementedError
+
+    def item_scores(self, states: Tensor) -> Tensor:
+        """Scores of every item (..., num_items): column ``i`` is dense item ``i`` (padding dropped)."""
+        return F.linear(self.user_vector(states), self.item_emb.weight[1:], self.item_bias[1:])
+
+    def item_loss(self, states: Tensor, targets: Tensor) -> Tensor:
+        """Full-softmax next-item cross-entropy over every position that has a target."""
+        has_target = targets > 0
+        return F.cross_entropy(self.item_scores(states[has_target]), targets[has_target] - 1)
+
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """Training loss and its parts (plain next-item cross-entropy unless a subclass adds terms)."""
+        assert batch.targets is not None, "training batches carry targets"
+        ce = self.item_loss(self.encode(batch), batch.targets)
+        return ce, {"ce_items": ce.item(), "loss": ce.item()}
+
+
+def build_model(cfg: ModelConfig) -> SequenceRecommender:
+    """The model a config describes (``kind``: "tmepsr" or "sasrec")."""
+    from .model import TMEPSR
+    from .sasrec import SASRec
+
+    return {"tmepsr": TMEPSR, "sasrec": SASRec}[cfg.kind](cfg)

@@ -1,0 +1,131 @@
+"""Dual-view gated time encoder (DESIGN §3): a vector per event that is added to its item embedding.
+
+Short-term view: the log-scaled gap since the previous event, ``log1p(gap_seconds / 60)``, as Gaussian soft
+buckets plus a first-event flag. Long-term view: hour-of-day (not for day-resolution data), day-of-week and
+season as sin/cos phases in UTC, and the personal rhythm, the log-gap minus the mean of this user's earlier
+log-gaps. A scalar gate per event, ``g = sigmoid(w . [short; long] + b)``, mixes them:
+``g * short + (1 - g) * long``. For order-only data (``time_unit="order"``) the encoder is a learned embedding
+of the event's index among the real events, and the gate is 1.
+
+Sequences are left-padded: ``mask`` is False on a prefix and True on the real events after it. Time arithmetic
+stays in int64 (gaps, remainders) and float64 (phases, log-gaps) before the features are cast to float32,
+since float32 cannot hold unix seconds to the second.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+TIME_UNITS = ("seconds", "days", "order")
+SECONDS_PER_DAY = 86_400
+SECONDS_PER_WEEK = 7 * SECONDS_PER_DAY
+SECONDS_PER_YEAR = 31_556_952  # mean Gregorian year, 365.2425 days
+MONDAY_SHIFT = 3 * SECONDS_PER_DAY  # 1970-01-01 was a Thursday: shift so that phase 0 is Monday 00:00 UTC
+MAX_LOG_GAP = math.log1p(366 * 24 * 60)  # a year in minutes; longer gaps fall in the last bucket
+STATE_SIZE = 4  # [day of the previous event, its second of the day, events seen, mean of their log-gaps]
+
+
+def log_gap(delta: Tensor, has_prev: Tensor) -> Tensor:
+    """``log1p(gap / 60)`` (float32) for int64 gaps in seconds; 0 without a previous event, ties and
+    out-of-order times count as 0."""
+    gap = torch.where(has_prev, delta, 0).clamp(min=0)
+    return torch.log1p(gap.double() / 60).float()
+
+
+def gap_features(times: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per event of left-padded sequences (B, L): its log-gap, whether it is the first real event, and its
+    personal rhythm (log-gap minus the mean of the earlier log-gaps; 0 with fewer than two earlier events)."""
+    seen = torch.cumsum(mask.long(), dim=1) - mask.long()  # real events before this one
+    prev = torch.cat((times[:, :1], times[:, :-1]), dim=1)
+    lg = log_gap(times - prev, mask & (seen > 0))
+    earlier_gaps = (seen - 1).clamp(min=0)  # the first event has no gap
+    earlier_sum = torch.cumsum(lg.double(), dim=1) - lg.double()
+    earlier_mean = (earlier_sum / earlier_gaps.clamp(min=1)).float()
+    rhythm = torch.where(mask & (earlier_gaps > 0), lg - earlier_mean, 0)
+    return lg, mask & (seen == 0), rhythm
+
+
+class DualViewGatedTimeEncoder(nn.Module):
+    """Time vectors (B, L, d_model) for events with int64 timestamps; see the module docstring.
+
+    ``time_unit``: "seconds" (unix seconds), "days" (day-aligned unix seconds: no hour-of-day) or "order"
+    (timestamps ignored; positions clipped at ``max_len - 1``).
+    """
+
+    def __init__(
+        self, d_model: int, time_unit: str = "seconds", max_len: int = 256, num_gap_buckets: int = 32
+    ) -> None:
+        super().__init__()
+        if time_unit not in TIME_UNITS:
+            raise ValueError(f"time_unit must be one of {TIME_UNITS}, got {time_unit!r}")
+        self.time_unit = time_unit
+        self.max_len = max_len
+        if time_unit == "order":
+            self.position = nn.Embedding(max_len, d_model)
+            return
+        hour_of_day = ((SECONDS_PER_DAY, 0),) if time_unit == "seconds" else ()
+        # (period, shift) in seconds of each periodic feature
+        self.cycles = (*hour_of_day, (SECONDS_PER_WEEK, MONDAY_SHIFT), (SECONDS_PER_YEAR, 0))
+        self.register_buffer("gap_centers", torch.linspace(0, MAX_LOG_GAP, num_gap_buckets), persistent=False)
+        self.gap_width = MAX_LOG_GAP / (num_gap_buckets - 1)
+        self.short = nn.Linear(num_gap_buckets + 1, d_model)
+        self.long = nn.Linear(2 * len(self.cycles) + 1, d_model)
+        self.gate_proj = nn.Linear(2 * d_model, 1)
+
+    def _position(self, index: Tensor) -> Tensor:
+        return self.position(index.clamp(0, self.max_len - 1))
+
+    def _views(
+        self, times: Tensor, lg: Tensor, first: Tensor, rhythm: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Short view, long view and gate for events of any shape (...)."""
+        buckets = torch.exp(
+            -(((lg.clamp(max=MAX_LOG_GAP)[..., None] - self.gap_centers) / self.gap_width) ** 2)
+        )
+        short = self.short(torch.cat((buckets, first[..., None].float()), dim=-1))
+        phases = [
+            torch.remainder(times + shift, period).double() * (2 * math.pi / period)
+            for period, shift in self.cycles
+        ]
+        periodic = [f(p).float() for p in phases for f in (torch.sin, torch.cos)]
+        long = self.long(torch.stack((*periodic, rhythm), dim=-1))
+        gate = torch.sigmoid(self.gate_proj(torch.cat((short, long), dim=-1)))
+        return short, long, gate
+
+    def forward(self, times: Tensor, mask: Tensor) -> Tensor:
+        """times (B, L) int64, mask (B, L) bool (True at real events, left padding False) -> (B, L, d_model)
+        time vectors to add to the item embeddings, zero at padded positions."""
+        keep = mask[..., None].float()
+        if self.time_unit == "order":
+            return self._position(torch.cumsum(mask.long(), dim=1) - 1) * keep
+        short, long, gate = self._views(times, *gap_features(times, mask))
+        return (gate * short + (1 - gate) * long) * keep
+
+    def gate(self, times: Tensor, mask: Tensor) -> Tensor:
+        """The gate g (B, L, 1) on the short view (1 in order mode; not masked at padded positions)."""
+        if self.time_unit == "order":
+            return torch.ones_like(times, dtype=torch.float32)[..., None]
+        return self._views(times, *gap_features(times, mask))[2]
+
+    def initial_state(self, batch: int) -> Tensor:
+        """The state before any event: float32 zeros (batch, STATE_SIZE)."""
+        return torch.zeros(batch, STATE_SIZE, device=next(self.parameters()).device)
+
+    def step(self, t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """The next event of each sequence: t (B,) int64, state (B, STATE_SIZE) -> (B, d_model), new state.
+
+        Equals ``forward`` on the whole sequence at that event."""
+        prev_day, prev_second, seen, mean = state.unbind(-1)
+        if self.time_unit == "order":
+            return self._position(seen.long()), torch.stack((prev_day, prev_second, seen + 1, mean), dim=-1)
+        prev = prev_day.long() * SECONDS_PER_DAY + prev_second.long()
+        lg = log_gap(t - prev, seen > 0)
+        rhythm = torch.where(seen >= 2, lg - mean, 0)
+        short, long, gate = self._views(t, lg, seen == 0, rhythm)
+        mean = torch.where(seen > 0, mean + (lg - mean) / seen.clamp(min=1), mean)  # mean over `seen` gaps
+        day = torch.div(t, SECONDS_PER_DAY, rounding_mode="floor")  # day and second are exact in float32
+        new_state = torch.stack((day.float(), (t - day * SECONDS_PER_DAY).float(), seen + 1, mean), dim=-1)
+        return gate * short + (1 - gate) * long, new_state

@@ -1,0 +1,195 @@
+"""One implementation of training and evaluation, used by centralized training, the Flower client and the
+benchmarks: epochs over user windows, full-ranking evaluation (DESIGN section 4), early stopping,
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .batching import history_of, input_batch, training_batch, training_windows
+from .config import ModelConfig, TrainConfig, model_config_from_dict
+from .data.log import InteractionLog
+from .data.split import LeaveOneOutSplit
+from .metrics import multilabel_metrics, ranking_metrics, target_ranks
+from .recommender import SequenceRecommender, build_model
+
+
+def train_end_per_user(log: InteractionLog, split: LeaveOneOutSplit) -> np.ndarray:
+    """Per user, the end (exclusive event index) of the events training may use."""
+    ends = log.user_ptr[1:].copy()
+    ends[split.eval_users] = split.target_events("val")
+    return ends
+
+
+def train_epoch(
+    model: SequenceRecommender,
+    optimizer: torch.optim.Optimizer,
+    log: InteractionLog,
+    users: np.ndarray,
+    train_end: np.ndarray,
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    progress: bool = False,
+) -> dict[str, float]:
+    """One pass over ``users`` (shuffled), one window each; returns the mean loss parts."""
+    model.train()
+    users = users[(train_end[users] - log.user_ptr[users]) >= 2]  # a window needs an input and a target
+    order = rng.permutation(users)
+    sums: dict[str, float] = {}
+    steps = 0
+    batches = range(0, len(order), cfg.batch_size)
+    for b in tqdm(batches, desc="train", leave=False, disable=not progress):
+        chunk = order[b : b + cfg.batch_size]
+        starts, ends = training_windows(log.user_ptr, train_end, chunk, model.cfg.max_len, rng)
+        batch = training_batch(log, starts, ends, model.cfg.max_len).to(cfg.device)
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = model.loss(batch)
+        loss.backward()
+        optimizer.step()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+        steps += 1
+    return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: SequenceRecommender,
+    log: InteractionLog,
+    split: LeaveOneOutSplit,
+    stage: Literal["val", "test"],
+    users: np.ndarray | None = None,
+    batch_size: int = 512,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Full-ranking item metrics (history masked) and, when the model explains, explanation metrics given the
+    true target item. ``users`` restricts evaluation to some eval users (a device evaluates only its own)."""
+    model.eval()
+    eval_users = split.eval_users if users is None else np.intersect1d(users, split.eval_users)
+    if len(eval_users) == 0:
+        raise ValueError("no user to evaluate (users need at least 3 events)")
+    offset = {"val": 2, "test": 1}[stage]
+    targets_ev = log.user_ptr[eval_users + 1] - offset
+    starts = log.user_ptr[eval_users]
+    ranks, expl_scores, expl_rows = [], [], []
+    for b in range(0, len(eval_users), batch_size):
+        s, t = starts[b : b + batch_size], targets_ev[b : b + batch_size]
+        batch = input_batch(log, s, t, model.cfg.max_len).to(device)
+        last = model.encode(batch)[:, -1]
+        scores = model.item_scores(last)
+        ranks.append(target_ranks(scores, log.item[t], history_of(log, s, t)))
+        if model.explanation is not None and len(log.vocab):
+            items = torch.as_tensor(log.item[t], device=device)
+            expl_scores.append(model.explanation_scores(last, items).cpu().numpy())
+            expl_rows.append(t)
+    out = ranking_metrics(np.concatenate(ranks))
+    out["users"] = float(len(eval_users))
+    if expl_scores:
+        rows = np.concatenate(expl_rows)
+        labels = log.explanations.take(rows)
+        if labels.lengths().any():
+            em = multilabel_metrics(np.concatenate(expl_scores), labels, ks=(10,))
+            out |= {"expl_recall@10": em["recall@10"], "expl_ndcg@10": em["ndcg@10"]}
+    return out
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns and writes: per-epoch history, the best epoch and its test metrics."""
+
+    best_epoch: int
+    best_val: dict[str, float]
+    test: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = "patience"  # "patience", "max_epochs" or "budget"
+    seconds: float = 0.0
+
+
+def fit(
+    model: SequenceRecommender,
+    log: InteractionLog,
+    split: LeaveOneOutSplit,
+    cfg: TrainConfig,
+    progress: bool = True,
+) -> FitResult:
+    """Train with AdamW, evaluate validation NDCG@10 each ``eval_every`` epochs, keep the best weights
+    (early stopping with ``patience``; ``max_minutes`` is a compute budget), then score the test split."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model.to(cfg.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_end = train_end_per_user(log, split)
+    users = np.arange(log.num_users)
+    best, best_epoch, best_val, waited = None, 0, {"ndcg@10": -1.0}, 0
+    history: list[dict[str, Any]] = []
+    stopped = "max_epochs"
+    start = time.perf_counter()
+    bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"{model.cfg.kind} on {log.name}", disable=not progress)
+    for epoch in bar:
+        parts = train_epoch(model, optimizer, log, users, train_end, cfg, rng)
+        row: dict[str, Any] = {"epoch": epoch, "seconds": time.perf_counter() - start, **parts}
+        if epoch % cfg.eval_every == 0:
+            val = evaluate(model, log, split, "val", batch_size=cfg.eval_batch_size, device=cfg.device)
+            row["val"] = val
+            if val["ndcg@10"] > best_val["ndcg@10"]:
+                best_val, best_epoch, waited = val, epoch, 0
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                waited += 1
+            bar.set_postfix(
+                loss=f"{parts.get('loss', 0):.3f}", val_ndcg10=f"{val['ndcg@10']:.4f}", best=best_epoch
+            )
+        history.append(row)
+        if waited >= cfg.patience:
+            stopped = "patience"
+            break
+        if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
+            stopped = "budget"
+            break
+    if best is not None:
+        model.load_state_dict(best)
+    test = evaluate(model, log, split, "test", batch_size=cfg.eval_batch_size, device=cfg.device)
+    return FitResult(best_epoch, best_val, test, history, stopped, time.perf_counter() - start)
+
+
+def save_checkpoint(
+    path: str | Path, model: SequenceRecommender, extra: dict[str, Any] | None = None
+) -> None:
+    """Weights and the model config (JSON inside the file), so :func:`load_checkpoint` needs nothing else."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"config": asdict(model.cfg), "state_dict": model.state_dict(), "extra": extra or {}}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[SequenceRecommender, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (weights load bit-identically) and return it with its extras."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    model = build_model(model_config_from_dict(payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model, payload["extra"]
+
+
+def model_config_for(log: InteractionLog, **overrides: Any) -> ModelConfig:
+    """A :class:`ModelConfig` sized for ``log`` (items, explanation vocabulary, time unit)."""
+    base = {"num_items": log.num_items, "num_explanations": len(log.vocab), "time_unit": log.time_unit}
+    if not len(log.vocab):
+        base["use_explanations"] = False
+    return ModelConfig(**(base | overrides))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
