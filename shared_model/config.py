@@ -75,3 +75,16 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     if unknown:
         raise ValueError(f"unknown model config keys {sorted(unknown)}")
     return ModelConfig(**data)
+
+
+# Named model presets: each is a set of ModelConfig overrides. Ablations switch one TME-PSR module off.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tmepsr": {},
+    "tmepsr-no-time": {"use_time": False},
+    "tmepsr-one-head": {"num_heads": 1},
+    "tmepsr-no-explanations": {"use_explanations": False},
+    "tmepsr-fixed-mi": {"dynamic_mi": False},
+    "multihead-lru": {"use_time": False, "use_explanations": False},  # the backbone alone, 4 heads
+    "lrurec": {"num_heads": 1, "use_time": False, "use_explanations": False},  # LRURec-equivalent
+    "sasrec": {"kind": "sasrec", "num_heads": 2, "use_time": False, "use_explanations": False},
+}

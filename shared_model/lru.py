@@ -22,6 +22,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+SCAN_CHUNK = 16  # events per chunk of the parallel scan (see MultiheadLRU.scan_with_state)
+
 
 def scan_offsets(length: int) -> list[int]:
     """The doubling offsets 1, 2, 4, ... below ``length``: ceil(log2 length) scan iterations."""
@@ -91,14 +93,50 @@ class MultiheadLRU(nn.Module):
         """x (batch, L, d_model), left-padded with zeros -> y (batch, L, d_model)."""
         return self.scan_with_state(x)[0]
 
+    def _powers(self, start: int, count: int) -> tuple[Tensor, Tensor]:
+        """``lambda ** j`` for ``j = start .. start + count - 1``: real and imaginary parts (count, H, N)."""
+        j = torch.arange(start, start + count, dtype=self.nu_log.dtype, device=self.nu_log.device)[
+            :, None, None
+        ]
+        modulus = torch.exp(-j * torch.exp(self.nu_log))
+        angle = j * torch.exp(self.theta_log)
+        return modulus * torch.cos(angle), modulus * torch.sin(angle)
+
     def scan_with_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Parallel scan over x (batch, L, d_model): y (batch, L, d_model) and the state after the last step."""
-        h = self._drive(x)  # (B, L, H, N, 2); after the pass for offset k, h[t] sums the last 2k inputs
-        for k in scan_offsets(x.shape[1]):
-            re, im = self.lambda_power(k)
-            earlier = torch.cat((torch.zeros_like(h[:, :k]), h[:, :-k]), dim=1)  # h[t - k], zero for t < k
-            h = h + _cmul(earlier, re, im)
-        return self._readout(h, x), h[:, -1]
+        """Parallel scan over x (batch, L, d_model): y (batch, L, d_model) and the state after the last step.
+
+        Chunked: inside chunks of ``SCAN_CHUNK`` events the recurrence is a causal Toeplitz product
+        ``h_t = sum_s lambda^(t-s) u_s`` (one batched matmul); across chunks a doubling scan of depth
+        ceil(log2(L / chunk)) carries the chunk-end states; one complex product adds the carried state to
+        every position. Total depth O(log L), and few passes over the (B, L, H, N) tensor.
+        """
+        b, length, _ = x.shape
+        chunk = min(SCAN_CHUNK, length)
+        pad = (-length) % chunk
+        u = self._drive(nn.functional.pad(x, (0, 0, pad, 0)))  # left zero-padding keeps the state at zero
+        m = (length + pad) // chunk
+        u = u.reshape(b, m, chunk, self.num_heads, self.d_head, 2)
+        # intra-chunk: T[t, s] = lambda^(t - s) for s <= t
+        p_re, p_im = self._powers(0, chunk)
+        lag = torch.arange(chunk)[:, None] - torch.arange(chunk)[None, :]
+        causal = (lag >= 0).to(x.dtype)[:, :, None, None]
+        t_re, t_im = p_re[lag.clamp(min=0)] * causal, p_im[lag.clamp(min=0)] * causal  # (C, C, H, N)
+        u_re, u_im = u.unbind(-1)
+        h_re = torch.einsum("tshn,bmshn->bmthn", t_re, u_re) - torch.einsum("tshn,bmshn->bmthn", t_im, u_im)
+        h_im = torch.einsum("tshn,bmshn->bmthn", t_re, u_im) + torch.einsum("tshn,bmshn->bmthn", t_im, u_re)
+        # across chunks: S_j = E_j + lambda^chunk * S_(j-1), by doubling over chunk-end states E
+        ends = torch.stack((h_re[:, :, -1], h_im[:, :, -1]), dim=-1)  # (B, M, H, N, 2)
+        for k in scan_offsets(m):
+            re, im = self.lambda_power(k * chunk)
+            earlier = torch.cat((torch.zeros_like(ends[:, :k]), ends[:, :-k]), dim=1)
+            ends = ends + _cmul(earlier, re, im)
+        carried = torch.cat((torch.zeros_like(ends[:, :1]), ends[:, :-1]), dim=1)  # state entering each chunk
+        q_re, q_im = self._powers(1, chunk)  # lambda^(t + 1) for the t-th event of a chunk
+        c_re, c_im = carried[:, :, None].unbind(-1)
+        h_re = h_re + q_re * c_re - q_im * c_im
+        h_im = h_im + q_re * c_im + q_im * c_re
+        h = torch.stack((h_re, h_im), dim=-1).reshape(b, m * chunk, self.num_heads, self.d_head, 2)[:, pad:]
+        return self._readout(h, x), ends[:, -1]
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """One event: x_t (batch, d_model), state (batch, num_heads, d_head, 2) -> y_t, new state."""

@@ -19,7 +19,7 @@ from shared_model.data.locate import data_root
 from shared_model.data.stats import log_stats
 
 
-def _load_any(name: str, data_dir: str | None) -> InteractionLog:
+def load_any(name: str, data_dir: str | None = None) -> InteractionLog:
     """A known dataset by name, or a user's own ``.inter`` / ``.csv`` / ``.parquet`` file by path."""
     path = Path(name)
     if name not in DATASETS and path.is_file():
@@ -39,7 +39,7 @@ def _cmd_data_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
-    stats = log_stats(_load_any(args.name, args.data_dir))
+    stats = log_stats(load_any(args.name, args.data_dir))
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -65,6 +65,23 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from simulations.train import train_and_report
+
+    overrides = json.loads(args.set) if args.set else {}
+    result = train_and_report(
+        args.dataset, args.model, args.out, args.data_dir, seed=args.seed, device=args.device,
+        max_epochs=args.epochs, patience=args.patience, max_minutes=args.max_minutes, overrides=overrides,
+    )  # fmt: skip
+    print(
+        json.dumps(
+            {"best_epoch": result["best_epoch"], "stopped": result["stopped"], "test": result["test"]},
+            indent=2,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tmepsr", description="Federated, on-device sequential recommendation."
@@ -82,6 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_stats.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p_stats.set_defaults(func=_cmd_data_stats)
+
+    from shared_model.config import MODEL_PRESETS
+
+    p_train = sub.add_parser("train", help="train a model centrally with early stopping; writes results JSON")
+    p_train.add_argument("--dataset", default="movielens-latest-small", help="dataset name or event file")
+    p_train.add_argument("--model", default="tmepsr", choices=[*MODEL_PRESETS, "popularity"])
+    p_train.add_argument("--epochs", type=int, default=200, help="maximum epochs (default 200)")
+    p_train.add_argument("--patience", type=int, default=5, help="epochs without better validation NDCG@10")
+    p_train.add_argument("--max-minutes", type=float, default=None, help="compute budget in minutes")
+    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--device", default="cpu", help="cpu or cuda")
+    p_train.add_argument("--set", help="model config overrides as JSON, e.g. '{\"d_model\": 128}'")
+    p_train.add_argument("--out", default="runs/train", help="output folder (results JSON + checkpoint)")
+    p_train.add_argument(
+        "--data-dir", help="shared data folder (default: $TMEPSR_DATA_DIR or ../shared/data)"
+    )
+    p_train.set_defaults(func=_cmd_train)
     return parser
 
 
@@ -89,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataFormatError, FileNotFoundError, KeyError) as exc:
+    except (DataFormatError, FileNotFoundError, KeyError, ValueError) as exc:
         print(f"tmepsr: error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
 
