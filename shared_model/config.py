@@ -88,3 +88,61 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "lrurec": {"num_heads": 1, "use_time": False, "use_explanations": False},  # LRURec-equivalent
     "sasrec": {"kind": "sasrec", "num_heads": 2, "use_time": False, "use_explanations": False},
 }
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """A federated run (DESIGN section 7). Flat scalars only, so it travels as Flower's run config."""
+
+    dataset: str = "movielens-latest-small"
+    data_dir: str = ""  # "" = default lookup ($TMEPSR_DATA_DIR, ../shared/data, embedded)
+    preset: str = "tmepsr"  # a MODEL_PRESETS name
+    max_len: int = 50
+    d_model: int = 64
+    split: str = "card"  # partition split: card | heads-prior | all-shared
+    num_rounds: int = 20
+    fraction_train: float = 0.2
+    min_reply_fraction: float = (
+        0.5  # a round aggregates only if this share of sampled devices replied validly
+    )
+    local_epochs: int = 1
+    local_lr: float = 5e-3
+    server_optimizer: str = "fedavg"  # fedavg | fedadam
+    server_lr: float = 1e-2  # FedAdam's eta
+    upload: str = "dense"  # dense | sparse (row-sparse item table)
+    decoy_rows: int = 0  # sparse upload: extra random item rows to hide which items were touched
+    norm_bound: float = 50.0  # reject an update whose L2 distance to the sent arrays is larger
+    eval_every: int = 5  # federated evaluation every k rounds (and after the last round)
+    fraction_evaluate: float = 1.0
+    users_per_node: int = 1  # >1: each node hosts several virtual users and replies with their mean
+    seed: int = 0
+    round_timeout: float = 600.0
+    out_dir: str = "runs/simulate"  # checkpoints, metrics, device stores
+
+    def __post_init__(self) -> None:
+        if self.preset not in MODEL_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(MODEL_PRESETS)}")
+        if self.server_optimizer not in ("fedavg", "fedadam"):
+            raise ValueError(f"server_optimizer must be fedavg or fedadam, got {self.server_optimizer!r}")
+        if self.upload not in ("dense", "sparse"):
+            raise ValueError(f"upload must be dense or sparse, got {self.upload!r}")
+        if not 0 < self.fraction_train <= 1 or not 0 <= self.min_reply_fraction <= 1:
+            raise ValueError("fractions must lie in (0, 1]")
+        if self.users_per_node < 1 or self.num_rounds < 1:
+            raise ValueError("users_per_node and num_rounds must be >= 1")
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flower run config (kebab-case keys, scalar values)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> FederatedConfig:
+        """Inverse of :meth:`to_run_config`; missing keys take the defaults, unknown keys are an error."""
+        defaults = cls()
+        values = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if not hasattr(defaults, name):
+                raise ValueError(f"unknown run config key {key!r}")
+            values[name] = type(getattr(defaults, name))(value)  # Flower may hand ints for floats
+        return cls(**values)

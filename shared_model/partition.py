@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+import torch
 from torch import nn
 
 Group = Literal["personal", "shared"]
@@ -45,3 +47,26 @@ def parameter_groups(model: nn.Module, split: str = "card") -> dict[Group, list[
     for name, _ in model.named_parameters():
         groups[group_of(name, split)].append(name)
     return groups
+
+
+def split_state(model: nn.Module, split: str = "card") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The model's parameters as numpy arrays: (shared, personal), by :func:`group_of`."""
+    shared: dict[str, np.ndarray] = {}
+    personal: dict[str, np.ndarray] = {}
+    for name, param in model.named_parameters():
+        target = shared if group_of(name, split) == S else personal
+        target[name] = param.detach().cpu().numpy().copy()
+    return shared, personal
+
+
+def load_parts(model: nn.Module, *parts: dict[str, np.ndarray]) -> None:
+    """Copy arrays (shared and/or personal) into the model's parameters; names and shapes must match."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for part in parts:
+            for name, value in part.items():
+                if name not in params:
+                    raise KeyError(f"unknown parameter {name!r}")
+                if tuple(value.shape) != tuple(params[name].shape):
+                    raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(params[name].shape)}")
+                params[name].copy_(torch.from_numpy(np.asarray(value)))

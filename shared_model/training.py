@@ -193,3 +193,15 @@ def write_json(path: str | Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+
+
+def model_for_run(fed: Any, log: InteractionLog) -> SequenceRecommender:
+    """The initial model of a federated run (``fed``: a FederatedConfig). Seeded, so the server and every
+    device build identical initial weights (devices take their initial personal weights from it)."""
+    from .config import MODEL_PRESETS
+
+    cfg = model_config_for(
+        log, **(MODEL_PRESETS[fed.preset] | {"max_len": fed.max_len, "d_model": fed.d_model})
+    )
+    torch.manual_seed(fed.seed)
+    return build_model(cfg)

@@ -5,26 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from shared_model.data import (
     DATASETS,
     DataFormatError,
-    InteractionLog,
     load_dataset,
-    load_event_table,
-    load_recbole_inter,
 )
 from shared_model.data.locate import data_root
 from shared_model.data.stats import log_stats
-
-
-def load_any(name: str, data_dir: str | None = None) -> InteractionLog:
-    """A known dataset by name, or a user's own ``.inter`` / ``.csv`` / ``.parquet`` file by path."""
-    path = Path(name)
-    if name not in DATASETS and path.is_file():
-        return load_recbole_inter(path) if path.suffix == ".inter" else load_event_table(path)
-    return load_dataset(name, data_dir)
 
 
 def _cmd_data_list(args: argparse.Namespace) -> int:
@@ -39,7 +29,7 @@ def _cmd_data_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
-    stats = log_stats(load_any(args.name, args.data_dir))
+    stats = log_stats(load_dataset(args.name, args.data_dir))
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -82,6 +72,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from server.checkpoint import load_server_checkpoint
+    from shared_model.config import FederatedConfig
+    from simulations.simulate import plot_convergence, run_simulation, sample_recommendation
+
+    values = {
+        f.name: getattr(args, f.name)
+        for f in fields(FederatedConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    cfg = FederatedConfig(**values)
+    print(f"Federated simulation of {cfg.preset} on {cfg.dataset}: {cfg.num_rounds} rounds, "
+          f"{cfg.fraction_train:.0%} of devices per round, split '{cfg.split}', {cfg.upload} upload -> {cfg.out_dir}")  # fmt: skip
+    result = run_simulation(cfg, num_cpus=args.cpus, verbose=args.verbose)
+    out = Path(cfg.out_dir)
+    plot_convergence(result["history"], out / "convergence.png")
+    checkpoint = load_server_checkpoint(out)
+    assert checkpoint is not None
+    print(
+        f"\nmetrics: {out / 'metrics.json'}, plot: {out / 'convergence.png'}, checkpoint: {out / 'server_checkpoint.npz'}\n"
+    )
+    print(sample_recommendation(cfg, checkpoint[0], user=args.sample_user))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tmepsr", description="Federated, on-device sequential recommendation."
@@ -116,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", help="shared data folder (default: $TMEPSR_DATA_DIR or ../shared/data)"
     )
     p_train.set_defaults(func=_cmd_train)
+
+    from shared_model.config import FederatedConfig
+
+    p_sim = sub.add_parser("simulate", help="federated simulation with Flower, then a sample recommendation")
+    defaults = FederatedConfig()
+    for f in fields(FederatedConfig):
+        default = getattr(defaults, f.name)
+        kind = type(default)
+        p_sim.add_argument(
+            f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"(default: {default!r})"
+        )
+    p_sim.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation engine (default: all)")
+    p_sim.add_argument("--sample-user", type=int, default=0, help="dense index of the user to recommend for")
+    p_sim.add_argument("--verbose", action="store_true", help="Flower's and Ray's full logs")
+    p_sim.set_defaults(func=_cmd_simulate)
     return parser
 
 

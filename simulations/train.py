@@ -13,6 +13,7 @@ import torch
 
 from shared_model.baselines import popularity_explanation_metrics, popularity_item_metrics
 from shared_model.config import MODEL_PRESETS, TrainConfig
+from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
 from shared_model.recommender import build_model
 from shared_model.training import fit, model_config_for, save_checkpoint, write_json
@@ -28,9 +29,7 @@ def train_and_report(
     **train_kwargs: Any,
 ) -> dict[str, Any]:
     """Train ``model`` (a preset name or "popularity") on ``dataset`` and write its results; returns them."""
-    from simulations.cli import load_any
-
-    log = load_any(dataset, data_dir)
+    log = load_dataset(dataset, data_dir)
     split = LeaveOneOutSplit(log)
     out = Path(out)
     if model == "popularity":

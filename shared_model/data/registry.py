@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .amazon import load_amazon_beauty_5core, load_amazon_musical_instruments
+from .generic import load_event_table, load_recbole_inter
 from .locate import data_root, embedded_dir
 from .log import InteractionLog
 from .lrurec import load_lrurec_pickle
@@ -84,7 +85,11 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> InteractionLog:
-    """Load a known dataset by name (see ``tmepsr data list``) into an :class:`InteractionLog`."""
+    """Load a known dataset by name (see ``tmepsr data list``), or a user's own ``.inter`` / ``.csv`` /
+    ``.parquet`` file by path, into an :class:`InteractionLog`."""
+    path = Path(name)
+    if name not in DATASETS and path.is_file():
+        return load_recbole_inter(path) if path.suffix == ".inter" else load_event_table(path)
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     spec = DATASETS[name]

@@ -1,0 +1,128 @@
+"""One device's work in a federated round, independent of Flower: load personal weights from the encrypted
+store (or the initial values), take the server's shared arrays, train locally with the same training step as
+centralized training, save personal weights atomically, and return only the shared arrays.
+
+A device normally hosts one user. For large simulations it may host several virtual users and return their
+example-weighted mean update, which is exactly what FedAvg would compute from them one by one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared_model.config import FederatedConfig, TrainConfig
+from shared_model.data import InteractionLog, load_dataset
+from shared_model.data.split import LeaveOneOutSplit, partition_users
+from shared_model.partition import load_parts, split_state
+from shared_model.recommender import SequenceRecommender
+from shared_model.training import evaluate, model_for_run, train_end_per_user, train_epoch
+from shared_model.updates import encode_sparse
+
+from .store import DeviceRecord, EncryptedStore
+
+
+@lru_cache(maxsize=4)
+def cached_log(dataset: str, data_dir: str) -> InteractionLog:
+    """Each process loads a dataset once (simulated devices share the process-wide copy)."""
+    return load_dataset(dataset, data_dir or None)
+
+
+def simulation_key(seed: int, user_id: object) -> bytes:
+    """A per-device 256-bit store key for simulations (reproducible). Real devices use their own key."""
+    return hashlib.sha256(f"tmepsr-simulation-key:{seed}:{user_id}".encode()).digest()
+
+
+@dataclass
+class RoundResult:
+    update: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+class Device:
+    """The users hosted by one node (partition ``partition_id`` of ``num_partitions``) and their stores."""
+
+    def __init__(
+        self, cfg: FederatedConfig, partition_id: int, num_partitions: int, store_dir: str | Path
+    ) -> None:
+        self.cfg = cfg
+        self.log = cached_log(cfg.dataset, cfg.data_dir)
+        self.split = LeaveOneOutSplit(self.log)
+        self.users = partition_users(self.log.num_users, num_partitions, cfg.seed)[partition_id]
+        self.store_dir = Path(store_dir)
+        self.model: SequenceRecommender = model_for_run(cfg, self.log)
+        self.initial_personal = split_state(self.model, cfg.split)[1]
+
+    def store(self, user: int) -> EncryptedStore:
+        uid = self.log.user_ids[user]
+        return EncryptedStore(self.store_dir / f"user-{uid}.store", key=simulation_key(self.cfg.seed, uid))
+
+    def personal_weights(self, user: int) -> dict[str, np.ndarray]:
+        store = self.store(user)
+        if store.exists():
+            weights = store.load().weights
+            if set(weights) == set(self.initial_personal):
+                return weights
+        return self.initial_personal
+
+    def _save(self, user: int, personal: dict[str, np.ndarray], server_round: int) -> None:
+        lo, hi = self.log.user_ptr[user], self.log.user_ptr[user + 1]
+        record = DeviceRecord(
+            items=self.log.item[lo:hi].copy(), times=self.log.time[lo:hi].copy(), state={}, weights=personal,
+            meta={"user": str(self.log.user_ids[user]), "round": server_round, "split": self.cfg.split},
+        )  # fmt: skip
+        self.store(user).save(record)
+
+    def train(self, shared: dict[str, np.ndarray], server_round: int) -> RoundResult:
+        """Local training of every hosted user; the example-weighted mean of their shared arrays."""
+        torch.set_num_threads(1)
+        train_end = train_end_per_user(self.log, self.split)
+        tcfg = TrainConfig(lr=self.cfg.local_lr, batch_size=1, seed=self.cfg.seed)
+        total: dict[str, np.ndarray] = {}
+        touched: list[np.ndarray] = []
+        examples, losses = 0, []
+        for user in self.users:
+            n = int(train_end[user] - self.log.user_ptr[user])
+            if n < 2:
+                continue
+            load_parts(self.model, shared, self.personal_weights(user))
+            optimizer = torch.optim.AdamW(self.model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+            rng = np.random.default_rng([self.cfg.seed, server_round, int(user)])
+            torch.manual_seed(int(rng.integers(2**31)))  # dropout: the same draws whichever node hosts the user
+            for _ in range(self.cfg.local_epochs):
+                losses.append(
+                    train_epoch(self.model, optimizer, self.log, np.array([user]), train_end, tcfg, rng)[
+                        "loss"
+                    ]
+                )
+            new_shared, personal = split_state(self.model, self.cfg.split)
+            self._save(user, personal, server_round)
+            for k, v in new_shared.items():
+                total[k] = total.get(k, 0) + n * v.astype(np.float64)
+            examples += n
+            touched.append(self.log.item[self.log.user_ptr[user] : train_end[user]] + 1)
+        if not examples:
+            raise ValueError(f"device hosts no user with training events ({len(self.users)} users)")
+        update = {k: (v / examples).astype(np.float32) for k, v in total.items()}
+        if self.cfg.upload == "sparse":
+            rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
+            update = encode_sparse(update, np.concatenate(touched), self.cfg.decoy_rows, rng)
+        return RoundResult(update, examples, {"train-loss": float(np.mean(losses))})
+
+    def evaluate(self, shared: dict[str, np.ndarray], stage: str) -> RoundResult:
+        """Each hosted user's own metrics with its personal weights and the current shared arrays."""
+        torch.set_num_threads(1)
+        sums: dict[str, float] = {}
+        users = np.intersect1d(self.users, self.split.eval_users)
+        for user in users:
+            load_parts(self.model, shared, self.personal_weights(user))
+            for k, v in evaluate(self.model, self.log, self.split, stage, users=np.array([user])).items():
+                sums[k] = sums.get(k, 0.0) + v
+        sums.pop("users", None)
+        return RoundResult({}, len(users), {k: v / max(len(users), 1) for k, v in sums.items()})

@@ -1,0 +1,112 @@
+"""The Flower ServerApp: sample devices, send the shared arrays, validate and aggregate what comes back,
+evaluate federatedly, checkpoint every round and resume from the last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from shared_model.config import FederatedConfig
+from shared_model.data import load_dataset
+from shared_model.partition import split_state
+from shared_model.training import model_for_run
+
+from .checkpoint import load_server_checkpoint, save_server_checkpoint
+from .strategy import make_strategy, numpy_to_record, record_to_numpy
+
+log = logging.getLogger("tmepsr.server")
+
+
+def initial_shared(cfg: FederatedConfig) -> dict[str, np.ndarray]:
+    """The shared arrays of the seeded initial model (what every device also builds)."""
+    return split_state(model_for_run(cfg, load_dataset(cfg.dataset, cfg.data_dir or None)), cfg.split)[0]
+
+
+def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str, Any]:
+    """Run (or resume) the federated rounds; returns the metric history and the final shared arrays."""
+    out = Path(cfg.out_dir)
+    num_nodes = len(list(grid.get_node_ids()))
+    strategy = make_strategy(cfg, num_nodes)
+    resumed = load_server_checkpoint(out)
+    if resumed is not None and resumed[3] == cfg.to_run_config():
+        shared, start, history, _ = resumed
+        start += 1
+        _echo(echo, f"resuming from the checkpoint of round {start - 1}")
+    else:
+        shared, start, history = initial_shared(cfg), 1, []
+    run_config = cfg.to_run_config()
+    for rnd in range(start, cfg.num_rounds + 1):
+        t0 = time.perf_counter()
+        messages = strategy.configure_train(
+            rnd, numpy_to_record(shared), ConfigRecord(dict(run_config)), grid
+        )
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        upload = [
+            r.content.array_records["arrays"].count_bytes()
+            for r in replies
+            if not r.has_error() and r.has_content() and "arrays" in r.content.array_records
+        ]
+        arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        if arrays is not None:
+            shared = record_to_numpy(arrays)
+        row: dict[str, Any] = {"round": rnd, **{k: v for k, v in strategy.last_round.items() if k != "rejections"},
+                               "rejections": strategy.last_round.get("rejections", [])[:5],
+                               "upload_bytes_per_device": float(np.mean(upload)) if upload else 0.0,
+                               "download_bytes_per_device": float(sum(v.nbytes for v in shared.values()))}  # fmt: skip
+        if train_metrics is not None:
+            row["train_loss"] = float(train_metrics.get("train-loss", float("nan")))
+        if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:
+            for stage in ("val", "test") if rnd == cfg.num_rounds else ("val",):
+                ecfg = ConfigRecord(dict(run_config) | {"stage": stage})
+                ereplies = grid.send_and_receive(
+                    strategy.configure_evaluate(rnd, numpy_to_record(shared), ecfg, grid),
+                    timeout=cfg.round_timeout,
+                )
+                metrics = strategy.aggregate_evaluate(rnd, ereplies)
+                if metrics is not None:
+                    row[stage] = {k: float(v) for k, v in metrics.items()}
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        save_server_checkpoint(out, shared, rnd, history, run_config)
+        (out / "metrics.json").write_text(json.dumps(history, indent=2, default=float) + "\n")
+        _echo(echo, _round_line(row, cfg.num_rounds))
+    return {"history": history, "shared": shared}
+
+
+def _round_line(row: dict[str, Any], total: int) -> str:
+    line = (f"round {row['round']}/{total}: {row.get('valid', 0)}/{row.get('sampled', 0)} devices valid, "
+            f"{row.get('rejected', 0)} rejected, {row.get('failed', 0)} failed, "
+            f"upload {row['upload_bytes_per_device'] / 1024:.1f} KiB/device, {row['seconds']:.1f}s")  # fmt: skip
+    for stage in ("val", "test"):
+        if stage in row and "ndcg@10" in row[stage]:
+            line += f"; {stage} NDCG@10 {row[stage]['ndcg@10']:.4f}"
+            if "expl_recall@10" in row[stage]:
+                line += f", expl R@10 {row[stage]['expl_recall@10']:.3f}"
+    return line
+
+
+def _echo(enabled: bool, text: str) -> None:
+    log.info(text)
+    if enabled:
+        print(text, flush=True)
+
+
+def make_server_app(cfg: FederatedConfig | None = None) -> ServerApp:
+    """A ServerApp running :func:`run_rounds` with ``cfg`` (or, for ``flwr run``, the run config)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_rounds(grid, cfg or FederatedConfig.from_run_config(dict(context.run_config)))
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,62 @@
+"""Validation of every incoming update before aggregation (DESIGN section 7): keys, shapes, dtypes, row ids,
+finite values, the norm bound and the example weight. A failing update raises :class:`UpdateRejected`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from shared_model.updates import ITEM_TABLES, ROWS, VALUES, densify, is_sparse
+
+
+class UpdateRejected(ValueError):
+    """An update that must not be averaged; the message says why."""
+
+
+def expected_keys(reference: dict[str, np.ndarray], sparse: bool) -> set[str]:
+    if not sparse:
+        return set(reference)
+    return (set(reference) - set(ITEM_TABLES)) | {n + s for n in ITEM_TABLES for s in (ROWS, VALUES)}
+
+
+def validate_update(
+    update: dict[str, np.ndarray], reference: dict[str, np.ndarray], num_examples: float, norm_bound: float
+) -> dict[str, np.ndarray]:
+    """Check an update against the arrays the server sent; return it dense. Raises :class:`UpdateRejected`."""
+    if not (isinstance(num_examples, int | float) and math.isfinite(num_examples) and num_examples > 0):
+        raise UpdateRejected(f"num-examples must be a positive finite number, got {num_examples!r}")
+    sparse = is_sparse(update)
+    keys, want = set(update), expected_keys(reference, sparse)
+    if keys != want:
+        missing, extra = sorted(want - keys), sorted(keys - want)
+        raise UpdateRejected(f"wrong keys: missing {missing[:5]}, unexpected {extra[:5]}")
+    if sparse:
+        rows = {n: update[n + ROWS] for n in ITEM_TABLES}
+        first = rows[ITEM_TABLES[0]]
+        num_rows = len(reference[ITEM_TABLES[0]])
+        for name, r in rows.items():
+            if r.dtype != np.int64 or r.ndim != 1 or not np.array_equal(r, first):
+                raise UpdateRejected(
+                    f"{name}{ROWS}: row ids must be the same 1-D int64 array for every item table"
+                )
+            if len(r) and (r.min() < 0 or r.max() >= num_rows or len(np.unique(r)) != len(r)):
+                raise UpdateRejected(f"{name}{ROWS}: row ids out of range or repeated")
+            want_shape = (len(r), *reference[name].shape[1:])
+            if update[name + VALUES].shape != want_shape:
+                raise UpdateRejected(f"{name}{VALUES}: shape {update[name + VALUES].shape} != {want_shape}")
+    for key, value in update.items():
+        if key.endswith(ROWS):
+            continue
+        ref = reference[key.removesuffix(VALUES)]
+        if value.dtype != ref.dtype:
+            raise UpdateRejected(f"{key}: dtype {value.dtype} != {ref.dtype}")
+        if not key.endswith(VALUES) and value.shape != ref.shape:
+            raise UpdateRejected(f"{key}: shape {value.shape} != {ref.shape}")
+        if not np.isfinite(value).all():
+            raise UpdateRejected(f"{key}: non-finite values")
+    dense = densify(update, reference)
+    norm = math.sqrt(sum(float(np.sum((dense[k].astype(np.float64) - reference[k]) ** 2)) for k in reference))
+    if norm > norm_bound:
+        raise UpdateRejected(f"update norm {norm:.3g} exceeds the bound {norm_bound:.3g}")
+    return dense

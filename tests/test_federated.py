@@ -1,0 +1,164 @@
+"""Federated parts without the simulation engine: update codec, validation, the device round, the
+ClientApp called directly, virtual users == one user per node, server checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client_sdk.device import Device
+from client_sdk.flower_client import make_client_app
+from server.app import initial_shared
+from server.checkpoint import load_server_checkpoint, save_server_checkpoint
+from server.validation import UpdateRejected, validate_update
+from shared_model.config import FederatedConfig
+from shared_model.partition import split_state
+from shared_model.updates import densify, encode_sparse, payload_bytes
+
+
+def make_events(path: Path, users: int = 9, events: int = 14, items: int = 40, seed: int = 0) -> Path:
+    """A small CSV event log (users x events) with explanation texts, for fast federated tests."""
+    rng = np.random.default_rng(seed)
+    rows = ["user,item,timestamp,explanation"]
+    for u in range(users):
+        t = 1_600_000_000 + int(rng.integers(0, 10_000))
+        for _ in range(events):
+            t += int(rng.integers(60, 86_400))
+            item = int(rng.integers(0, items))
+            rows.append(f"u{u},i{item},{t},{'cheap' if item % 2 else 'fast'}|{'red' if item % 3 else 'blue'}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture()
+def cfg(tmp_path) -> FederatedConfig:
+    data = make_events(tmp_path / "events.csv")
+    return FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, local_epochs=2,
+                           out_dir=str(tmp_path / "run"), fraction_train=1.0)  # fmt: skip
+
+
+def test_sparse_codec_roundtrip_and_decoys():
+    rng = np.random.default_rng(0)
+    ref = {"item_emb.weight": rng.standard_normal((50, 4)).astype(np.float32),
+           "item_bias": rng.standard_normal(50).astype(np.float32), "explanation.bias": np.zeros(3, np.float32)}  # fmt: skip
+    new = {k: v + 1 for k, v in ref.items()}
+    sparse = encode_sparse(new, np.array([3, 7, 7]), decoys=5, rng=rng)
+    assert len(sparse["item_emb.weight@rows"]) == 7 and {3, 7} <= set(sparse["item_emb.weight@rows"].tolist())
+    dense = densify(sparse, ref)
+    rows = sparse["item_emb.weight@rows"]
+    assert np.array_equal(dense["item_emb.weight"][rows], new["item_emb.weight"][rows])
+    untouched = np.setdiff1d(np.arange(50), rows)
+    assert np.array_equal(dense["item_emb.weight"][untouched], ref["item_emb.weight"][untouched])
+    assert payload_bytes(sparse) < payload_bytes(new)
+
+
+def _ref():
+    return {"item_emb.weight": np.zeros((10, 4), np.float32), "item_bias": np.zeros(10, np.float32),
+            "explanation.bias": np.zeros(3, np.float32)}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "mutate,reason",
+    [
+        (lambda u: u.pop("item_bias"), "wrong keys"),
+        (lambda u: u.__setitem__("extra", np.zeros(1, np.float32)), "wrong keys"),
+        (lambda u: u.__setitem__("item_bias", np.zeros(11, np.float32)), "shape"),
+        (lambda u: u.__setitem__("item_bias", np.zeros(10, np.float64)), "dtype"),
+        (lambda u: u["item_bias"].__setitem__(0, np.nan), "non-finite"),
+        (lambda u: u["item_bias"].__setitem__(0, np.inf), "non-finite"),
+        (lambda u: u["item_emb.weight"].__setitem__(slice(None), 1e6), "norm"),
+    ],
+)
+def test_hostile_dense_updates_are_rejected(mutate, reason):
+    update = {k: v.copy() for k, v in _ref().items()}
+    validate_update(update, _ref(), 3, norm_bound=10)  # the clean update passes
+    mutate(update)
+    with pytest.raises(UpdateRejected, match=reason):
+        validate_update(update, _ref(), 3, norm_bound=10)
+
+
+@pytest.mark.parametrize("examples", [0, -1, float("nan"), "3", None])
+def test_bad_example_weight_is_rejected(examples):
+    with pytest.raises(UpdateRejected, match="num-examples"):
+        validate_update(_ref(), _ref(), examples, norm_bound=10)
+
+
+def test_hostile_sparse_updates_are_rejected():
+    ref = _ref()
+    good = encode_sparse(ref, np.array([1, 2]), 0, np.random.default_rng(0))
+    validate_update(good, ref, 1, 10)
+    for key, bad in [("item_emb.weight@rows", np.array([1, 99])), ("item_emb.weight@rows", np.array([1, 1])),
+                     ("item_bias@rows", np.array([1, 3])), ("item_emb.weight@values", np.zeros((3, 4), np.float32))]:  # fmt: skip
+        with pytest.raises(UpdateRejected):
+            validate_update({**good, key: bad}, ref, 1, 10)
+
+
+def test_device_round_keeps_personal_weights_on_the_device(cfg):
+    shared = initial_shared(cfg)
+    device = Device(cfg, partition_id=0, num_partitions=9, store_dir=Path(cfg.out_dir) / "devices")
+    result = device.train(shared, server_round=1)
+    personal_names = set(split_state(device.model, cfg.split)[1])
+    assert set(result.update) == set(shared) and not set(result.update) & personal_names
+    assert any(n.startswith("time_encoder.") for n in personal_names)
+    store = device.store(int(device.users[0]))
+    assert store.exists()
+    raw = store.path.read_bytes()
+    saved = store.load().weights
+    name = next(iter(saved))
+    assert saved[name].tobytes() not in raw  # encrypted at rest
+    assert any(not np.array_equal(saved[k], device.initial_personal[k]) for k in saved)  # trained
+    assert device.personal_weights(int(device.users[0])).keys() == saved.keys()
+
+
+def test_virtual_users_equal_one_user_per_node(cfg):
+    """A node hosting 3 users replies exactly the example-weighted mean of the 3 single-user updates."""
+    shared = initial_shared(cfg)
+    group = Device(cfg, 0, 3, Path(cfg.out_dir) / "grouped")
+    singles = []
+    for user in group.users:
+        d = Device(cfg, 0, 3, Path(cfg.out_dir) / "single")
+        d.users = np.array([user])
+        singles.append(d.train(shared, 1))
+    grouped = group.train(shared, 1)
+    total = sum(s.num_examples for s in singles)
+    assert grouped.num_examples == total
+    for key in shared:
+        mean = sum(s.num_examples * s.update[key].astype(np.float64) for s in singles) / total
+        np.testing.assert_allclose(grouped.update[key], mean, rtol=1e-5, atol=1e-6)
+
+
+def _message(cfg: FederatedConfig, shared: dict, kind: str, **extra) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
+                          "config": ConfigRecord(cfg.to_run_config() | {"server-round": 1, **extra})})  # fmt: skip
+    return Message(content, dst_node_id=1, message_type=kind)
+
+
+def test_client_app_called_directly(cfg, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a SuperNode sets for the process it starts
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    shared = initial_shared(cfg)
+    app = make_client_app()
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 9,
+                      "store-dir": str(Path(cfg.out_dir) / "devices")}, state=RecordDict(), run_config={})  # fmt: skip
+    reply = app(_message(cfg, shared, "train"), context)
+    arrays = reply.content.array_records["arrays"]
+    assert set(arrays.keys()) == set(shared)
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["num-examples"] == 12 and np.isfinite(metrics["train-loss"])
+    ev = app(_message(cfg, shared, "evaluate", stage="val"), context).content.metric_records["metrics"]
+    assert ev["num-examples"] == 1 and 0 <= ev["ndcg@10"] <= 1 and "expl_recall@10" in ev
+
+
+def test_server_checkpoint_roundtrip(tmp_path):
+    shared = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    save_server_checkpoint(tmp_path, shared, 4, [{"round": 4}], {"x": 1})
+    got, rnd, history, config = load_server_checkpoint(tmp_path)
+    assert rnd == 4 and history == [{"round": 4}] and config == {"x": 1}
+    assert np.array_equal(got["a"], shared["a"])
+    assert load_server_checkpoint(tmp_path / "none") is None
