@@ -94,7 +94,8 @@ class Device:
             load_parts(self.model, shared, self.personal_weights(user))
             optimizer = torch.optim.AdamW(self.model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
             rng = np.random.default_rng([self.cfg.seed, server_round, int(user)])
-            torch.manual_seed(int(rng.integers(2**31)))  # dropout: the same draws whichever node hosts the user
+            # dropout draws depend only on (seed, round, user), whichever node hosts the user
+            torch.manual_seed(int(rng.integers(2**31)))
             for _ in range(self.cfg.local_epochs):
                 losses.append(
                     train_epoch(self.model, optimizer, self.log, np.array([user]), train_end, tcfg, rng)[
