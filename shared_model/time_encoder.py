@@ -25,6 +25,7 @@ SECONDS_PER_WEEK = 7 * SECONDS_PER_DAY
 SECONDS_PER_YEAR = 31_556_952  # mean Gregorian year, 365.2425 days
 MONDAY_SHIFT = 3 * SECONDS_PER_DAY  # 1970-01-01 was a Thursday: shift so that phase 0 is Monday 00:00 UTC
 MAX_LOG_GAP = math.log1p(366 * 24 * 60)  # a year in minutes; longer gaps fall in the last bucket
+INIT_STD = 0.02  # initial weight scale of the output layers: time vectors start as small as item embeddings
 STATE_SIZE = 4  # [day of the previous event, its second of the day, events seen, mean of their log-gaps]
 
 
@@ -65,6 +66,7 @@ class DualViewGatedTimeEncoder(nn.Module):
         self.max_len = max_len
         if time_unit == "order":
             self.position = nn.Embedding(max_len, d_model)
+            nn.init.normal_(self.position.weight, std=INIT_STD)
             return
         hour_of_day = ((SECONDS_PER_DAY, 0),) if time_unit == "seconds" else ()
         # (period, shift) in seconds of each periodic feature
@@ -74,6 +76,9 @@ class DualViewGatedTimeEncoder(nn.Module):
         self.short = nn.Linear(num_gap_buckets + 1, d_model)
         self.long = nn.Linear(2 * len(self.cycles) + 1, d_model)
         self.gate_proj = nn.Linear(2 * d_model, 1)
+        for layer in (self.short, self.long):  # start at the item embeddings' scale, not above it
+            nn.init.normal_(layer.weight, std=INIT_STD)
+            nn.init.zeros_(layer.bias)
 
     def _position(self, index: Tensor) -> Tensor:
         return self.position(index.clamp(0, self.max_len - 1))

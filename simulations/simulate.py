@@ -41,7 +41,7 @@ def run_simulation(
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose}}  # fmt: skip
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     flwr_run_simulation(
-        server_app=make_server_app(cfg), client_app=make_client_app(), num_supernodes=nodes,
+        server_app=make_server_app(cfg), client_app=client_app or make_client_app(), num_supernodes=nodes,
         backend_config=backend, verbose_logging=verbose,
     )  # fmt: skip
     import json

@@ -162,3 +162,12 @@ def test_server_checkpoint_roundtrip(tmp_path):
     assert rnd == 4 and history == [{"round": 4}] and config == {"x": 1}
     assert np.array_equal(got["a"], shared["a"])
     assert load_server_checkpoint(tmp_path / "none") is None
+
+
+def test_flower_app_config_in_pyproject_matches_defaults():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    app = pyproject["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client_sdk.flower_client:app"}
+    assert FederatedConfig.from_run_config(app["config"]) == FederatedConfig()

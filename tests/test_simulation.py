@@ -1,0 +1,65 @@
+"""End to end through Flower's simulation engine: a device that crashes mid-round and a device that sends a
+poisoned update. The rounds complete, the bad update is rejected and never averaged."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_sdk.flower_client import make_client_app
+from server.checkpoint import load_server_checkpoint
+from shared_model.config import FederatedConfig
+from simulations.simulate import run_simulation
+
+from .test_federated import make_events
+
+CRASHING, POISONING = 0, 1
+
+
+def faulty_client_app() -> ClientApp:
+    """The real ClientApp, except that partition 0 crashes and partition 1 returns NaN arrays."""
+    real = make_client_app()
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        if pid == CRASHING:
+            raise RuntimeError("device crashed mid-round")
+        reply = real(msg, context)
+        if pid == POISONING:
+            arrays = reply.content.array_records["arrays"]
+            poisoned = {k: np.full_like(v.numpy(), np.nan) for k, v in arrays.items()}
+            metrics = reply.content.metric_records["metrics"]
+            reply.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in poisoned.items()}),
+                                        "metrics": metrics})  # fmt: skip
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return real(msg, context)
+
+    return app
+
+
+def test_simulation_survives_crash_and_poison(tmp_path):
+    data = make_events(tmp_path / "events.csv", users=6)
+    cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=1.0,
+                          min_reply_fraction=0.5, eval_every=1, out_dir=str(tmp_path / "run"))  # fmt: skip
+    result = run_simulation(cfg, num_cpus=2, client_app=faulty_client_app())
+    history = result["history"]
+    assert [h["round"] for h in history] == [1, 2]
+    for row in history:
+        assert row["sampled"] == 6 and row["valid"] == 4 and row["failed"] == 1 and row["rejected"] == 1
+        assert row["aggregated"] and any("non-finite" in r for r in row["rejections"])
+        assert 0 <= row["val"]["ndcg@10"] <= 1
+    shared, rnd, _, _ = load_server_checkpoint(cfg.out_dir)
+    assert rnd == 2 and all(np.isfinite(v).all() for v in shared.values())
+    assert json.loads((Path(cfg.out_dir) / "metrics.json").read_text())[-1]["round"] == 2
+    assert "test" in history[-1]
+    assert len(os.listdir(Path(cfg.out_dir) / "devices")) == 5  # the crashing device never saved
