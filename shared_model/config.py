@@ -100,8 +100,8 @@ class FederatedConfig:
     max_len: int = 50
     d_model: int = 64
     split: str = "card"  # partition split: card | heads-prior | all-shared
-    num_rounds: int = 20
-    fraction_train: float = 0.2
+    num_rounds: int = 10
+    fraction_train: float = 0.1
     min_reply_fraction: float = (
         0.5  # a round aggregates only if this share of sampled devices replied validly
     )

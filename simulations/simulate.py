@@ -5,6 +5,7 @@ the encrypted device stores under ``<out>/devices``."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -20,14 +21,18 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
 def run_simulation(
-    cfg: FederatedConfig, num_cpus: int | None = None, verbose: bool = False
+    cfg: FederatedConfig, num_cpus: int | None = None, verbose: bool = False, client_app: Any = None
 ) -> dict[str, Any]:
-    """Run the federated simulation with Flower's simulation engine (Ray backend); returns the history."""
+    """Run the federated simulation with Flower's simulation engine (Ray backend); returns the history.
+    ``client_app`` replaces the standard ClientApp (tests inject faulty devices this way)."""
     os.environ.update(FLOWER_ENV)
+    if not verbose:  # our own per-round lines are the progress display
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from client_sdk.device import cached_log
