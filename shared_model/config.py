@@ -105,8 +105,8 @@ class FederatedConfig:
     min_reply_fraction: float = (
         0.5  # a round aggregates only if this share of sampled devices replied validly
     )
-    local_epochs: int = 1
-    local_lr: float = 5e-3
+    local_epochs: int = 5  # local passes over the device's own events per round
+    local_lr: float = 1e-2
     server_optimizer: str = "fedavg"  # fedavg | fedadam
     server_lr: float = 1e-2  # FedAdam's eta
     upload: str = "dense"  # dense | sparse (row-sparse item table)

@@ -159,7 +159,31 @@ def main(argv: list[str] | None = None) -> None:
             f"{'' if inf is None else f'{1000 * inf:.3f}'} |"
         )
     (RESULTS / "bench_efficiency.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, RESULTS / "bench_efficiency.png")
     print("\n".join(lines))
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    width = 0.8 / len(MODELS)
+    for k, m in enumerate(MODELS):
+        sub = [next(r for r in rows if r["model"] == m and r["length"] == n) for n in lengths]
+        xs = [i + k * width for i in range(len(lengths))]
+        axes[0].bar(xs, [r["train_sequences_per_second"] for r in sub], width, label=m)
+        axes[1].bar(xs, [r["train_memory_bytes"] / 2**20 for r in sub], width, label=m)
+    for ax, title in zip(axes, ("training sequences/s", "training memory (MB)"), strict=True):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(lengths))], [f"L={n}" for n in lengths])
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
