@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import history_of, input_batch, training_batch, training_windows
-from .config import ModelConfig, TrainConfig, model_config_from_dict
+from .config import MODEL_PRESETS, FederatedConfig, ModelConfig, TrainConfig, model_config_from_dict
 from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
 from .metrics import multilabel_metrics, ranking_metrics, target_ranks
@@ -195,11 +195,9 @@ def write_json(path: str | Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
 
 
-def model_for_run(fed: Any, log: InteractionLog) -> SequenceRecommender:
-    """The initial model of a federated run (``fed``: a FederatedConfig). Seeded, so the server and every
-    device build identical initial weights (devices take their initial personal weights from it)."""
-    from .config import MODEL_PRESETS
-
+def model_for_run(fed: FederatedConfig, log: InteractionLog) -> SequenceRecommender:
+    """The initial model of a federated run. Seeded, so the server and every device build identical initial
+    weights (devices take their initial personal weights from it)."""
     cfg = model_config_for(
         log, **(MODEL_PRESETS[fed.preset] | {"max_len": fed.max_len, "d_model": fed.d_model})
     )
