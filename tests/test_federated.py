@@ -171,3 +171,46 @@ def test_flower_app_config_in_pyproject_matches_defaults():
     app = pyproject["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client_sdk.flower_client:app"}
     assert FederatedConfig.from_run_config(app["config"]) == FederatedConfig()
+
+
+def _reply(shared: dict, examples: float = 5) -> Message:
+    from flwr.app import MetricRecord
+
+    request = Message(RecordDict(), dst_node_id=1, message_type="train")
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
+                          "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})})  # fmt: skip
+    return Message(content, reply_to=request)
+
+
+@pytest.mark.parametrize("optimizer", ["fedavg", "fedadam"])
+def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.strategy import make_strategy
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    sent = {"item_bias": np.zeros(4, np.float32), "explanation.bias": np.zeros(2, np.float32)}
+    good = {"item_bias": np.full(4, 0.5, np.float32), "explanation.bias": np.full(2, -0.5, np.float32)}
+    strategy = make_strategy(
+        FederatedConfig(server_optimizer=optimizer, min_reply_fraction=0.5, norm_bound=5), 4
+    )
+    strategy.sent, strategy.sampled = sent, 4
+    if optimizer == "fedadam":
+        strategy.current_arrays = dict(sent)
+    nan = {**good, "item_bias": np.full(4, np.nan, np.float32)}
+    wrong = {**good, "item_bias": np.zeros(5, np.float32)}
+    replies = [_reply(good), _reply(good, examples=15), _reply(nan), _reply(wrong)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.last_round | {"rejections": None} == {
+        "sampled": 4, "valid": 2, "rejected": 2, "failed": 0, "rejections": None, "aggregated": True}  # fmt: skip
+    result = {k: v.numpy() for k, v in arrays.items()}
+    assert all(np.isfinite(v).all() for v in result.values())
+    if optimizer == "fedavg":
+        np.testing.assert_allclose(result["item_bias"], 0.5)  # the mean of the two valid updates only
+    else:
+        assert (result["item_bias"] > 0).all() and (result["explanation.bias"] < 0).all()
+    # only one valid reply out of 4 sampled (< 50%): the round completes without changing the arrays
+    strategy.sent = sent
+    assert strategy.aggregate_train(2, [_reply(good), _reply(nan)]) == (None, None)
+    assert strategy.last_round["aggregated"] is False
