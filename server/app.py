@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,25 @@ def initial_shared(cfg: FederatedConfig) -> dict[str, np.ndarray]:
     return split_state(model_for_run(cfg, load_dataset(cfg.dataset, cfg.data_dir or None)), cfg.split)[0]
 
 
+def wait_for_nodes(grid: Grid, cfg: FederatedConfig) -> int:
+    """Wait until every node of the federation is connected: one per group of ``users_per_node`` users.
+    Sampling before then would size the cohort from the few nodes that happened to be up."""
+    users = load_dataset(cfg.dataset, cfg.data_dir or None).num_users
+    expected = math.ceil(users / cfg.users_per_node)
+    deadline = time.monotonic() + cfg.round_timeout
+    while (connected := len(list(grid.get_node_ids()))) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {connected} of {expected} nodes connected within {cfg.round_timeout:.0f}s"
+            )
+        time.sleep(0.5)
+    return connected
+
+
 def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str, Any]:
     """Run (or resume) the federated rounds; returns the metric history and the final shared arrays."""
     out = Path(cfg.out_dir)
-    num_nodes = len(list(grid.get_node_ids()))
-    strategy = make_strategy(cfg, num_nodes)
+    strategy = make_strategy(cfg, wait_for_nodes(grid, cfg))
     resumed = load_server_checkpoint(out)
     if resumed is not None and resumed[3] == cfg.to_run_config():
         shared, start, history, _ = resumed
