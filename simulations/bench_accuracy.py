@@ -138,6 +138,21 @@ def _plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path) ->
     plt.close(fig)
 
 
+def _header(args: argparse.Namespace) -> str:
+    return (
+        f"Suite `{args.suite}`: test metrics, mean ± std over seeds; leave-one-out, full ranking, history masked; "
+        f"early stopping on validation NDCG@10 (patience {args.patience}); budget {args.max_minutes or 'none'} "
+        f"min/run (see the README for per-dataset budgets) on {args.device} with {torch.get_num_threads()} threads."
+    )
+
+
+def _write_summary(runs: list[dict[str, Any]], name: str, header: str) -> None:
+    rows = summarise(runs)
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+    (RESULTS / f"{name}.md").write_text(_markdown(rows, header))
+    _plot(rows, runs, RESULTS / f"{name}.png")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=list(SUITES), default="time-explanations")
@@ -152,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--name", help="result file prefix (default: the suite name)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the summary from the runs file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     runs_path = RESULTS / f"{name}_runs.jsonl"
     runs = _load_runs(runs_path)
     done = {(r["dataset"], r["model"], r["seed"]) for r in runs}
+    if args.report:
+        _write_summary(runs, name, _header(args))
+        return
     for dataset in args.datasets or suite["datasets"]:
         settings = DATASET_SETTINGS.get(dataset, {"model": {}, "train": {}})
         for seed in args.seeds or suite["seeds"]:
@@ -177,15 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                 with runs_path.open("a") as fh:
                     fh.write(json.dumps(result, default=float) + "\n")
                 runs.append(result)
-                rows = summarise(runs)
-                header = (
-                    f"Suite `{args.suite}`: test metrics, mean ± std over seeds; leave-one-out, full ranking, "
-                    f"history masked; early stopping on validation NDCG@10 (patience {args.patience}); budget "
-                    f"{args.max_minutes or 'none'} min/run on {args.device} with {torch.get_num_threads()} threads."
-                )
-                (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
-                (RESULTS / f"{name}.md").write_text(_markdown(rows, header))
-                _plot(rows, runs, RESULTS / f"{name}.png")
+                _write_summary(runs, name, _header(args))
                 print(
                     f"done {dataset} {model} seed {seed}: test ndcg@10 {result['test']['ndcg@10']:.4f}",
                     flush=True,
