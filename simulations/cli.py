@@ -85,7 +85,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     cfg = FederatedConfig(**values)
     print(f"Federated simulation of {cfg.preset} on {cfg.dataset}: {cfg.num_rounds} rounds, "
           f"{cfg.fraction_train:.0%} of devices per round, split '{cfg.split}', {cfg.upload} upload -> {cfg.out_dir}")  # fmt: skip
-    result = run_simulation(cfg, num_cpus=args.cpus, verbose=args.verbose)
+    result = run_simulation(cfg, num_cpus=args.cpus, verbose=args.verbose, ray_address=args.ray_address)
     out = Path(cfg.out_dir)
     plot_convergence(result["history"], out / "convergence.png")
     checkpoint = load_server_checkpoint(out)
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"(default: {default!r})"
         )
     p_sim.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation engine (default: all)")
+    p_sim.add_argument(
+        "--ray-address", help="join a running Ray cluster (e.g. 'auto'); see docs/DEPLOYMENT.md"
+    )
     p_sim.add_argument("--sample-user", type=int, default=0, help="dense index of the user to recommend for")
     p_sim.add_argument("--verbose", action="store_true", help="Flower's and Ray's full logs")
     p_sim.set_defaults(func=_cmd_simulate)

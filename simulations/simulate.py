@@ -26,7 +26,11 @@ FLOWER_ENV = {
 
 
 def run_simulation(
-    cfg: FederatedConfig, num_cpus: int | None = None, verbose: bool = False, client_app: Any = None
+    cfg: FederatedConfig,
+    num_cpus: int | None = None,
+    verbose: bool = False,
+    client_app: Any = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the federated simulation with Flower's simulation engine (Ray backend); returns the history.
     ``client_app`` replaces the standard ClientApp (tests inject faulty devices this way)."""
@@ -42,8 +46,9 @@ def run_simulation(
     log = cached_log(cfg.dataset, cfg.data_dir)
     nodes = math.ceil(log.num_users / cfg.users_per_node)
     cpus = num_cpus or os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose}}  # fmt: skip
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
+    init_args |= {"address": ray_address} if ray_address else {"num_cpus": cpus}  # a cluster sizes itself
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     flwr_run_simulation(
         server_app=make_server_app(cfg), client_app=client_app or make_client_app(), num_supernodes=nodes,
