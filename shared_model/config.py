@@ -90,34 +90,39 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _opt(default: Any, help_text: str) -> Any:
+    """A config field with a help text (shown by ``tmepsr simulate --help``)."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class FederatedConfig:
     """A federated run (DESIGN section 7). Flat scalars only, so it travels as Flower's run config."""
 
-    dataset: str = "movielens-latest-small"
-    data_dir: str = ""  # "" = default lookup ($TMEPSR_DATA_DIR, ../shared/data, embedded)
-    preset: str = "tmepsr"  # a MODEL_PRESETS name
-    max_len: int = 50
-    d_model: int = 64
-    split: str = "card"  # partition split: card | heads-prior | all-shared
-    num_rounds: int = 10
-    fraction_train: float = 0.1
-    min_reply_fraction: float = (
-        0.5  # a round aggregates only if this share of sampled devices replied validly
+    dataset: str = _opt("movielens-latest-small", "dataset name (tmepsr data list) or an event file path")
+    data_dir: str = _opt("", "shared data folder ('' = $TMEPSR_DATA_DIR, ../shared/data, then embedded)")
+    preset: str = _opt("tmepsr", "model preset (MODEL_PRESETS: tmepsr, its ablations, lrurec, sasrec)")
+    max_len: int = _opt(50, "events per training window and per input")
+    d_model: int = _opt(64, "embedding and state width")
+    split: str = _opt("card", "which parameters stay personal: card | heads-prior | all-shared")
+    num_rounds: int = _opt(10, "federated rounds")
+    fraction_train: float = _opt(0.1, "share of devices sampled per training round")
+    min_reply_fraction: float = _opt(
+        0.5, "a round aggregates only if this share of sampled devices replied validly"
     )
-    local_epochs: int = 5  # local passes over the device's own events per round
-    local_lr: float = 1e-2
-    server_optimizer: str = "fedavg"  # fedavg | fedadam
-    server_lr: float = 1e-2  # FedAdam's eta
-    upload: str = "dense"  # dense | sparse (row-sparse item table)
-    decoy_rows: int = 0  # sparse upload: extra random item rows to hide which items were touched
-    norm_bound: float = 50.0  # reject an update whose L2 distance to the sent arrays is larger
-    eval_every: int = 5  # federated evaluation every k rounds (and after the last round)
-    fraction_evaluate: float = 1.0
-    users_per_node: int = 1  # >1: each node hosts several virtual users and replies with their mean
-    seed: int = 0
-    round_timeout: float = 600.0
-    out_dir: str = "runs/simulate"  # checkpoints, metrics, device stores
+    local_epochs: int = _opt(5, "local passes over the device's own events per round")
+    local_lr: float = _opt(1e-2, "device learning rate (AdamW)")
+    server_optimizer: str = _opt("fedavg", "fedavg | fedadam (a server Adam step on the averaged update)")
+    server_lr: float = _opt(1e-2, "FedAdam's server learning rate (eta)")
+    upload: str = _opt("dense", "dense | sparse (only the item rows a device touched)")
+    decoy_rows: int = _opt(0, "sparse upload: extra random item rows that hide which items were touched")
+    norm_bound: float = _opt(50.0, "reject an update whose L2 distance to the sent arrays is larger")
+    eval_every: int = _opt(5, "federated evaluation every k rounds (and after the last round)")
+    fraction_evaluate: float = _opt(1.0, "share of devices that evaluate")
+    users_per_node: int = _opt(1, ">1: each node hosts this many virtual users and replies with their mean")
+    seed: int = _opt(0, "seed of the initial model, device sampling and local training")
+    round_timeout: float = _opt(600.0, "seconds to wait for replies (and for all nodes to connect)")
+    out_dir: str = _opt("runs/simulate", "checkpoints, metrics and the device stores")
 
     def __post_init__(self) -> None:
         if self.preset not in MODEL_PRESETS:

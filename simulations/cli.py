@@ -140,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         kind = type(default)
         p_sim.add_argument(
-            f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"(default: {default!r})"
+            f"--{f.name.replace('_', '-')}",
+            type=kind,
+            default=None,
+            help=f"{f.metadata['help']} (default: {default!r})",
         )
     p_sim.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation engine (default: all)")
     p_sim.add_argument(
