@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from shared_model.config import FederatedConfig
-from shared_model.data import load_dataset
+from shared_model.data import InteractionLog, load_dataset
 from shared_model.partition import split_state
 from shared_model.training import model_for_run
 
@@ -25,16 +25,16 @@ from .strategy import make_strategy, numpy_to_record, record_to_numpy
 log = logging.getLogger("tmepsr.server")
 
 
-def initial_shared(cfg: FederatedConfig) -> dict[str, np.ndarray]:
+def initial_shared(cfg: FederatedConfig, log: InteractionLog | None = None) -> dict[str, np.ndarray]:
     """The shared arrays of the seeded initial model (what every device also builds)."""
-    return split_state(model_for_run(cfg, load_dataset(cfg.dataset, cfg.data_dir or None)), cfg.split)[0]
+    log = log or load_dataset(cfg.dataset, cfg.data_dir or None)
+    return split_state(model_for_run(cfg, log), cfg.split)[0]
 
 
-def wait_for_nodes(grid: Grid, cfg: FederatedConfig) -> int:
+def wait_for_nodes(grid: Grid, cfg: FederatedConfig, num_users: int) -> int:
     """Wait until every node of the federation is connected: one per group of ``users_per_node`` users.
     Sampling before then would size the cohort from the few nodes that happened to be up."""
-    users = load_dataset(cfg.dataset, cfg.data_dir or None).num_users
-    expected = math.ceil(users / cfg.users_per_node)
+    expected = math.ceil(num_users / cfg.users_per_node)
     deadline = time.monotonic() + cfg.round_timeout
     while (connected := len(list(grid.get_node_ids()))) < expected:
         if time.monotonic() > deadline:
@@ -48,14 +48,15 @@ def wait_for_nodes(grid: Grid, cfg: FederatedConfig) -> int:
 def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str, Any]:
     """Run (or resume) the federated rounds; returns the metric history and the final shared arrays."""
     out = Path(cfg.out_dir)
-    strategy = make_strategy(cfg, wait_for_nodes(grid, cfg))
+    log = load_dataset(cfg.dataset, cfg.data_dir or None)
+    strategy = make_strategy(cfg, wait_for_nodes(grid, cfg, log.num_users))
     resumed = load_server_checkpoint(out)
     if resumed is not None and resumed[3] == cfg.to_run_config():
         shared, start, history, _ = resumed
         start += 1
         _echo(echo, f"resuming from the checkpoint of round {start - 1}")
     else:
-        shared, start, history = initial_shared(cfg), 1, []
+        shared, start, history = initial_shared(cfg, log), 1, []
     run_config = cfg.to_run_config()
     for rnd in range(start, cfg.num_rounds + 1):
         t0 = time.perf_counter()
