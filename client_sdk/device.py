@@ -18,7 +18,7 @@ import torch
 
 from shared_model.config import FederatedConfig, TrainConfig
 from shared_model.data import InteractionLog, load_dataset
-from shared_model.data.split import LeaveOneOutSplit, partition_users
+from shared_model.data.split import LeaveOneOutSplit, partition_users, user_data
 from shared_model.partition import load_parts, split_state
 from shared_model.recommender import SequenceRecommender
 from shared_model.training import evaluate, model_for_run, train_end_per_user, train_epoch
@@ -72,9 +72,9 @@ class Device:
         return self.initial_personal
 
     def _save(self, user: int, personal: dict[str, np.ndarray], server_round: int) -> None:
-        lo, hi = self.log.user_ptr[user], self.log.user_ptr[user + 1]
+        own = user_data(self.log, user)
         record = DeviceRecord(
-            items=self.log.item[lo:hi].copy(), times=self.log.time[lo:hi].copy(), state={}, weights=personal,
+            items=own.items, times=own.times, state={}, weights=personal,
             meta={"user": str(self.log.user_ids[user]), "round": server_round, "split": self.cfg.split},
         )  # fmt: skip
         self.store(user).save(record)

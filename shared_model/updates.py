@@ -44,8 +44,3 @@ def densify(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> 
         table[update[name + ROWS]] = update[name + VALUES]
         out[name] = table
     return out
-
-
-def payload_bytes(update: dict[str, np.ndarray]) -> int:
-    """Bytes of array data in an update (what a device uploads, before transport framing)."""
-    return int(sum(np.asarray(v).nbytes for v in update.values()))

@@ -177,9 +177,6 @@ class InteractionLog:
     def user_items(self, u: int) -> np.ndarray:
         return self.item[self.user_ptr[u] : self.user_ptr[u + 1]]
 
-    def user_times(self, u: int) -> np.ndarray:
-        return self.time[self.user_ptr[u] : self.user_ptr[u + 1]]
-
     def with_explanations(self, explanations: Ragged, vocab: ExplanationVocab) -> InteractionLog:
         """The same log with new per-event labels (indexed like this log's events)."""
         if len(explanations) != self.num_events:

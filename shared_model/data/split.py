@@ -57,10 +57,6 @@ class UserData:
     explanations: list[np.ndarray]
     num_train: int  # events [0, num_train) are training events; then val and test targets if present
 
-    @property
-    def has_eval(self) -> bool:
-        return len(self.items) >= MIN_EVENTS_FOR_EVAL
-
 
 def user_data(log: InteractionLog, user: int) -> UserData:
     """Everything one device holds about its own user, with the leave-one-out roles."""
