@@ -25,6 +25,7 @@ from simulations.train import train_and_report
 
 RESULTS = Path(__file__).parent / "results"
 SPLITS = ("card", "heads-prior", "all-shared")
+PARTS = ("centralized", "federated", "bytes", "throughput")
 UPLOADS = (("dense", 0), ("sparse", 0), ("sparse", 50))
 
 
@@ -51,14 +52,14 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
         with (RESULTS / f"{args.name}_runs.jsonl").open("a") as fh:
             fh.write(json.dumps(row, default=float) + "\n")
 
-    if f"{dataset}/centralized" not in done:
+    if f"{dataset}/centralized" not in done and "centralized" in args.parts:
         central = train_and_report(
             dataset, "tmepsr", out / "centralized", overrides={"max_len": base.max_len, "d_model": base.d_model},
             progress=False, seed=args.seed, max_minutes=args.central_minutes, batch_size=64,
         )  # fmt: skip
         record("centralized", key=f"{dataset}/centralized", test=central["test"], val=central["val"],
                epochs=central["best_epoch"], stopped=central["stopped"])  # fmt: skip
-    for split in SPLITS:
+    for split in args.splits if "federated" in args.parts else ():
         key = f"{dataset}/federated/{split}"
         if key in done:
             continue
@@ -68,7 +69,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
                val=_final(history, "val"), curve=[{"round": h["round"], **h["val"]} for h in history if "val" in h],
                upload_bytes_per_device=history[0]["upload_bytes_per_device"],
                updates_per_second=_train_rounds_per_second(history, 1))  # fmt: skip
-    for upload, decoys in UPLOADS:
+    for upload, decoys in UPLOADS if "bytes" in args.parts else ():
         key = f"{dataset}/bytes/{upload}/{decoys}"
         if key in done:
             continue
@@ -77,7 +78,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
         history = run_simulation(cfg, num_cpus=args.cpus)["history"]
         record("bytes", key=key, upload=upload, decoy_rows=decoys,
                upload_bytes_per_device=history[0]["upload_bytes_per_device"])  # fmt: skip
-    for per_node in (1, args.users_per_node):
+    for per_node in (1, args.users_per_node) if "throughput" in args.parts else ():
         key = f"{dataset}/throughput/{per_node}"
         if key in done:
             continue
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--central-minutes", type=float, default=3.0, help="budget of the centralized run")
     parser.add_argument("--users-per-node", type=int, default=10, help="for the throughput comparison")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="comparisons to run")
     parser.add_argument("--cpus", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="federated")
