@@ -22,7 +22,7 @@ from shared_model.data.split import LeaveOneOutSplit, partition_users, user_data
 from shared_model.partition import load_parts, split_state
 from shared_model.recommender import SequenceRecommender
 from shared_model.training import evaluate, model_for_run, train_end_per_user, train_epoch
-from shared_model.updates import encode_sparse
+from shared_model.updates import compress_int8, encode_sparse
 
 from .store import DeviceRecord, EncryptedStore
 
@@ -111,9 +111,11 @@ class Device:
         if not examples:
             raise ValueError(f"device hosts no user with training events ({len(self.users)} users)")
         update = {k: (v / examples).astype(np.float32) for k, v in total.items()}
+        rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
         if self.cfg.upload == "sparse":
-            rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
             update = encode_sparse(update, np.concatenate(touched), self.cfg.decoy_rows, rng)
+        if self.cfg.compress == "int8":
+            update = compress_int8(update, shared, rng)
         return RoundResult(update, examples, {"train-loss": float(np.mean(losses))})
 
     def evaluate(self, shared: dict[str, np.ndarray], stage: str) -> RoundResult:

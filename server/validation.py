@@ -7,17 +7,51 @@ import math
 
 import numpy as np
 
-from shared_model.updates import ITEM_TABLES, ROWS, VALUES, densify, is_sparse
+from shared_model.updates import (
+    ITEM_TABLES,
+    Q8,
+    ROWS,
+    SCALE,
+    VALUES,
+    decompress,
+    densify,
+    is_compressed,
+    is_sparse,
+    scale_shape,
+)
 
 
 class UpdateRejected(ValueError):
     """An update that must not be averaged; the message says why."""
 
 
-def expected_keys(reference: dict[str, np.ndarray], sparse: bool) -> set[str]:
-    if not sparse:
-        return set(reference)
-    return (set(reference) - set(ITEM_TABLES)) | {n + s for n in ITEM_TABLES for s in (ROWS, VALUES)}
+def expected_keys(reference: dict[str, np.ndarray], sparse: bool, compressed: bool = False) -> set[str]:
+    keys = set(reference)
+    if sparse:
+        keys = (keys - set(ITEM_TABLES)) | {n + s for n in ITEM_TABLES for s in (ROWS, VALUES)}
+    if compressed:
+        keys = {k for k in keys if k.endswith(ROWS)} | {
+            k + s for k in keys if not k.endswith(ROWS) for s in (Q8, SCALE)
+        }
+    return keys
+
+
+def _check_int8(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
+    """dtypes and shapes of an int8 update's quantized arrays and scales (before decoding)."""
+    for key in (k.removesuffix(Q8) for k in update if k.endswith(Q8)):
+        name = key.removesuffix(VALUES)
+        shape = reference[name].shape
+        if key.endswith(VALUES):
+            shape = (len(update[name + ROWS]), *shape[1:])
+        q, scale = update[key + Q8], update[key + SCALE]
+        if q.dtype != np.int8 or q.shape != shape:
+            raise UpdateRejected(f"{key}{Q8}: need int8 of shape {shape}, got {q.dtype} {q.shape}")
+        if scale.dtype != np.float32 or scale.shape != scale_shape(shape):
+            raise UpdateRejected(
+                f"{key}{SCALE}: need float32 of shape {scale_shape(shape)}, got {scale.dtype} {scale.shape}"
+            )
+        if not (np.isfinite(scale).all() and (scale >= 0).all()):
+            raise UpdateRejected(f"{key}{SCALE}: scales must be finite and >= 0")
 
 
 def validate_update(
@@ -26,8 +60,8 @@ def validate_update(
     """Check an update against the arrays the server sent; return it dense. Raises :class:`UpdateRejected`."""
     if not (isinstance(num_examples, int | float) and math.isfinite(num_examples) and num_examples > 0):
         raise UpdateRejected(f"num-examples must be a positive finite number, got {num_examples!r}")
-    sparse = is_sparse(update)
-    keys, want = set(update), expected_keys(reference, sparse)
+    sparse, compressed = is_sparse(update), is_compressed(update)
+    keys, want = set(update), expected_keys(reference, sparse, compressed)
     if keys != want:
         missing, extra = sorted(want - keys), sorted(keys - want)
         raise UpdateRejected(f"wrong keys: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -43,8 +77,11 @@ def validate_update(
             if len(r) and (r.min() < 0 or r.max() >= num_rows or len(np.unique(r)) != len(r)):
                 raise UpdateRejected(f"{name}{ROWS}: row ids out of range or repeated")
             want_shape = (len(r), *reference[name].shape[1:])
-            if update[name + VALUES].shape != want_shape:
+            if not compressed and update[name + VALUES].shape != want_shape:
                 raise UpdateRejected(f"{name}{VALUES}: shape {update[name + VALUES].shape} != {want_shape}")
+    if compressed:
+        _check_int8(update, reference)
+        update = decompress(update, reference)
     for key, value in update.items():
         if key.endswith(ROWS):
             continue

@@ -116,6 +116,7 @@ class FederatedConfig:
     server_lr: float = _opt(1e-2, "FedAdam's server learning rate (eta)")
     upload: str = _opt("dense", "dense | sparse (only the item rows a device touched)")
     decoy_rows: int = _opt(0, "sparse upload: extra random item rows that hide which items were touched")
+    compress: str = _opt("none", "none | int8 (per-row int8 changes with stochastic rounding, ~4x smaller)")
     norm_bound: float = _opt(50.0, "reject an update whose L2 distance to the sent arrays is larger")
     eval_every: int = _opt(5, "federated evaluation every k rounds (and after the last round)")
     fraction_evaluate: float = _opt(1.0, "share of devices that evaluate")
@@ -131,6 +132,8 @@ class FederatedConfig:
             raise ValueError(f"server_optimizer must be fedavg or fedadam, got {self.server_optimizer!r}")
         if self.upload not in ("dense", "sparse"):
             raise ValueError(f"upload must be dense or sparse, got {self.upload!r}")
+        if self.compress not in ("none", "int8"):
+            raise ValueError(f"compress must be none or int8, got {self.compress!r}")
         if not 0 < self.fraction_train <= 1 or not 0 <= self.min_reply_fraction <= 1:
             raise ValueError("fractions must lie in (0, 1]")
         if self.users_per_node < 1 or self.num_rounds < 1:

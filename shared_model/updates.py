@@ -1,9 +1,15 @@
-"""The shared-update codec both sides speak (pure numpy, no Flower): dense arrays, or row-sparse item tables.
+"""The shared-update codec both sides speak (pure numpy, no Flower): dense arrays, or row-sparse item tables,
+optionally int8-compressed.
 
 A sparse update sends, for each item table (``item_emb.weight``, ``item_bias``), only the rows the device
 touched (plus optional random decoy rows) as ``<name>@rows`` (int64 row ids) and ``<name>@values``; every
 other shared array goes dense. The server densifies a sparse update against the arrays it sent, so FedAvg
 over dense and over sparse updates differ only in rows a device did not send.
+
+Compression (``int8``) replaces every float array ``k`` of an update by the change from what the server sent,
+quantized per row: ``k@q8`` (int8) and ``k@scale`` (float32, one scale per leading-axis row, or one per 1-D
+array), with stochastic rounding so that the decoded update is unbiased (FedAvg averages the rounding noise
+away). Decoding needs the arrays the server sent, which it has.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import numpy as np
 
 ITEM_TABLES = ("item_emb.weight", "item_bias")
 ROWS, VALUES = "@rows", "@values"
+Q8, SCALE = "@q8", "@scale"
 
 
 def encode_sparse(
@@ -43,4 +50,52 @@ def densify(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> 
         table = reference[name].copy()
         table[update[name + ROWS]] = update[name + VALUES]
         out[name] = table
+    return out
+
+
+def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the int8 scales of an array: one per leading-axis row (2-D and up), else one in all."""
+    return (shape[0],) + (1,) * (len(shape) - 1) if len(shape) >= 2 else (1,)
+
+
+def reference_of(key: str, rows: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> np.ndarray:
+    """What the server sent for the array ``key`` of an uncompressed update (its rows for ``@values``)."""
+    if key.endswith(VALUES):
+        name = key.removesuffix(VALUES)
+        return reference[name][rows[name + ROWS]]
+    return reference[key]
+
+
+def compress_int8(
+    update: dict[str, np.ndarray], reference: dict[str, np.ndarray], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """int8 form of a (dense or sparse) update: per-row quantized changes from ``reference``."""
+    rows = {k: v for k, v in update.items() if k.endswith(ROWS)}
+    out: dict[str, np.ndarray] = dict(rows)
+    for key, value in update.items():
+        if key in rows:
+            continue
+        delta = value.astype(np.float64) - reference_of(key, rows, reference)
+        axes = tuple(range(1, delta.ndim)) if delta.ndim >= 2 else None
+        scale = np.abs(delta).max(axis=axes, keepdims=True).reshape(scale_shape(delta.shape)) / 127.0
+        safe = np.where(scale > 0, scale, 1.0)
+        q = np.floor(delta / safe + rng.random(delta.shape))
+        out[key + Q8] = np.clip(q, -127, 127).astype(np.int8)
+        out[key + SCALE] = scale.astype(np.float32)
+    return out
+
+
+def is_compressed(update: dict[str, np.ndarray]) -> bool:
+    return any(k.endswith(Q8) for k in update)
+
+
+def decompress(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float32 (still possibly sparse) update of an int8 one; other updates are returned as they are."""
+    if not is_compressed(update):
+        return dict(update)
+    rows = {k: v for k, v in update.items() if k.endswith(ROWS)}
+    out: dict[str, np.ndarray] = dict(rows)
+    for key in (k.removesuffix(Q8) for k in update if k.endswith(Q8)):
+        ref = reference_of(key, rows, reference)
+        out[key] = (ref + update[key + Q8].astype(np.float64) * update[key + SCALE]).astype(np.float32)
     return out

@@ -3,7 +3,8 @@
 * centralized TME-PSR (same model size, compute budget) vs federated TME-PSR with the card's split, with the
   interest heads also averaged (``heads-prior``) and with everything shared, through Flower's simulation
   engine: NDCG@10 / Recall@10 and explanation metrics per evaluation round;
-* upload bytes per device per round for dense, sparse and sparse-with-decoys updates;
+* upload bytes per device per round for dense, sparse and sparse-with-decoys updates, with and without int8
+  compression (and the accuracy of a card run with sparse int8 uploads);
 * simulation throughput (device updates per second) for one user per node vs virtual users per node.
 
 Results are appended to ``simulations/results/<name>_runs.jsonl`` as they finish and summarised in
@@ -24,9 +25,16 @@ from simulations.simulate import run_simulation
 from simulations.train import train_and_report
 
 RESULTS = Path(__file__).parent / "results"
-SPLITS = ("card", "heads-prior", "all-shared")
+# federated runs compared with the centralized one: name -> FederatedConfig overrides
+VARIANTS: dict[str, dict[str, Any]] = {
+    "card": {"split": "card"},
+    "heads-prior": {"split": "heads-prior"},
+    "all-shared": {"split": "all-shared"},
+    "card, sparse int8 upload": {"split": "card", "upload": "sparse", "compress": "int8"},
+}
 PARTS = ("centralized", "federated", "bytes", "throughput")
-UPLOADS = (("dense", 0), ("sparse", 0), ("sparse", 50))
+UPLOADS = (("dense", 0, "none"), ("sparse", 0, "none"), ("sparse", 50, "none"), ("sparse", 0, "int8"),
+           ("sparse", 50, "int8"))  # fmt: skip
 
 
 def _final(history: list[dict[str, Any]], stage: str) -> dict[str, float]:
@@ -59,24 +67,26 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
         )  # fmt: skip
         record("centralized", key=f"{dataset}/centralized", test=central["test"], val=central["val"],
                epochs=central["best_epoch"], stopped=central["stopped"])  # fmt: skip
-    for split in args.splits if "federated" in args.parts else ():
-        key = f"{dataset}/federated/{split}"
+    for variant in args.variants if "federated" in args.parts else ():
+        key = f"{dataset}/federated/{variant}"
         if key in done:
             continue
-        cfg = replace(base, split=split, out_dir=str(out / split))
+        cfg = replace(
+            base, **VARIANTS[variant], out_dir=str(out / variant.replace(", ", "-").replace(" ", "-"))
+        )
         history = run_simulation(cfg, num_cpus=args.cpus)["history"]
-        record("federated", key=key, split=split, config=asdict(cfg), test=_final(history, "test"),
+        record("federated", key=key, split=variant, config=asdict(cfg), test=_final(history, "test"),
                val=_final(history, "val"), curve=[{"round": h["round"], **h["val"]} for h in history if "val" in h],
                upload_bytes_per_device=history[0]["upload_bytes_per_device"],
                updates_per_second=_train_rounds_per_second(history, 1))  # fmt: skip
-    for upload, decoys in UPLOADS if "bytes" in args.parts else ():
-        key = f"{dataset}/bytes/{upload}/{decoys}"
+    for upload, decoys, compress in UPLOADS if "bytes" in args.parts else ():
+        key = f"{dataset}/bytes/{upload}/{decoys}" + ("" if compress == "none" else f"/{compress}")
         if key in done:
             continue
-        cfg = replace(base, upload=upload, decoy_rows=decoys, num_rounds=1, fraction_train=args.fraction,
-                      eval_every=10**6, out_dir=str(out / f"bytes-{upload}-{decoys}"))  # fmt: skip
+        cfg = replace(base, upload=upload, decoy_rows=decoys, compress=compress, num_rounds=1,
+                      eval_every=10**6, out_dir=str(out / f"bytes-{upload}-{decoys}-{compress}"))  # fmt: skip
         history = run_simulation(cfg, num_cpus=args.cpus)["history"]
-        record("bytes", key=key, upload=upload, decoy_rows=decoys,
+        record("bytes", key=key, upload=upload, decoy_rows=decoys, compress=compress,
                upload_bytes_per_device=history[0]["upload_bytes_per_device"])  # fmt: skip
     for per_node in (1, args.users_per_node) if "throughput" in args.parts else ():
         key = f"{dataset}/throughput/{per_node}"
@@ -108,7 +118,8 @@ def summarise(runs: list[dict[str, Any]]) -> str:
                 else float("nan")
             )
             name = {"centralized": "centralized", "federated": f"federated, split {r.get('split')}",
-                    "bytes": f"upload {r.get('upload')} + {r.get('decoy_rows')} decoys",
+                    "bytes": f"upload {r.get('upload')} + {r.get('decoy_rows')} decoys"
+                             + (f", {r['compress']}" if r.get("compress", "none") != "none" else ""),
                     "throughput": f"{r.get('users_per_node')} user(s) per node"}[r["kind"]]  # fmt: skip
             kb = r.get("upload_bytes_per_device")
             cells = (test.get("ndcg@10"), test.get("recall@10"), ratio, test.get("expl_recall@10"),
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--central-minutes", type=float, default=3.0, help="budget of the centralized run")
     parser.add_argument("--users-per-node", type=int, default=10, help="for the throughput comparison")
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="comparisons to run")
     parser.add_argument("--cpus", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ from server.checkpoint import load_server_checkpoint, save_server_checkpoint
 from server.validation import UpdateRejected, validate_update
 from shared_model.config import FederatedConfig
 from shared_model.partition import split_state
-from shared_model.updates import densify, encode_sparse
+from shared_model.updates import compress_int8, decompress, densify, encode_sparse
 
 
 def make_events(path: Path, users: int = 9, events: int = 14, items: int = 40, seed: int = 0) -> Path:
@@ -53,6 +53,35 @@ def test_sparse_codec_roundtrip_and_decoys():
     untouched = np.setdiff1d(np.arange(50), rows)
     assert np.array_equal(dense["item_emb.weight"][untouched], ref["item_emb.weight"][untouched])
     assert sum(v.nbytes for v in sparse.values()) < sum(v.nbytes for v in new.values())
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_int8_codec_is_unbiased_small_and_validated(sparse):
+    rng = np.random.default_rng(1)
+    ref = {"item_emb.weight": rng.standard_normal((200, 16)).astype(np.float32),
+           "item_bias": rng.standard_normal(200).astype(np.float32),
+           "explanation.w": rng.standard_normal((8, 16)).astype(np.float32)}  # fmt: skip
+    new = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in ref.items()}
+    new["explanation.w"][3] = ref["explanation.w"][3]  # an unchanged row: scale 0, decoded exactly
+    update = encode_sparse(new, np.arange(0, 200, 7), 0, rng) if sparse else new
+    packed = compress_int8(update, ref, rng)
+    size = lambda u: sum(v.nbytes for k, v in u.items() if not k.endswith("@rows"))  # noqa: E731
+    assert size(packed) < 0.35 * size(update)
+    dense = validate_update(packed, ref, 1, norm_bound=10)
+    want = densify(update, ref)
+    for k in ref:  # at most one quantization step (per row; per array when 1-D) from the exact update
+        delta = np.abs(want[k] - ref[k])
+        step = (delta.max(axis=1, keepdims=True) if delta.ndim == 2 else delta.max()) / 127
+        assert (np.abs(dense[k] - want[k]) <= step * 1.001 + 1e-7).all(), k
+    np.testing.assert_array_equal(dense["explanation.w"][3], ref["explanation.w"][3])
+    draws = np.mean([densify(decompress(compress_int8(update, ref, rng), ref), ref)["explanation.w"]
+                     for _ in range(400)], axis=0)  # fmt: skip
+    step = np.abs(want["explanation.w"] - ref["explanation.w"]).max() / 127
+    assert np.abs(draws - want["explanation.w"]).max() < 0.2 * step  # stochastic rounding: unbiased
+    for key, bad in [("explanation.w@q8", np.zeros((8, 16), np.int16)), ("explanation.w@scale", np.full((8, 1), -1, np.float32)),
+                     ("explanation.w@scale", np.full((8, 1), np.nan, np.float32)), ("item_bias@scale", np.zeros((2,), np.float32))]:  # fmt: skip
+        with pytest.raises(UpdateRejected):
+            validate_update({**packed, key: bad}, ref, 1, 10)
 
 
 def _ref():
