@@ -33,6 +33,19 @@ def cached_log(dataset: str, data_dir: str) -> InteractionLog:
     return load_dataset(dataset, data_dir or None)
 
 
+@lru_cache(maxsize=4)
+def _cached_model(cfg: FederatedConfig) -> tuple[SequenceRecommender, dict[str, np.ndarray]]:
+    """One model (and its initial personal weights) per process and run config: a simulation process serves
+    many nodes and rounds one message at a time, and every use loads its shared and personal weights afresh."""
+    model = model_for_run(cfg, cached_log(cfg.dataset, cfg.data_dir))
+    return model, split_state(model, cfg.split)[1]
+
+
+@lru_cache(maxsize=4)
+def _cached_split(dataset: str, data_dir: str) -> LeaveOneOutSplit:
+    return LeaveOneOutSplit(cached_log(dataset, data_dir))
+
+
 def simulation_key(seed: int, user_id: object) -> bytes:
     """A per-device 256-bit store key for simulations (reproducible). Real devices use their own key."""
     return hashlib.sha256(f"tmepsr-simulation-key:{seed}:{user_id}".encode()).digest()
@@ -53,11 +66,10 @@ class Device:
     ) -> None:
         self.cfg = cfg
         self.log = cached_log(cfg.dataset, cfg.data_dir)
-        self.split = LeaveOneOutSplit(self.log)
+        self.split = _cached_split(cfg.dataset, cfg.data_dir)
         self.users = partition_users(self.log.num_users, num_partitions, cfg.seed)[partition_id]
         self.store_dir = Path(store_dir)
-        self.model: SequenceRecommender = model_for_run(cfg, self.log)
-        self.initial_personal = split_state(self.model, cfg.split)[1]
+        self.model, self.initial_personal = _cached_model(cfg)
 
     def store(self, user: int) -> EncryptedStore:
         uid = self.log.user_ids[user]
