@@ -99,13 +99,16 @@ class Manifest:
     def path(self, name: str) -> Path:
         """The path of a listed file; BundleFormatError if the bundle has no such file."""
         if name not in self.files:
-            raise BundleFormatError(f"{self.root}: the bundle has no file {name!r} (it has {sorted(self.files)})")
+            raise BundleFormatError(
+                f"{self.root}: the bundle has no file {name!r} (it has {sorted(self.files)})"
+            )
         return self.root / name
 
     def read(self, name: str) -> bytes:
         """A listed file's bytes, checked against the manifest as they are read (safe against later swaps)."""
-        data = self.path(name).read_bytes()
-        _check_digest(self.path(name), self.files[name], len(data), hashlib.sha256(data).hexdigest())
+        path = self.path(name)
+        data = path.read_bytes()
+        _check_digest(path, self.files[name], len(data), hashlib.sha256(data).hexdigest())
         return data
 
 
@@ -130,12 +133,12 @@ def verify_bundle(bundle_dir: str | Path, public_key: Ed25519PublicKey) -> Manif
     if not root.is_dir():
         raise BundleFormatError(f"{root}: not a bundle directory")
     raw = _read_signed_manifest(root, public_key)
-    data = parse_manifest(raw, root)
+    data = _parse_manifest(raw, root)
     _check_files(root, data["files"])
     return Manifest(root=root, data=data, sha256=hashlib.sha256(raw).hexdigest())
 
 
-def parse_manifest(raw: bytes, root: Path) -> dict[str, Any]:
+def _parse_manifest(raw: bytes, root: Path) -> dict[str, Any]:
     """Decode and validate manifest bytes (the signature must already be checked)."""
     try:
         data = json.loads(raw.decode("utf-8"))
@@ -153,12 +156,12 @@ def parse_manifest(raw: bytes, root: Path) -> dict[str, Any]:
 
 def walk_bundle(bundle_dir: Path) -> Iterator[tuple[str, Path]]:
     """Every entry under the folder that is not a real directory (files, symlinks...), by posix relative name,
-    except manifest.json and manifest.sig at the top."""
+    except manifest.json and manifest.sig at the top. Shared with ``server.release``."""
     for dirpath, dirnames, filenames in os.walk(bundle_dir):
         base = Path(dirpath)
         linked_dirs = [name for name in dirnames if (base / name).is_symlink()]  # listed, never followed
-        for name in sorted([*filenames, *linked_dirs]):
-            name = (base / name).relative_to(bundle_dir).as_posix()
+        for entry in sorted([*filenames, *linked_dirs]):
+            name = (base / entry).relative_to(bundle_dir).as_posix()
             if name not in (MANIFEST, SIGNATURE):
                 yield name, bundle_dir / name
 
@@ -166,6 +169,12 @@ def walk_bundle(bundle_dir: Path) -> Iterator[tuple[str, Path]]:
 def is_regular_file(path: Path) -> bool:
     """A regular file, not a symlink (to one) nor a device, FIFO or socket."""
     return not path.is_symlink() and path.is_file()
+
+
+def hash_file(path: Path) -> dict[str, Any]:
+    """The manifest entry of a file: ``{"sha256": hex, "bytes": size}``, read in chunks."""
+    digest, size = _hash_file(path)
+    return {"sha256": digest, "bytes": size}
 
 
 def _read_signed_manifest(root: Path, public_key: Ed25519PublicKey) -> bytes:
@@ -201,9 +210,13 @@ def _check_format_version(version: Any, root: Path) -> None:
 
 
 def _check_fields(data: dict[str, Any], root: Path) -> None:
-    model_version, opset, created, files = (data[key] for key in ("model_version", "opset", "created", "files"))
+    model_version, opset, created, files = (
+        data[key] for key in ("model_version", "opset", "created", "files")
+    )
     if not isinstance(model_version, str) or not MODEL_VERSION_RE.fullmatch(model_version):
-        raise BundleFormatError(f"{root}: invalid model_version {model_version!r} (want {MODEL_VERSION_RE.pattern})")
+        raise BundleFormatError(
+            f"{root}: invalid model_version {model_version!r} (want {MODEL_VERSION_RE.pattern})"
+        )
     if type(opset) is not int or opset < 1:
         raise BundleFormatError(f"{root}: opset must be a positive integer, got {opset!r}")
     try:
@@ -228,7 +241,9 @@ def _check_file_entry(name: str, entry: Any, root: Path) -> None:
         and entry["bytes"] >= 0
     )
     if not valid:
-        raise BundleFormatError(f"{root}: files[{name!r}] must be {{'sha256': 64 hex digits, 'bytes': int >= 0}}")
+        raise BundleFormatError(
+            f"{root}: files[{name!r}] must be {{'sha256': 64 hex digits, 'bytes': int >= 0}}"
+        )
 
 
 def _check_files(root: Path, files: dict[str, dict[str, Any]]) -> None:
@@ -252,15 +267,11 @@ def _check_file(path: Path, entry: dict[str, Any]) -> None:
 
 def _check_digest(path: Path, entry: dict[str, Any], size: int, digest: str) -> None:
     if size != entry["bytes"]:
-        raise BundleTampered(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
+        raise BundleTampered(
+            f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
+        )
     if digest != entry["sha256"]:
         raise BundleTampered(f"{path}: sha256 differs from the signed manifest (the file was modified)")
-
-
-def hash_file(path: Path) -> dict[str, Any]:
-    """The manifest entry of a file: ``{"sha256": hex, "bytes": size}``, read in chunks."""
-    digest, size = _hash_file(path)
-    return {"sha256": digest, "bytes": size}
 
 
 def _hash_file(path: Path) -> tuple[str, int]:

@@ -91,11 +91,52 @@ class Device:
         )  # fmt: skip
         self.store(user).save(record)
 
+    def _fit(
+        self,
+        user: int,
+        shared: dict[str, np.ndarray],
+        personal: dict[str, np.ndarray],
+        server_round: int,
+        train_end: np.ndarray,
+        personal_only: bool,
+    ) -> list[float]:
+        """Local epochs on ``user``'s training events from the given weights (left in ``self.model``): all
+        parameters (a training round) or only the personal ones with the shared frozen (local adaptation)."""
+        load_parts(self.model, shared, personal)
+        params = [p for name, p in self.model.named_parameters() if not personal_only or name in personal]
+        trainable = {id(p) for p in params}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        epochs = self.cfg.adapt_epochs if personal_only else self.cfg.local_epochs
+        tcfg = TrainConfig(lr=self.cfg.local_lr, batch_size=1, seed=self.cfg.seed)
+        optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        rng = np.random.default_rng([self.cfg.seed, server_round, int(user), int(personal_only)])
+        # dropout draws depend only on (seed, round, user), whichever node hosts the user
+        torch.manual_seed(int(rng.integers(2**31)))
+        users = np.array([user])
+        try:
+            return [train_epoch(self.model, optimizer, self.log, users, train_end, tcfg, rng)["loss"]
+                    for _ in range(epochs)]  # fmt: skip
+        finally:
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+
+    def serving_weights(self, user: int, shared: dict[str, np.ndarray], server_round: int) -> None:
+        """Load what ``user``'s device serves with into ``self.model``: the shared arrays and its personal
+        weights, adapted to these shared arrays when ``adapt_epochs`` > 0. Adaptation is deterministic in
+        (seed, round, user) and not saved, so validation and test see the same weights and evaluation never
+        changes the training run."""
+        personal = self.personal_weights(user)
+        train_end = train_end_per_user(self.log, self.split)
+        if self.cfg.adapt_epochs and train_end[user] - self.log.user_ptr[user] >= 2:
+            self._fit(user, shared, personal, server_round, train_end, personal_only=True)
+        else:
+            load_parts(self.model, shared, personal)
+
     def train(self, shared: dict[str, np.ndarray], server_round: int) -> RoundResult:
         """Local training of every hosted user; the example-weighted mean of their shared arrays."""
         torch.set_num_threads(1)
         train_end = train_end_per_user(self.log, self.split)
-        tcfg = TrainConfig(lr=self.cfg.local_lr, batch_size=1, seed=self.cfg.seed)
         total: dict[str, np.ndarray] = {}
         touched: list[np.ndarray] = []
         examples, losses = 0, []
@@ -103,17 +144,9 @@ class Device:
             n = int(train_end[user] - self.log.user_ptr[user])
             if n < 2:
                 continue
-            load_parts(self.model, shared, self.personal_weights(user))
-            optimizer = torch.optim.AdamW(self.model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-            rng = np.random.default_rng([self.cfg.seed, server_round, int(user)])
-            # dropout draws depend only on (seed, round, user), whichever node hosts the user
-            torch.manual_seed(int(rng.integers(2**31)))
-            for _ in range(self.cfg.local_epochs):
-                losses.append(
-                    train_epoch(self.model, optimizer, self.log, np.array([user]), train_end, tcfg, rng)[
-                        "loss"
-                    ]
-                )
+            losses += self._fit(
+                user, shared, self.personal_weights(user), server_round, train_end, personal_only=False
+            )
             new_shared, personal = split_state(self.model, self.cfg.split)
             self._save(user, personal, server_round)
             for k, v in new_shared.items():
@@ -130,13 +163,13 @@ class Device:
             update = compress_int8(update, shared, rng)
         return RoundResult(update, examples, {"train-loss": float(np.mean(losses))})
 
-    def evaluate(self, shared: dict[str, np.ndarray], stage: str) -> RoundResult:
-        """Each hosted user's own metrics with its personal weights and the current shared arrays."""
+    def evaluate(self, shared: dict[str, np.ndarray], stage: str, server_round: int = 0) -> RoundResult:
+        """Each hosted user's own metrics with its serving weights (:meth:`serving_weights`)."""
         torch.set_num_threads(1)
         sums: dict[str, float] = {}
         users = np.intersect1d(self.users, self.split.eval_users)
         for user in users:
-            load_parts(self.model, shared, self.personal_weights(user))
+            self.serving_weights(user, shared, server_round)
             for k, v in evaluate(self.model, self.log, self.split, stage, users=np.array([user])).items():
                 sums[k] = sums.get(k, 0.0) + v
         sums.pop("users", None)

@@ -48,7 +48,9 @@ def make_client_app() -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         device, _, extra = _device(msg, context)
-        result = device.evaluate(_shared(msg), str(extra.get("stage", "val")))
+        result = device.evaluate(
+            _shared(msg), str(extra.get("stage", "val")), int(extra.get("server-round", 0))
+        )
         metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -80,7 +80,7 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
             row["train_loss"] = float(train_metrics.get("train-loss", float("nan")))
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:
             for stage in ("val", "test") if rnd == cfg.num_rounds else ("val",):
-                ecfg = ConfigRecord(dict(run_config) | {"stage": stage})
+                ecfg = ConfigRecord(dict(run_config) | {"stage": stage, "server-round": rnd})
                 ereplies = grid.send_and_receive(
                     strategy.configure_evaluate(rnd, numpy_to_record(shared), ecfg, grid),
                     timeout=cfg.round_timeout,

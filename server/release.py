@@ -61,7 +61,9 @@ def generate_keys(out_dir: str | Path, passphrase: str, *, overwrite: bool = Fal
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _atomic_write(private_path, private_pem)  # the temp file is created 0600, so the key is never readable by others
+    _atomic_write(
+        private_path, private_pem
+    )  # the temp file is created 0600, so the key is never readable by others
     os.chmod(private_path, 0o600)
     _atomic_write(public_path, public_pem)
     os.chmod(public_path, 0o644)
@@ -129,7 +131,9 @@ def _hash_files(root: Path) -> dict[str, dict[str, Any]]:
     files = {}
     for name, path in walk_bundle(root):
         if not is_regular_file(path):
-            raise ValueError(f"{path}: bundles hold regular files only (symlinks and special files are refused)")
+            raise ValueError(
+                f"{path}: bundles hold regular files only (symlinks and special files are refused)"
+            )
         files[name] = hash_file(path)
     return files
 

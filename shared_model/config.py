@@ -112,6 +112,10 @@ class FederatedConfig:
     )
     local_epochs: int = _opt(5, "local passes over the device's own events per round")
     local_lr: float = _opt(1e-2, "device learning rate (AdamW)")
+    adapt_epochs: int = _opt(
+        0,
+        "local adaptation: before evaluating or serving, a device trains only its personal parts this many epochs",
+    )
     server_optimizer: str = _opt("fedavg", "fedavg | fedadam (a server Adam step on the averaged update)")
     server_lr: float = _opt(1e-2, "FedAdam's server learning rate (eta)")
     upload: str = _opt("dense", "dense | sparse (only the item rows a device touched)")

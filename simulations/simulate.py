@@ -85,11 +85,10 @@ def plot_convergence(history: list[dict[str, Any]], path: Path) -> None:
 
 def sample_recommendation(cfg: FederatedConfig, shared: dict[str, np.ndarray], user: int, k: int = 10) -> str:
     """The sample user's top-k with explanations: their device's personal weights + the final shared arrays."""
-    from shared_model.partition import load_parts
     from shared_model.recommend import format_recommendations, recommend
 
     device = Device(cfg, 0, 1, Path(cfg.out_dir) / "devices")
-    load_parts(device.model, shared, device.personal_weights(user))
+    device.serving_weights(user, shared, cfg.num_rounds)
     recs = recommend(device.model, device.log, user, k=k)
     lo, hi = device.log.user_ptr[user], device.log.user_ptr[user + 1]
     titles = device.log.item_meta.titles

@@ -142,6 +142,27 @@ def test_device_round_keeps_personal_weights_on_the_device(cfg):
     assert device.personal_weights(int(device.users[0])).keys() == saved.keys()
 
 
+def test_local_adaptation_trains_only_personal_parts_and_saves_nothing(cfg):
+    from dataclasses import replace
+
+    from shared_model.partition import split_state
+
+    shared = initial_shared(cfg)
+    device = Device(replace(cfg, adapt_epochs=3), 0, 3, Path(cfg.out_dir) / "devices")
+    device.train(shared, server_round=1)
+    user = int(np.intersect1d(device.users, device.split.eval_users)[0])
+    stored = device.store(user).path.read_bytes()
+    device.serving_weights(user, shared, server_round=2)
+    adapted_shared, adapted = split_state(device.model, cfg.split)
+    for k, v in shared.items():
+        np.testing.assert_array_equal(adapted_shared[k], v)  # the shared parts were frozen
+    before = device.personal_weights(user)
+    assert any(not np.array_equal(adapted[k], before[k]) for k in before)
+    assert device.store(user).path.read_bytes() == stored  # adaptation is not saved
+    first = device.evaluate(shared, "val", server_round=2).metrics
+    assert device.evaluate(shared, "val", server_round=2).metrics == first  # deterministic per round
+
+
 def test_virtual_users_equal_one_user_per_node(cfg):
     """A node hosting 3 users replies exactly the example-weighted mean of the 3 single-user updates."""
     shared = initial_shared(cfg)
