@@ -19,7 +19,7 @@ import torch
 from shared_model.config import FederatedConfig, TrainConfig
 from shared_model.data import InteractionLog, load_dataset
 from shared_model.data.split import LeaveOneOutSplit, partition_users, user_data
-from shared_model.partition import load_parts, split_state
+from shared_model.partition import load_parts, parameter_groups, split_state
 from shared_model.recommender import SequenceRecommender
 from shared_model.training import evaluate, model_for_run, train_end_per_user, train_epoch
 from shared_model.updates import compress_int8, encode_sparse
@@ -101,9 +101,12 @@ class Device:
         personal_only: bool,
     ) -> list[float]:
         """Local epochs on ``user``'s training events from the given weights (left in ``self.model``): all
-        parameters (a training round) or only the personal ones with the shared frozen (local adaptation)."""
+        parameters (a training round), or for local adaptation only the card's personal parts (time encoder,
+        LRU blocks, interest heads; under other splits these start from the population's averaged values)
+        with everything else frozen."""
         load_parts(self.model, shared, personal)
-        params = [p for name, p in self.model.named_parameters() if not personal_only or name in personal]
+        adapted = set(parameter_groups(self.model, "card")["personal"])
+        params = [p for name, p in self.model.named_parameters() if not personal_only or name in adapted]
         trainable = {id(p) for p in params}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trainable)

@@ -114,7 +114,8 @@ class FederatedConfig:
     local_lr: float = _opt(1e-2, "device learning rate (AdamW)")
     adapt_epochs: int = _opt(
         0,
-        "local adaptation: before evaluating or serving, a device trains only its personal parts this many epochs",
+        "local adaptation: before evaluating or serving, a device trains its time encoder, LRU blocks and"
+        " interest heads (the card's personal parts, under any split) this many epochs, the rest frozen",
     )
     server_optimizer: str = _opt("fedavg", "fedavg | fedadam (a server Adam step on the averaged update)")
     server_lr: float = _opt(1e-2, "FedAdam's server learning rate (eta)")

@@ -31,6 +31,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "heads-prior": {"split": "heads-prior"},
     "all-shared": {"split": "all-shared"},
     "card, sparse int8 upload": {"split": "card", "upload": "sparse", "compress": "int8"},
+    "card + adaptation": {"split": "card", "adapt_epochs": 5},
+    "heads-prior + adaptation": {"split": "heads-prior", "adapt_epochs": 5},
 }
 PARTS = ("centralized", "federated", "bytes", "throughput")
 UPLOADS = (("dense", 0, "none"), ("sparse", 0, "none"), ("sparse", 50, "none"), ("sparse", 0, "int8"),
