@@ -97,6 +97,30 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _passphrase(args: argparse.Namespace, confirm: bool) -> str:
+    """The signing key's passphrase: from the environment variable named by --passphrase-env, else a prompt."""
+    import getpass
+    import os
+
+    if args.passphrase_env:
+        if args.passphrase_env not in os.environ:
+            raise ValueError(f"environment variable {args.passphrase_env} is not set")
+        return os.environ[args.passphrase_env]
+    phrase = getpass.getpass("signing key passphrase: ")
+    if confirm and getpass.getpass("again: ") != phrase:
+        raise ValueError("the passphrases differ")
+    return phrase
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from server.release import generate_keys
+
+    private, public = generate_keys(args.out, _passphrase(args, confirm=True), overwrite=args.overwrite)
+    print(f"private signing key (passphrase-encrypted, keep it on the server): {private}")
+    print(f"public key (pin it in the app): {public}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tmepsr", description="Federated, on-device sequential recommendation."
@@ -132,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_train.set_defaults(func=_cmd_train)
 
+    p_keys = sub.add_parser("keys", help="create the Ed25519 key pair that signs on-device bundles")
+    p_keys.add_argument("--out", default="keys", help="folder for the key files (default: keys)")
+    p_keys.add_argument("--passphrase-env", help="read the passphrase from this environment variable")
+    p_keys.add_argument("--overwrite", action="store_true", help="replace existing key files")
+    p_keys.set_defaults(func=_cmd_keys)
+
     from shared_model.config import FederatedConfig
 
     p_sim = sub.add_parser("simulate", help="federated simulation with Flower, then a sample recommendation")
@@ -159,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataFormatError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (DataFormatError, FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
         print(f"tmepsr: error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
 
