@@ -1,0 +1,322 @@
+"""The on-device recommender (DESIGN section 1, flow 3): onnxruntime only, no torch, no flwr.
+
+    rec = Recommender.open(bundle_dir, public_key, EncryptedStore(path, key=device_key))
+    rec.record("318", 1_700_000_000)          # O(1): one run of the step graph, state saved encrypted
+    for r in rec.recommend(10): print(r.title, r.head, r.explanations)
+
+The bundle is verified (signature over the manifest, then every file's sha256) before anything is loaded; a
+bundle that fails is refused with a :class:`~client_sdk.bundle.BundleError` and, for :meth:`Recommender.upgrade`,
+the bundle in use stays in use. The device's personal weights (time encoder, LRU blocks, interest heads) come
+from its encrypted store and override the bundle's initial values inside the onnxruntime sessions; history,
+recurrent state and weights are kept in the store.
+
+Defined behaviour for awkward input:
+
+* unknown item id: :class:`UnknownItem` (``on_unknown="error"``, the default) or ignored (``"ignore"``);
+* a timestamp before the last event: :class:`OutOfOrderEvent` (``on_backwards="error"``) or recorded at the
+  last event's time (``"clamp"``); an exact repeat of the last event (same item and time) is ignored;
+* empty history (cold start): recommendations from the zero state (item bias and explanation priors);
+* a bundle whose catalogue grew (old item ids are a prefix of the new ones): the history carries over and is
+  re-encoded; any other catalogue change needs :meth:`Recommender.sync_history` with source ids;
+* a store without recurrent state (older store format, a new bundle, new personal weights): the history is
+  re-encoded through the sequence encoder graph (its last ``max_events`` events).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from shared_model.graph_io import encoder_inputs, ort_session
+
+from .bundle import Manifest, load_public_key, verify_bundle
+from .store import DeviceRecord, EncryptedStore
+
+CATALOGUE = "catalogue.json"
+
+
+class RuntimeInputError(ValueError):
+    """An event or request the runtime refuses; nothing was changed."""
+
+
+class UnknownItem(RuntimeInputError):
+    """The item id is not in the bundle's catalogue."""
+
+
+class OutOfOrderEvent(RuntimeInputError):
+    """The event's timestamp is before the last recorded event's."""
+
+
+class IncompatibleStore(RuntimeInputError):
+    """The store's history or personal weights do not fit this bundle."""
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item: str  # the catalogue's (source) item id
+    title: str
+    score: float
+    head: int  # the interest head that contributed most to the score
+    explanations: list[str]  # explanation texts, most likely first
+
+
+@dataclass
+class _Loaded:
+    """One verified bundle's sessions and catalogue."""
+
+    manifest: Manifest
+    spec: dict[str, Any]
+    item_ids: list[str]
+    titles: list[str]
+    explanations: list[str]
+    index: dict[str, int]
+    sessions: dict[str, Any]
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def catalogue_sha(self) -> str:
+        return _ids_sha(self.item_ids)
+
+
+def _ids_sha(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def _load(manifest: Manifest, personal: dict[str, np.ndarray], threads: int) -> _Loaded:
+    spec = manifest.data["spec"]
+    catalogue = json.loads(manifest.read(manifest.data.get("catalogue", CATALOGUE)))
+    expected = set(spec["personal_initializers"])
+    if personal and set(personal) != expected:
+        missing, extra = sorted(expected - set(personal)), sorted(set(personal) - expected)
+        raise IncompatibleStore(
+            f"the store's personal weights do not fit this bundle (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    sessions = {
+        name: ort_session(manifest.read(g["file"]), personal, spec, graph=name, threads=threads)
+        for name, g in spec["graphs"].items()
+    }
+    ids = [str(i) for i in catalogue["item_ids"]]
+    if len(ids) != spec["num_items"]:
+        raise IncompatibleStore(f"catalogue has {len(ids)} items, the graphs {spec['num_items']}")
+    titles = catalogue.get("titles") or ids
+    return _Loaded(manifest, spec, ids, titles, catalogue.get("explanations", []),
+                   {i: n for n, i in enumerate(ids)}, sessions)  # fmt: skip
+
+
+class Recommender:
+    """Top-k recommendations with explanations for the device's user, from a verified bundle."""
+
+    def __init__(
+        self,
+        loaded: _Loaded,
+        store: EncryptedStore,
+        record: DeviceRecord,
+        on_unknown: Literal["error", "ignore"],
+        on_backwards: Literal["error", "clamp"],
+        threads: int,
+    ) -> None:
+        self._b = loaded
+        self._store = store
+        self._rec = record
+        self.on_unknown, self.on_backwards, self.threads = on_unknown, on_backwards, threads
+        self._seen = np.zeros((1, loaded.num_items), dtype=bool)
+        self._seen[0, record.items] = True
+        self._states: dict[str, np.ndarray] = {}
+        self._state = np.zeros((1, loaded.spec["d_model"]), dtype=np.float32)
+        self._ranking: dict[str, np.ndarray] | None = None
+        if self._stored_state_fits():
+            self._states = {k: v[None] for k, v in record.state.items() if k != "state"}
+            self._state = record.state["state"][None]
+        else:
+            self._reencode()
+
+    # ------------------------------------------------------------------ opening and upgrading
+    @classmethod
+    def open(
+        cls,
+        bundle_dir: str | Path,
+        public_key: Ed25519PublicKey | str | Path | bytes,
+        store: EncryptedStore,
+        *,
+        on_unknown: Literal["error", "ignore"] = "error",
+        on_backwards: Literal["error", "clamp"] = "error",
+        threads: int = 1,
+    ) -> Recommender:
+        """Verify ``bundle_dir`` against the pinned ``public_key``, then load it with the personal weights and
+        history in ``store`` (an empty history and the bundle's initial weights if the store does not exist)."""
+        key = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
+        manifest = verify_bundle(bundle_dir, key)
+        record = (
+            store.load()
+            if store.exists()
+            else DeviceRecord(np.zeros(0, np.int64), np.zeros(0, np.int64), {}, {}, {})
+        )
+        loaded = _load(manifest, record.weights, threads)
+        record = _carry_history(record, loaded)
+        return cls(loaded, store, record, on_unknown, on_backwards, threads)
+
+    def upgrade(self, bundle_dir: str | Path, public_key: Ed25519PublicKey | str | Path | bytes) -> None:
+        """Switch to a new bundle (new shared weights, perhaps a grown catalogue). It is verified and loaded
+        completely before the switch; on any error the bundle in use stays in use and nothing changes."""
+        key = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
+        loaded = _load(verify_bundle(bundle_dir, key), self._rec.weights, self.threads)
+        record = _carry_history(self._rec, loaded)
+        self._b, self._rec = loaded, record
+        self._seen = np.zeros((1, loaded.num_items), dtype=bool)
+        self._seen[0, record.items] = True
+        self._reencode()
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._b.manifest
+
+    @property
+    def history(self) -> list[tuple[str, int]]:
+        """The recorded events as (source item id, unix seconds), oldest first."""
+        return [(self._b.item_ids[i], int(t)) for i, t in zip(self._rec.items, self._rec.times, strict=True)]
+
+    # ------------------------------------------------------------------ events
+    def record(self, item: str | int, timestamp: int, *, save: bool = True) -> bool:
+        """Add one event and update the recurrent state in O(1); returns False if the event was ignored
+        (an unknown item with ``on_unknown="ignore"``, or a repeat of the last event). ``save=False`` defers
+        writing the store (call :meth:`save`), e.g. when replaying many events."""
+        dense = self._dense(item)
+        if dense is None:
+            return False
+        t = int(timestamp)
+        items, times = self._rec.items, self._rec.times
+        if len(times) and t < times[-1]:
+            if self.on_backwards == "error":
+                raise OutOfOrderEvent(
+                    f"event ({item!r}, {t}) is before the last recorded event ({int(times[-1])}); "
+                    "events must arrive in time order (or open with on_backwards='clamp')"
+                )
+            t = int(times[-1])
+        if len(items) and items[-1] == dense and times[-1] == t:
+            return False
+        seen = self._seen.copy()
+        seen[0, dense] = True
+        outputs = self._run("step", {
+            "item": np.array([dense], np.int64), "timestamp": np.array([t], np.int64), "exclude": seen,
+            **self._states,
+        })  # fmt: skip
+        self._seen = seen
+        self._states = {k: outputs[f"next_{k}"] for k in self._states}
+        self._state = outputs["state"]
+        self._ranking = outputs
+        self._rec.items = np.append(items, dense)
+        self._rec.times = np.append(times, t)
+        if save:
+            self.save()
+        return True
+
+    def sync_history(self, events: Iterable[tuple[str | int, int]]) -> None:
+        """Replace the history (e.g. after a restore) with ``events`` (source item id, unix seconds), which
+        must be in time order and known to the catalogue; re-encode it and save. Nothing changes on error."""
+        dense, times = [], []
+        for item, t in events:
+            d = self._dense(item, strict=True)
+            if times and int(t) < times[-1]:
+                raise OutOfOrderEvent(f"events are not in time order at ({item!r}, {t})")
+            dense.append(d)
+            times.append(int(t))
+        self._rec.items, self._rec.times = np.array(dense, np.int64), np.array(times, np.int64)
+        self._seen[:] = False
+        self._seen[0, self._rec.items] = True
+        self._reencode()
+        self.save()
+
+    # ------------------------------------------------------------------ recommendations
+    def recommend(
+        self, k: int = 10, exclude_seen: bool = True, explanations: int = 2
+    ) -> list[Recommendation]:
+        """The top-``k`` items for the current state, each with score, title, driving interest head and its
+        top explanation texts."""
+        top_k = self._b.spec["top_k"]
+        if not 1 <= k <= top_k:
+            raise RuntimeInputError(f"k must be in 1..{top_k} (the bundle's top_k), got {k}")
+        ranking = self._ranking if exclude_seen else None
+        if ranking is None:
+            exclude = self._seen if exclude_seen else np.zeros_like(self._seen)
+            ranking = self._run("rank", {"state": self._state, "exclude": exclude})
+            if exclude_seen:
+                self._ranking = ranking
+        items, scores, heads = ranking["top_items"][0], ranking["top_scores"][0], ranking["top_heads"][0]
+        expl = ranking.get("top_explanations")
+        out = []
+        for r in range(k):
+            if not np.isfinite(scores[r]):
+                break  # fewer than k unseen items
+            texts = [] if expl is None else [self._b.explanations[e] for e in expl[0, r, :explanations]]
+            item = int(items[r])
+            out.append(Recommendation(self._b.item_ids[item], self._b.titles[item], float(scores[r]),
+                                      int(heads[r]), texts))  # fmt: skip
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self) -> None:
+        """Write history, recurrent state and personal weights to the encrypted store (atomically)."""
+        self._rec.state = {**{k: v[0] for k, v in self._states.items()}, "state": self._state[0]}
+        self._rec.meta = {**self._rec.meta, "bundle": self._b.manifest.sha256,
+                          "catalogue_sha": self._b.catalogue_sha, "catalogue_size": self._b.num_items}  # fmt: skip
+        self._store.save(self._rec)
+
+    # ------------------------------------------------------------------ internals
+    def _dense(self, item: str | int, strict: bool = False) -> int | None:
+        dense = self._b.index.get(str(item))
+        if dense is None and (strict or self.on_unknown == "error"):
+            raise UnknownItem(f"item {item!r} is not in the bundle's catalogue ({self._b.num_items} items)")
+        return dense
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._b.sessions[graph]
+        names = [o["name"] for o in self._b.spec["graphs"][graph]["outputs"]]
+        return dict(zip(names, session.run(names, feeds), strict=True))
+
+    def _stored_state_fits(self) -> bool:
+        state, spec = self._rec.state, self._b.spec
+        return (
+            self._rec.meta.get("bundle") == self._b.manifest.sha256
+            and set(state) == {*spec["states"], "state"}
+            and all(tuple(state[k].shape) == tuple(s["shape"]) for k, s in spec["states"].items())
+        )
+
+    def _reencode(self) -> None:
+        """Recurrent state from the history's last ``max_events`` events through the sequence encoder."""
+        spec = self._b.spec
+        if not len(self._rec.items):
+            self._states = {k: np.zeros((1, *s["shape"]), np.float32) for k, s in spec["states"].items()}
+            self._state = np.zeros((1, spec["d_model"]), np.float32)
+        else:
+            n = spec["max_events"]
+            out = self._run("encoder", encoder_inputs([self._rec.items[-n:]], [self._rec.times[-n:]], n))
+            self._states = {k: out[k] for k in spec["states"]}
+            self._state = out["state"]
+        self._ranking = None
+
+
+def _carry_history(record: DeviceRecord, loaded: _Loaded) -> DeviceRecord:
+    """The stored history against this bundle's catalogue: unchanged if the catalogue is the one it was
+    recorded with or grew from it (old ids a prefix of the new); refused otherwise."""
+    meta = record.meta
+    size = meta.get("catalogue_size")
+    if size is not None and _ids_sha(loaded.item_ids[:size]) != meta.get("catalogue_sha"):
+        raise IncompatibleStore(
+            "the stored history was recorded against another item catalogue; "
+            "call sync_history() with the events' source item ids"
+        )
+    if len(record.items) and int(record.items.max()) >= loaded.num_items:
+        raise IncompatibleStore(
+            f"stored history has item ids beyond this catalogue ({loaded.num_items} items)"
+        )
+    return record

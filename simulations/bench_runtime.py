@@ -1,0 +1,195 @@
+"""On-device runtime benchmark (DESIGN section 6): single-thread onnxruntime latency of one ``record`` +
+``recommend(10)`` through :class:`client_sdk.runtime.Recommender` (median and p99 over 1,000 real events, the
+store not written per event), torch eager doing the same work in the same run (the ratio), bundle size fp32 and
+int8, the int8 item table's effect (top-10 overlap, Recall@10) and the peak memory of the runtime process.
+
+Catalogues: ``movielens-1m-lrurec`` (3,416 items; a trained model when ``--checkpoint`` is given, e.g. the scale
+benchmark's run folder) and ``amazon-beauty-sasrec-lrurec`` (57,289 items; latency only, untrained weights).
+The runtime is measured in a subprocess that imports neither torch nor flwr.
+Run: ``python -m simulations.bench_runtime [--checkpoint runs/bench_scale]``; writes
+``simulations/results/bench_runtime.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+CATALOGUES = ("movielens-1m-lrurec", "amazon-beauty-sasrec-lrurec")
+
+
+def _events(log: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` real events (the users' histories one after another) with non-decreasing timestamps."""
+    items = log.item[:n]
+    gaps = np.diff(log.time[:n], prepend=log.time[0]).clip(min=0)
+    return items, 1_600_000_000 + np.cumsum(gaps)
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    us = np.array(seconds) * 1e6
+    return {"median_us": float(np.median(us)), "p99_us": float(np.percentile(us, 99))}
+
+
+def probe(bundle: str, public_key: str, events: str) -> None:
+    """(Subprocess) time record + recommend(10) per event through the runtime; print JSON."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from client_sdk.runtime import Recommender
+    from client_sdk.store import EncryptedStore
+
+    data = np.load(events)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = EncryptedStore(Path(tmp) / "user.store", key=bytes(32))
+        t0 = time.perf_counter()
+        rec = Recommender.open(bundle, public_key, store)
+        open_s = time.perf_counter() - t0
+        ids = rec._b.item_ids  # noqa: SLF001 - the catalogue's source ids, to feed real events
+        seconds = []
+        for item, t in zip(data["items"], data["times"], strict=True):
+            t0 = time.perf_counter()
+            rec.record(ids[item], int(t), save=False)
+            rec.recommend(10)
+            seconds.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        rec.save()
+        save_s = time.perf_counter() - t0
+        import torch_free_check  # noqa: F401  (see main: a module that fails if torch or flwr were imported)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({**_percentiles(seconds), "open_s": open_s, "save_ms": save_s * 1e3,
+                      "peak_rss_mb": peak / 1024, "rss_before_imports_mb": before / 1024}))  # fmt: skip
+
+
+def _torch_eager(model: Any, items: np.ndarray, times: np.ndarray) -> dict[str, float]:
+    """The same work in torch eager on one thread: step, scores with seen items masked, top-10, heads,
+    explanations of the ten."""
+    import torch
+
+    torch.set_num_threads(1)
+    seen = torch.zeros(1, model.cfg.num_items, dtype=torch.bool)
+    lru, tstate = model.initial_state(1)
+    seconds = []
+    with torch.no_grad():
+        for item, t in zip(items.tolist(), times.tolist(), strict=True):
+            t0 = time.perf_counter()
+            seen[0, item] = True
+            y, lru, tstate = model.step(torch.tensor([item]), torch.tensor([t]), lru, tstate)
+            top = model.item_scores(y).masked_fill(seen, -torch.inf).topk(10)
+            model.head_contributions(y, top.indices).argmax(-1)
+            if model.explanation is not None:
+                model.explanation_scores(y.expand(10, -1), top.indices[0]).topk(2)
+            seconds.append(time.perf_counter() - t0)
+    return _percentiles(seconds)
+
+
+def run_catalogue(
+    name: str, args: argparse.Namespace, work: Path, private: Any, public: Path
+) -> dict[str, Any]:
+    from server.publish import build_bundle, model_from_checkpoint
+    from shared_model.data import load_dataset
+    from shared_model.export import export_model, int8_effect
+    from shared_model.recommender import build_model
+    from shared_model.training import model_config_for
+
+    if args.checkpoint and name == "movielens-1m-lrurec":
+        model, log, version = model_from_checkpoint(args.checkpoint)
+        trained = True
+    else:
+        log = load_dataset(name)
+        model, version, trained = (
+            build_model(model_config_for(log, max_len=50, d_model=64)),
+            "untrained",
+            False,
+        )
+    model.eval()
+    row: dict[str, Any] = {"catalogue": name, "items": log.num_items, "trained": trained, "model": version}
+    items, times = _events(log, args.events)
+    np.savez(work / f"{name}-events.npz", items=items, times=times)
+    for kind in ("fp32", "int8"):
+        bundle = work / f"{name}-{kind}"
+        manifest = build_bundle(
+            model, log, bundle, private, model_version=f"bench-{kind}", int8_items=kind == "int8"
+        )
+        row[f"bundle_bytes_{kind}"] = sum(f["bytes"] for f in manifest.files.values())
+        out = subprocess.run(
+            [sys.executable, "-m", "simulations.bench_runtime", "--probe", str(bundle), str(public),
+             str(work / f"{name}-events.npz")],
+            check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(work)},
+        )  # fmt: skip
+        row[f"runtime_{kind}"] = json.loads(out.stdout.strip().splitlines()[-1])
+    row["torch_eager"] = _torch_eager(model, items, times)
+    row["speedup_vs_torch"] = row["torch_eager"]["median_us"] / row["runtime_fp32"]["median_us"]
+    if trained:
+        users = np.flatnonzero(np.diff(log.user_ptr) >= 3)[: args.int8_users]
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_model(model, Path(tmp) / "fp32")
+            int8 = export_model(model, Path(tmp) / "int8", int8_items=True)
+            row["int8_effect"] = int8_effect(fp32, int8, log, users)
+    return row
+
+
+def summarise(rows: list[dict[str, Any]]) -> str:
+    lines = ["| catalogue | items | trained | runtime fp32 median / p99 (us) | int8 median (us) | torch eager median (us) "
+             "| x torch | bundle fp32 / int8 (KB) | int8 top-10 overlap | Recall@10 fp32 / int8 | runtime peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        fx = r.get("int8_effect", {})
+        lines.append(
+            f"| {r['catalogue']} | {r['items']:,} | {'yes' if r['trained'] else 'no'} "
+            f"| {r['runtime_fp32']['median_us']:.0f} / {r['runtime_fp32']['p99_us']:.0f} "
+            f"| {r['runtime_int8']['median_us']:.0f} | {r['torch_eager']['median_us']:.0f} "
+            f"| {r['speedup_vs_torch']:.1f} | {r['bundle_bytes_fp32'] / 1e3:.0f} / {r['bundle_bytes_int8'] / 1e3:.0f} "
+            f"| {fx.get('top10_overlap', float('nan')):.3f} "
+            f"| {fx.get('recall@10_fp32', float('nan')):.4f} / {fx.get('recall@10_int8', float('nan')):.4f} "
+            f"| {r['runtime_fp32']['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--probe", nargs=3, metavar=("BUNDLE", "PUBLIC_KEY", "EVENTS"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--checkpoint", help="trained ML-1M checkpoint (model.pt or a federated run folder)")
+    parser.add_argument("--catalogues", nargs="+", default=list(CATALOGUES))
+    parser.add_argument("--events", type=int, default=1000)
+    parser.add_argument("--int8-users", type=int, default=2000, help="users for the int8 effect")
+    parser.add_argument("--name", default="bench_runtime")
+    args = parser.parse_args(argv)
+    if args.probe:
+        probe(*args.probe)
+        return
+    from server.release import generate_keys, load_private_key
+    from shared_model.data import DATASETS
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "torch_free_check.py").write_text(
+            "import sys\nassert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'flwr')]\n"
+        )
+        private_path, public = generate_keys(work / "keys", "bench")
+        private = load_private_key(private_path, "bench")
+        for name in args.catalogues:
+            if DATASETS[name].locate(None) is None:
+                print(f"skipping {name}: dataset not found (see tmepsr data list)")
+                continue
+            rows.append(run_catalogue(name, args, work, private, public))
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+            (RESULTS / f"{args.name}.md").write_text(summarise(rows))
+    print(summarise(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The torch-free on-device runtime: bundle verification on open and upgrade, record/recommend against the torch
+model, the store round trip, personal weights from the store, and the defined behaviour for bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client_sdk.bundle import BundleError, BundleSignatureError, BundleTampered
+from client_sdk.runtime import IncompatibleStore, OutOfOrderEvent, Recommender, RuntimeInputError, UnknownItem
+from client_sdk.store import DeviceRecord, EncryptedStore, _write_v1
+from server.publish import build_bundle
+from server.release import generate_keys, load_private_key
+from shared_model.data import load_dataset
+from shared_model.partition import split_state
+from shared_model.recommend import recommend
+from shared_model.recommender import build_model
+from shared_model.training import model_config_for
+
+from .test_federated import make_events
+
+KEY = bytes(range(32))
+
+
+def _model(log, seed: int):
+    torch.manual_seed(seed)
+    model = build_model(model_config_for(log, d_model=16, max_len=16, num_heads=2)).eval()
+    with torch.no_grad():
+        model.item_bias.normal_(0, 0.5)  # no score ties
+    return model
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    log = load_dataset(str(make_events(root / "events.csv", users=6, events=12, items=30)))
+    private, public = generate_keys(root / "keys", "pw")
+    key = load_private_key(private, "pw")
+    model = _model(log, 0)
+    build_bundle(model, log, root / "v1", key, model_version="v1", top_k=20, check=False)
+    return {"root": root, "log": log, "key": key, "public": public, "model": model}
+
+
+def _open(env, tmp_path, bundle="v1", **kw) -> Recommender:
+    return Recommender.open(
+        env["root"] / bundle, env["public"], EncryptedStore(tmp_path / "u.store", key=KEY), **kw
+    )
+
+
+def _replay(rec: Recommender, log, user: int) -> None:
+    lo, hi = log.user_ptr[user], log.user_ptr[user + 1]
+    for item, t in zip(log.item[lo:hi], log.time[lo:hi], strict=True):
+        rec.record(log.item_ids[item], int(t), save=False)
+    rec.save()
+
+
+def test_runtime_matches_the_torch_model_and_survives_a_restart(env, tmp_path):
+    log, model = env["log"], env["model"]
+    rec = _open(env, tmp_path)
+    _replay(rec, log, 2)
+    got = rec.recommend(10)
+    want = recommend(model, log, 2, k=10)
+    assert [r.item for r in got] == [w["item"] for w in want]
+    np.testing.assert_allclose([r.score for r in got], [w["score"] for w in want], atol=1e-4)
+    assert [r.head for r in got] == [w["head"] for w in want]
+    assert [r.explanations for r in got] == [w["explanations"] for w in want]
+    again = _open(env, tmp_path)  # state, history and seen items from the encrypted store
+    assert again.history == rec.history and [r.item for r in again.recommend(10)] == [r.item for r in got]
+    again.sync_history(rec.history)  # the sequence encoder graph gives the state the step graph rolled
+    np.testing.assert_allclose([r.score for r in again.recommend(10)], [r.score for r in got], atol=1e-4)
+
+
+def test_personal_weights_come_from_the_store(env, tmp_path):
+    """The device's own time encoder / LRU / heads override the bundle's initial values."""
+    log = env["log"]
+    other = _model(log, 1)
+    shared, _ = split_state(env["model"])
+    _, personal = split_state(other)
+    from shared_model.partition import load_parts
+
+    load_parts(other, shared)  # the bundle's shared arrays with the device's personal weights
+    EncryptedStore(tmp_path / "u.store", key=KEY).save(
+        DeviceRecord(np.zeros(0, np.int64), np.zeros(0, np.int64), {}, personal, {})
+    )
+    rec = _open(env, tmp_path)
+    _replay(rec, log, 1)
+    want = recommend(other, log, 1, k=5)
+    assert [r.item for r in rec.recommend(5)] == [w["item"] for w in want]
+    np.testing.assert_allclose([r.score for r in rec.recommend(5)], [w["score"] for w in want], atol=1e-4)
+
+
+def test_store_from_an_older_format_and_from_a_simulation_is_reencoded(env, tmp_path):
+    log = env["log"]
+    lo, hi = log.user_ptr[3], log.user_ptr[4]
+    _write_v1(tmp_path / "u.store", DeviceRecord(log.item[lo:hi], log.time[lo:hi], {}, {}, {}), KEY)
+    rec = _open(env, tmp_path)
+    assert len(rec.history) == hi - lo
+    assert [r.item for r in rec.recommend(5)] == [w["item"] for w in recommend(env["model"], log, 3, k=5)]
+
+
+def test_bad_events_have_defined_behaviour(env, tmp_path):
+    log = env["log"]
+    rec = _open(env, tmp_path)
+    cold = rec.recommend(5)  # empty history: the zero state still ranks every item
+    assert len(cold) == 5 and all(np.isfinite(r.score) for r in cold)
+    first = log.item_ids[0]
+    assert rec.record(first, 1_000)
+    with pytest.raises(UnknownItem, match="not in the bundle's catalogue"):
+        rec.record("no-such-item", 2_000)
+    with pytest.raises(OutOfOrderEvent, match="before the last recorded event"):
+        rec.record(log.item_ids[1], 999)
+    assert not rec.record(first, 1_000)  # the same event again is ignored
+    assert rec.history == [(str(first), 1_000)]
+    assert first not in {r.item for r in rec.recommend(20)}
+    assert first in {r.item for r in rec.recommend(20, exclude_seen=False)} or len(rec.recommend(20)) == 20
+    with pytest.raises(RuntimeInputError, match="k must be"):
+        rec.recommend(21)
+    lenient = _open(env, tmp_path, on_unknown="ignore", on_backwards="clamp")
+    assert not lenient.record("no-such-item", 3_000)
+    assert lenient.record(log.item_ids[2], 10)  # clamped to the last event's time
+    assert lenient.history[-1] == (str(log.item_ids[2]), 1_000)
+    with pytest.raises(OutOfOrderEvent):
+        lenient.sync_history([(log.item_ids[0], 5), (log.item_ids[1], 4)])
+    assert len(lenient.history) == 2  # nothing changed
+
+
+def test_tampered_or_foreign_bundles_are_refused_and_the_old_one_stays(env, tmp_path):
+    log = env["log"]
+    rec = _open(env, tmp_path)
+    _replay(rec, log, 0)
+    before = rec.recommend(5)
+    bad = tmp_path / "bad"
+    shutil.copytree(env["root"] / "v1", bad)
+    with (bad / "step.onnx").open("r+b") as fh:
+        fh.seek(200)
+        byte = fh.read(1)
+        fh.seek(200)
+        fh.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(BundleTampered):
+        rec.upgrade(bad, env["public"])
+    assert rec.recommend(5) == before and rec.manifest.model_version == "v1"
+    other_private, other_public = generate_keys(tmp_path / "other", "pw2")
+    with pytest.raises(BundleSignatureError):
+        rec.upgrade(env["root"] / "v1", other_public)
+    with pytest.raises(BundleError):
+        Recommender.open(bad, env["public"], EncryptedStore(tmp_path / "x.store", key=KEY))
+    assert rec.recommend(5) == before
+
+
+def test_upgrade_to_a_grown_catalogue_keeps_the_history(env, tmp_path):
+    root = env["root"]
+    grown_csv = root / "grown.csv"
+    extra = "\n".join(f"u0,z{i},{1_700_000_000 + i},new" for i in range(3))
+    grown_csv.write_text((root / "events.csv").read_text() + extra + "\n")
+    grown = load_dataset(str(grown_csv))
+    assert list(grown.item_ids[: env["log"].num_items]) == list(env["log"].item_ids)  # old ids are a prefix
+    if not (root / "v2").exists():
+        build_bundle(
+            _model(grown, 0), grown, root / "v2", env["key"], model_version="v2", top_k=20, check=False
+        )
+    rec = _open(env, tmp_path)
+    _replay(rec, env["log"], 4)
+    history = rec.history
+    rec.upgrade(root / "v2", env["public"])
+    assert rec.manifest.model_version == "v2" and rec.history == history
+    rec.record("z1", 1_800_000_000)
+    reopened = _open(env, tmp_path, bundle="v2")
+    assert reopened.history[-1] == ("z1", 1_800_000_000)
+    with pytest.raises(IncompatibleStore):  # v1 does not know z1: the stored history does not fit
+        _open(env, tmp_path, bundle="v1")
+
+
+def test_runtime_imports_neither_torch_nor_flwr():
+    code = (
+        "import sys, client_sdk.runtime, client_sdk.bundle, client_sdk.store\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'flwr')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
