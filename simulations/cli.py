@@ -121,6 +121,56 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from server.publish import build_bundle, model_from_checkpoint
+    from server.release import load_private_key
+
+    model, log, version = model_from_checkpoint(args.checkpoint, args.dataset, args.data_dir)
+    key = load_private_key(args.key, _passphrase(args, confirm=False))
+    manifest = build_bundle(
+        model, log, args.out, key, model_version=args.version or version, int8_items=args.int8
+    )
+    size = sum(f["bytes"] for f in manifest.files.values())
+    print(
+        f"signed bundle {manifest.model_version} ({len(manifest.files)} files, {size / 1e3:.0f} KB) -> {args.out}"
+    )
+    return 0
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    from client_sdk.runtime import Recommender
+    from client_sdk.store import EncryptedStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = EncryptedStore(Path(tmp) / "device.store", key=os.urandom(32))
+        rec = Recommender.open(args.bundle, args.public_key, store, on_unknown="ignore")
+        log = load_dataset(args.dataset or rec.manifest.data["dataset"], args.data_dir)
+        users = {str(u): n for n, u in enumerate(log.user_ids)}
+        if args.user not in users:
+            raise ValueError(
+                f"user {args.user!r} is not in {log.name} (ids like {', '.join(map(str, log.user_ids[:3]))})"
+            )
+        user = users[args.user]
+        lo, hi = log.user_ptr[user], log.user_ptr[user + 1]
+        known = sum(
+            rec.record(log.item_ids[i], int(t), save=False)
+            for i, t in zip(log.item[lo:hi], log.time[lo:hi], strict=True)
+        )
+        titles = log.item_meta.titles
+        recent = ", ".join(
+            titles[i] if titles else str(log.item_ids[i]) for i in log.item[max(lo, hi - 3) : hi]
+        )
+        print(f"user {args.user}: {known} of {hi - lo} events replayed through the on-device runtime "
+              f"(bundle {rec.manifest.model_version}); most recent: {recent}")  # fmt: skip
+        for rank, r in enumerate(rec.recommend(args.k), start=1):
+            why = f"  because: {'; '.join(r.explanations)}" if r.explanations else ""
+            print(f"{rank:2d}. {r.title} (score {r.score:.2f}) [interest head {r.head}]{why}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tmepsr", description="Federated, on-device sequential recommendation."
@@ -161,6 +211,36 @@ def build_parser() -> argparse.ArgumentParser:
     p_keys.add_argument("--passphrase-env", help="read the passphrase from this environment variable")
     p_keys.add_argument("--overwrite", action="store_true", help="replace existing key files")
     p_keys.set_defaults(func=_cmd_keys)
+
+    p_export = sub.add_parser(
+        "export", help="build a signed on-device bundle (ONNX graphs) from a checkpoint"
+    )
+    p_export.add_argument(
+        "--checkpoint", required=True, help="model.pt (tmepsr train) or a simulate --out-dir"
+    )
+    p_export.add_argument(
+        "--key", default="keys/bundle_signing_key.pem", help="private signing key (tmepsr keys)"
+    )
+    p_export.add_argument("--passphrase-env", help="read the key's passphrase from this environment variable")
+    p_export.add_argument("--out", required=True, help="new bundle folder")
+    p_export.add_argument("--int8", action="store_true", help="int8 item table (weight-only, per-row scales)")
+    p_export.add_argument("--version", help="model version label (default: preset and round)")
+    p_export.add_argument("--dataset", help="dataset of the catalogue (default: the checkpoint's)")
+    p_export.add_argument(
+        "--data-dir", help="shared data folder (default: $TMEPSR_DATA_DIR or ../shared/data)"
+    )
+    p_export.set_defaults(func=_cmd_export)
+
+    p_rec = sub.add_parser("recommend", help="replay a dataset user's history through the on-device runtime")
+    p_rec.add_argument("--bundle", required=True, help="signed bundle folder (tmepsr export)")
+    p_rec.add_argument(
+        "--public-key", default="keys/bundle_signing_key.pub.pem", help="the pinned public key"
+    )
+    p_rec.add_argument("--user", required=True, help="the user's id in the dataset")
+    p_rec.add_argument("--k", type=int, default=10)
+    p_rec.add_argument("--dataset", help="dataset to replay from (default: the bundle's)")
+    p_rec.add_argument("--data-dir", help="shared data folder (default: $TMEPSR_DATA_DIR or ../shared/data)")
+    p_rec.set_defaults(func=_cmd_recommend)
 
     from shared_model.config import FederatedConfig
 
