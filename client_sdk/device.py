@@ -166,14 +166,16 @@ class Device:
             update = compress_int8(update, shared, rng)
         return RoundResult(update, examples, {"train-loss": float(np.mean(losses))})
 
-    def evaluate(self, shared: dict[str, np.ndarray], stage: str, server_round: int = 0) -> RoundResult:
-        """Each hosted user's own metrics with its serving weights (:meth:`serving_weights`)."""
+    def evaluate(self, shared: dict[str, np.ndarray], stages: str, server_round: int = 0) -> RoundResult:
+        """Each hosted user's own metrics with its serving weights (:meth:`serving_weights`), for each of the
+        comma-separated ``stages`` ("val", "test"), as ``<stage>/<metric>`` means over the hosted users."""
         torch.set_num_threads(1)
         sums: dict[str, float] = {}
         users = np.intersect1d(self.users, self.split.eval_users)
         for user in users:
             self.serving_weights(user, shared, server_round)
-            for k, v in evaluate(self.model, self.log, self.split, stage, users=np.array([user])).items():
-                sums[k] = sums.get(k, 0.0) + v
-        sums.pop("users", None)
+            for stage in stages.split(","):
+                for k, v in evaluate(self.model, self.log, self.split, stage, users=np.array([user])).items():
+                    if k != "users":
+                        sums[f"{stage}/{k}"] = sums.get(f"{stage}/{k}", 0.0) + v
         return RoundResult({}, len(users), {k: v / max(len(users), 1) for k, v in sums.items()})

@@ -79,15 +79,17 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
         if train_metrics is not None:
             row["train_loss"] = float(train_metrics.get("train-loss", float("nan")))
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:
-            for stage in ("val", "test") if rnd == cfg.num_rounds else ("val",):
-                ecfg = ConfigRecord(dict(run_config) | {"stage": stage, "server-round": rnd})
-                ereplies = grid.send_and_receive(
-                    strategy.configure_evaluate(rnd, numpy_to_record(shared), ecfg, grid),
-                    timeout=cfg.round_timeout,
-                )
-                metrics = strategy.aggregate_evaluate(rnd, ereplies)
-                if metrics is not None:
-                    row[stage] = {k: float(v) for k, v in metrics.items()}
+            stages = ("val", "test") if rnd == cfg.num_rounds else ("val",)
+            ecfg = ConfigRecord(dict(run_config) | {"stage": ",".join(stages), "server-round": rnd})
+            ereplies = grid.send_and_receive(
+                strategy.configure_evaluate(rnd, numpy_to_record(shared), ecfg, grid),
+                timeout=cfg.round_timeout,
+            )
+            metrics = strategy.aggregate_evaluate(rnd, ereplies)
+            for stage in stages if metrics is not None else ():
+                row[stage] = {
+                    k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith(stage + "/")
+                }
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         save_server_checkpoint(out, shared, rnd, history, run_config)

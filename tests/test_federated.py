@@ -201,8 +201,8 @@ def test_client_app_called_directly(cfg, monkeypatch):
     assert set(arrays.keys()) == set(shared)
     metrics = reply.content.metric_records["metrics"]
     assert metrics["num-examples"] == 12 and np.isfinite(metrics["train-loss"])
-    ev = app(_message(cfg, shared, "evaluate", stage="val"), context).content.metric_records["metrics"]
-    assert ev["num-examples"] == 1 and 0 <= ev["ndcg@10"] <= 1 and "expl_recall@10" in ev
+    ev = app(_message(cfg, shared, "evaluate", stage="val,test"), context).content.metric_records["metrics"]
+    assert ev["num-examples"] == 1 and 0 <= ev["val/ndcg@10"] <= 1 and "test/expl_recall@10" in ev
 
 
 def test_server_checkpoint_roundtrip(tmp_path):
