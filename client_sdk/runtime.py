@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared_model.graph_io import encoder_inputs, ort_session
+from shared_model.graph_io import encoder_inputs, personalize, session
 
 from .bundle import Manifest, load_public_key, verify_bundle
 from .store import DeviceRecord, EncryptedStore
@@ -93,16 +93,20 @@ def _ids_sha(ids: Sequence[str]) -> str:
 
 
 def _load(manifest: Manifest, personal: dict[str, np.ndarray], threads: int) -> _Loaded:
+    """Sessions of a verified bundle with the device's personal weights (the bundle's initial values if none)."""
     spec = manifest.data["spec"]
     catalogue = json.loads(manifest.read(manifest.data.get("catalogue", CATALOGUE)))
-    expected = set(spec["personal_initializers"])
-    if personal and set(personal) != expected:
-        missing, extra = sorted(expected - set(personal)), sorted(set(personal) - expected)
+    expected = {i["name"]: tuple(i["shape"]) for i in spec["personalize"]["inputs"]}
+    if personal and {k: tuple(v.shape) for k, v in personal.items()} != expected:
+        wrong = sorted(set(expected) ^ set(personal)) or [
+            k for k in expected if expected[k] != personal[k].shape
+        ]
         raise IncompatibleStore(
-            f"the store's personal weights do not fit this bundle (missing {missing[:3]}, unexpected {extra[:3]})"
+            f"the store's personal weights do not fit this bundle's model (e.g. {wrong[:3]})"
         )
+    values = personalize(manifest.read(spec["personalize"]["file"]), personal)
     sessions = {
-        name: ort_session(manifest.read(g["file"]), personal, spec, graph=name, threads=threads)
+        name: session(manifest.read(g["file"]), {n: values[n] for n in g["personal"]}, threads)
         for name, g in spec["graphs"].items()
     }
     ids = [str(i) for i in catalogue["item_ids"]]

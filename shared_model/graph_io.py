@@ -1,12 +1,12 @@
-"""Feeding the exported graphs (numpy + onnxruntime only, no torch): sessions with personal-weight overrides
-and the encoder/exclude inputs. Shared by the export checks (``shared_model.export``) and the on-device
-runtime (``client_sdk.runtime``); the graph contract itself is documented in ``shared_model.export``."""
+"""Running the exported graphs (numpy + onnxruntime only, no torch): sessions with personal-value overrides,
+the personalize graph, and the encoder/exclude inputs. Shared by the export checks (``shared_model.export``)
+and the on-device runtime (``client_sdk.runtime``); the graph contract is documented in
+``shared_model.export``."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -14,32 +14,39 @@ import onnxruntime as ort
 MAX_EVENTS = 256  # events the sequence encoder graph takes
 
 
-def ort_session(
-    model: str | Path | bytes,
-    personal: Mapping[str, np.ndarray] | None = None,
-    spec: Mapping[str, Any] | None = None,
-    graph: str | None = None,
-    threads: int = 1,
+def session(
+    model: str | Path | bytes, overrides: Mapping[str, np.ndarray] | None = None, threads: int = 1
 ) -> ort.InferenceSession:
-    """An onnxruntime session of one graph (a path, or the file's bytes with ``graph`` naming it in ``spec``);
-    ``personal`` (torch parameter name -> array) overrides the personal initializers that graph holds."""
+    """An onnxruntime session of one graph (a path or the file's bytes) on ``threads`` threads, with the
+    initializers named in ``overrides`` replaced (the personal values from :func:`personalize`)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only (not the optimizer's notes on nodes it cannot fold)
-    values = []
-    if personal:
-        if spec is None:
-            raise ValueError("personal overrides need the export spec (initializer names)")
-        name = graph or Path(str(model)).stem
-        for param in spec["graphs"][name]["personal"]:
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(personal[param], dtype=np.float32))
-            options.add_initializer(spec["personal_initializers"][param], value)
-            values.append(value)
+    options.log_severity_level = 3  # errors only (not the optimizer's notes, nor defaulted-input warnings)
+    kept = []
+    for name, value in (overrides or {}).items():
+        kept.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+        options.add_initializer(name, kept[-1])
     source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    session.personal_values = values  # onnxruntime does not copy overriding initializers: keep them alive
-    return session
+    sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    sess.personal_values = kept  # onnxruntime does not copy overriding initializers: keep them alive
+    return sess
+
+
+def run_session(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of one run, by name."""
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+
+
+def personalize(
+    model: str | Path | bytes, personal: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Run ``personalize.onnx``: every graph's personal initializer values for the personal weights
+    ``personal`` (torch parameter name -> array, as the device store keeps them; names not given keep the
+    bundle's initial values). Once per set of weights, not per event."""
+    feeds = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in (personal or {}).items()}
+    return run_session(session(model), feeds)
 
 
 def encoder_inputs(

@@ -95,9 +95,7 @@ class MultiheadLRU(nn.Module):
 
     def _powers(self, start: int, count: int) -> tuple[Tensor, Tensor]:
         """``lambda ** j`` for ``j = start .. start + count - 1``: real and imaginary parts (count, H, N)."""
-        j = torch.arange(start, start + count, dtype=self.nu_log.dtype, device=self.nu_log.device)[
-            :, None, None
-        ]
+        j = torch.arange(start, start + count, device=self.nu_log.device).to(self.nu_log.dtype)[:, None, None]
         modulus = torch.exp(-j * torch.exp(self.nu_log))
         angle = j * torch.exp(self.theta_log)
         return modulus * torch.cos(angle), modulus * torch.sin(angle)
@@ -138,11 +136,34 @@ class MultiheadLRU(nn.Module):
         h = torch.stack((h_re, h_im), dim=-1).reshape(b, m * chunk, self.num_heads, self.d_head, 2)[:, pad:]
         return self._readout(h, x), ends[:, -1]
 
+    def step_weights(self) -> tuple[Tensor, Tensor]:
+        """The O(1) step as two real matrices: ``s' = [s, x] @ M``, ``y = s' @ R + D * x`` for the flattened
+        state ``s`` (batch, H * d_head * 2) and the input ``x`` (batch, d_model).
+
+        ``M`` (2 H d_head + d_model, 2 H d_head) stacks the recurrence (a 2x2 rotation-scaling block per
+        complex state: the diagonal ``lambda``) over the drive ``gamma * B``; ``R`` (2 H d_head, d_model) is
+        ``Re(C .)``. Both are block-diagonal over heads and depend on parameters only, so a runtime computes
+        them once per set of weights (the ONNX export moves them into ``personalize.onnx``)."""
+        h, n = self.num_heads, self.d_head
+        re, im = self.lambda_power(1)  # (H, N)
+        rotation = torch.stack((torch.stack((re, im), -1), torch.stack((-im, re), -1)), -2)  # (H, N, in, out)
+        eye_state = torch.eye(h * n, dtype=re.dtype, device=re.device)[:, None, :, None]
+        recurrence = (eye_state * rotation.reshape(h * n, 2, 1, 2)).reshape(2 * h * n, 2 * h * n)
+        gamma = torch.sqrt(1 - torch.exp(-2 * torch.exp(self.nu_log)))  # sqrt(1 - |lambda|^2)
+        drive = torch.stack((self.B_re, self.B_im), dim=-1) * gamma[:, :, None, None]  # (H, N, d_head, 2)
+        eye_head = torch.eye(h, dtype=re.dtype, device=re.device)
+        drive = (eye_head[:, None, :, None, None] * drive.permute(0, 2, 1, 3)[:, :, None]).reshape(
+            -1, 2 * h * n
+        )
+        readout = torch.stack((self.C_re, -self.C_im), dim=-1).permute(0, 2, 3, 1)  # (H, N, 2, d_head)
+        readout = (eye_head[:, None, None, :, None] * readout[:, :, :, None]).reshape(2 * h * n, -1)
+        return torch.cat((recurrence, drive), dim=0), readout
+
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """One event: x_t (batch, d_model), state (batch, num_heads, d_head, 2) -> y_t, new state."""
-        re, im = self.lambda_power(1)
-        h = _cmul(state, re, im) + self._drive(x_t)
-        return self._readout(h, x_t), h
+        transition, readout = self.step_weights()
+        h = torch.cat((state.flatten(1), x_t), dim=-1) @ transition
+        return h @ readout + self.D * x_t, h.unflatten(1, state.shape[1:])
 
     def initial_state(self, batch: int) -> Tensor:
         """The zero state (batch, num_heads, d_head, 2)."""

@@ -94,6 +94,19 @@ class TMEPSR(SequenceRecommender):
         y, lru_state = self.encoder.step(x, lru_state)
         return y, lru_state, time_state
 
+    def reencode(self, items: Tensor, times: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Re-encode left-padded histories (dense ``items``, ``times`` (B, L); ``mask`` True at real events)
+        with the parallel scan: the last state vector (B, d) and the recurrent states that rolling
+        :meth:`step` over the same events from :meth:`initial_state` reaches. Eval mode only."""
+        x = self.embed(torch.where(mask, items + 1, 0), times, mask)
+        y, lru_state = self.encoder.scan_with_state(x)
+        time_state = (
+            self.time_encoder.state_after(times, mask)
+            if self.time_encoder is not None
+            else torch.zeros(items.shape[0], 0)
+        )
+        return y[:, -1], lru_state, time_state
+
     def user_vector(self, states: Tensor) -> Tensor:
         """``u = sum_h a_h v_h`` (..., d)."""
         v, a = self.interests(states)

@@ -119,6 +119,20 @@ class DualViewGatedTimeEncoder(nn.Module):
         """The state before any event: float32 zeros (batch, STATE_SIZE)."""
         return torch.zeros(batch, STATE_SIZE, device=next(self.parameters()).device)
 
+    def state_after(self, times: Tensor, mask: Tensor) -> Tensor:
+        """The state (B, STATE_SIZE) that rolling :meth:`step` from :meth:`initial_state` reaches after the
+        real events of left-padded sequences: times (B, L) int64, mask (B, L) bool."""
+        count = mask.sum(1)
+        zero = torch.zeros_like(count, dtype=torch.float32)
+        if self.time_unit == "order":
+            return torch.stack((zero, zero, count.float(), zero), dim=-1)
+        lg = gap_features(times, mask)[0]  # 0 at the first event and at padding
+        gaps = (count - 1).clamp(min=0)
+        mean = torch.where(gaps > 0, lg.double().sum(1) / gaps.clamp(min=1), 0).float()
+        last = torch.where(count > 0, times[:, -1], 0)
+        day = torch.div(last, SECONDS_PER_DAY, rounding_mode="floor")
+        return torch.stack((day.float(), (last - day * SECONDS_PER_DAY).float(), count.float(), mean), dim=-1)
+
     def step(self, t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """The next event of each sequence: t (B,) int64, state (B, STATE_SIZE) -> (B, d_model), new state.
 

@@ -1,0 +1,564 @@
+"""ONNX export of a TME-PSR model for the torch-free on-device runtime (DESIGN section 6).
+
+Exported with the dynamo exporter at opset 18, one self-contained file per graph, the batch dimension dynamic
+and named ``batch`` (exported from batch-2 examples; a runtime at batch 1 may pin it with
+``SessionOptions.add_free_dimension_override_by_name("batch", 1)``):
+
+``step.onnx`` -- one event in, the new recurrent state and the recommendations out, O(1) per event:
+
+    inputs   item (B,) int64 dense item id; timestamp (B,) int64 unix seconds (fed even when the model has no
+             time encoder); exclude (B, num_items) bool (True = never recommend: the seen items, the event's
+             own item included); lru_state (B, blocks, H, d_head, 2) float32; time_state (B, 4) float32 (only
+             for models with a time encoder)
+    outputs  next_lru_state, next_time_state (like the inputs); state (B, d) float32, the state vector; then
+             the ranking outputs below
+
+``rank.onnx`` -- the recommendations for a state vector without consuming an event (after a restart, after
+re-encoding, or when ``exclude`` changed): inputs state (B, d) float32, exclude (B, num_items) bool.
+
+Ranking outputs of both: ``top_items`` (B, K) int64 dense item ids by decreasing score; ``top_scores`` (B, K)
+float32 (``F.linear`` against the item table + bias, exactly ``model.item_scores``; ``-inf`` once fewer than K
+items are left); ``top_heads`` (B, K) int64, each item's driving interest head
+(``head_contributions(...).argmax(-1)``); ``top_explanations`` (B, K, E) int64, each item's explanation ids by
+decreasing ``explanation_scores`` (only with an explanation branch). K (``top_k``) is fixed at export; the
+runtime slices to its k.
+
+``encoder.onnx`` -- re-encode a history of at most ``MAX_EVENTS`` events (after a new bundle or new personal
+weights), equal to rolling the step graph over the events from the zero state: inputs items, timestamps
+(B, MAX_EVENTS) int64 and mask (B, MAX_EVENTS) bool, left-padded (see :func:`encoder_inputs`); outputs
+lru_state, time_state (the step graph's state inputs) and state (B, d).
+
+``personalize.onnx`` -- personal weights in, the personal initializers of the three graphs out (below).
+
+A runtime, for ``record(item, t)`` + ``recommend(k)``: set ``exclude[item] = True``, run ``step`` on the
+stored states, keep ``next_*`` as the states and ``state``, answer from the first k ranking rows (one run).
+``recommend(k)`` without a new event runs ``rank`` on the kept ``state``. The recurrent states start as zeros
+of the shapes in ``spec["states"]``.
+
+Personal weights are never baked in. onnxruntime folds constant subgraphs with the file's initializer values
+*before* it applies ``SessionOptions.add_initializer`` overrides (measured with onnxruntime 1.32), so
+overriding a personal parameter whose derived values get folded (the LRU step matrices, lambda powers, ...)
+would silently keep the exported values. The export therefore cuts every subgraph that depends only on
+personal parameters out of the three graphs into ``personalize.onnx``; what the graphs keep of the personal
+part are initializers read by non-constant nodes only: personal parameters used as they are
+(``model.<name>``) and derived values (``<graph>/<value>``), listed in :attr:`ExportedGraphs.overrides`. The
+runtime runs ``personalize.onnx`` once per set of weights (inputs: the personal parameters by torch name, as
+the device store keeps them; their defaults are the exported model's values, which the bundle thereby carries
+as initial values) and passes its outputs to each graph's session with ``SessionOptions.add_initializer``
+(:func:`personal_values`, :func:`ort_session`); onnxruntime can then fold and prepack everything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data.log import InteractionLog
+from .graph_io import MAX_EVENTS, encoder_inputs, exclude_mask, personalize, run_session, session
+from .model import TMEPSR
+from .partition import parameter_groups
+from .recommender import SequenceRecommender
+
+OPSET = 18
+SPEC_FORMAT = 1
+GRAPH_FILES = {
+    "step": "step.onnx",
+    "rank": "rank.onnx",
+    "encoder": "encoder.onnx",
+    "personalize": "personalize.onnx",
+}
+PARAM_PREFIX = "model."  # the graphs' initializer name of parameter p is PARAM_PREFIX + p
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported, or an exported graph fails a check."""
+
+
+@dataclass
+class ExportedGraphs:
+    """The exported files and what a runtime needs to drive them.
+
+    ``overrides`` maps each runtime graph (``"step"``, ``"rank"``, ``"encoder"``) to the initializer names
+    that carry personal values: outputs of ``personalize.onnx`` of the same name. ``spec`` is
+    JSON-serialisable, for the bundle manifest: ``format``, ``opset``, ``num_items``, ``d_model``,
+    ``num_heads``, ``top_k``, ``num_explanations_out`` (0 without an explanation branch), ``max_events``,
+    ``int8_items``, ``states`` (name -> per-row ``shape`` and ``dtype``; zeros are the initial state; the step
+    graph returns them as ``next_<name>``), ``graphs`` (name -> ``file``, ``inputs``, ``outputs``, each a
+    list of ``{"name", "shape", "dtype"}`` with ``"batch"`` for the dynamic dimension, and ``personal``: its
+    override names) and ``personalize`` (``file``, ``inputs``: the personal parameters by torch name,
+    ``outputs``).
+    """
+
+    step_path: Path
+    rank_path: Path
+    encoder_path: Path
+    personalize_path: Path
+    overrides: dict[str, list[str]]
+    spec: dict[str, Any]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.step_path, self.rank_path, self.encoder_path, self.personalize_path]
+
+    def path(self, graph: str) -> Path:
+        return self.step_path.parent / self.spec["graphs"][graph]["file"]
+
+
+# ---------------------------------------------------------------------------------------------- graph modules
+class Int8Rows(nn.Module):
+    """An item table stored as int8 rows with a float32 scale per row (symmetric, ``max|w| / 127``); the
+    ``weight`` is dequantized in-graph, so the file holds one byte per entry."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        scale = weight.abs().amax(dim=1) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        self.register_buffer("q", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.q.float() * self.scale[:, None]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight)
+
+
+def _rank(model: TMEPSR, state: Tensor, exclude: Tensor, top_k: int, num_expl: int) -> tuple[Tensor, ...]:
+    """Ranking outputs for state vectors (B, d): top items, scores, driving heads[, explanation ids]."""
+    scores = model.item_scores(state).masked_fill(exclude, -torch.inf)
+    top_scores, top_items = scores.topk(top_k, dim=-1)
+    heads = model.head_contributions(state, top_items).argmax(-1)
+    if model.explanation is None:
+        return top_items, top_scores, heads
+    pairs = state[:, None].expand(-1, top_k, -1).reshape(-1, state.shape[-1])
+    expl = model.explanation_scores(pairs, top_items.reshape(-1)).topk(num_expl, dim=-1).indices
+    return top_items, top_scores, heads, expl.reshape(*top_items.shape, num_expl)
+
+
+class _Graph(nn.Module):
+    """Holds the model as ``self.model`` (so initializers are named ``model.<parameter>``)."""
+
+    def __init__(self, model: TMEPSR, top_k: int, num_expl: int) -> None:
+        super().__init__()
+        self.model, self.top_k, self.num_expl = model, top_k, num_expl
+
+
+class _Step(_Graph):
+    def forward(
+        self,
+        item: Tensor,
+        timestamp: Tensor,
+        exclude: Tensor,
+        lru_state: Tensor,
+        time_state: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
+        if time_state is None:
+            time_state = torch.zeros(item.shape[0], 0)
+        state, lru_state, time_state = self.model.step(item, timestamp, lru_state, time_state)
+        next_states = (lru_state,) if self.model.time_encoder is None else (lru_state, time_state)
+        return *next_states, state, *_rank(self.model, state, exclude, self.top_k, self.num_expl)
+
+
+class _Rank(_Graph):
+    def forward(self, state: Tensor, exclude: Tensor) -> tuple[Tensor, ...]:
+        return _rank(self.model, state, exclude, self.top_k, self.num_expl)
+
+
+class _Encoder(_Graph):
+    def forward(self, items: Tensor, timestamps: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+        state, lru_state, time_state = self.model.reencode(items, timestamps, mask)
+        states = (lru_state,) if self.model.time_encoder is None else (lru_state, time_state)
+        return *states, state
+
+
+# ---------------------------------------------------------------------------------------------- export
+def _state_names(model: TMEPSR) -> list[str]:
+    return ["lru_state"] if model.time_encoder is None else ["lru_state", "time_state"]
+
+
+def _ranking_names(model: TMEPSR) -> list[str]:
+    names = ["top_items", "top_scores", "top_heads"]
+    return names if model.explanation is None else [*names, "top_explanations"]
+
+
+def _examples(model: TMEPSR) -> dict[str, tuple[tuple[Tensor, ...], list[str], list[str]]]:
+    """Per graph: example inputs (batch 2), input names and output names."""
+    n, d = model.cfg.num_items, model.cfg.d_model
+    exclude = torch.zeros(2, n, dtype=torch.bool)
+    exclude[:, 0] = True
+    states = [s for s in model.initial_state(2) if s.shape[1]]
+    t0 = 1_500_000_000
+    events = torch.arange(MAX_EVENTS)
+    history = (
+        (events % n).repeat(2, 1),
+        (t0 + 3_600 * events).repeat(2, 1),
+        torch.stack((events >= 0, events >= MAX_EVENTS // 2)),
+    )
+    state_names = _state_names(model)
+    return {
+        "step": (
+            (torch.tensor([0, n - 1]), torch.tensor([t0, t0 + 60]), exclude, *states),
+            ["item", "timestamp", "exclude", *state_names],
+            [*(f"next_{s}" for s in state_names), "state", *_ranking_names(model)],
+        ),
+        "rank": ((torch.randn(2, d), exclude), ["state", "exclude"], _ranking_names(model)),
+        "encoder": (history, ["items", "timestamps", "mask"], [*state_names, "state"]),
+    }
+
+
+def _export_graph(
+    module: nn.Module, args: tuple[Tensor, ...], names: list[str], outputs: list[str]
+) -> onnx.ModelProto:
+    """Dynamo export with a dynamic batch dimension, without the exporter's per-node metadata (source paths
+    and stack traces: half the file). The exporter's optimizer is off: it would fold parameter-only subgraphs
+    (e.g. the LRU step matrices) into constants and bake the personal weights in."""
+    program = torch.onnx.export(
+        module.eval(),
+        args,
+        dynamo=True,
+        opset_version=OPSET,
+        input_names=names,
+        output_names=outputs,
+        dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in args),
+        optimize=False,
+        verbose=False,
+    )
+    proto = program.model_proto
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    return proto
+
+
+def _io_spec(values: Sequence[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
+    """Name, shape ("batch" for the dynamic dimension) and numpy dtype name of graph inputs or outputs."""
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [dim.dim_value if dim.HasField("dim_value") else "batch" for dim in t.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        out.append({"name": v.name, "shape": shape, "dtype": dtype})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- personal split
+@dataclass
+class _PersonalPart:
+    """The part of one graph that depends on personal parameters only (plus constants)."""
+
+    nodes: list[onnx.NodeProto]  # in graph order: the personal-derived nodes and the constants they read
+    initializers: list[onnx.TensorProto]  # shared initializers those nodes read
+    boundary: list[str]  # personal-derived values (or personal initializers) that the rest of the graph reads
+
+
+def _copy_node(
+    node: onnx.NodeProto, rename: dict[str, str] | None = None, prefix: str = ""
+) -> onnx.NodeProto:
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    if rename:
+        del out.input[:], out.output[:]
+        out.input.extend(rename.get(i, i) for i in node.input)
+        out.output.extend(rename.get(o, o) for o in node.output)
+    out.name = prefix + node.name
+    return out
+
+
+def _split_personal(graph: onnx.GraphProto, personal: set[str]) -> tuple[_PersonalPart, set[int]]:
+    """Find the constant subgraph derived from the personal initializers (e.g. the LRU step matrices): its
+    nodes (with the shared constants they read) and its boundary; also the indices of the derived nodes."""
+    constants = {t.name for t in graph.initializer}
+    derived, derived_nodes, producer = personal & constants, set(), {}
+    for k, node in enumerate(graph.node):
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ExportError(
+                f"{node.op_type} node {node.name} has a subgraph, which the export cannot split"
+            )
+        producer.update(dict.fromkeys(node.output, k))
+        if all(i in constants for i in node.input if i):
+            constants.update(node.output)
+            if any(i in derived for i in node.input):
+                derived.update(node.output)
+                derived_nodes.add(k)
+    if derived & {o.name for o in graph.output}:
+        raise ExportError("a graph output depends on the personal parameters only")
+    read_outside = {i for k, n in enumerate(graph.node) if k not in derived_nodes for i in n.input}
+    boundary = sorted(derived & read_outside)
+    needed, pending = set(derived_nodes), [i for k in derived_nodes for i in graph.node[k].input]
+    while pending:
+        k = producer.get(pending.pop())
+        if k is not None and k not in needed:
+            needed.add(k)
+            pending.extend(graph.node[k].input)
+    reads = {i for k in needed for i in graph.node[k].input}
+    shared = [t for t in graph.initializer if t.name in reads and t.name not in personal]
+    return _PersonalPart([graph.node[k] for k in sorted(needed)], shared, boundary), derived_nodes
+
+
+def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nothing reads, then unread initializers and stale value infos."""
+    while True:
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        keep = [_copy_node(n) for n in graph.node if any(o in read for o in n.output)]
+        if len(keep) == len(graph.node):
+            break
+        _replace_nodes(graph, keep)
+    initializers = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    produced = {o for n in graph.node for o in n.output}
+    value_info = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+
+
+def _detach_personal(graph: onnx.GraphProto, tag: str, personal: set[str]) -> tuple[_PersonalPart, list[str]]:
+    """Cut the personal-derived subgraph out of ``graph``: each derived value it hands to the rest becomes an
+    initializer named ``<tag>/<value>`` (filled in later). Returns the cut part and the names the graph's
+    personal values now have (derived values and personal initializers read directly)."""
+    part, derived_nodes = _split_personal(graph, personal)
+    rename = {v: f"{tag}/{v}" for v in part.boundary if v not in personal}
+    _replace_nodes(graph, [_copy_node(n, rename) for k, n in enumerate(graph.node) if k not in derived_nodes])
+    return part, [rename.get(v, v) for v in part.boundary]
+
+
+def _personalize_model(parts: dict[str, _PersonalPart], values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """One graph computing every graph's personal values from the personal parameters: inputs are the
+    parameters by torch name (defaults: ``values``), outputs the initializer names of the graphs
+    (``model.<parameter>`` for each parameter, ``<graph>/<value>`` for derived values). Output types are
+    left to :func:`_save_personalize`."""
+    helper = onnx.helper
+    raw = {PARAM_PREFIX + p for p in values}
+    nodes = [helper.make_node("Identity", [p], [PARAM_PREFIX + p], name=f"param/{p}") for p in values]
+    initializers = [onnx.numpy_helper.from_array(v, p) for p, v in values.items()]
+    outputs = sorted(raw)
+    for tag, part in parts.items():
+        names = {v for n in part.nodes for v in (*n.input, *n.output)} | {t.name for t in part.initializers}
+        rename = {v: f"{tag}/{v}" for v in names if v and v not in raw}
+        nodes += [_copy_node(n, rename, f"{tag}/") for n in part.nodes]
+        for t in part.initializers:
+            initializers.append(onnx.TensorProto())
+            initializers[-1].CopyFrom(t)
+            initializers[-1].name = rename[t.name]
+        outputs += [rename[v] for v in part.boundary if v not in raw]
+    inputs = [helper.make_tensor_value_info(p, onnx.TensorProto.FLOAT, v.shape) for p, v in values.items()]
+    graph = helper.make_graph(
+        nodes, "personalize", inputs, [helper.make_empty_tensor_value_info(o) for o in outputs], initializers
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
+
+
+def _save_personalize(model: onnx.ModelProto, path: Path) -> dict[str, np.ndarray]:
+    """Save the personalize graph with its outputs' exact types (from one run at the default weights);
+    returns that run's outputs: the exported model's personal values."""
+    onnx.save_model(model, path)
+    values = personalize(path)
+    for output in model.graph.output:
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(values[output.name].dtype)
+        output.CopyFrom(onnx.helper.make_tensor_value_info(output.name, dtype, values[output.name].shape))
+    onnx.save_model(model, path)
+    return values
+
+
+def _name_batch(graph: onnx.GraphProto) -> None:
+    """Name the batch dimension (the exporter's symbol of the first input's first dimension) ``batch``."""
+    symbol = graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = "batch"
+
+
+def _check_personal_read(protos: dict[str, onnx.ModelProto], personal: list[str]) -> None:
+    """Every personal parameter must be an initializer that some graph reads, else it was folded away."""
+    read = {i for proto in protos.values() for n in proto.graph.node for i in n.input}
+    missing = [p for p in personal if PARAM_PREFIX + p not in read]
+    if missing:
+        raise ExportError(f"personal parameters folded away or renamed at export: {missing}")
+
+
+def _export_graphs(
+    model: TMEPSR, top_k: int, num_expl: int
+) -> tuple[dict[str, onnx.ModelProto], dict[str, dict[str, Any]]]:
+    """The three runtime graphs as exported (personal parameters still inside) and their inputs/outputs."""
+    modules = {"step": _Step, "rank": _Rank, "encoder": _Encoder}
+    protos, io = {}, {}
+    for name, (args, inputs, outputs) in _examples(model).items():
+        with torch.no_grad():
+            protos[name] = _export_graph(modules[name](model, top_k, num_expl), args, inputs, outputs)
+        graph = protos[name].graph
+        io[name] = {"inputs": _io_spec(graph.input), "outputs": _io_spec(graph.output)}
+    return protos, io
+
+
+def export_model(
+    model: SequenceRecommender,
+    out_dir: str | Path,
+    *,
+    top_k: int = 50,
+    num_explanations_out: int = 3,
+    int8_items: bool = False,
+) -> ExportedGraphs:
+    """Export ``model`` (a :class:`TMEPSR`, any preset) to ``step.onnx``, ``rank.onnx``, ``encoder.onnx`` and
+    ``personalize.onnx`` in ``out_dir``. ``top_k`` items (and ``num_explanations_out`` explanation ids for
+    each) are returned per call; ``int8_items`` stores the item table as int8 rows with a per-row scale. The
+    model is not modified."""
+    if not isinstance(model, TMEPSR):
+        raise ExportError(
+            f"only LRU-based models (TME-PSR and its presets) export to the on-device graphs; "
+            f"{type(model).__name__} has no O(1) step"
+        )
+    model = copy.deepcopy(model).eval()
+    personal = parameter_groups(model, "card")["personal"]
+    params = dict(model.named_parameters())
+    values = {p: params[p].detach().numpy().copy() for p in personal}
+    if int8_items:
+        model.item_emb = Int8Rows(model.item_emb.weight.detach())
+    top_k = min(top_k, model.cfg.num_items)
+    num_expl = 0 if model.explanation is None else min(num_explanations_out, model.cfg.num_explanations)
+    protos, io = _export_graphs(model, top_k, num_expl)
+    _check_personal_read(protos, personal)
+    parts, overrides = {}, {}
+    for name, proto in protos.items():
+        parts[name], overrides[name] = _detach_personal(
+            proto.graph, name, {PARAM_PREFIX + p for p in personal}
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / GRAPH_FILES[g] for g in GRAPH_FILES]
+    personalize = _personalize_model(parts, values)
+    derived = _save_personalize(personalize, paths[-1])
+    for name, proto in protos.items():
+        own = [v for v in overrides[name] if v.startswith(f"{name}/")]
+        proto.graph.initializer.extend(onnx.numpy_helper.from_array(derived[v], v) for v in own)
+        _prune(proto.graph)
+        _name_batch(proto.graph)
+        onnx.save_model(proto, out_dir / GRAPH_FILES[name])
+    states = {
+        name: {"shape": list(s.shape[1:]), "dtype": "float32"}
+        for name, s in zip(_state_names(model), model.initial_state(1), strict=False)
+    }
+    spec = {
+        "format": SPEC_FORMAT,
+        "opset": OPSET,
+        "num_items": model.cfg.num_items,
+        "d_model": model.cfg.d_model,
+        "num_heads": model.cfg.num_heads,
+        "top_k": top_k,
+        "num_explanations_out": num_expl,
+        "max_events": MAX_EVENTS,
+        "int8_items": int8_items,
+        "states": states,
+        "graphs": {
+            name: {"file": GRAPH_FILES[name], **io[name], "personal": overrides[name]} for name in protos
+        },
+        "personalize": {
+            "file": GRAPH_FILES["personalize"],
+            "inputs": _io_spec(personalize.graph.input),
+            "outputs": _io_spec(personalize.graph.output),
+        },
+    }
+    return ExportedGraphs(*paths, overrides, spec)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_graphs(paths: Sequence[str | Path]) -> None:
+    """Raise :class:`ExportError` unless every graph passes ``onnx.checker`` (full check), onnxruntime's
+    mobile usability analysis and conversion to the ORT format (onnxruntime's own tools)."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    from onnxruntime.tools.mobile_helpers import usability_checker
+
+    logger = logging.getLogger("tmepsr.export.mobile")
+    logger.setLevel(logging.WARNING)
+    for path in map(Path, paths):
+        steps = {
+            "onnx.checker": lambda p=path: onnx.checker.check_model(p, full_check=True),
+            "mobile usability": lambda p=path: usability_checker.analyze_model(p, logger=logger),
+        }
+        for what, run in steps.items():
+            try:
+                run()
+            except Exception as exc:
+                raise ExportError(f"{path.name} fails the {what} check: {exc}") from exc
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                convert_onnx_models_to_ort(path, Path(tmp), [OptimizationStyle.Fixed])
+            except Exception as exc:
+                raise ExportError(f"{path.name} does not convert to the ORT format: {exc}") from exc
+            if not any(Path(tmp).rglob("*.ort")):
+                raise ExportError(f"{path.name} does not convert to the ORT format (no .ort file written)")
+
+
+# ---------------------------------------------------------------------------------------------- running
+def personal_values(
+    graphs: ExportedGraphs, personal: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Run ``personalize.onnx`` (:func:`~shared_model.graph_io.personalize`) of exported graphs."""
+    return personalize(graphs.personalize_path, personal)
+
+
+def ort_session(
+    graphs: ExportedGraphs, graph: str, values: dict[str, np.ndarray] | None = None
+) -> ort.InferenceSession:
+    """A single-threaded session of ``graph`` ("step", "rank" or "encoder"), its personal initializers
+    overridden from ``values`` (see :func:`personal_values`; None keeps the exported ones)."""
+    overrides = None if values is None else {name: values[name] for name in graphs.overrides[graph]}
+    return session(graphs.path(graph), overrides)
+
+
+def recommend_histories(
+    graphs: ExportedGraphs,
+    items: Sequence[np.ndarray],
+    times: Sequence[np.ndarray],
+    values: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Encoder graph then rank graph over histories (seen items excluded), personal initializers from
+    ``values`` (:func:`personal_values`): the encoder's and the rank graph's outputs by name."""
+    out = run_session(ort_session(graphs, "encoder", values), encoder_inputs(items, times))
+    exclude = exclude_mask(items, graphs.spec["num_items"])
+    return out | run_session(ort_session(graphs, "rank", values), {"state": out["state"], "exclude": exclude})
+
+
+def int8_effect(
+    fp32: ExportedGraphs, int8: ExportedGraphs, log: InteractionLog, users: np.ndarray, k: int = 10
+) -> dict[str, float]:
+    """Effect of the int8 item table on ``users``' test event (leave-one-out: input = the user's events but
+    the last, at most the last ``MAX_EVENTS``; target = the last event), through the exported graphs:
+    mean top-k overlap, Recall@k of each and the total file sizes."""
+    starts, ends = log.user_ptr[users], log.user_ptr[users + 1] - 1
+    if np.any(ends - starts < 1):
+        raise ValueError("every user needs at least 2 events (an input and a target)")
+    lo = np.maximum(starts, ends - MAX_EVENTS)
+    items = [log.item[a:b] for a, b in zip(lo, ends, strict=True)]
+    times = [log.time[a:b] for a, b in zip(lo, ends, strict=True)]
+    top = {
+        name: recommend_histories(g, items, times)["top_items"][:, :k]
+        for name, g in (("fp32", fp32), ("int8", int8))
+    }
+    target = log.item[ends][:, None]
+    overlap = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(top["fp32"], top["int8"], strict=True)])
+    return {
+        "users": float(len(users)),
+        f"top{k}_overlap": float(overlap),
+        f"recall@{k}_fp32": float((top["fp32"] == target).any(1).mean()),
+        f"recall@{k}_int8": float((top["int8"] == target).any(1).mean()),
+        "bytes_fp32": float(sum(p.stat().st_size for p in fp32.paths)),
+        "bytes_int8": float(sum(p.stat().st_size for p in int8.paths)),
+    }

@@ -1,0 +1,239 @@
+"""ONNX export (DESIGN section 6): on real histories the step graph (rolled event by event), the sequence encoder
++ rank graphs and the torch model agree; personal weights are overridable initializers; the graphs pass the
+onnx / onnxruntime checks; the int8 item table keeps the top-10."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from shared_model.batching import input_batch
+from shared_model.config import MODEL_PRESETS, TrainConfig
+from shared_model.data import load_dataset
+from shared_model.data.split import LeaveOneOutSplit
+from shared_model.export import (
+    MAX_EVENTS,
+    ExportedGraphs,
+    ExportError,
+    check_graphs,
+    encoder_inputs,
+    exclude_mask,
+    export_model,
+    int8_effect,
+    ort_session,
+    personal_values,
+    recommend_histories,
+    run_session,
+)
+from shared_model.model import TMEPSR
+from shared_model.partition import load_parts, parameter_groups, split_state
+from shared_model.recommender import build_model
+from shared_model.training import model_config_for, train_end_per_user, train_epoch
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def log():
+    return load_dataset("movielens-latest-small")
+
+
+@pytest.fixture(scope="module")
+def trained(log) -> TMEPSR:
+    """A small TME-PSR (time encoder, 4 heads, explanations) after two quick epochs."""
+    torch.manual_seed(0)
+    model = TMEPSR(model_config_for(log, d_model=32, num_heads=4, max_len=50))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    train_end = train_end_per_user(log, LeaveOneOutSplit(log))
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        train_epoch(model, optimizer, log, np.arange(log.num_users), train_end, TrainConfig(), rng)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def graphs(trained, tmp_path_factory) -> ExportedGraphs:
+    return export_model(trained, tmp_path_factory.mktemp("fp32"))
+
+
+@pytest.fixture(scope="module")
+def histories(log) -> tuple[np.ndarray, np.ndarray]:
+    """60 users' first (at most 256) events as event ranges [start, end); lengths 20 to 256."""
+    users = np.arange(60)
+    starts = log.user_ptr[users]
+    return starts, starts + np.minimum(log.sequence_lengths()[users], MAX_EVENTS)
+
+
+def _events(log, starts, ends) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return [log.item[a:b] for a, b in zip(starts, ends, strict=True)], [
+        log.time[a:b] for a, b in zip(starts, ends, strict=True)
+    ]
+
+
+@torch.no_grad()
+def _torch_state(model: TMEPSR, log, starts, ends) -> torch.Tensor:
+    """The state vector after each history, by the model's own evaluation path (parallel scan)."""
+    return model.encode(input_batch(log, starts, ends, MAX_EVENTS))[:, -1]
+
+
+def _roll_step(
+    graphs: ExportedGraphs, items, times, values: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Feed histories event by event through the step graph (rows end together; a row's states stay at zero
+    until its first event): the outputs of the last call and the final states."""
+    session = ort_session(graphs, "step", values)
+    schedule = encoder_inputs(items, times)  # left-padded: column j is every row's j-th event from the end
+    states = {n: np.zeros((len(items), *s["shape"]), np.float32) for n, s in graphs.spec["states"].items()}
+    exclude = exclude_mask(items, graphs.spec["num_items"])
+    for j in np.flatnonzero(schedule["mask"].any(0)):
+        feeds = {
+            "item": schedule["items"][:, j],
+            "timestamp": schedule["timestamps"][:, j],
+            "exclude": exclude,
+        }
+        out = run_session(session, feeds | states)
+        active = schedule["mask"][:, j]
+        for name, value in states.items():
+            states[name] = np.where(active.reshape(-1, *[1] * (value.ndim - 1)), out[f"next_{name}"], value)
+    return out | states
+
+
+def _assert_matches_torch(model: TMEPSR, log, starts, ends, out: dict[str, np.ndarray]) -> float:
+    """Scores, top-10, driving heads and explanation ids of graph outputs equal torch's; returns the top-10
+    agreement (share of users with the identical top-10 list)."""
+    state = _torch_state(model, log, starts, ends)
+    items = torch.from_numpy(out["top_items"])
+    with torch.no_grad():
+        scores = model.item_scores(state)
+        scores[torch.from_numpy(exclude_mask(_events(log, starts, ends)[0], log.num_items))] = -torch.inf
+        heads = model.head_contributions(state, items).argmax(-1)
+    assert np.abs(out["state"] - state.numpy()).max() <= TOL
+    assert np.abs(out["top_scores"] - scores.gather(1, items).numpy()).max() <= TOL
+    agreement = float((out["top_items"][:, :10] == scores.topk(10).indices.numpy()).all(1).mean())
+    assert agreement >= 0.99
+    assert np.array_equal(out["top_heads"], heads.numpy())
+    if model.explanation is None:
+        assert "top_explanations" not in out
+    else:
+        k, e = out["top_explanations"].shape[1:]
+        with torch.no_grad():
+            pairs = state[:, None].expand(-1, k, -1).reshape(-1, state.shape[-1])
+            expl = model.explanation_scores(pairs, items.reshape(-1)).topk(e).indices.reshape(-1, k, e)
+        assert np.array_equal(out["top_explanations"], expl.numpy())
+    return agreement
+
+
+@pytest.mark.parametrize("time_unit", ["seconds", "days", "order"])
+@torch.no_grad()
+def test_reencode_reaches_the_states_of_rolling_step(log, histories, time_unit):
+    torch.manual_seed(0)
+    model = TMEPSR(model_config_for(log, d_model=16, time_unit=time_unit)).eval()
+    starts, ends = histories[0][:8], np.minimum(histories[1][:8], histories[0][:8] + 64)
+    feeds = {k: torch.from_numpy(v) for k, v in encoder_inputs(*_events(log, starts, ends), 64).items()}
+    state, lru_state, time_state = model.reencode(feeds["items"], feeds["timestamps"], feeds["mask"])
+    rolled = model.initial_state(len(starts))
+    for j in range(64):
+        y, *new = model.step(feeds["items"][:, j], feeds["timestamps"][:, j], *rolled)
+        active = feeds["mask"][:, j]
+        rolled = [
+            torch.where(active.view(-1, *[1] * (s.dim() - 1)), n, s) for n, s in zip(new, rolled, strict=True)
+        ]
+    assert (state - y).abs().max() <= TOL  # every row's last event is at the last column
+    assert (lru_state - rolled[0]).abs().max() <= TOL and (time_state - rolled[1]).abs().max() <= TOL
+
+
+def test_step_and_encoder_graphs_match_torch_on_real_histories(trained, graphs, histories, log):
+    starts, ends = histories
+    items, times = _events(log, starts, ends)
+    rolled = _roll_step(graphs, items, times)
+    encoded = recommend_histories(graphs, items, times)
+    for out in (rolled, encoded):
+        _assert_matches_torch(trained, log, starts, ends, out)
+    for name in graphs.spec["states"]:
+        assert np.abs(rolled[name] - encoded[name]).max() <= TOL
+
+
+def test_personal_initializers_override_reproduces_another_users_model(trained, graphs, histories, log):
+    personal = parameter_groups(trained, "card")["personal"]
+    exported = personal_values(graphs)  # the defaults: the exported model's own personal weights
+    params = dict(trained.named_parameters())
+    assert all(np.array_equal(exported[f"model.{p}"], params[p].detach().numpy()) for p in personal)
+    for name, overrides in graphs.overrides.items():
+        initializers = {t.name for t in onnx.load(graphs.path(name)).graph.initializer}
+        assert set(overrides) <= initializers
+        assert not ({f"model.{p}" for p in personal} & initializers) - set(overrides)
+    torch.manual_seed(1)
+    _, weights = split_state(TMEPSR(trained.cfg))  # another user's personal weights; the shared part is ours
+    other = copy.deepcopy(trained)
+    load_parts(other, weights)
+    values = personal_values(graphs, weights)
+    starts, ends = histories
+    items, times = _events(log, starts, ends)
+    for out in (_roll_step(graphs, items, times, values), recommend_histories(graphs, items, times, values)):
+        _assert_matches_torch(other, log, starts, ends, out)
+    baked = recommend_histories(graphs, items, times)["state"]
+    assert np.abs(baked - _torch_state(other, log, starts, ends).numpy()).max() > 0.1  # the override mattered
+
+
+def test_graphs_pass_onnx_and_onnxruntime_checks(graphs):
+    check_graphs(graphs.paths)
+    spec = json.loads(json.dumps(graphs.spec))
+    for name, graph in spec["graphs"].items():
+        session = ort_session(graphs, name, personal_values(graphs))
+        assert [i.name for i in session.get_inputs()] == [i["name"] for i in graph["inputs"]]
+        assert [o.name for o in session.get_outputs()] == [o["name"] for o in graph["outputs"]]
+        assert all(i["shape"][0] == "batch" for i in graph["inputs"])
+        assert set(graph["personal"]) <= {o["name"] for o in spec["personalize"]["outputs"]}
+    assert spec["max_events"] == MAX_EVENTS and spec["top_k"] == 50 and spec["num_explanations_out"] == 3
+
+
+def test_encoder_limit_and_models_without_a_step_are_refused(log, tmp_path):
+    with pytest.raises(ValueError, match="at most 256 events"):
+        encoder_inputs([np.zeros(MAX_EVENTS + 1, dtype=np.int64)], [np.zeros(MAX_EVENTS + 1, dtype=np.int64)])
+    sasrec = build_model(model_config_for(log, d_model=16, **MODEL_PRESETS["sasrec"]))
+    with pytest.raises(ExportError, match="SASRec has no O\\(1\\) step"):
+        export_model(sasrec, tmp_path)
+
+
+def test_int8_item_table_keeps_the_top10_and_shrinks_the_graphs(trained, graphs, log, tmp_path):
+    int8 = export_model(trained, tmp_path, int8_items=True)
+    assert (
+        int8.spec["int8_items"] and int8.spec["personalize"]["inputs"] == graphs.spec["personalize"]["inputs"]
+    )
+    effect = int8_effect(graphs, int8, log, LeaveOneOutSplit(log).eval_users)
+    print(f"int8 vs fp32: {effect}")
+    assert effect["top10_overlap"] >= 0.98
+    assert effect["bytes_int8"] < 0.5 * effect["bytes_fp32"]
+    assert abs(effect["recall@10_int8"] - effect["recall@10_fp32"]) <= 0.01
+
+
+@pytest.mark.parametrize(
+    ("preset", "time_unit"), [("lrurec", "seconds"), ("tmepsr-no-explanations", "order")]
+)
+def test_lru_presets_export_and_match_torch(log, tmp_path, preset, time_unit):
+    torch.manual_seed(0)
+    model = TMEPSR(model_config_for(log, d_model=16, **(MODEL_PRESETS[preset] | {"time_unit": time_unit})))
+    with torch.no_grad():
+        model.item_emb.weight.mul_(
+            25
+        )  # spread the scores of the untrained model (no near-ties in the top-10)
+    graphs = export_model(model.eval(), tmp_path, top_k=20)
+    assert ("time_state" in graphs.spec["states"]) == model.cfg.use_time
+    starts = log.user_ptr[:16]
+    ends = starts + np.minimum(log.sequence_lengths()[:16], 40)
+    items, times = _events(log, starts, ends)
+    for out in (_roll_step(graphs, items, times), recommend_histories(graphs, items, times)):
+        _assert_matches_torch(model, log, starts, ends, out)
