@@ -83,7 +83,8 @@ class Device:
                 return weights
         return self.initial_personal
 
-    def _save(self, user: int, personal: dict[str, np.ndarray], server_round: int) -> None:
+    def save_personal(self, user: int, personal: dict[str, np.ndarray], server_round: int) -> None:
+        """Write the user's history and personal weights to its encrypted store (atomically)."""
         own = user_data(self.log, user)
         record = DeviceRecord(
             items=own.items, times=own.times, state={}, weights=personal,
@@ -151,7 +152,7 @@ class Device:
                 user, shared, self.personal_weights(user), server_round, train_end, personal_only=False
             )
             new_shared, personal = split_state(self.model, self.cfg.split)
-            self._save(user, personal, server_round)
+            self.save_personal(user, personal, server_round)
             for k, v in new_shared.items():
                 total[k] = total.get(k, 0) + n * v.astype(np.float64)
             examples += n

@@ -8,6 +8,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from client_sdk.bundle import BundleError
+from client_sdk.store import StoreError
 from shared_model.data import (
     DATASETS,
     DataFormatError,
@@ -140,9 +142,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_recommend(args: argparse.Namespace) -> int:
     import os
     import tempfile
+    from dataclasses import asdict
 
     from client_sdk.runtime import Recommender
     from client_sdk.store import EncryptedStore
+    from shared_model.recommend import format_recommendations
 
     with tempfile.TemporaryDirectory() as tmp:
         store = EncryptedStore(Path(tmp) / "device.store", key=os.urandom(32))
@@ -165,9 +169,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         )
         print(f"user {args.user}: {known} of {hi - lo} events replayed through the on-device runtime "
               f"(bundle {rec.manifest.model_version}); most recent: {recent}")  # fmt: skip
-        for rank, r in enumerate(rec.recommend(args.k), start=1):
-            why = f"  because: {'; '.join(r.explanations)}" if r.explanations else ""
-            print(f"{rank:2d}. {r.title} (score {r.score:.2f}) [interest head {r.head}]{why}")
+        print(format_recommendations([asdict(r) for r in rec.recommend(args.k)]))
     return 0
 
 
@@ -269,7 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataFormatError, FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
+    except (
+        BundleError,
+        StoreError,
+        DataFormatError,
+        FileNotFoundError,
+        FileExistsError,
+        KeyError,
+        ValueError,
+    ) as exc:
         print(f"tmepsr: error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
 

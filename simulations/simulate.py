@@ -84,14 +84,47 @@ def plot_convergence(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def sample_recommendation(cfg: FederatedConfig, shared: dict[str, np.ndarray], user: int, k: int = 10) -> str:
-    """The sample user's top-k with explanations: their device's personal weights + the final shared arrays."""
-    from shared_model.recommend import format_recommendations, recommend
+    """The end of flow 1: publish a signed on-device bundle of the final shared arrays, then recommend for the
+    sample user on their device: the torch-free runtime opens the bundle (verifying it) with the user's
+    encrypted store (history and personal weights), re-encodes the history and ranks.
 
-    device = Device(cfg, 0, 1, Path(cfg.out_dir) / "devices")
-    device.serving_weights(user, shared, cfg.num_rounds)
-    recs = recommend(device.model, device.log, user, k=k)
-    lo, hi = device.log.user_ptr[user], device.log.user_ptr[user + 1]
-    titles = device.log.item_meta.titles
-    recent = ", ".join(titles[i] if titles else str(i) for i in device.log.item[max(lo, hi - 3) : hi])
-    head = f"Sample user {device.log.user_ids[user]} ({hi - lo} events; most recent: {recent})"
-    return head + "\n" + format_recommendations(recs)
+    The bundle (``<out>/bundle``) holds the run's initial personal values, never a user's; it is signed with
+    a fresh key whose public half is saved as ``<out>/bundle_signing_key.pub.pem`` (a demo key: release
+    bundles are signed with ``tmepsr keys`` + ``tmepsr export``). With ``adapt_epochs`` the device first adapts
+    its personal parts to the final shared arrays and saves them."""
+    import shutil
+    from dataclasses import asdict
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from client_sdk.runtime import Recommender
+    from server.publish import build_bundle
+    from shared_model.partition import load_parts, split_state
+    from shared_model.recommend import format_recommendations
+
+    out = Path(cfg.out_dir)
+    device = Device(cfg, 0, 1, out / "devices")
+    trained = device.store(user).exists()
+    if trained and cfg.adapt_epochs:
+        device.serving_weights(user, shared, cfg.num_rounds)
+        device.save_personal(user, split_state(device.model, cfg.split)[1], cfg.num_rounds)
+    load_parts(device.model, shared, device.initial_personal)
+    key = Ed25519PrivateKey.generate()
+    shutil.rmtree(out / "bundle", ignore_errors=True)
+    manifest = build_bundle(device.model, device.log, out / "bundle", key,
+                            model_version=f"{cfg.preset}-round{cfg.num_rounds}", check=False)  # fmt: skip
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (out / "bundle_signing_key.pub.pem").write_bytes(public)
+    rec = Recommender.open(out / "bundle", public, device.store(user))
+    log = device.log
+    lo, hi = log.user_ptr[user], log.user_ptr[user + 1]
+    titles = log.item_meta.titles
+    recent = ", ".join(titles[i] if titles else str(log.item_ids[i]) for i in log.item[max(lo, hi - 3) : hi])
+    size = sum(f["bytes"] for f in manifest.files.values()) / 1e6
+    weights = "its own personal weights" if trained else "the initial personal weights (it never trained)"
+    head = (f"Signed on-device bundle: {out / 'bundle'} ({size:.1f} MB). Sample user {log.user_ids[user]} on the "
+            f"on-device runtime (onnxruntime, {weights}; {len(rec.history)} stored events; most recent: {recent})")  # fmt: skip
+    return head + "\n" + format_recommendations([asdict(r) for r in rec.recommend(k)])

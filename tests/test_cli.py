@@ -1,4 +1,4 @@
-"""The tmepsr command line: data list and data stats."""
+"""The tmepsr command line: data list and stats, simulate, keys, export, recommend."""
 
 from __future__ import annotations
 
@@ -37,3 +37,46 @@ def test_own_file_and_errors(tmp_path, capsys):
     assert "mine.csv, line 2: timestamp is not a number" in capsys.readouterr().err
     assert main(["data", "stats", "nope"]) == 2
     assert "unknown dataset 'nope'" in capsys.readouterr().err
+
+
+def test_simulate_export_recommend_end_to_end(tmp_path, capsys, monkeypatch):
+    """The main job's shape on a small file: simulate (Flower) -> signed bundle -> on-device recommendation;
+    then the release path: tmepsr keys -> tmepsr export of the run -> tmepsr recommend through the runtime."""
+    from client_sdk.bundle import load_public_key, verify_bundle
+
+    from .test_federated import make_events
+
+    data = make_events(tmp_path / "events.csv", users=4)
+    run = tmp_path / "run"
+    assert main(["simulate", "--dataset", str(data), "--num-rounds", "1", "--fraction-train", "1.0",
+                 "--max-len", "16", "--d-model", "16", "--local-epochs", "1", "--out-dir", str(run),
+                 "--cpus", "2"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert (
+        "Signed on-device bundle" in out and "on-device runtime (onnxruntime, its own personal weights" in out
+    )
+    assert " 1. " in out and "because: " in out and "[interest head " in out
+    verify_bundle(run / "bundle", load_public_key(run / "bundle_signing_key.pub.pem"))
+
+    monkeypatch.setenv("TMEPSR_TEST_PASSPHRASE", "correct horse")
+    keys = tmp_path / "keys"
+    assert main(["keys", "--out", str(keys), "--passphrase-env", "TMEPSR_TEST_PASSPHRASE"]) == 0
+    assert (
+        main(["keys", "--out", str(keys), "--passphrase-env", "TMEPSR_TEST_PASSPHRASE"]) == 2
+    )  # no overwrite
+    assert "already exist" in capsys.readouterr().err
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--checkpoint", str(run), "--key", str(keys / "bundle_signing_key.pem"),
+                 "--passphrase-env", "TMEPSR_TEST_PASSPHRASE", "--out", str(bundle), "--int8"]) == 0  # fmt: skip
+    assert "signed bundle tmepsr-round1" in capsys.readouterr().out
+    monkeypatch.setenv("TMEPSR_TEST_PASSPHRASE", "wrong")
+    assert main(["export", "--checkpoint", str(run), "--key", str(keys / "bundle_signing_key.pem"),
+                 "--passphrase-env", "TMEPSR_TEST_PASSPHRASE", "--out", str(tmp_path / "b2")]) == 2  # fmt: skip
+    assert "wrong passphrase" in capsys.readouterr().err
+    assert main(["recommend", "--bundle", str(bundle), "--public-key", str(keys / "bundle_signing_key.pub.pem"),
+                 "--user", "u1", "--dataset", str(data), "--k", "5"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "user u1: 14 of 14 events replayed" in out and " 5. " in out and "because: " in out
+    assert main(["recommend", "--bundle", str(bundle), "--public-key", str(run / "bundle_signing_key.pub.pem"),
+                 "--user", "u1", "--dataset", str(data)]) == 2  # fmt: skip
+    assert "signature" in capsys.readouterr().err
