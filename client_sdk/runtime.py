@@ -133,6 +133,7 @@ class Recommender:
         self._store = store
         self._rec = record
         self.on_unknown, self.on_backwards, self.threads = on_unknown, on_backwards, threads
+        self._items, self._times = record.items.tolist(), record.times.tolist()  # appended in O(1)
         self._seen = np.zeros((1, loaded.num_items), dtype=bool)
         self._seen[0, record.items] = True
         self._states: dict[str, np.ndarray] = {}
@@ -166,7 +167,7 @@ class Recommender:
             else DeviceRecord(np.zeros(0, np.int64), np.zeros(0, np.int64), {}, {}, {})
         )
         loaded = _load(manifest, record.weights, threads)
-        record = _carry_history(record, loaded)
+        _check_history(record, loaded)
         return cls(loaded, store, record, on_unknown, on_backwards, threads)
 
     def upgrade(self, bundle_dir: str | Path, public_key: Ed25519PublicKey | str | Path | bytes) -> None:
@@ -174,11 +175,12 @@ class Recommender:
         completely before the switch; on any error the bundle in use stays in use and nothing changes."""
         key = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
         loaded = _load(verify_bundle(bundle_dir, key), self._rec.weights, self.threads)
-        record = _carry_history(self._rec, loaded)
-        self._b, self._rec = loaded, record
+        _check_history(self._history_record(), loaded)
+        self._b = loaded
         self._seen = np.zeros((1, loaded.num_items), dtype=bool)
-        self._seen[0, record.items] = True
+        self._seen[0, self._items] = True
         self._reencode()
+        self.save()
 
     @property
     def manifest(self) -> Manifest:
@@ -187,7 +189,7 @@ class Recommender:
     @property
     def history(self) -> list[tuple[str, int]]:
         """The recorded events as (source item id, unix seconds), oldest first."""
-        return [(self._b.item_ids[i], int(t)) for i, t in zip(self._rec.items, self._rec.times, strict=True)]
+        return [(self._b.item_ids[i], t) for i, t in zip(self._items, self._times, strict=True)]
 
     # ------------------------------------------------------------------ events
     def record(self, item: str | int, timestamp: int, *, save: bool = True) -> bool:
@@ -198,28 +200,31 @@ class Recommender:
         if dense is None:
             return False
         t = int(timestamp)
-        items, times = self._rec.items, self._rec.times
-        if len(times) and t < times[-1]:
+        items, times = self._items, self._times
+        if times and t < times[-1]:
             if self.on_backwards == "error":
                 raise OutOfOrderEvent(
                     f"event ({item!r}, {t}) is before the last recorded event ({int(times[-1])}); "
                     "events must arrive in time order (or open with on_backwards='clamp')"
                 )
             t = int(times[-1])
-        if len(items) and items[-1] == dense and times[-1] == t:
+        if items and items[-1] == dense and times[-1] == t:
             return False
-        seen = self._seen.copy()
-        seen[0, dense] = True
-        outputs = self._run("step", {
-            "item": np.array([dense], np.int64), "timestamp": np.array([t], np.int64), "exclude": seen,
-            **self._states,
-        })  # fmt: skip
-        self._seen = seen
+        was_seen = self._seen[0, dense]
+        self._seen[0, dense] = True
+        try:
+            outputs = self._run("step", {
+                "item": np.array([dense], np.int64), "timestamp": np.array([t], np.int64), "exclude": self._seen,
+                **self._states,
+            })  # fmt: skip
+        except Exception:
+            self._seen[0, dense] = was_seen
+            raise
         self._states = {k: outputs[f"next_{k}"] for k in self._states}
         self._state = outputs["state"]
         self._ranking = outputs
-        self._rec.items = np.append(items, dense)
-        self._rec.times = np.append(times, t)
+        items.append(dense)
+        times.append(t)
         if save:
             self.save()
         return True
@@ -234,9 +239,9 @@ class Recommender:
                 raise OutOfOrderEvent(f"events are not in time order at ({item!r}, {t})")
             dense.append(d)
             times.append(int(t))
-        self._rec.items, self._rec.times = np.array(dense, np.int64), np.array(times, np.int64)
+        self._items, self._times = dense, times
         self._seen[:] = False
-        self._seen[0, self._rec.items] = True
+        self._seen[0, dense] = True
         self._reencode()
         self.save()
 
@@ -270,12 +275,18 @@ class Recommender:
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:
         """Write history, recurrent state and personal weights to the encrypted store (atomically)."""
+        self._rec = self._history_record()
         self._rec.state = {**{k: v[0] for k, v in self._states.items()}, "state": self._state[0]}
         self._rec.meta = {**self._rec.meta, "bundle": self._b.manifest.sha256,
                           "catalogue_sha": self._b.catalogue_sha, "catalogue_size": self._b.num_items}  # fmt: skip
         self._store.save(self._rec)
 
     # ------------------------------------------------------------------ internals
+    def _history_record(self) -> DeviceRecord:
+        rec = self._rec
+        return DeviceRecord(np.array(self._items, np.int64), np.array(self._times, np.int64), rec.state,
+                            rec.weights, rec.meta)  # fmt: skip
+
     def _dense(self, item: str | int, strict: bool = False) -> int | None:
         dense = self._b.index.get(str(item))
         if dense is None and (strict or self.on_unknown == "error"):
@@ -298,20 +309,20 @@ class Recommender:
     def _reencode(self) -> None:
         """Recurrent state from the history's last ``max_events`` events through the sequence encoder."""
         spec = self._b.spec
-        if not len(self._rec.items):
+        if not self._items:
             self._states = {k: np.zeros((1, *s["shape"]), np.float32) for k, s in spec["states"].items()}
             self._state = np.zeros((1, spec["d_model"]), np.float32)
         else:
             n = spec["max_events"]
-            out = self._run("encoder", encoder_inputs([self._rec.items[-n:]], [self._rec.times[-n:]], n))
+            out = self._run("encoder", encoder_inputs([self._items[-n:]], [self._times[-n:]], n))
             self._states = {k: out[k] for k in spec["states"]}
             self._state = out["state"]
         self._ranking = None
 
 
-def _carry_history(record: DeviceRecord, loaded: _Loaded) -> DeviceRecord:
-    """The stored history against this bundle's catalogue: unchanged if the catalogue is the one it was
-    recorded with or grew from it (old ids a prefix of the new); refused otherwise."""
+def _check_history(record: DeviceRecord, loaded: _Loaded) -> None:
+    """A stored history carries over to a bundle whose catalogue is the one it was recorded with or grew from
+    it (old ids a prefix of the new); anything else is refused."""
     meta = record.meta
     size = meta.get("catalogue_size")
     if size is not None and _ids_sha(loaded.item_ids[:size]) != meta.get("catalogue_sha"):
@@ -323,4 +334,3 @@ def _carry_history(record: DeviceRecord, loaded: _Loaded) -> DeviceRecord:
         raise IncompatibleStore(
             f"stored history has item ids beyond this catalogue ({loaded.num_items} items)"
         )
-    return record
