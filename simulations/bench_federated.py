@@ -32,6 +32,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "all-shared": {"split": "all-shared"},
     "card, sparse int8 upload": {"split": "card", "upload": "sparse", "compress": "int8"},
     "card + adaptation": {"split": "card", "adapt_epochs": 5},
+    "card, FedAdam": {"split": "card", "server_optimizer": "fedadam", "server_lr": 0.01},
     "heads-prior + adaptation": {"split": "heads-prior", "adapt_epochs": 5},
 }
 PARTS = ("centralized", "federated", "bytes", "throughput")
