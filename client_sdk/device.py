@@ -22,7 +22,7 @@ from shared_model.data.split import LeaveOneOutSplit, partition_users, user_data
 from shared_model.partition import load_parts, parameter_groups, split_state
 from shared_model.recommender import SequenceRecommender
 from shared_model.training import evaluate, model_for_run, train_end_per_user, train_epoch
-from shared_model.updates import compress_int8, encode_sparse
+from shared_model.updates import ITEM_TABLES, compress_int8, encode_sparse, upload_rows
 
 from .store import DeviceRecord, EncryptedStore
 
@@ -100,11 +100,12 @@ class Device:
         server_round: int,
         train_end: np.ndarray,
         personal_only: bool,
+        item_rows: np.ndarray | None = None,
     ) -> list[float]:
         """Local epochs on ``user``'s training events from the given weights (left in ``self.model``): all
         parameters (a training round), or for local adaptation only the card's personal parts (time encoder,
         LRU blocks, interest heads; under other splits these start from the population's averaged values)
-        with everything else frozen."""
+        with everything else frozen. ``item_rows``: only these rows of the item tables train (sparse upload)."""
         load_parts(self.model, shared, personal)
         adapted = set(parameter_groups(self.model, "card")["personal"])
         params = [p for name, p in self.model.named_parameters() if not personal_only or name in adapted]
@@ -118,10 +119,20 @@ class Device:
         # dropout draws depend only on (seed, round, user), whichever node hosts the user
         torch.manual_seed(int(rng.integers(2**31)))
         users = np.array([user])
+        hooks = []
+        if item_rows is not None:
+            named = dict(self.model.named_parameters())
+            keep = torch.zeros(len(named[ITEM_TABLES[0]]), dtype=torch.bool)
+            keep[torch.as_tensor(item_rows)] = True
+            for name in ITEM_TABLES:
+                mask = keep.view((-1,) + (1,) * (named[name].dim() - 1))
+                hooks.append(named[name].register_hook(lambda g, m=mask: g * m))
         try:
             return [train_epoch(self.model, optimizer, self.log, users, train_end, tcfg, rng)["loss"]
                     for _ in range(epochs)]  # fmt: skip
         finally:
+            for hook in hooks:
+                hook.remove()
             for p in self.model.parameters():
                 p.requires_grad_(True)
 
@@ -142,27 +153,29 @@ class Device:
         torch.set_num_threads(1)
         train_end = train_end_per_user(self.log, self.split)
         total: dict[str, np.ndarray] = {}
-        touched: list[np.ndarray] = []
+        users = [u for u in self.users if train_end[u] - self.log.user_ptr[u] >= 2]
+        if not users:
+            raise ValueError(f"device hosts no user with training events ({len(self.users)} users)")
+        rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
+        rows = None
+        if self.cfg.upload == "sparse":
+            touched = np.concatenate([self.log.item[self.log.user_ptr[u] : train_end[u]] + 1 for u in users])
+            rows = upload_rows(touched, self.cfg.decoy_rows, len(shared[ITEM_TABLES[0]]), rng)
         examples, losses = 0, []
-        for user in self.users:
+        for user in users:
             n = int(train_end[user] - self.log.user_ptr[user])
-            if n < 2:
-                continue
             losses += self._fit(
-                user, shared, self.personal_weights(user), server_round, train_end, personal_only=False
-            )
+                user, shared, self.personal_weights(user), server_round, train_end, personal_only=False,
+                item_rows=rows,
+            )  # fmt: skip
             new_shared, personal = split_state(self.model, self.cfg.split)
             self.save_personal(user, personal, server_round)
             for k, v in new_shared.items():
                 total[k] = total.get(k, 0) + n * v.astype(np.float64)
             examples += n
-            touched.append(self.log.item[self.log.user_ptr[user] : train_end[user]] + 1)
-        if not examples:
-            raise ValueError(f"device hosts no user with training events ({len(self.users)} users)")
         update = {k: (v / examples).astype(np.float32) for k, v in total.items()}
-        rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
-        if self.cfg.upload == "sparse":
-            update = encode_sparse(update, np.concatenate(touched), self.cfg.decoy_rows, rng)
+        if rows is not None:
+            update = encode_sparse(update, rows)
         if self.cfg.compress == "int8":
             update = compress_int8(update, shared, rng)
         return RoundResult(update, examples, {"train-loss": float(np.mean(losses))})

@@ -3,8 +3,9 @@ optionally int8-compressed.
 
 A sparse update sends, for each item table (``item_emb.weight``, ``item_bias``), only the rows the device
 touched (plus optional random decoy rows) as ``<name>@rows`` (int64 row ids) and ``<name>@values``; every
-other shared array goes dense. The server densifies a sparse update against the arrays it sent, so FedAvg
-over dense and over sparse updates differ only in rows a device did not send.
+other shared array goes dense. The server densifies a sparse update against the arrays it sent. A device in
+sparse mode trains only those rows of the item tables (the other rows' gradients are masked), so what it
+uploads is exactly what it trained; the decoy rows then carry real updates (sampled negatives).
 
 Compression (``int8``) replaces every float array ``k`` of an update by the change from what the server sent,
 quantized per row: ``k@q8`` (int8) and ``k@scale`` (float32, one scale per leading-axis row, or one per 1-D
@@ -21,16 +22,18 @@ ROWS, VALUES = "@rows", "@values"
 Q8, SCALE = "@q8", "@scale"
 
 
-def encode_sparse(
-    arrays: dict[str, np.ndarray], touched_rows: np.ndarray, decoys: int, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """Row-sparse form of ``arrays``: item tables keep ``touched_rows`` plus ``decoys`` random other rows."""
-    out = {k: v for k, v in arrays.items() if k not in ITEM_TABLES}
-    num_rows = len(arrays[ITEM_TABLES[0]])
-    rows = np.unique(np.asarray(touched_rows, dtype=np.int64))
+def upload_rows(touched: np.ndarray, decoys: int, num_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """The item rows a sparse update carries: the touched rows plus ``decoys`` random other rows (sorted)."""
+    rows = np.unique(np.asarray(touched, dtype=np.int64))
     if decoys:
         free = np.setdiff1d(np.arange(num_rows), rows)
         rows = np.union1d(rows, rng.choice(free, size=min(decoys, len(free)), replace=False))
+    return rows
+
+
+def encode_sparse(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Row-sparse form of ``arrays``: the item tables keep only ``rows`` (see :func:`upload_rows`)."""
+    out = {k: v for k, v in arrays.items() if k not in ITEM_TABLES}
     for name in ITEM_TABLES:
         out[name + ROWS] = rows
         out[name + VALUES] = arrays[name][rows]

@@ -16,7 +16,8 @@ from server.checkpoint import load_server_checkpoint, save_server_checkpoint
 from server.validation import UpdateRejected, validate_update
 from shared_model.config import FederatedConfig
 from shared_model.partition import split_state
-from shared_model.updates import compress_int8, decompress, densify, encode_sparse
+from shared_model.training import train_end_per_user
+from shared_model.updates import compress_int8, decompress, densify, encode_sparse, upload_rows
 
 
 def make_events(path: Path, users: int = 9, events: int = 14, items: int = 40, seed: int = 0) -> Path:
@@ -45,7 +46,7 @@ def test_sparse_codec_roundtrip_and_decoys():
     ref = {"item_emb.weight": rng.standard_normal((50, 4)).astype(np.float32),
            "item_bias": rng.standard_normal(50).astype(np.float32), "explanation.bias": np.zeros(3, np.float32)}  # fmt: skip
     new = {k: v + 1 for k, v in ref.items()}
-    sparse = encode_sparse(new, np.array([3, 7, 7]), decoys=5, rng=rng)
+    sparse = encode_sparse(new, upload_rows(np.array([3, 7, 7]), decoys=5, num_rows=50, rng=rng))
     assert len(sparse["item_emb.weight@rows"]) == 7 and {3, 7} <= set(sparse["item_emb.weight@rows"].tolist())
     dense = densify(sparse, ref)
     rows = sparse["item_emb.weight@rows"]
@@ -63,7 +64,7 @@ def test_int8_codec_is_unbiased_small_and_validated(sparse):
            "explanation.w": rng.standard_normal((8, 16)).astype(np.float32)}  # fmt: skip
     new = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in ref.items()}
     new["explanation.w"][3] = ref["explanation.w"][3]  # an unchanged row: scale 0, decoded exactly
-    update = encode_sparse(new, np.arange(0, 200, 7), 0, rng) if sparse else new
+    update = encode_sparse(new, np.arange(0, 200, 7)) if sparse else new
     packed = compress_int8(update, ref, rng)
     size = lambda u: sum(v.nbytes for k, v in u.items() if not k.endswith("@rows"))  # noqa: E731
     assert size(packed) < 0.35 * size(update)
@@ -117,7 +118,7 @@ def test_bad_example_weight_is_rejected(examples):
 
 def test_hostile_sparse_updates_are_rejected():
     ref = _ref()
-    good = encode_sparse(ref, np.array([1, 2]), 0, np.random.default_rng(0))
+    good = encode_sparse(ref, np.array([1, 2]))
     validate_update(good, ref, 1, 10)
     for key, bad in [("item_emb.weight@rows", np.array([1, 99])), ("item_emb.weight@rows", np.array([1, 1])),
                      ("item_bias@rows", np.array([1, 3])), ("item_emb.weight@values", np.zeros((3, 4), np.float32))]:  # fmt: skip
@@ -140,6 +141,26 @@ def test_device_round_keeps_personal_weights_on_the_device(cfg):
     assert saved[name].tobytes() not in raw  # encrypted at rest
     assert any(not np.array_equal(saved[k], device.initial_personal[k]) for k in saved)  # trained
     assert device.personal_weights(int(device.users[0])).keys() == saved.keys()
+
+
+def test_sparse_device_trains_only_the_rows_it_uploads(cfg):
+    from dataclasses import replace
+
+    shared = initial_shared(cfg)
+    device = Device(replace(cfg, upload="sparse", decoy_rows=5), 0, 9, Path(cfg.out_dir) / "devices")
+    result = device.train(shared, server_round=1)
+    rows = result.update["item_emb.weight@rows"]
+    user = int(device.users[0])
+    end = train_end_per_user(device.log, device.split)[user]  # the user's training events only
+    own = device.log.item[device.log.user_ptr[user] : end] + 1
+    assert set(np.unique(own).tolist()) < set(rows.tolist())  # touched rows + 5 decoys (trained negatives)
+    trained = split_state(device.model, cfg.split)[0]["item_emb.weight"]
+    others = np.setdiff1d(np.arange(len(trained)), rows)
+    np.testing.assert_allclose(
+        trained[others], shared["item_emb.weight"][others], rtol=1e-3, atol=1e-6
+    )  # decay only
+    moved = np.abs(result.update["item_emb.weight@values"] - shared["item_emb.weight"][rows]).max(axis=1)
+    assert (moved > 1e-3).all()  # every uploaded row, decoys included, was trained
 
 
 def test_local_adaptation_trains_only_personal_parts_and_saves_nothing(cfg):
