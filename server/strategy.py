@@ -84,7 +84,12 @@ class ValidatedAggregation:
                 needed,
             )
             return None, None
-        return super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        if arrays is not None:  # FedAdam's server step computes in float64: keep the model's dtypes
+            arrays = numpy_to_record(
+                {k: v.astype(self.sent[k].dtype) for k, v in record_to_numpy(arrays).items()}
+            )
+        return arrays, metrics
 
 
 class ValidatedFedAvg(ValidatedAggregation, FedAvg):

@@ -277,6 +277,9 @@ def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, monkey
         "sampled": 4, "valid": 2, "rejected": 2, "failed": 0, "rejections": None, "aggregated": True}  # fmt: skip
     result = {k: v.numpy() for k, v in arrays.items()}
     assert all(np.isfinite(v).all() for v in result.values())
+    assert all(
+        v.dtype == np.float32 for v in result.values()
+    )  # FedAdam computes in float64; devices need f32
     if optimizer == "fedavg":
         np.testing.assert_allclose(result["item_bias"], 0.5)  # the mean of the two valid updates only
     else:
