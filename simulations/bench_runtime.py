@@ -41,9 +41,17 @@ def _percentiles(seconds: list[float]) -> dict[str, float]:
     return {"median_us": float(np.median(us)), "p99_us": float(np.percentile(us, 99))}
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def probe(bundle: str, public_key: str, events: str) -> None:
     """(Subprocess) time record + recommend(10) per event through the runtime; print JSON."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss_mb()
     from client_sdk.runtime import Recommender
     from client_sdk.store import EncryptedStore
 
@@ -64,9 +72,8 @@ def probe(bundle: str, public_key: str, events: str) -> None:
         rec.save()
         save_s = time.perf_counter() - t0
         import torch_free_check  # noqa: F401  (see main: a module that fails if torch or flwr were imported)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({**_percentiles(seconds), "open_s": open_s, "save_ms": save_s * 1e3,
-                      "peak_rss_mb": peak / 1024, "rss_before_imports_mb": before / 1024}))  # fmt: skip
+                      "peak_rss_mb": _peak_rss_mb(), "rss_before_imports_mb": before}))  # fmt: skip
 
 
 def _torch_eager(model: Any, items: np.ndarray, times: np.ndarray) -> dict[str, float]:
