@@ -50,10 +50,13 @@ as initial values) and passes its outputs to each graph's session with ``Session
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,18 +227,27 @@ def _export_graph(
 ) -> onnx.ModelProto:
     """Dynamo export with a dynamic batch dimension, without the exporter's per-node metadata (source paths
     and stack traces: half the file). The exporter's optimizer is off: it would fold parameter-only subgraphs
-    (e.g. the LRU step matrices) into constants and bake the personal weights in."""
-    program = torch.onnx.export(
-        module.eval(),
-        args,
-        dynamo=True,
-        opset_version=OPSET,
-        input_names=names,
-        output_names=outputs,
-        dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in args),
-        optimize=False,
-        verbose=False,
-    )
+    (e.g. the LRU step matrices) into constants and bake the personal weights in. The exporter's notes (about
+    torchvision ops it skips, deprecations inside torch) are silenced: they say nothing about this model."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(
+                module.eval(),
+                args,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=names,
+                output_names=outputs,
+                dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in args),
+                optimize=False,
+                verbose=False,
+            )
+    finally:
+        exporter_log.setLevel(level)
     proto = program.model_proto
     for node in proto.graph.node:
         del node.metadata_props[:]
@@ -479,6 +491,21 @@ def export_model(
 
 
 # ---------------------------------------------------------------------------------------------- checks
+@contextlib.contextmanager
+def _quiet_onnxruntime() -> Iterator[None]:
+    """onnxruntime's converter prints progress and its sessions log optimizer notes: keep errors only."""
+    ort.set_default_logger_severity(3)
+    tools_log = logging.getLogger("ort_format_model.utils")
+    level = tools_log.level
+    tools_log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tools_log.setLevel(level)
+        ort.set_default_logger_severity(2)
+
+
 def check_graphs(paths: Sequence[str | Path]) -> None:
     """Raise :class:`ExportError` unless every graph passes ``onnx.checker`` (full check), onnxruntime's
     mobile usability analysis and conversion to the ORT format (onnxruntime's own tools)."""
@@ -497,7 +524,7 @@ def check_graphs(paths: Sequence[str | Path]) -> None:
                 run()
             except Exception as exc:
                 raise ExportError(f"{path.name} fails the {what} check: {exc}") from exc
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _quiet_onnxruntime():
             try:
                 convert_onnx_models_to_ort(path, Path(tmp), [OptimizationStyle.Fixed])
             except Exception as exc:

@@ -168,7 +168,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
             titles[i] if titles else str(log.item_ids[i]) for i in log.item[max(lo, hi - 3) : hi]
         )
         print(f"user {args.user}: {known} of {hi - lo} events replayed through the on-device runtime "
-              f"(bundle {rec.manifest.model_version}); most recent: {recent}")  # fmt: skip
+              f"(bundle {rec.manifest.model_version}, its initial personal weights); most recent: {recent}")  # fmt: skip
         print(format_recommendations([asdict(r) for r in rec.recommend(args.k)]))
     return 0
 

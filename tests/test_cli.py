@@ -76,7 +76,11 @@ def test_simulate_export_recommend_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["recommend", "--bundle", str(bundle), "--public-key", str(keys / "bundle_signing_key.pub.pem"),
                  "--user", "u1", "--dataset", str(data), "--k", "5"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "user u1: 14 of 14 events replayed" in out and " 5. " in out and "because: " in out
+    assert (
+        "user u1: 14 of 14 events replayed through the on-device runtime" in out
+        and " 5. " in out
+        and "because: " in out
+    )
     assert main(["recommend", "--bundle", str(bundle), "--public-key", str(run / "bundle_signing_key.pub.pem"),
                  "--user", "u1", "--dataset", str(data)]) == 2  # fmt: skip
     assert "signature" in capsys.readouterr().err
