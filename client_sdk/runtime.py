@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,7 @@ class _Loaded:
     explanations: list[str]
     index: dict[str, int]
     sessions: dict[str, Any]
+    outputs: dict[str, list[str]]  # output names per graph
 
     @property
     def num_items(self) -> int:
@@ -113,8 +115,9 @@ def _load(manifest: Manifest, personal: dict[str, np.ndarray], threads: int) -> 
     if len(ids) != spec["num_items"]:
         raise IncompatibleStore(f"catalogue has {len(ids)} items, the graphs {spec['num_items']}")
     titles = catalogue.get("titles") or ids
+    outputs = {name: [o["name"] for o in g["outputs"]] for name, g in spec["graphs"].items()}
     return _Loaded(manifest, spec, ids, titles, catalogue.get("explanations", []),
-                   {i: n for n, i in enumerate(ids)}, sessions)  # fmt: skip
+                   {i: n for n, i in enumerate(ids)}, sessions, outputs)  # fmt: skip
 
 
 class Recommender:
@@ -260,16 +263,17 @@ class Recommender:
             ranking = self._run("rank", {"state": self._state, "exclude": exclude})
             if exclude_seen:
                 self._ranking = ranking
-        items, scores, heads = ranking["top_items"][0], ranking["top_scores"][0], ranking["top_heads"][0]
+        items = ranking["top_items"][0, :k].tolist()  # plain Python values: no per-element numpy indexing
+        scores = ranking["top_scores"][0, :k].tolist()
+        heads = ranking["top_heads"][0, :k].tolist()
         expl = ranking.get("top_explanations")
+        expl_ids = [[]] * k if expl is None else expl[0, :k, :explanations].tolist()
+        ids, titles, texts = self._b.item_ids, self._b.titles, self._b.explanations
         out = []
-        for r in range(k):
-            if not np.isfinite(scores[r]):
+        for item, score, head, why in zip(items, scores, heads, expl_ids, strict=True):
+            if score == -math.inf:
                 break  # fewer than k unseen items
-            texts = [] if expl is None else [self._b.explanations[e] for e in expl[0, r, :explanations]]
-            item = int(items[r])
-            out.append(Recommendation(self._b.item_ids[item], self._b.titles[item], float(scores[r]),
-                                      int(heads[r]), texts))  # fmt: skip
+            out.append(Recommendation(ids[item], titles[item], score, head, [texts[e] for e in why]))
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -294,9 +298,8 @@ class Recommender:
         return dense
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self._b.sessions[graph]
-        names = [o["name"] for o in self._b.spec["graphs"][graph]["outputs"]]
-        return dict(zip(names, session.run(names, feeds), strict=True))
+        names = self._b.outputs[graph]
+        return dict(zip(names, self._b.sessions[graph].run(names, feeds), strict=True))
 
     def _stored_state_fits(self) -> bool:
         state, spec = self._rec.state, self._b.spec
