@@ -33,6 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "card, sparse int8 upload": {"split": "card", "upload": "sparse", "compress": "int8"},
     "card + adaptation": {"split": "card", "adapt_epochs": 5},
     "card, FedAdam": {"split": "card", "server_optimizer": "fedadam", "server_lr": 0.01},
+    "card, 20 local epochs": {"split": "card", "local_epochs": 20},
     "heads-prior + adaptation": {"split": "heads-prior", "adapt_epochs": 5},
 }
 PARTS = ("centralized", "federated", "bytes", "throughput")
