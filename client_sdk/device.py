@@ -42,8 +42,11 @@ def _cached_model(cfg: FederatedConfig) -> tuple[SequenceRecommender, dict[str, 
 
 
 @lru_cache(maxsize=4)
-def _cached_split(dataset: str, data_dir: str) -> LeaveOneOutSplit:
-    return LeaveOneOutSplit(cached_log(dataset, data_dir))
+def _cached_split(dataset: str, data_dir: str) -> tuple[LeaveOneOutSplit, np.ndarray]:
+    """The split and each user's end of training events, once per process and dataset."""
+    log = cached_log(dataset, data_dir)
+    split = LeaveOneOutSplit(log)
+    return split, train_end_per_user(log, split)
 
 
 def simulation_key(seed: int, user_id: object) -> bytes:
@@ -66,7 +69,7 @@ class Device:
     ) -> None:
         self.cfg = cfg
         self.log = cached_log(cfg.dataset, cfg.data_dir)
-        self.split = _cached_split(cfg.dataset, cfg.data_dir)
+        self.split, self.train_end = _cached_split(cfg.dataset, cfg.data_dir)
         self.users = partition_users(self.log.num_users, num_partitions, cfg.seed)[partition_id]
         self.store_dir = Path(store_dir)
         self.model, self.initial_personal = _cached_model(cfg)
@@ -98,7 +101,6 @@ class Device:
         shared: dict[str, np.ndarray],
         personal: dict[str, np.ndarray],
         server_round: int,
-        train_end: np.ndarray,
         personal_only: bool,
         item_rows: np.ndarray | None = None,
     ) -> list[float]:
@@ -107,8 +109,8 @@ class Device:
         LRU blocks, interest heads; under other splits these start from the population's averaged values)
         with everything else frozen. ``item_rows``: only these rows of the item tables train (sparse upload)."""
         load_parts(self.model, shared, personal)
-        adapted = set(parameter_groups(self.model, "card")["personal"])
-        params = [p for name, p in self.model.named_parameters() if not personal_only or name in adapted]
+        adapted = set(parameter_groups(self.model, "card")["personal"]) if personal_only else None
+        params = [p for name, p in self.model.named_parameters() if adapted is None or name in adapted]
         trainable = {id(p) for p in params}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trainable)
@@ -128,7 +130,7 @@ class Device:
                 mask = keep.view((-1,) + (1,) * (named[name].dim() - 1))
                 hooks.append(named[name].register_hook(lambda g, m=mask: g * m))
         try:
-            return [train_epoch(self.model, optimizer, self.log, users, train_end, tcfg, rng)["loss"]
+            return [train_epoch(self.model, optimizer, self.log, users, self.train_end, tcfg, rng)["loss"]
                     for _ in range(epochs)]  # fmt: skip
         finally:
             for hook in hooks:
@@ -142,16 +144,15 @@ class Device:
         (seed, round, user) and not saved, so validation and test see the same weights and evaluation never
         changes the training run."""
         personal = self.personal_weights(user)
-        train_end = train_end_per_user(self.log, self.split)
-        if self.cfg.adapt_epochs and train_end[user] - self.log.user_ptr[user] >= 2:
-            self._fit(user, shared, personal, server_round, train_end, personal_only=True)
+        if self.cfg.adapt_epochs and self.train_end[user] - self.log.user_ptr[user] >= 2:
+            self._fit(user, shared, personal, server_round, personal_only=True)
         else:
             load_parts(self.model, shared, personal)
 
     def train(self, shared: dict[str, np.ndarray], server_round: int) -> RoundResult:
         """Local training of every hosted user; the example-weighted mean of their shared arrays."""
         torch.set_num_threads(1)
-        train_end = train_end_per_user(self.log, self.split)
+        train_end = self.train_end
         total: dict[str, np.ndarray] = {}
         users = [u for u in self.users if train_end[u] - self.log.user_ptr[u] >= 2]
         if not users:
@@ -165,8 +166,7 @@ class Device:
         for user in users:
             n = int(train_end[user] - self.log.user_ptr[user])
             losses += self._fit(
-                user, shared, self.personal_weights(user), server_round, train_end, personal_only=False,
-                item_rows=rows,
+                user, shared, self.personal_weights(user), server_round, personal_only=False, item_rows=rows,
             )  # fmt: skip
             new_shared, personal = split_state(self.model, self.cfg.split)
             self.save_personal(user, personal, server_round)

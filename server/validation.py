@@ -76,12 +76,13 @@ def validate_update(
                 )
             if len(r) and (r.min() < 0 or r.max() >= num_rows or len(np.unique(r)) != len(r)):
                 raise UpdateRejected(f"{name}{ROWS}: row ids out of range or repeated")
-            want_shape = (len(r), *reference[name].shape[1:])
-            if not compressed and update[name + VALUES].shape != want_shape:
-                raise UpdateRejected(f"{name}{VALUES}: shape {update[name + VALUES].shape} != {want_shape}")
     if compressed:
         _check_int8(update, reference)
         update = decompress(update, reference)
+    for name in ITEM_TABLES if sparse else ():
+        want_shape = (len(update[name + ROWS]), *reference[name].shape[1:])
+        if update[name + VALUES].shape != want_shape:
+            raise UpdateRejected(f"{name}{VALUES}: shape {update[name + VALUES].shape} != {want_shape}")
     for key, value in update.items():
         if key.endswith(ROWS):
             continue

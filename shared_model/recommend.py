@@ -50,6 +50,13 @@ def recommend(
     return out
 
 
+def recent_titles(log: InteractionLog, user: int, n: int = 3) -> str:
+    """The titles (or ids) of ``user``'s last ``n`` events, oldest first, for display."""
+    lo, hi = log.user_ptr[user], log.user_ptr[user + 1]
+    titles = log.item_meta.titles
+    return ", ".join(titles[i] if titles else str(log.item_ids[i]) for i in log.item[max(lo, hi - n) : hi])
+
+
 def format_recommendations(recs: list[dict[str, Any]]) -> str:
     lines = []
     for rank, rec in enumerate(recs, start=1):

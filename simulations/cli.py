@@ -146,7 +146,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
     from client_sdk.runtime import Recommender
     from client_sdk.store import EncryptedStore
-    from shared_model.recommend import format_recommendations
+    from shared_model.recommend import format_recommendations, recent_titles
 
     with tempfile.TemporaryDirectory() as tmp:
         store = EncryptedStore(Path(tmp) / "device.store", key=os.urandom(32))
@@ -163,12 +163,9 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
             rec.record(log.item_ids[i], int(t), save=False)
             for i, t in zip(log.item[lo:hi], log.time[lo:hi], strict=True)
         )
-        titles = log.item_meta.titles
-        recent = ", ".join(
-            titles[i] if titles else str(log.item_ids[i]) for i in log.item[max(lo, hi - 3) : hi]
-        )
         print(f"user {args.user}: {known} of {hi - lo} events replayed through the on-device runtime "
-              f"(bundle {rec.manifest.model_version}, its initial personal weights); most recent: {recent}")  # fmt: skip
+              f"(bundle {rec.manifest.model_version}, its initial personal weights); "
+              f"most recent: {recent_titles(log, user)}")  # fmt: skip
         print(format_recommendations([asdict(r) for r in rec.recommend(args.k)]))
     return 0
 

@@ -101,7 +101,7 @@ def sample_recommendation(cfg: FederatedConfig, shared: dict[str, np.ndarray], u
     from client_sdk.runtime import Recommender
     from server.publish import build_bundle
     from shared_model.partition import load_parts, split_state
-    from shared_model.recommend import format_recommendations
+    from shared_model.recommend import format_recommendations, recent_titles
 
     out = Path(cfg.out_dir)
     device = Device(cfg, 0, 1, out / "devices")
@@ -120,9 +120,7 @@ def sample_recommendation(cfg: FederatedConfig, shared: dict[str, np.ndarray], u
     (out / "bundle_signing_key.pub.pem").write_bytes(public)
     rec = Recommender.open(out / "bundle", public, device.store(user))
     log = device.log
-    lo, hi = log.user_ptr[user], log.user_ptr[user + 1]
-    titles = log.item_meta.titles
-    recent = ", ".join(titles[i] if titles else str(log.item_ids[i]) for i in log.item[max(lo, hi - 3) : hi])
+    recent = recent_titles(log, user)
     size = sum(f["bytes"] for f in manifest.files.values()) / 1e6
     weights = "its own personal weights" if trained else "the initial personal weights (it never trained)"
     head = (f"Signed on-device bundle: {out / 'bundle'} ({size:.1f} MB). Sample user {log.user_ids[user]} on the "

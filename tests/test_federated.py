@@ -16,7 +16,6 @@ from server.checkpoint import load_server_checkpoint, save_server_checkpoint
 from server.validation import UpdateRejected, validate_update
 from shared_model.config import FederatedConfig
 from shared_model.partition import split_state
-from shared_model.training import train_end_per_user
 from shared_model.updates import compress_int8, decompress, densify, encode_sparse, upload_rows
 
 
@@ -151,7 +150,7 @@ def test_sparse_device_trains_only_the_rows_it_uploads(cfg):
     result = device.train(shared, server_round=1)
     rows = result.update["item_emb.weight@rows"]
     user = int(device.users[0])
-    end = train_end_per_user(device.log, device.split)[user]  # the user's training events only
+    end = device.train_end[user]  # the user's training events only
     own = device.log.item[device.log.user_ptr[user] : end] + 1
     assert set(np.unique(own).tolist()) < set(rows.tolist())  # touched rows + 5 decoys (trained negatives)
     trained = split_state(device.model, cfg.split)[0]["item_emb.weight"]
