@@ -112,8 +112,10 @@ class Manifest:
         return data
 
 
-def load_public_key(source: str | Path | bytes) -> Ed25519PublicKey:
-    """An Ed25519 public key from PEM bytes or from the path of a PEM file."""
+def load_public_key(source: Ed25519PublicKey | str | Path | bytes) -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM bytes or from the path of a PEM file (a key object is returned as is)."""
+    if isinstance(source, Ed25519PublicKey):
+        return source
     pem = source if isinstance(source, bytes) else Path(source).read_bytes()
     label = "the given PEM bytes" if isinstance(source, bytes) else str(source)
     try:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared_model.graph_io import encoder_inputs, personalize, session
+from shared_model.graph_io import encoder_inputs, exclude_mask, personalize, session
 
 from .bundle import Manifest, load_public_key, verify_bundle
 from .store import DeviceRecord, EncryptedStore
@@ -137,10 +137,7 @@ class Recommender:
         self._rec = record
         self.on_unknown, self.on_backwards, self.threads = on_unknown, on_backwards, threads
         self._items, self._times = record.items.tolist(), record.times.tolist()  # appended in O(1)
-        self._seen = np.zeros((1, loaded.num_items), dtype=bool)
-        self._seen[0, record.items] = True
-        self._states: dict[str, np.ndarray] = {}
-        self._state = np.zeros((1, loaded.spec["d_model"]), dtype=np.float32)
+        self._seen = exclude_mask([record.items], loaded.num_items)
         self._ranking: dict[str, np.ndarray] | None = None
         if self._stored_state_fits():
             self._states = {k: v[None] for k, v in record.state.items() if k != "state"}
@@ -162,8 +159,7 @@ class Recommender:
     ) -> Recommender:
         """Verify ``bundle_dir`` against the pinned ``public_key``, then load it with the personal weights and
         history in ``store`` (an empty history and the bundle's initial weights if the store does not exist)."""
-        key = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
-        manifest = verify_bundle(bundle_dir, key)
+        manifest = verify_bundle(bundle_dir, load_public_key(public_key))
         record = (
             store.load()
             if store.exists()
@@ -176,12 +172,12 @@ class Recommender:
     def upgrade(self, bundle_dir: str | Path, public_key: Ed25519PublicKey | str | Path | bytes) -> None:
         """Switch to a new bundle (new shared weights, perhaps a grown catalogue). It is verified and loaded
         completely before the switch; on any error the bundle in use stays in use and nothing changes."""
-        key = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
-        loaded = _load(verify_bundle(bundle_dir, key), self._rec.weights, self.threads)
+        loaded = _load(
+            verify_bundle(bundle_dir, load_public_key(public_key)), self._rec.weights, self.threads
+        )
         _check_history(self._history_record(), loaded)
         self._b = loaded
-        self._seen = np.zeros((1, loaded.num_items), dtype=bool)
-        self._seen[0, self._items] = True
+        self._seen = exclude_mask([self._items], loaded.num_items)
         self._reencode()
         self.save()
 
@@ -243,8 +239,7 @@ class Recommender:
             dense.append(d)
             times.append(int(t))
         self._items, self._times = dense, times
-        self._seen[:] = False
-        self._seen[0, dense] = True
+        self._seen = exclude_mask([dense], self._b.num_items)
         self._reencode()
         self.save()
 
