@@ -123,6 +123,24 @@ class FederatedConfig:
     decoy_rows: int = _opt(0, "sparse upload: extra random item rows that hide which items were touched")
     compress: str = _opt("none", "none | int8 (per-row int8 changes with stochastic rounding, ~4x smaller)")
     norm_bound: float = _opt(50.0, "reject an update whose L2 distance to the sent arrays is larger")
+    privacy: str = _opt(
+        "plain",
+        "plain | dp (central DP: clipped updates + Gaussian noise) | secagg (Flower SecAgg+, >= 3 nodes)",
+    )
+    dp_noise: float = _opt(1.0, "dp: noise multiplier (noise std = dp_noise * dp_clip on the summed update)")
+    dp_clip: float = _opt(1.0, "dp: L2 clipping norm of each device's update")
+    dp_delta: float = _opt(1e-5, "dp: the delta at which the accountant reports epsilon")
+    secagg_shares: int = _opt(3, "secagg: secret shares per device (Flower's num_shares)")
+    secagg_threshold: int = _opt(
+        2, "secagg: shares needed to reconstruct (devices that may drop out = shares - this)"
+    )
+    secagg_clip: float = _opt(8.0, "secagg: values are clipped to [-clip, clip] before quantization")
+    aggregation: str = _opt("mean", "mean | trimmed-mean (coordinate-wise) | median (coordinate-wise)")
+    trim_fraction: float = _opt(0.1, "trimmed-mean: share of updates cut at each end, per coordinate")
+    clip_norm: float = _opt(0.0, "clip each update's L2 change to this norm before aggregating (0 = off)")
+    row_clip: float = _opt(
+        0.0, "clip each item-table row's L2 change to this norm before aggregating (0 = off)"
+    )
     eval_every: int = _opt(5, "federated evaluation every k rounds (and after the last round)")
     fraction_evaluate: float = _opt(1.0, "share of devices that evaluate")
     users_per_node: int = _opt(1, ">1: each node hosts this many virtual users and replies with their mean")
@@ -139,6 +157,16 @@ class FederatedConfig:
             raise ValueError(f"upload must be dense or sparse, got {self.upload!r}")
         if self.compress not in ("none", "int8"):
             raise ValueError(f"compress must be none or int8, got {self.compress!r}")
+        if self.privacy not in ("plain", "dp", "secagg"):
+            raise ValueError(f"privacy must be plain, dp or secagg, got {self.privacy!r}")
+        if self.aggregation not in ("mean", "trimmed-mean", "median"):
+            raise ValueError(f"aggregation must be mean, trimmed-mean or median, got {self.aggregation!r}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError("trim_fraction must lie in [0, 0.5)")
+        if min(self.dp_noise, self.dp_clip, self.clip_norm, self.row_clip) < 0 or not 0 < self.dp_delta < 1:
+            raise ValueError("dp_noise, dp_clip, clip_norm, row_clip must be >= 0 and dp_delta in (0, 1)")
+        if not 1 <= self.secagg_threshold <= self.secagg_shares:
+            raise ValueError("secagg needs 1 <= secagg_threshold <= secagg_shares")
         if not 0 < self.fraction_train <= 1 or not 0 <= self.min_reply_fraction <= 1:
             raise ValueError("fractions must lie in (0, 1]")
         if self.users_per_node < 1 or self.num_rounds < 1:
