@@ -106,9 +106,10 @@ def _load(manifest: Manifest, personal: dict[str, np.ndarray], threads: int) -> 
         raise IncompatibleStore(
             f"the store's personal weights do not fit this bundle's model (e.g. {wrong[:3]})"
         )
-    values = personalize(manifest.read(spec["personalize"]["file"]), personal)
+    external = {spec["weights"]: manifest.read(spec["weights"])} if "weights" in spec else None  # format 2
+    values = personalize(manifest.read(spec["personalize"]["file"]), personal, external)
     sessions = {
-        name: session(manifest.read(g["file"]), {n: values[n] for n in g["personal"]}, threads)
+        name: session(manifest.read(g["file"]), {n: values[n] for n in g["personal"]}, threads, external)
         for name, g in spec["graphs"].items()
     }
     ids = [str(i) for i in catalogue["item_ids"]]

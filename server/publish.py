@@ -81,7 +81,7 @@ def build_bundle(
         work = Path(tmp) / "bundle"
         graphs = export_model(model, work, top_k=top_k, int8_items=int8_items)
         if check:
-            check_graphs(graphs.paths)
+            check_graphs(graphs.graph_paths)
         (work / CATALOGUE).write_text(json.dumps(catalogue(log), ensure_ascii=False))
         sign_bundle(work, private_key, model_version=model_version, opset=OPSET,
                     extra={"spec": graphs.spec, "catalogue": CATALOGUE, "dataset": log.name})  # fmt: skip

@@ -1,6 +1,6 @@
 """ONNX export of a TME-PSR model for the torch-free on-device runtime (DESIGN section 6).
 
-Exported with the dynamo exporter at opset 18, one self-contained file per graph, the batch dimension dynamic
+Exported with the dynamo exporter at opset 18, one file per graph, the batch dimension dynamic
 and named ``batch`` (exported from batch-2 examples; a runtime at batch 1 may pin it with
 ``SessionOptions.add_free_dimension_override_by_name("batch", 1)``):
 
@@ -30,6 +30,11 @@ lru_state, time_state (the step graph's state inputs) and state (B, d).
 
 ``personalize.onnx`` -- personal weights in, the personal initializers of the three graphs out (below).
 
+``weights.bin`` -- the graphs' tensors of at least ``EXTERNAL_MIN_BYTES`` bytes, as ONNX external data shared
+by the four files: each distinct tensor (the item table, read by three graphs) is stored once. A runtime loads
+the graphs from bytes with the file's verified contents in memory
+(``SessionOptions.add_external_initializers_from_files_in_memory``, :func:`~shared_model.graph_io.session`).
+
 A runtime, for ``record(item, t)`` + ``recommend(k)``: set ``exclude[item] = True``, run ``step`` on the
 stored states, keep ``next_*`` as the states and ``state``, answer from the first k ranking rows (one run).
 ``recommend(k)`` without a new event runs ``rank`` on the kept ``state``. The recurrent states start as zeros
@@ -45,7 +50,10 @@ part are initializers read by non-constant nodes only: personal parameters used 
 runtime runs ``personalize.onnx`` once per set of weights (inputs: the personal parameters by torch name, as
 the device store keeps them; their defaults are the exported model's values, which the bundle thereby carries
 as initial values) and passes its outputs to each graph's session with ``SessionOptions.add_initializer``
-(:func:`personal_values`, :func:`ort_session`); onnxruntime can then fold and prepack everything else.
+(:func:`personal_values`, :func:`ort_session`); onnxruntime can then fold and prepack everything else. Since
+the runtime always overrides them, the three graphs store their personal initializers as NaN (placeholders
+sharing one region of ``weights.bin``): the personal values a bundle carries are stored once, as the
+defaults of ``personalize.onnx``.
 """
 
 from __future__ import annotations
@@ -75,13 +83,16 @@ from .partition import parameter_groups
 from .recommender import SequenceRecommender
 
 OPSET = 18
-SPEC_FORMAT = 1
+SPEC_FORMAT = 2  # 2: tensors in the shared weights file (format 1 bundles have self-contained graphs)
 GRAPH_FILES = {
     "step": "step.onnx",
     "rank": "rank.onnx",
     "encoder": "encoder.onnx",
     "personalize": "personalize.onnx",
 }
+WEIGHTS_FILE = "weights.bin"
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside their graph
+EXTERNAL_ALIGN = 64
 PARAM_PREFIX = "model."  # the graphs' initializer name of parameter p is PARAM_PREFIX + p
 
 
@@ -108,12 +119,19 @@ class ExportedGraphs:
     rank_path: Path
     encoder_path: Path
     personalize_path: Path
+    weights_path: Path
     overrides: dict[str, list[str]]
     spec: dict[str, Any]
 
     @property
-    def paths(self) -> list[Path]:
+    def graph_paths(self) -> list[Path]:
+        """The four ONNX files."""
         return [self.step_path, self.rank_path, self.encoder_path, self.personalize_path]
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every exported file: the graphs and their shared weights file."""
+        return [*self.graph_paths, self.weights_path]
 
     def path(self, graph: str) -> Path:
         return self.step_path.parent / self.spec["graphs"][graph]["file"]
@@ -377,16 +395,51 @@ def _personalize_model(parts: dict[str, _PersonalPart], values: dict[str, np.nda
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
 
 
-def _save_personalize(model: onnx.ModelProto, path: Path) -> dict[str, np.ndarray]:
-    """Save the personalize graph with its outputs' exact types (from one run at the default weights);
-    returns that run's outputs: the exported model's personal values."""
-    onnx.save_model(model, path)
-    values = personalize(path)
+def _type_personalize(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Give the personalize graph's outputs their exact types (from one run at the default weights); returns
+    that run's outputs: the exported model's personal values."""
+    values = personalize(model.SerializeToString())
     for output in model.graph.output:
         dtype = onnx.helper.np_dtype_to_tensor_dtype(values[output.name].dtype)
         output.CopyFrom(onnx.helper.make_tensor_value_info(output.name, dtype, values[output.name].shape))
-    onnx.save_model(model, path)
     return values
+
+
+def _externalize(protos: dict[str, onnx.ModelProto], placeholders: dict[str, list[str]], path: Path) -> None:
+    """Move the initializers of at least ``EXTERNAL_MIN_BYTES`` into one weights file shared by ``protos``,
+    each distinct tensor (dtype, shape, bytes) stored once. The float32 initializers named in
+    ``placeholders`` (per graph: the personal values the runtime always overrides) become NaN, sharing one NaN
+    region: a run without its personal values gives NaN, never a plausible wrong answer. (Not zeros: onnxruntime
+    removes an Add of zeros or a Mul by ones before it applies the overrides.)"""
+    tensors = [
+        (t, t.name in placeholders.get(g, ()) and t.data_type == onnx.TensorProto.FLOAT)
+        for g, p in protos.items()
+        for t in p.graph.initializer
+    ]
+    sizes = [onnx.numpy_helper.to_array(t).nbytes for t, _ in tensors]
+    region = max((n for (_, nan), n in zip(tensors, sizes, strict=True) if nan), default=0)
+    blob, offsets = bytearray(np.full(region // 4, np.nan, np.float32).tobytes()), {}
+    for (tensor, nan), size in zip(tensors, sizes, strict=True):
+        array = onnx.numpy_helper.to_array(tensor)
+        if nan:
+            array = np.full_like(array, np.nan)
+        if size < EXTERNAL_MIN_BYTES:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+            continue
+        offset = 0
+        if not nan:
+            key = (tensor.data_type, tuple(tensor.dims), array.tobytes())
+            if key not in offsets:
+                blob.extend(bytes(-len(blob) % EXTERNAL_ALIGN))
+                offsets[key] = len(blob)
+                blob.extend(key[2])
+            offset = offsets[key]
+        external = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        external.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", path.name), ("offset", offset), ("length", size)):
+            external.external_data.add(key=k, value=str(v))
+        tensor.CopyFrom(external)
+    path.write_bytes(bytes(blob))
 
 
 def _name_batch(graph: onnx.GraphProto) -> None:
@@ -452,16 +505,19 @@ def export_model(
         parts[name], overrides[name] = _detach_personal(
             proto.graph, name, {PARAM_PREFIX + p for p in personal}
         )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / GRAPH_FILES[g] for g in GRAPH_FILES]
     personalize = _personalize_model(parts, values)
-    derived = _save_personalize(personalize, paths[-1])
+    derived = _type_personalize(personalize)
     for name, proto in protos.items():
         own = [v for v in overrides[name] if v.startswith(f"{name}/")]
         proto.graph.initializer.extend(onnx.numpy_helper.from_array(derived[v], v) for v in own)
         _prune(proto.graph)
         _name_batch(proto.graph)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / GRAPH_FILES[g] for g in GRAPH_FILES] + [out_dir / WEIGHTS_FILE]
+    files = protos | {"personalize": personalize}
+    _externalize(files, overrides, paths[-1])
+    for name, proto in files.items():
         onnx.save_model(proto, out_dir / GRAPH_FILES[name])
     states = {
         name: {"shape": list(s.shape[1:]), "dtype": "float32"}
@@ -477,6 +533,7 @@ def export_model(
         "num_explanations_out": num_expl,
         "max_events": MAX_EVENTS,
         "int8_items": int8_items,
+        "weights": WEIGHTS_FILE,
         "states": states,
         "graphs": {
             name: {"file": GRAPH_FILES[name], **io[name], "personal": overrides[name]} for name in protos
@@ -545,9 +602,9 @@ def ort_session(
     graphs: ExportedGraphs, graph: str, values: dict[str, np.ndarray] | None = None
 ) -> ort.InferenceSession:
     """A single-threaded session of ``graph`` ("step", "rank" or "encoder"), its personal initializers
-    overridden from ``values`` (see :func:`personal_values`; None keeps the exported ones)."""
-    overrides = None if values is None else {name: values[name] for name in graphs.overrides[graph]}
-    return session(graphs.path(graph), overrides)
+    overridden from ``values`` (see :func:`personal_values`; None: the exported model's own values)."""
+    values = personal_values(graphs) if values is None else values
+    return session(graphs.path(graph), {name: values[name] for name in graphs.overrides[graph]})
 
 
 def recommend_histories(

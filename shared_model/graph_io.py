@@ -15,10 +15,15 @@ MAX_EVENTS = 256  # events the sequence encoder graph takes
 
 
 def session(
-    model: str | Path | bytes, overrides: Mapping[str, np.ndarray] | None = None, threads: int = 1
+    model: str | Path | bytes,
+    overrides: Mapping[str, np.ndarray] | None = None,
+    threads: int = 1,
+    external: Mapping[str, bytes] | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime session of one graph (a path or the file's bytes) on ``threads`` threads, with the
-    initializers named in ``overrides`` replaced (the personal values from :func:`personalize`)."""
+    initializers named in ``overrides`` replaced (the personal values from :func:`personalize`). A graph
+    given as bytes reads its external data from ``external`` (file name -> contents; a path finds the files
+    beside it)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -27,6 +32,9 @@ def session(
     for name, value in (overrides or {}).items():
         kept.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
         options.add_initializer(name, kept[-1])
+    if external:
+        names, buffers = list(external), list(external.values())
+        options.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
     source = model if isinstance(model, bytes) else str(model)
     sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     sess.personal_values = kept  # onnxruntime does not copy overriding initializers: keep them alive
@@ -40,13 +48,15 @@ def run_session(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> 
 
 
 def personalize(
-    model: str | Path | bytes, personal: Mapping[str, np.ndarray] | None = None
+    model: str | Path | bytes,
+    personal: Mapping[str, np.ndarray] | None = None,
+    external: Mapping[str, bytes] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``personalize.onnx``: every graph's personal initializer values for the personal weights
     ``personal`` (torch parameter name -> array, as the device store keeps them; names not given keep the
-    bundle's initial values). Once per set of weights, not per event."""
+    bundle's initial values; ``external`` as for :func:`session`). Once per set of weights, not per event."""
     feeds = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in (personal or {}).items()}
-    return run_session(session(model), feeds)
+    return run_session(session(model, external=external), feeds)
 
 
 def encoder_inputs(

@@ -29,6 +29,7 @@ from shared_model.export import (
     personal_values,
     recommend_histories,
     run_session,
+    session,
 )
 from shared_model.model import TMEPSR
 from shared_model.partition import load_parts, parameter_groups, split_state
@@ -189,7 +190,7 @@ def test_personal_initializers_override_reproduces_another_users_model(trained, 
 
 
 def test_graphs_pass_onnx_and_onnxruntime_checks(graphs):
-    check_graphs(graphs.paths)
+    check_graphs(graphs.graph_paths)
     spec = json.loads(json.dumps(graphs.spec))
     for name, graph in spec["graphs"].items():
         session = ort_session(graphs, name, personal_values(graphs))
@@ -237,3 +238,34 @@ def test_lru_presets_export_and_match_torch(log, tmp_path, preset, time_unit):
     items, times = _events(log, starts, ends)
     for out in (_roll_step(graphs, items, times), recommend_histories(graphs, items, times)):
         _assert_matches_torch(model, log, starts, ends, out)
+
+
+def _external(path) -> dict[str, tuple[int, int]]:
+    """(offset, length) in the weights file of each external initializer of one graph."""
+    proto = onnx.load(path, load_external_data=False)
+    return {
+        t.name: (int(entries["offset"]), int(entries["length"]))
+        for t in proto.graph.initializer
+        if (entries := {e.key: e.value for e in t.external_data})
+    }
+
+
+def test_weights_file_stores_each_tensor_once_and_personal_placeholders_are_nan(graphs, histories, log):
+    table = "model.item_emb.weight"
+    where = {name: _external(graphs.path(name)) for name in graphs.overrides}
+    assert len({where[name][table] for name in where}) == 1  # step, rank and encoder read the same bytes
+    blob = graphs.weights_path.read_bytes()
+    for name, refs in where.items():
+        for tensor, (offset, length) in refs.items():
+            assert offset + length <= len(blob)
+            if tensor in graphs.overrides[name]:
+                assert np.isnan(np.frombuffer(blob[offset : offset + length], np.float32)).all()
+    distinct = {
+        ref for refs in [*where.values(), _external(graphs.personalize_path)] for ref in refs.values()
+    }
+    assert len(blob) <= sum(length for _, length in distinct) + 64 * len(distinct)  # nothing stored twice
+    # a graph run without the personal values must fail loudly (NaN), never look plausible
+    starts, ends = histories
+    items, times = _events(log, starts[:3], ends[:3])
+    plain = session(graphs.path("encoder"))
+    assert np.isnan(run_session(plain, encoder_inputs(items, times))["state"]).all()
