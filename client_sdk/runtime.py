@@ -109,7 +109,9 @@ def _load(manifest: Manifest, personal: dict[str, np.ndarray], threads: int) -> 
     external = {spec["weights"]: manifest.read(spec["weights"])} if "weights" in spec else None  # format 2
     values = personalize(manifest.read(spec["personalize"]["file"]), personal, external)
     sessions = {
-        name: session(manifest.read(g["file"]), {n: values[n] for n in g["personal"]}, threads, external)
+        name: session(
+            manifest.read(g["file"]), {n: values[n] for n in g["personal"]}, threads, external, batch=1
+        )
         for name, g in spec["graphs"].items()
     }
     ids = [str(i) for i in catalogue["item_ids"]]

@@ -19,11 +19,13 @@ def session(
     overrides: Mapping[str, np.ndarray] | None = None,
     threads: int = 1,
     external: Mapping[str, bytes] | None = None,
+    batch: int | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime session of one graph (a path or the file's bytes) on ``threads`` threads, with the
     initializers named in ``overrides`` replaced (the personal values from :func:`personalize`). A graph
     given as bytes reads its external data from ``external`` (file name -> contents; a path finds the files
-    beside it)."""
+    beside it). ``batch`` pins the dynamic batch dimension (the runtime's 1: onnxruntime then folds the
+    shape arithmetic away)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -32,6 +34,8 @@ def session(
     for name, value in (overrides or {}).items():
         kept.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
         options.add_initializer(name, kept[-1])
+    if batch is not None:
+        options.add_free_dimension_override_by_name("batch", batch)
     if external:
         names, buffers = list(external), list(external.values())
         options.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
