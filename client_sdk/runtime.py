@@ -24,6 +24,7 @@ Defined behaviour for awkward input:
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -40,7 +41,7 @@ from shared_model.graph_io import encoder_inputs, exclude_mask, personalize, ses
 from .bundle import Manifest, load_public_key, verify_bundle
 from .store import DeviceRecord, EncryptedStore
 
-CATALOGUE = "catalogue.json"
+CATALOGUE = "catalogue.json.gz"  # gzip-compressed JSON (older bundles: "catalogue.json")
 
 
 class RuntimeInputError(ValueError):
@@ -97,7 +98,9 @@ def _ids_sha(ids: Sequence[str]) -> str:
 def _load(manifest: Manifest, personal: dict[str, np.ndarray], threads: int) -> _Loaded:
     """Sessions of a verified bundle with the device's personal weights (the bundle's initial values if none)."""
     spec = manifest.data["spec"]
-    catalogue = json.loads(manifest.read(manifest.data.get("catalogue", CATALOGUE)))
+    name = manifest.data.get("catalogue", "catalogue.json")
+    raw = manifest.read(name)
+    catalogue = json.loads(gzip.decompress(raw) if name.endswith(".gz") else raw)
     expected = {i["name"]: tuple(i["shape"]) for i in spec["personalize"]["inputs"]}
     if personal and {k: tuple(v.shape) for k, v in personal.items()} != expected:
         wrong = sorted(set(expected) ^ set(personal)) or [

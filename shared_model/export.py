@@ -343,7 +343,8 @@ def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
 
 
 def _prune(graph: onnx.GraphProto) -> None:
-    """Drop nodes whose outputs nothing reads, then unread initializers and stale value infos."""
+    """Drop nodes whose outputs nothing reads, then unread initializers, and the value infos (optional shape
+    annotations, a tenth of a graph file: onnxruntime and the checker infer them)."""
     while True:
         read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         keep = [_copy_node(n) for n in graph.node if any(o in read for o in n.output)]
@@ -353,10 +354,7 @@ def _prune(graph: onnx.GraphProto) -> None:
     initializers = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(initializers)
-    produced = {o for n in graph.node for o in n.output}
-    value_info = [v for v in graph.value_info if v.name in produced]
     del graph.value_info[:]
-    graph.value_info.extend(value_info)
 
 
 def _detach_personal(graph: onnx.GraphProto, tag: str, personal: set[str]) -> tuple[_PersonalPart, list[str]]:
