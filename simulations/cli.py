@@ -123,6 +123,33 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_credentials(args: argparse.Namespace) -> int:
+    from server.credentials import (
+        CA_CERT,
+        add_node_keys,
+        generate_credentials,
+        superlink_args,
+        supernode_args,
+    )
+
+    if args.credentials_command == "init":
+        if args.nodes < 0:
+            raise ValueError(f"--nodes must be >= 0, got {args.nodes}")
+        names = args.node or [f"node-{k}" for k in range(args.nodes)]
+        tls, nodes = generate_credentials(args.out, args.host, names, days=args.days)
+        print(f"CA certificate (give it to every SuperNode and to the `flwr` CLI): {tls.ca_cert}")
+        print(f"CA private key (keep it offline): {tls.ca_key}")
+        print(f"SuperLink: flower-superlink {' '.join(superlink_args(tls))} --host HOST --port 9093")
+        ca = tls.ca_cert
+    else:
+        nodes = add_node_keys(args.dir, args.names)
+        ca = Path(args.dir) / CA_CERT
+    for node in nodes:
+        print(f"{node.name}: register with `flwr supernode register {node.public_key} CONNECTION`; run "
+              f"flower-supernode {' '.join(supernode_args(ca, node))} --superlink HOST:9093 ...")  # fmt: skip
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from server.publish import build_bundle, model_from_checkpoint
     from server.release import load_private_key
@@ -210,6 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_keys.add_argument("--passphrase-env", help="read the passphrase from this environment variable")
     p_keys.add_argument("--overwrite", action="store_true", help="replace existing key files")
     p_keys.set_defaults(func=_cmd_keys)
+
+    p_cred = sub.add_parser("credentials", help="TLS certificates and SuperNode keys for a deployment")
+    cred_sub = p_cred.add_subparsers(dest="credentials_command", required=True)
+    p_init = cred_sub.add_parser("init", help="a private CA, the SuperLink's TLS certificate, SuperNode keys")
+    p_init.add_argument("--out", required=True, help="new folder for the files (nothing is overwritten)")
+    p_init.add_argument(
+        "--host", action="append", default=[], help="SuperLink DNS name or IP (repeatable; loopback is added)"
+    )
+    nodes = p_init.add_mutually_exclusive_group()
+    nodes.add_argument(
+        "--nodes", type=int, default=0, help="number of SuperNode key pairs (node-0, node-1, ...)"
+    )
+    nodes.add_argument("--node", action="append", help="a SuperNode key pair with this name (repeatable)")
+    p_init.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
+    p_init.set_defaults(func=_cmd_credentials)
+    p_add = cred_sub.add_parser("add-node", help="more SuperNode key pairs in an existing credentials folder")
+    p_add.add_argument("--dir", required=True, help="the credentials folder (tmepsr credentials init)")
+    p_add.add_argument("names", nargs="+", help="node names")
+    p_add.set_defaults(func=_cmd_credentials)
 
     p_export = sub.add_parser(
         "export", help="build a signed on-device bundle (ONNX graphs) from a checkpoint"

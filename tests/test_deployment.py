@@ -15,6 +15,9 @@ How flwr 1.42 is driven here (checked in its source, flwr/cli and flwr/superlink
 - ``flwr run APP NAME --run-config 'k=v ...' --format json`` returns the run id and exits 0 even when the run
   later fails, so the status comes from ``flwr ls NAME --run-id ID --format json`` (``finished:completed``).
 
+TLS and SuperNode authentication (``flower-superlink --ssl-* --enable-supernode-auth``, keys registered with
+``flwr supernode register``) are driven as cited in ``server/credentials.py``; the second test runs them.
+
 Every process started here (and all their descendants) carries a unique environment tag; all are stopped by
 PID afterwards, and the test asserts that none is left running.
 """
@@ -22,15 +25,19 @@ PID afterwards, and the test asserts that none is left running.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -40,6 +47,7 @@ import numpy as np
 import pytest
 
 from server.checkpoint import load_server_checkpoint
+from server.credentials import NodeKeys, TlsFiles, generate_credentials, superlink_args, supernode_args
 from shared_model.config import FederatedConfig
 
 from .test_federated import make_events
@@ -112,13 +120,18 @@ def _running(proc: tuple[int, str]) -> bool:
 
 class LocalDeployment:
     """A SuperLink and SuperNodes on 127.0.0.1 under ``root``; every process gets FLWR_HOME under ``root``
-    and a unique tag in its environment, so this class can find and stop all of them (and their children)."""
+    and a unique tag in its environment, so this class can find and stop all of them (and their children).
 
-    def __init__(self, root: Path) -> None:
+    Without ``tls`` everything runs ``--insecure``; with it the SuperLink serves HTTPS with that certificate
+    and clients verify it with its CA (``server.credentials``)."""
+
+    def __init__(self, root: Path, tls: TlsFiles | None = None) -> None:
         self.root = root
+        self.tls = tls
         self.tag = uuid.uuid4().hex
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
+        self.may_exit: set[str] = set()  # processes expected to end by themselves (check_alive skips them)
         self.known: set[tuple[int, str]] = set()  # (pid, start time) of every process seen as ours
         self.cli_home = root / "cli" / "flwr-home"
         self.cli_home.mkdir(parents=True)
@@ -130,7 +143,9 @@ class LocalDeployment:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env
 
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, args: list[str], *, may_exit: bool = False) -> subprocess.Popen[bytes]:
+        if may_exit:
+            self.may_exit.add(name)
         workdir = self.root / name
         (workdir / "flwr-home").mkdir(parents=True, exist_ok=True)
         log = workdir / "process.log"
@@ -142,6 +157,51 @@ class LocalDeployment:
         self.procs[name], self.logs[name] = proc, log
         self.scan()
         return proc
+
+    def write_cli_config(self, link_port: int, extra: dict[str, dict[str, Any]] | None = None) -> None:
+        """The `flwr` CLI's SuperLink connections (flwr 1.42 format): CONNECTION, the default, reaches the
+        SuperLink like the nodes do (insecure, or verifying the CA); ``extra`` adds named connections."""
+        main = {"address": f"127.0.0.1:{link_port}"}
+        main |= {"root-certificates": str(self.tls.ca_cert)} if self.tls else {"insecure": True}
+        text = f'[superlink]\ndefault = "{CONNECTION}"\n'
+        for name, values in {CONNECTION: main, **(extra or {})}.items():
+            text += f"\n[superlink.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+        (self.cli_home / "config.toml").write_text(text)
+
+    def start_superlink(self, port: int, *, node_auth: bool = False) -> subprocess.Popen[bytes]:
+        """``flower-superlink`` on 127.0.0.1:port (TLS when the deployment has it; node auth needs TLS)."""
+        security = superlink_args(self.tls, node_auth=node_auth) if self.tls else ["--insecure"]
+        cmd = [_executable("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(port)]
+        return self.spawn("superlink", cmd)
+
+    def start_supernode(
+        self, name: str, link_port: int, port: int, node_config: dict[str, Any], *,
+        key: NodeKeys | None = None, security: list[str] | None = None, may_exit: bool = False,
+    ) -> subprocess.Popen[bytes]:  # fmt: skip
+        """``flower-supernode`` (Runtime API on ``port``) reaching the SuperLink like this deployment does,
+        authenticating with ``key``; ``security`` replaces those flags (to try a wrong set-up)."""
+        if security is None:
+            security = supernode_args(self.tls.ca_cert, key) if self.tls else ["--insecure"]
+        cmd = [_executable("flower-supernode"), *security, "--superlink", f"127.0.0.1:{link_port}",
+               "--port", str(port), "--node-config", _toml_pairs(node_config)]  # fmt: skip
+        return self.spawn(name, cmd, may_exit=may_exit)
+
+    def link_up(self, port: int) -> bool:
+        """Whether the SuperLink answers its health check (over HTTPS, verified with the CA, under TLS)."""
+        scheme, context = (
+            ("https", ssl.create_default_context(cafile=self.tls.ca_cert)) if self.tls else ("http", None)
+        )
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(
+                f"{scheme}://127.0.0.1:{port}/health", timeout=2, context=context
+            ) as resp:
+                return resp.status == 200
+        return False
+
+    def online_nodes(self) -> list[str]:
+        """Ids of the SuperNodes the SuperLink lists as online (``flwr supernode ls``)."""
+        nodes = self.cli_json("supernode", "ls", CONNECTION).get("nodes", [])
+        return sorted(str(n["node-id"]) for n in nodes if n.get("status") == "online")
 
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run a ``flwr`` command (against the connection in the test's own FLWR_HOME)."""
@@ -164,7 +224,7 @@ class LocalDeployment:
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
-            if proc.poll() is not None:
+            if name not in self.may_exit and proc.poll() is not None:
                 pytest.fail(f"{name} exited early with code {proc.returncode}:\n{_tail(self.logs[name])}")
 
     def report(self) -> str:
@@ -262,6 +322,27 @@ def _finite(value: Any) -> bool:
     return isinstance(value, bool | int | float) and math.isfinite(value)
 
 
+def _run_to_completion(
+    dep: LocalDeployment, app_dir: Path, overrides: dict[str, Any], deadline: float
+) -> dict[str, Any]:
+    """Submit the app with ``flwr run`` and wait until the run finished; fail with its log unless completed."""
+    started = dep.cli_json("run", str(app_dir), CONNECTION, "--run-config", _toml_pairs(overrides))
+    assert started.get("success") and started.get("run-id"), started
+    run_id = started["run-id"]
+
+    def finished() -> dict[str, Any] | None:
+        runs = dep.cli_json("ls", CONNECTION, "--run-id", run_id).get("runs", [])
+        run = next((r for r in runs if r.get("run-id") == run_id), None)
+        return run if run and str(run.get("status", "")).startswith("finished") else None
+
+    run = _poll(f"run {run_id} to finish", deadline, finished, dep, every=5.0)
+    if run["status"] != "finished:completed":
+        logs = dep.cli("log", run_id, CONNECTION, "--show", timeout=60).stdout
+        pytest.fail(f"run {run_id} ended {run['status']} ({run.get('status-details')}):\n"
+                    f"{logs[-4000:]}\n{dep.report()}")  # fmt: skip
+    return run
+
+
 def test_deployment_engine_runs_two_rounds(tmp_path):
     deadline = time.monotonic() + DEADLINE_S
     dataset = make_events(tmp_path / "events.csv", users=NODES)
@@ -271,51 +352,20 @@ def test_deployment_engine_runs_two_rounds(tmp_path):
     app_dir = _copy_app(tmp_path / "app")
     link_port, *node_ports = _free_ports(1 + NODES)
     dep = LocalDeployment(tmp_path / "deployment")
-    (dep.cli_home / "config.toml").write_text(  # the `flwr` CLI's SuperLink connection (flwr 1.42 format)
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
-    )
+    dep.write_cli_config(link_port)
     try:
-        dep.spawn("superlink", [_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                "--port", str(link_port)])  # fmt: skip
-
-        def link_up() -> bool:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{link_port}/health", timeout=2) as resp:
-                    return resp.status == 200
-            return False
-
-        _poll("the SuperLink to serve", deadline, link_up, dep, every=1.0)
+        dep.start_superlink(link_port)
+        _poll("the SuperLink to serve", deadline, lambda: dep.link_up(link_port), dep, every=1.0)
         stores = []
         for k, port in enumerate(node_ports):
             store = tmp_path / "deployment" / f"supernode-{k}" / "store"
             stores.append(store)
-            node_config = _toml_pairs({"partition-id": k, "num-partitions": NODES, "store-dir": str(store)})
-            dep.spawn(f"supernode-{k}", [_executable("flower-supernode"), "--insecure", "--superlink",
-                                         f"127.0.0.1:{link_port}", "--port", str(port),
-                                         "--node-config", node_config])  # fmt: skip
-
-        def nodes_online() -> bool:
-            nodes = dep.cli_json("supernode", "ls", CONNECTION).get("nodes", [])
-            return sum(n.get("status") == "online" for n in nodes) == NODES
+            node_config = {"partition-id": k, "num-partitions": NODES, "store-dir": str(store)}
+            dep.start_supernode(f"supernode-{k}", link_port, port, node_config)
 
         # The ServerApp sizes its cohort from the nodes connected when it starts: all must be online first.
-        _poll(f"{NODES} SuperNodes to be online", deadline, nodes_online, dep)
-
-        started = dep.cli_json("run", str(app_dir), CONNECTION, "--run-config", _toml_pairs(overrides))
-        assert started.get("success") and started.get("run-id"), started
-        run_id = started["run-id"]
-
-        def finished() -> dict[str, Any] | None:
-            runs = dep.cli_json("ls", CONNECTION, "--run-id", run_id).get("runs", [])
-            run = next((r for r in runs if r.get("run-id") == run_id), None)
-            return run if run and str(run.get("status", "")).startswith("finished") else None
-
-        run = _poll(f"run {run_id} to finish", deadline, finished, dep, every=5.0)
-        if run["status"] != "finished:completed":
-            logs = dep.cli("log", run_id, CONNECTION, "--show", timeout=60).stdout
-            pytest.fail(f"run {run_id} ended {run['status']} ({run.get('status-details')}):\n"
-                        f"{logs[-4000:]}\n{dep.report()}")  # fmt: skip
+        _poll(f"{NODES} SuperNodes to be online", deadline, lambda: len(dep.online_nodes()) == NODES, dep)
+        _run_to_completion(dep, app_dir, overrides, deadline)
 
         history = json.loads((out_dir / "metrics.json").read_text())
         assert [row["round"] for row in history] == [1, 2]
@@ -337,6 +387,114 @@ def test_deployment_engine_runs_two_rounds(tmp_path):
         assert len({names[0] for names in per_node}) == NODES, per_node
         # An explicit SuperLink address: `flwr` must not have started its local SuperLink daemon.
         assert not (dep.cli_home / "local-superlink").exists()
+    finally:
+        leftover = dep.stop_all()
+        if leftover:
+            print("processes left running after cleanup:\n" + "\n".join(leftover), file=sys.stderr)
+    assert not leftover, leftover
+
+
+def _https_error(url: str, context: ssl.SSLContext | None) -> BaseException | None:
+    """What stops ``url`` (None when it answers)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=context):
+            return None
+    except (OSError, http.client.HTTPException) as exc:
+        return exc.reason if isinstance(exc, urllib.error.URLError) else exc
+
+
+def test_tls_and_supernode_auth_admit_only_registered_nodes(tmp_path):
+    """TLS on the SuperLink with SuperNode authentication (keys from ``server.credentials``): the registered
+    nodes run a round over HTTPS; a node with its own unregistered key pair is refused and never gets work; a
+    client without the CA, or one speaking plain HTTP, cannot talk to the SuperLink at all."""
+    deadline = time.monotonic() + DEADLINE_S
+    nodes = 2
+    tls, keys = generate_credentials(
+        tmp_path / "credentials", [], [f"node-{k}" for k in range(nodes)] + ["intruder"]
+    )
+    *members, intruder = keys
+    out_dir = tmp_path / "server-out"
+    overrides = {"dataset": str(make_events(tmp_path / "events.csv", users=nodes)), "num-rounds": 1,
+                 "fraction-train": 1.0, "eval-every": 1, "max-len": 16, "d-model": 16, "round-timeout": 120.0,
+                 "out-dir": str(out_dir)}  # fmt: skip
+    app_dir = _copy_app(tmp_path / "app")
+    link_port, *node_ports = _free_ports(1 + nodes + 3)
+    dep = LocalDeployment(tmp_path / "deployment", tls=tls)
+    address = f"127.0.0.1:{link_port}"
+    dep.write_cli_config(
+        link_port, {"no-ca": {"address": address}, "plain": {"address": address, "insecure": True}}
+    )
+
+    def store(name: str) -> Path:
+        return tmp_path / "deployment" / name / "store"
+
+    try:
+        dep.start_superlink(link_port, node_auth=True)
+        _poll("the SuperLink to serve over TLS", deadline, lambda: dep.link_up(link_port), dep, every=1.0)
+        # Without the CA (the system trust store) the certificate does not verify; plain HTTP gets nowhere.
+        health = f"127.0.0.1:{link_port}/health"
+        assert isinstance(_https_error(f"https://{health}", None), ssl.SSLCertVerificationError)
+        assert _https_error(f"http://{health}", None) is not None
+        for name in ("no-ca", "plain"):
+            listed = dep.cli_json("supernode", "ls", name)
+            assert listed.get("success") is False and "unavailable" in listed.get("error-message", ""), listed
+
+        node_ids = {
+            key.name: str(dep.cli_json("supernode", "register", str(key.public_key), CONNECTION)["node-id"])
+            for key in members
+        }
+        registered = sorted(node_ids.values())
+        assert dep.online_nodes() == []  # registered, not yet connected
+        refused = {  # its own unregistered key pair; a registered key but no CA; plain HTTP
+            "intruder": supernode_args(tls.ca_cert, intruder),
+            "no-ca": ["--auth-supernode-private-key", str(members[0].private_key)],
+            "plain": ["--insecure", "--max-retries", "1"],
+        }
+        for k, (key, port) in enumerate(zip(members, node_ports[:nodes], strict=True)):
+            node_config = {"partition-id": k, "num-partitions": nodes, "store-dir": str(store(key.name))}
+            dep.start_supernode(key.name, link_port, port, node_config, key=key)
+        for (name, flags), port in zip(refused.items(), node_ports[nodes:], strict=True):
+            node_config = {"partition-id": 0, "num-partitions": nodes, "store-dir": str(store(name))}
+            dep.start_supernode(name, link_port, port, node_config, security=flags, may_exit=True)
+        _poll("the registered SuperNodes online", deadline, lambda: dep.online_nodes() == registered, dep)
+        _poll(
+            "the refused SuperNodes to exit",
+            deadline,
+            lambda: all(dep.procs[n].poll() is not None for n in refused),
+            dep,
+        )
+
+        logs = {name: dep.logs[name].read_text(errors="replace") for name in refused}
+        for name, text in logs.items():  # flwr_exit: process status 1, Flower's code in the log
+            assert dep.procs[name].returncode == 1 and "Exit Code: 305" in text, (name, text[-2000:])
+            assert "SuperNode ID:" not in text, (name, text[-2000:])  # never activated
+        assert "[code: 2004] Failed to activate SuperNode." in logs["intruder"], logs["intruder"][-2000:]
+        assert "CERTIFICATE_VERIFY_FAILED" in logs["no-ca"], logs["no-ca"][-2000:]
+        assert "Giving up reconnection" in logs["plain"], logs["plain"][-2000:]
+
+        _run_to_completion(dep, app_dir, overrides, deadline)
+        assert [row["round"] for row in json.loads((out_dir / "metrics.json").read_text())] == [1]
+        # Only the registered keys ever became nodes; each trained its own user, the refused ones nothing.
+        activated = re.findall(
+            r"\[Fleet\.ActivateNode\] Activated node_id=(\d+)", dep.logs["superlink"].read_text()
+        )
+        assert sorted(set(activated)) == registered, activated
+        assert dep.online_nodes() == registered
+        assert all(len(list(store(key.name).glob("user-*.store"))) == 1 for key in members)
+        assert not any(store(name).exists() for name in refused)
+
+        # Revocation: an unregistered node's next signed request is refused (HTTP 401) and the node stops.
+        revoked = members[-1].name
+        dep.may_exit.add(revoked)
+        assert dep.cli_json("supernode", "unregister", node_ids[revoked], CONNECTION).get("success"), revoked
+        _poll(
+            f"{revoked} to stop once unregistered",
+            deadline,
+            lambda: dep.procs[revoked].poll() is not None,
+            dep,
+        )
+        assert dep.online_nodes() == sorted(set(registered) - {node_ids[revoked]})
+        assert '" 401' in dep.logs["superlink"].read_text()
     finally:
         leftover = dep.stop_all()
         if leftover:
