@@ -3,24 +3,47 @@
 The node's own settings come from its node config: ``partition-id`` / ``num-partitions`` (which users it
 hosts) and ``store-dir`` (where its encrypted stores live); the run's settings come with each message.
 Replies carry only the shared arrays and metrics: personal weights never leave the device.
+
+SecAgg+ rounds (``privacy="secagg"``, see ``server.secagg``): the messages that carry SecAgg+ configs go through
+Flower's ``secaggplus_mod``, which answers the key stages itself and, in the collect stage, calls the train
+function with the legacy FitIns; the device trains as in any round and returns its clipped change
+(``shared_model.secagg.encode``) with its capped example weight as a legacy FitRes. On the way out,
+:func:`secagg_mod` sends the masked vector as uint32 (its values are already reduced modulo 2**32, which
+Flower would send as int64) and reports the weight as 0: the mod has used it inside the masked vector.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import (
+    Code,
+    FitRes,
+    Status,
+    bytes_to_ndarray,
+    ndarray_to_bytes,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
 
+from shared_model import secagg
 from shared_model.config import FederatedConfig
+from shared_model.partition import split_state
 
 from .device import Device
 
 ROUND_KEYS = ("server-round", "stage")
 
 
-def _device(msg: Message, context: Context) -> tuple[Device, FederatedConfig, dict[str, Any]]:
-    config = dict(next(iter(msg.content.config_records.values())))
+def _device(config: dict[str, Any], context: Context) -> tuple[Device, FederatedConfig, dict[str, Any]]:
+    config = dict(config)
     extra = {k: config.pop(k) for k in ROUND_KEYS if k in config}
     cfg = FederatedConfig.from_run_config(config)
     node = context.node_config
@@ -29,17 +52,59 @@ def _device(msg: Message, context: Context) -> tuple[Device, FederatedConfig, di
     return device, cfg, extra
 
 
+def _config(msg: Message) -> dict[str, Any]:
+    return dict(next(iter(msg.content.config_records.values())))
+
+
 def _shared(msg: Message) -> dict:
     return {k: v.numpy() for k, v in next(iter(msg.content.array_records.values())).items()}
+
+
+def is_secagg(msg: Message) -> bool:
+    """Whether a message belongs to a SecAgg+ round (it carries the protocol's configs)."""
+    return RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` for SecAgg+ messages (others pass through); the masked vector leaves as
+    uint32 and the plaintext weight as 0 (see the module docstring)."""
+    if not is_secagg(msg):
+        return call_next(msg, context)
+    reply = secaggplus_mod(msg, context, call_next)
+    configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+    if Key.MASKED_PARAMETERS in configs:
+        masked = [bytes_to_ndarray(b).astype(np.uint32) for b in configs[Key.MASKED_PARAMETERS]]
+        configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in masked]
+        reply.content.metric_records["fitres.num_examples"]["num_examples"] = 0
+    return reply
+
+
+def _secagg_train(msg: Message, context: Context) -> Message:
+    """The collect stage of a SecAgg+ round: train on the sent arrays (legacy Parameters in sorted key order)
+    and return the clipped change as a legacy FitRes for ``secaggplus_mod`` to mask."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    device, cfg, extra = _device(fitins.config, context)
+    names = sorted(split_state(device.model, cfg.split)[0])
+    shared = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
+    result = device.train(shared, int(extra.get("server-round", 0)))
+    vector = secagg.encode(result.update, shared, result.metrics["train-loss"], cfg.secagg_clip)
+    fitres = FitRes(
+        Status(Code.OK, ""), ndarrays_to_parameters(vector), secagg.weight(result.num_examples), {}
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 def make_client_app() -> ClientApp:
     """A ClientApp whose train/evaluate handlers run :class:`Device` rounds."""
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[secagg_mod])
     def train(msg: Message, context: Context) -> Message:
-        device, _, extra = _device(msg, context)
+        if is_secagg(msg):
+            return _secagg_train(msg, context)
+        device, cfg, extra = _device(_config(msg), context)
+        if cfg.privacy == "secagg":
+            raise ValueError("privacy='secagg': this device sends its update only masked, in a SecAgg+ round")
         result = device.train(_shared(msg), int(extra.get("server-round", 0)))
         arrays = ArrayRecord({k: Array(v) for k, v in result.update.items()})
         metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
@@ -47,7 +112,7 @@ def make_client_app() -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        device, _, extra = _device(msg, context)
+        device, _, extra = _device(_config(msg), context)
         result = device.evaluate(
             _shared(msg), str(extra.get("stage", "val")), int(extra.get("server-round", 0))
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from shared_model.config import FederatedConfig
@@ -20,7 +20,8 @@ from shared_model.partition import split_state
 from shared_model.training import model_for_run
 
 from .checkpoint import load_server_checkpoint, save_server_checkpoint
-from .strategy import make_strategy, numpy_to_record, record_to_numpy
+from .secagg import secagg_round
+from .strategy import ValidatedAggregation, make_strategy, numpy_to_record, record_to_numpy
 
 log = logging.getLogger("tmepsr.server")
 
@@ -58,24 +59,12 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
     else:
         shared, start, history = initial_shared(cfg, log), 1, []
     run_config = cfg.to_run_config()
+    train_round = secagg_round if cfg.privacy == "secagg" else plain_round
     for rnd in range(start, cfg.num_rounds + 1):
         t0 = time.perf_counter()
-        messages = strategy.configure_train(
-            rnd, numpy_to_record(shared), ConfigRecord(dict(run_config)), grid
-        )
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        upload = [
-            r.content.array_records["arrays"].count_bytes()
-            for r in replies
-            if not r.has_error() and r.has_content() and "arrays" in r.content.array_records
-        ]
-        arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-        if arrays is not None:
-            shared = record_to_numpy(arrays)
+        shared, train_metrics, traffic = train_round(grid, strategy, rnd, shared, cfg)
         row: dict[str, Any] = {"round": rnd, **{k: v for k, v in strategy.last_round.items() if k != "rejections"},
-                               "rejections": strategy.last_round.get("rejections", [])[:5],
-                               "upload_bytes_per_device": float(np.mean(upload)) if upload else 0.0,
-                               "download_bytes_per_device": float(sum(v.nbytes for v in shared.values()))}  # fmt: skip
+                               "rejections": strategy.last_round.get("rejections", [])[:5], **traffic}  # fmt: skip
         if train_metrics is not None:
             row["train_loss"] = float(train_metrics.get("train-loss", float("nan")))
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:
@@ -98,10 +87,32 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
     return {"history": history, "shared": shared}
 
 
+def plain_round(
+    grid: Grid, strategy: ValidatedAggregation, rnd: int, shared: dict[str, np.ndarray], cfg: FederatedConfig
+) -> tuple[dict[str, np.ndarray], MetricRecord | None, dict[str, float]]:
+    """A plaintext training round: each sampled device's update reaches the strategy, which validates it.
+    Returns the new shared arrays, the training metrics and the round's traffic (array payload bytes)."""
+    messages = strategy.configure_train(rnd, numpy_to_record(shared), ConfigRecord(cfg.to_run_config()), grid)
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    upload = [
+        r.content.array_records["arrays"].count_bytes()
+        for r in replies
+        if not r.has_error() and r.has_content() and "arrays" in r.content.array_records
+    ]
+    arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+    if arrays is not None:
+        shared = record_to_numpy(arrays)
+    traffic = {"upload_bytes_per_device": float(np.mean(upload)) if upload else 0.0,
+               "download_bytes_per_device": float(sum(v.nbytes for v in shared.values()))}  # fmt: skip
+    return shared, train_metrics, traffic
+
+
 def _round_line(row: dict[str, Any], total: int) -> str:
     line = (f"round {row['round']}/{total}: {row.get('valid', 0)}/{row.get('sampled', 0)} devices valid, "
             f"{row.get('rejected', 0)} rejected, {row.get('failed', 0)} failed, "
             f"upload {row['upload_bytes_per_device'] / 1024:.1f} KiB/device, {row['seconds']:.1f}s")  # fmt: skip
+    if "epsilon" in row:
+        line += f"; DP epsilon {row['epsilon']:.3g} at delta {row['dp_delta']:g}"
     for stage in ("val", "test"):
         if stage in row and "ndcg@10" in row[stage]:
             line += f"; {stage} NDCG@10 {row[stage]['ndcg@10']:.4f}"

@@ -165,12 +165,44 @@ class FederatedConfig:
             raise ValueError("trim_fraction must lie in [0, 0.5)")
         if min(self.dp_noise, self.dp_clip, self.clip_norm, self.row_clip) < 0 or not 0 < self.dp_delta < 1:
             raise ValueError("dp_noise, dp_clip, clip_norm, row_clip must be >= 0 and dp_delta in (0, 1)")
+        if self.privacy == "dp" and (min(self.dp_noise, self.dp_clip) <= 0 or self.aggregation != "mean"):
+            raise ValueError(
+                "privacy=dp needs dp_noise > 0, dp_clip > 0 and aggregation=mean (noise fits a mean)"
+            )
         if not 1 <= self.secagg_threshold <= self.secagg_shares:
             raise ValueError("secagg needs 1 <= secagg_threshold <= secagg_shares")
+        if self.privacy == "secagg":
+            self._check_secagg()
         if not 0 < self.fraction_train <= 1 or not 0 <= self.min_reply_fraction <= 1:
             raise ValueError("fractions must lie in (0, 1]")
         if self.users_per_node < 1 or self.num_rounds < 1:
             raise ValueError("users_per_node and num_rounds must be >= 1")
+
+    def _check_secagg(self) -> None:
+        """SecAgg+ sums dense updates the server never sees one by one (server.secagg)."""
+        needs = {
+            "upload": "dense",
+            "compress": "none",
+            "aggregation": "mean",
+            "clip_norm": 0.0,
+            "row_clip": 0.0,
+        }
+        wrong = [f"{k}={getattr(self, k)!r} (needs {v!r})" for k, v in needs.items() if getattr(self, k) != v]
+        if wrong:
+            raise ValueError(
+                "privacy='secagg' sums dense updates inside SecAgg+, so per-update codecs and defences cannot"
+                " apply (secagg_clip bounds each device per coordinate instead): " + ", ".join(wrong)
+            )
+        if not (
+            self.secagg_shares >= 3 and self.secagg_shares / 2 < self.secagg_threshold < self.secagg_shares
+        ):
+            raise ValueError(
+                "secagg needs secagg_shares >= 3 and secagg_shares / 2 < secagg_threshold < secagg_shares (a"
+                " majority threshold, and shares - threshold devices may drop out), got"
+                f" {self.secagg_shares} shares, threshold {self.secagg_threshold}"
+            )
+        if not self.secagg_clip > 0:
+            raise ValueError(f"secagg_clip must be > 0, got {self.secagg_clip}")
 
     def to_run_config(self) -> dict[str, Any]:
         """Flower run config (kebab-case keys, scalar values)."""

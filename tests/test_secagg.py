@@ -1,0 +1,235 @@
+"""SecAgg+ rounds (``privacy="secagg"``, server.secagg): the server's aggregate equals the plaintext
+example-weighted mean of the survivors' real Device updates within the quantization error, a device dropping
+out after sharing its keys does not stop the round, what leaves a device is masked, and the same runs on the
+deployment engine (a real SuperLink and three SuperNodes on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from client_sdk.device import Device
+from client_sdk.flower_client import make_client_app
+from server.app import initial_shared
+from server.checkpoint import load_server_checkpoint
+from server.secagg import MOD_RANGE, _check_aggregate, quantization_range
+from server.strategy import numpy_to_record
+from server.validation import UpdateRejected
+from shared_model import secagg
+from shared_model.config import FederatedConfig
+from shared_model.data import load_dataset
+from shared_model.data.split import partition_users
+from simulations.simulate import run_simulation
+
+from .test_deployment import DEADLINE_S, LocalDeployment, _copy_app, _free_ports, _poll, _run_to_completion
+from .test_deployment import NODES as DEPLOYED
+from .test_federated import _message, make_events
+
+NODES, USERS_PER_NODE = 4, 2
+
+
+def _cfg(tmp_path: Path, users: int, **overrides) -> FederatedConfig:
+    data = make_events(tmp_path / "events.csv", users=users)
+    base = dict(dataset=str(data), max_len=16, d_model=16, num_rounds=1, local_epochs=2, fraction_train=1.0,
+                eval_every=1, privacy="secagg", out_dir=str(tmp_path / "run"))  # fmt: skip
+    return FederatedConfig(**(base | overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides,reason",
+    [
+        ({"upload": "sparse"}, "upload='sparse'"),
+        ({"compress": "int8"}, "compress='int8'"),
+        ({"aggregation": "trimmed-mean"}, "aggregation='trimmed-mean'"),
+        ({"clip_norm": 1.0}, "clip_norm=1.0"),
+        ({"row_clip": 1.0}, "row_clip=1.0"),
+        ({"secagg_threshold": 3}, "majority threshold"),
+        ({"secagg_shares": 4, "secagg_threshold": 2}, "majority threshold"),
+        ({"secagg_clip": 0.0}, "secagg_clip"),
+    ],
+)
+def test_config_refuses_what_secagg_cannot_do(overrides, reason):
+    with pytest.raises(ValueError, match=reason):
+        FederatedConfig(privacy="secagg", **overrides)
+    FederatedConfig(privacy="plain", **{k: v for k, v in overrides.items() if k != "secagg_clip"})
+
+
+@pytest.mark.parametrize("cohort", [3, 4, 5, 60, 1000, 4095])
+def test_quantization_range_is_the_largest_that_never_wraps(cohort):
+    t = quantization_range(cohort)
+    assert t & (t - 1) == 0 and cohort * t < MOD_RANGE
+    assert t == 1 << 30 or cohort * 2 * t >= MOD_RANGE
+
+
+def test_encode_clips_changes_and_decode_inverts():
+    rng = np.random.default_rng(0)
+    sent = {
+        "b": rng.standard_normal(5).astype(np.float32),
+        "a": rng.standard_normal((3, 2)).astype(np.float32),
+    }
+    update = {k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in sent.items()}
+    vector = secagg.encode(update, sent, loss=3.5, clip=0.5)
+    assert [v.shape for v in vector] == [(3, 2), (5,), (1,)]  # sorted keys, then the loss
+    deltas, loss = secagg.decode(vector, sent, clip=0.5)
+    for k in sent:
+        np.testing.assert_allclose(deltas[k], np.clip(update[k] - sent[k].astype(np.float64), -0.5, 0.5))
+    assert loss == pytest.approx(3.5) and secagg.weight(5000) == secagg.MAX_WEIGHT
+    with pytest.raises(ValueError, match="non-finite"):
+        secagg.encode({**update, "a": np.full((3, 2), np.nan, np.float32)}, sent, 1.0, 0.5)
+    with pytest.raises(ValueError, match="shapes"):
+        secagg.decode(vector[1:], sent, 0.5)
+
+
+def test_unmasked_aggregate_is_validated():
+    cfg = FederatedConfig(privacy="secagg", secagg_clip=1.0, norm_bound=2.0)
+    sent = {"a": np.zeros((4, 4), np.float32), "b": np.zeros(3, np.float32)}
+    good = [np.full((4, 4), 0.1), np.full(3, -0.1), np.array([0.004])]
+    new, loss = _check_aggregate(good, sent, cfg, 3)
+    np.testing.assert_allclose(new["a"], 0.1)
+    assert new["a"].dtype == np.float32 and loss == pytest.approx(4.0)
+    for bad, reason in [
+        ([good[0], np.array([0.1, np.inf, 0.0]), good[2]], "non-finite"),
+        ([np.full((4, 4), 5.0), good[1], good[2]], "clip range"),  # what an overflowing sum looks like
+        ([np.full((4, 4), 0.9), good[1], good[2]], "norm"),  # within the clip range, beyond the norm bound
+    ]:
+        with pytest.raises(UpdateRejected, match=reason):
+            _check_aggregate(bad, sent, cfg, 3)
+
+
+def test_device_never_sends_a_plaintext_update_in_a_secagg_run(tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # what a SuperNode sets for the process it starts
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg = _cfg(tmp_path, users=3)
+    node = {"partition-id": 0, "num-partitions": 3, "store-dir": str(tmp_path / "store")}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="only masked"):
+        make_client_app()(_message(cfg, initial_shared(cfg), "train"), context)
+    assert not (tmp_path / "store").exists()  # refused before training
+
+
+def dropping_client_app(drops: dict[int, set[int]], spy_dir: Path) -> ClientApp:
+    """The real ClientApp, except that in round r the partitions ``drops[r]`` go offline in the collect stage
+    (after they shared their keys); in round 1 every other node saves the reply it sends in that stage under
+    ``spy_dir``."""
+    real = make_client_app()
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid, rnd = int(context.node_config["partition-id"]), int(msg.metadata.group_id)
+        collect = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] == Stage.COLLECT_MASKED_VECTORS
+        if collect and pid in drops[rnd]:
+            raise RuntimeError("device went offline after sharing its keys")
+        reply = real(msg, context)
+        if collect and rnd == 1:
+            masked = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+            np.savez(spy_dir / f"collect-{pid}.npz", *[bytes_to_ndarray(b) for b in masked],
+                     arrays=len(reply.content.array_records["fitres.parameters"]),
+                     weight=reply.content.metric_records["fitres.num_examples"]["num_examples"])  # fmt: skip
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return real(msg, context)
+
+    return app
+
+
+def test_simulation_survives_a_dropout_with_the_survivors_weighted_mean(tmp_path):
+    """Round 1: one of 4 devices drops out (shares 3 - threshold 2 = 1 may): the survivors' weighted mean.
+    Round 2: two drop out, more than the threshold allows: the round completes without aggregating."""
+    cfg = _cfg(tmp_path, users=NODES * USERS_PER_NODE - 1, users_per_node=USERS_PER_NODE, num_rounds=2)
+    hosted = partition_users(load_dataset(cfg.dataset).num_users, NODES, cfg.seed)
+    # drop a node hosting two users, so that the survivors differ in weight
+    drop = next(p for p, users in enumerate(hosted) if len(users) == USERS_PER_NODE)
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    app = dropping_client_app({1: {drop}, 2: {drop, (drop + 1) % NODES}}, spy)
+    history = run_simulation(cfg, num_cpus=2, client_app=app)["history"]
+
+    row, halted = history
+    counts = ("sampled", "valid", "rejected", "failed", "dropped")
+    assert [row[k] for k in counts] == [NODES, 3, 0, 1, 1] and row["aggregated"], row
+    assert [halted[k] for k in counts] == [NODES, 0, 0, NODES, 2] and not halted["aggregated"], halted
+    assert "halted" in halted["rejections"][0] and "train_loss" not in halted
+    assert 0 <= halted["test"]["ndcg@10"] <= 1 and math.isfinite(row["train_loss"])
+    sent = initial_shared(cfg)
+    dense = numpy_to_record(sent).count_bytes()  # what a plaintext dense round uploads (tests/test_federated)
+    assert set(row["upload_bytes_by_stage"]) == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+    assert dense < row["upload_bytes_per_device"] <= 2 * dense
+
+    # The survivors' updates, recomputed outside Flower from the same deterministic local training.
+    results = [Device(cfg, p, NODES, tmp_path / "ref").train(sent, 1) for p in range(NODES) if p != drop]
+    weights = np.array([r.num_examples for r in results], dtype=np.float64)
+    assert len(set(weights)) > 1
+    shared, rnd, _, _ = load_server_checkpoint(cfg.out_dir)
+    assert rnd == 2  # round 2 kept round 1's aggregate
+    # each survivor's stochastic rounding errs by < 1 step of 2 * clip / T in its weighted value
+    steps = sum(round(w / secagg.MAX_WEIGHT * quantization_range(NODES)) for w in weights)
+    quantum = len(results) * 2 * cfg.secagg_clip / steps
+    for key, value in sent.items():
+        changes = np.stack([np.clip(r.update[key] - value.astype(np.float64), -cfg.secagg_clip, cfg.secagg_clip)
+                            for r in results])  # fmt: skip
+        weighted = value + np.tensordot(weights / weights.sum(), changes, axes=1)
+        np.testing.assert_allclose(shared[key], weighted, rtol=0, atol=quantum + 1e-6, err_msg=key)
+    unweighted = sent["item_emb.weight"] + np.mean([r.update["item_emb.weight"] - sent["item_emb.weight"]
+                                                    for r in results], axis=0)  # fmt: skip
+    assert np.abs(shared["item_emb.weight"] - unweighted).max() > 10 * (quantum + 1e-6)
+    loss = np.average([r.metrics["train-loss"] for r in results], weights=weights)
+    assert row["train_loss"] == pytest.approx(loss, abs=quantum * secagg.LOSS_BOUND / cfg.secagg_clip + 1e-6)
+
+    # What left each surviving device in the collect stage: no arrays, no weight, a uniformly masked vector.
+    for p in set(range(NODES)) - {drop}:
+        with np.load(spy / f"collect-{p}.npz") as saved:
+            assert int(saved["arrays"]) == 0 and int(saved["weight"]) == 0
+            masked = np.concatenate([saved[k].ravel() for k in saved.files if k.startswith("arr_")])
+        assert masked.dtype == np.uint32 and masked.size == 1 + sum(v.size for v in sent.values()) + 1
+        # unmasked, the values would all lie below 2**30 (the quantization range of a cohort of 4)
+        assert abs(masked.mean() / 2**32 - 0.5) < 0.03 and masked.max() > 2**31
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the deployment helpers find processes through /proc")
+def test_deployment_engine_runs_a_secagg_round(tmp_path):
+    # a round is five exchanges per node (four SecAgg+ stages, evaluation), each a poll and a ClientApp process
+    deadline = time.monotonic() + 1.5 * DEADLINE_S
+    cfg = _cfg(tmp_path, users=DEPLOYED, round_timeout=120.0, out_dir=str(tmp_path / "server-out"))
+    overrides = {
+        k: v for k, v in cfg.to_run_config().items() if v != getattr(FederatedConfig(), k.replace("-", "_"))
+    }
+    app_dir = _copy_app(tmp_path / "app")
+    link_port, *node_ports = _free_ports(1 + DEPLOYED)
+    dep = LocalDeployment(tmp_path / "deployment")
+    dep.write_cli_config(link_port)
+    try:
+        dep.start_superlink(link_port)
+        _poll("the SuperLink to serve", deadline, lambda: dep.link_up(link_port), dep, every=1.0)
+        for k, port in enumerate(node_ports):
+            store = tmp_path / "deployment" / f"supernode-{k}" / "store"
+            dep.start_supernode(f"supernode-{k}", link_port, port,
+                                {"partition-id": k, "num-partitions": DEPLOYED, "store-dir": str(store)})  # fmt: skip
+        _poll(f"{DEPLOYED} SuperNodes online", deadline, lambda: len(dep.online_nodes()) == DEPLOYED, dep)
+        _run_to_completion(dep, app_dir, overrides, deadline)
+        row = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())[0]
+        assert (row["sampled"], row["valid"], row["failed"], row["dropped"]) == (DEPLOYED, DEPLOYED, 0, 0), (
+            row
+        )
+        assert row["aggregated"] and row["upload_bytes_by_stage"]["collect_masked_vectors"] > 0, row
+        assert 0 <= row["test"]["ndcg@10"] <= 1 and math.isfinite(row["train_loss"]), row
+        shared, rnd, _, _ = load_server_checkpoint(cfg.out_dir)
+        sent = initial_shared(cfg)
+        assert rnd == 1 and any(not np.array_equal(shared[k], sent[k]) for k in sent)
+    finally:
+        leftover = dep.stop_all()
+    assert not leftover, leftover
