@@ -34,6 +34,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from shared_model import secagg
+from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig
 from shared_model.partition import split_state
 
@@ -87,7 +88,8 @@ def _secagg_train(msg: Message, context: Context) -> Message:
     names = sorted(split_state(device.model, cfg.split)[0])
     shared = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     result = device.train(shared, int(extra.get("server-round", 0)))
-    vector = secagg.encode(result.update, shared, result.metrics["train-loss"], cfg.secagg_clip)
+    update = clip_update(result.update, shared, cfg.clip_norm, cfg.row_clip).arrays  # the server cannot
+    vector = secagg.encode(update, shared, result.metrics["train-loss"], cfg.secagg_clip)
     fitres = FitRes(
         Status(Code.OK, ""), ndarrays_to_parameters(vector), secagg.weight(result.num_examples), {}
     )

@@ -1,8 +1,14 @@
 """Flower strategies that validate every update and aggregate only the shared arrays.
 
-:class:`ValidatedAggregation` sits in front of Flower's own ``FedAvg`` / ``FedAdam`` (flwr.serverapp.strategy):
-it densifies sparse updates, rejects invalid ones (logged, never averaged), and skips aggregation when fewer
-than ``min_reply_fraction`` of the sampled devices replied validly (the round completes; the arrays stay).
+:class:`ValidatedAggregation` sits in front of Flower's own strategies (flwr.serverapp.strategy):
+it densifies sparse updates, rejects invalid ones (logged, never averaged), clips the valid ones
+(``clip_norm``, ``row_clip``: :mod:`shared_model.clipping`) and skips aggregation when fewer than
+``min_reply_fraction`` of the sampled devices replied validly (the round completes; the arrays stay).
+
+``aggregation`` picks the aggregate: ``mean`` (FedAvg, example-weighted; or FedAdam's server step on it),
+``trimmed-mean`` (Flower's ``FedTrimmedAvg``, coordinate-wise, cutting ``trim_fraction`` at each end) or
+``median`` (Flower's ``FedMedian``, coordinate-wise). The robust aggregates give every device one vote (the
+example weights, which a device reports itself, only weight the metrics).
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from collections.abc import Iterable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
+from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig
 
 from .validation import UpdateRejected, validate_update
@@ -32,11 +39,15 @@ def numpy_to_record(arrays: dict) -> ArrayRecord:
 
 
 class ValidatedAggregation:
-    """Mixin for a Flower strategy: validation, densification and the minimum-reply rule."""
+    """Mixin for a Flower strategy: validation, densification, clipping and the minimum-reply rule."""
 
-    def setup_validation(self, norm_bound: float, min_reply_fraction: float) -> None:
+    def setup_validation(
+        self, norm_bound: float, min_reply_fraction: float, clip_norm: float = 0.0, row_clip: float = 0.0
+    ) -> None:
         self.norm_bound = norm_bound
         self.min_reply_fraction = min_reply_fraction
+        self.clip_norm = clip_norm
+        self.row_clip = row_clip
         self.sent: dict = {}
         self.sampled = 0
         self.last_round: dict = {}
@@ -52,7 +63,7 @@ class ValidatedAggregation:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, rejected, failed = [], [], 0
+        valid, rejected, failed, clipped = [], [], 0, [0, 0]
         for msg in replies:
             if msg.has_error():
                 failed += 1
@@ -62,20 +73,27 @@ class ValidatedAggregation:
                 continue
             try:
                 content = msg.content
+                if len(content.array_records) != 1 or len(content.metric_records) != 1:
+                    raise UpdateRejected("a reply needs exactly one ArrayRecord and one MetricRecord")
                 metrics = next(iter(content.metric_records.values()))
                 update = record_to_numpy(next(iter(content.array_records.values())))
                 dense = validate_update(update, self.sent, metrics.get(WEIGHT_KEY), self.norm_bound)
-            except (UpdateRejected, StopIteration, KeyError, ValueError, TypeError) as exc:
+            except (UpdateRejected, KeyError, ValueError, TypeError) as exc:
                 rejected.append(str(exc))
                 log.warning(
                     "round %d: rejected update from node %s: %s", server_round, msg.metadata.src_node_id, exc
                 )
                 continue
-            msg.content = RecordDict({"arrays": numpy_to_record(dense), "metrics": metrics})
+            clip = clip_update(dense, self.sent, self.clip_norm, self.row_clip)
+            clipped[0] += clip.norm_clipped
+            clipped[1] += clip.rows_clipped
+            msg.content = RecordDict({"arrays": numpy_to_record(clip.arrays), "metrics": metrics})
             valid.append(msg)
         needed = max(1, math.ceil(self.min_reply_fraction * self.sampled))
         self.last_round = {"sampled": self.sampled, "valid": len(valid), "rejected": len(rejected),
                            "failed": failed, "rejections": rejected, "aggregated": len(valid) >= needed}  # fmt: skip
+        if self.clip_norm or self.row_clip:
+            self.last_round |= {"norm_clipped": clipped[0], "rows_clipped": clipped[1]}
         if len(valid) < needed:
             log.warning(
                 "round %d: %d valid replies < %d needed; shared arrays unchanged",
@@ -100,6 +118,14 @@ class ValidatedFedAdam(ValidatedAggregation, FedAdam):
     """FedAdam (a server-side Adam step on the averaged update) over validated updates."""
 
 
+class ValidatedFedTrimmedAvg(ValidatedAggregation, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (unweighted, ``beta`` cut at each end) over validated updates."""
+
+
+class ValidatedFedMedian(ValidatedAggregation, FedMedian):
+    """Coordinate-wise median (unweighted) over validated updates."""
+
+
 def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedAggregation:
     """The strategy a config asks for; the minimum node counts follow the cohort (so a run never waits)."""
     sample = max(1, round(cfg.fraction_train * num_nodes))
@@ -107,9 +133,22 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedAggregation:
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate, min_train_nodes=sample,
         min_evaluate_nodes=1, min_available_nodes=num_nodes, weighted_by_key=WEIGHT_KEY,
     )  # fmt: skip
+    if cfg.server_optimizer == "fedadam" and cfg.aggregation != "mean":
+        raise ValueError(
+            f"server_optimizer fedadam steps on the mean; aggregation {cfg.aggregation!r} needs fedavg"
+        )
+    from .dp import DPFedAdam, DPFedAvg  # dp.py builds on this module's classes
+
+    dp = cfg.privacy == "dp"
     if cfg.server_optimizer == "fedadam":
-        strategy: ValidatedAggregation = ValidatedFedAdam(eta=cfg.server_lr, **common)
+        strategy: ValidatedAggregation = (DPFedAdam if dp else ValidatedFedAdam)(eta=cfg.server_lr, **common)
+    elif cfg.aggregation == "trimmed-mean":
+        strategy = ValidatedFedTrimmedAvg(beta=cfg.trim_fraction, **common)
+    elif cfg.aggregation == "median":
+        strategy = ValidatedFedMedian(**common)
     else:
-        strategy = ValidatedFedAvg(**common)
-    strategy.setup_validation(cfg.norm_bound, cfg.min_reply_fraction)
+        strategy = (DPFedAvg if dp else ValidatedFedAvg)(**common)
+    strategy.setup_validation(cfg.norm_bound, cfg.min_reply_fraction, cfg.clip_norm, cfg.row_clip)
+    if isinstance(strategy, DPFedAvg | DPFedAdam):
+        strategy.setup_dp(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, sample, num_nodes)
     return strategy

@@ -263,7 +263,7 @@ def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, monkey
     sent = {"item_bias": np.zeros(4, np.float32), "explanation.bias": np.zeros(2, np.float32)}
     good = {"item_bias": np.full(4, 0.5, np.float32), "explanation.bias": np.full(2, -0.5, np.float32)}
     strategy = make_strategy(
-        FederatedConfig(server_optimizer=optimizer, min_reply_fraction=0.5, norm_bound=5), 4
+        FederatedConfig(row_clip=0, server_optimizer=optimizer, min_reply_fraction=0.5, norm_bound=5), 4
     )
     strategy.sent, strategy.sampled = sent, 4
     if optimizer == "fedadam":

@@ -26,6 +26,7 @@ from server.secagg import MOD_RANGE, _check_aggregate, quantization_range
 from server.strategy import numpy_to_record
 from server.validation import UpdateRejected
 from shared_model import secagg
+from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import partition_users
@@ -51,8 +52,6 @@ def _cfg(tmp_path: Path, users: int, **overrides) -> FederatedConfig:
         ({"upload": "sparse"}, "upload='sparse'"),
         ({"compress": "int8"}, "compress='int8'"),
         ({"aggregation": "trimmed-mean"}, "aggregation='trimmed-mean'"),
-        ({"clip_norm": 1.0}, "clip_norm=1.0"),
-        ({"row_clip": 1.0}, "row_clip=1.0"),
         ({"secagg_threshold": 3}, "majority threshold"),
         ({"secagg_shares": 4, "secagg_threshold": 2}, "majority threshold"),
         ({"secagg_clip": 0.0}, "secagg_clip"),
@@ -173,6 +172,7 @@ def test_simulation_survives_a_dropout_with_the_survivors_weighted_mean(tmp_path
     # The survivors' updates, recomputed outside Flower from the same deterministic local training.
     results = [Device(cfg, p, NODES, tmp_path / "ref").train(sent, 1) for p in range(NODES) if p != drop]
     weights = np.array([r.num_examples for r in results], dtype=np.float64)
+    updates = [clip_update(r.update, sent, cfg.clip_norm, cfg.row_clip).arrays for r in results]  # on device
     assert len(set(weights)) > 1
     shared, rnd, _, _ = load_server_checkpoint(cfg.out_dir)
     assert rnd == 2  # round 2 kept round 1's aggregate
@@ -180,12 +180,12 @@ def test_simulation_survives_a_dropout_with_the_survivors_weighted_mean(tmp_path
     steps = sum(round(w / secagg.MAX_WEIGHT * quantization_range(NODES)) for w in weights)
     quantum = len(results) * 2 * cfg.secagg_clip / steps
     for key, value in sent.items():
-        changes = np.stack([np.clip(r.update[key] - value.astype(np.float64), -cfg.secagg_clip, cfg.secagg_clip)
-                            for r in results])  # fmt: skip
+        changes = np.stack([np.clip(u[key] - value.astype(np.float64), -cfg.secagg_clip, cfg.secagg_clip)
+                            for u in updates])  # fmt: skip
         weighted = value + np.tensordot(weights / weights.sum(), changes, axes=1)
         np.testing.assert_allclose(shared[key], weighted, rtol=0, atol=quantum + 1e-6, err_msg=key)
-    unweighted = sent["item_emb.weight"] + np.mean([r.update["item_emb.weight"] - sent["item_emb.weight"]
-                                                    for r in results], axis=0)  # fmt: skip
+    unweighted = sent["item_emb.weight"] + np.mean([u["item_emb.weight"] - sent["item_emb.weight"]
+                                                    for u in updates], axis=0)  # fmt: skip
     assert np.abs(shared["item_emb.weight"] - unweighted).max() > 10 * (quantum + 1e-6)
     loss = np.average([r.metrics["train-loss"] for r in results], weights=weights)
     assert row["train_loss"] == pytest.approx(loss, abs=quantum * secagg.LOSS_BOUND / cfg.secagg_clip + 1e-6)

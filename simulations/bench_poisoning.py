@@ -1,0 +1,467 @@
+"""Attack evaluations 2 and 3 of issue 6 (DESIGN section 7): model poisoning and hostile updates.
+
+**Poisoning** (real Flower simulations): ``ATTACK_SHARE`` of the devices run an item-promotion attack. Each
+round an attacking device trains a copy of the model on fabricated profiles whose sequences keep returning to a
+cold target item (popular items in between, the target at the end), keeps the change this made to the target
+item's rows (its embedding and bias), and boosts it to ``BOOST`` times the server's norm bound: the largest
+update validation lets through, all of it on the target (explicit boosting, Bhagoji et al. 2019, aimed at one
+item as in federated-recommender poisoning). Its reply reports the example weight of the user it hosts. After
+the last round, for every honest user, the device's serving weights (final shared arrays + the personal weights
+from its encrypted store) give the top-10 (``shared_model.recommend``, history masked) and the test NDCG@10.
+Reported per run: the target's exposure (share of honest users with it in their top-10), test NDCG@10 with its
+standard error and the paired change against the run without attack, and how many attackers each round
+sampled (Flower's node sampling is not seeded, so runs differ in who is sampled).
+
+**Hostile updates** (through the strategy, in-process): real device updates plus every hostile update of
+:func:`hostile_updates` in one round, for each aggregation: every hostile update must be rejected with a
+reason, the aggregate must equal the aggregate of the good updates alone, and the round must complete.
+
+Results go to ``simulations/results/poisoning.json`` (rewritten after every run) and ``poisoning.md``.
+Run: ``python -m simulations.bench_poisoning [--parts poisoning hostile] [--variants ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import DEFAULT_TTL, Array, ArrayRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared_model.config import FederatedConfig, TrainConfig
+from shared_model.data.log import InteractionLog, Ragged
+from shared_model.data.split import partition_users
+from shared_model.updates import ITEM_TABLES, compress_int8, encode_sparse
+
+RESULTS = Path(__file__).parent / "results"
+NAME = "poisoning"
+ATTACK_SHARE = 0.03  # share of the devices that attack
+BOOST = 0.9  # an attacker's update uses this share of the norm bound
+FAKE_PROFILES = 8  # fabricated profiles an attacker trains on
+TARGET_EVERY = 4  # the target item comes back every this many events of a fabricated profile
+DEFENCES: dict[str, dict[str, Any]] = {
+    "none": {},
+    "clip_norm 15": {"clip_norm": 15.0},
+    "row_clip 0.5": {"row_clip": 0.5},
+    "trimmed-mean 0.1": {"aggregation": "trimmed-mean", "trim_fraction": 0.1},
+    "median": {"aggregation": "median"},
+    "row_clip 0.5 + trimmed-mean 0.1": {"row_clip": 0.5, "aggregation": "trimmed-mean", "trim_fraction": 0.1},
+}
+# run name -> (attacked, defence); the default defence (FederatedConfig.row_clip) and its cost come first
+PROPOSED = "row_clip 0.5"
+VARIANTS: dict[str, tuple[bool, str]] = {
+    "no attack": (False, "none"),
+    "attack": (True, "none"),
+    f"attack, {PROPOSED}": (True, PROPOSED),
+    f"no attack, {PROPOSED}": (False, PROPOSED),
+    **{f"attack, {d}": (True, d) for d in DEFENCES if d not in ("none", PROPOSED)},
+}
+PARTS = ("poisoning", "hostile")
+
+
+# ---------------------------------------------------------------------------------------------- poisoning
+def cold_target(log: InteractionLog, seed: int) -> int:
+    """A cold item (1 to 3 events in the whole log), drawn with ``seed``: the item the attackers promote."""
+    counts = np.bincount(log.item, minlength=log.num_items)
+    return int(np.random.default_rng(seed).choice(np.flatnonzero((counts >= 1) & (counts <= 3))))
+
+
+def attackers(num_nodes: int, seed: int) -> np.ndarray:
+    """The attacking partitions (nodes): ``ATTACK_SHARE`` of them, drawn with ``seed``."""
+    count = max(1, round(ATTACK_SHARE * num_nodes))
+    return np.sort(np.random.default_rng([seed, 7]).choice(num_nodes, size=count, replace=False))
+
+
+def fabricated_log(log: InteractionLog, target: int, length: int, seed: int) -> InteractionLog:
+    """``FAKE_PROFILES`` fabricated users of ``length`` events: random popular items with the target item every
+    ``TARGET_EVERY`` events and last; one event a day, no explanation labels."""
+    rng = np.random.default_rng([seed, 11])
+    popular = np.argsort(-np.bincount(log.item, minlength=log.num_items), kind="stable")[:100]
+    items = rng.choice(popular, size=(FAKE_PROFILES, length))
+    items[:, TARGET_EVERY - 1 :: TARGET_EVERY] = target
+    items[:, -1] = target
+    n = items.size
+    start = int(np.median(log.time))
+    times = start + 86_400 * np.tile(np.arange(length, dtype=np.int64), FAKE_PROFILES)
+    return replace(log, user=np.repeat(np.arange(FAKE_PROFILES, dtype=np.int64), length), item=items.ravel(),
+                   time=times, user_ids=np.array([f"fake-{i}" for i in range(FAKE_PROFILES)]),
+                   explanations=Ragged.empty(n))  # fmt: skip
+
+
+@lru_cache(maxsize=2)
+def _attacker_model(cfg: FederatedConfig) -> tuple[Any, dict[str, np.ndarray], InteractionLog, int]:
+    """The attacker's own model (with its initial personal weights), fabricated log and target, per process."""
+    from client_sdk.device import cached_log
+    from shared_model.partition import split_state
+    from shared_model.training import model_for_run
+
+    log = cached_log(cfg.dataset, cfg.data_dir)
+    model = model_for_run(cfg, log)
+    target = cold_target(log, cfg.seed)
+    return (
+        model,
+        split_state(model, cfg.split)[1],
+        fabricated_log(log, target, cfg.max_len + 1, cfg.seed),
+        target,
+    )
+
+
+def promotion_update(cfg: FederatedConfig, shared: dict[str, np.ndarray], server_round: int) -> dict:
+    """The attack's update: the target rows' change from local training on the fabricated profiles, boosted to
+    ``BOOST`` times the norm bound; every other array is sent back unchanged."""
+    import torch
+
+    from shared_model.partition import load_parts, split_state
+    from shared_model.training import train_epoch
+
+    model, personal, fake, target = _attacker_model(cfg)
+    load_parts(model, shared, personal)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.local_lr, weight_decay=TrainConfig().weight_decay
+    )
+    tcfg = TrainConfig(lr=cfg.local_lr, batch_size=FAKE_PROFILES, seed=cfg.seed)
+    rng = np.random.default_rng([cfg.seed, server_round, 13])
+    users = np.arange(FAKE_PROFILES)
+    for _ in range(cfg.local_epochs):
+        train_epoch(model, optimizer, fake, users, fake.user_ptr[1:], tcfg, rng)
+    trained = split_state(model, cfg.split)[0]
+    row = target + 1  # item ids are shifted by one inside the model (0 is padding)
+    delta = {k: trained[k][row].astype(np.float64) - shared[k][row] for k in ITEM_TABLES}
+    scale = BOOST * cfg.norm_bound / math.sqrt(sum(float(np.sum(d**2)) for d in delta.values()))
+    update = {k: v.copy() for k, v in shared.items()}
+    for k in ITEM_TABLES:
+        update[k][row] = (shared[k][row] + scale * delta[k]).astype(update[k].dtype)
+    return update
+
+
+def attacking_client_app(attacking: np.ndarray) -> ClientApp:
+    """The real ClientApp, except that the ``attacking`` partitions reply with :func:`promotion_update` (and
+    log each attack to ``<out_dir>/attacks.jsonl``)."""
+    from client_sdk.flower_client import ROUND_KEYS, make_client_app
+
+    real = make_client_app()
+    app = ClientApp()
+    bad = {int(p) for p in attacking}
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = real(msg, context)  # an honest round first: its metrics make the reply look ordinary
+        if int(context.node_config["partition-id"]) not in bad:
+            return reply
+        config = dict(next(iter(msg.content.config_records.values())))
+        rnd = int(config.get("server-round", 0))
+        cfg = FederatedConfig.from_run_config({k: v for k, v in config.items() if k not in ROUND_KEYS})
+        shared = {k: v.numpy() for k, v in next(iter(msg.content.array_records.values())).items()}
+        update = promotion_update(cfg, shared, rnd)
+        metrics = reply.content.metric_records["metrics"]
+        reply.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in update.items()}),
+                                    "metrics": metrics})  # fmt: skip
+        with (Path(cfg.out_dir) / "attacks.jsonl").open("a") as fh:
+            fh.write(json.dumps({"round": rnd, "partition": int(context.node_config["partition-id"])}) + "\n")
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return real(msg, context)
+
+    return app
+
+
+def exposure_and_ndcg(
+    cfg: FederatedConfig, shared: dict[str, np.ndarray], honest: np.ndarray, target: int
+) -> dict:
+    """For every honest evaluation user, with the serving weights of their device: is the target in the top-10
+    (history masked), and the test NDCG@10. Returns the exposure and the per-user NDCG@10 values."""
+    from client_sdk.device import Device
+    from shared_model.recommend import recommend
+    from shared_model.training import evaluate
+
+    device = Device(cfg, 0, 1, Path(cfg.out_dir) / "devices")
+    target_id = str(device.log.item_ids[target])
+    users = np.intersect1d(honest, device.split.eval_users)
+    hits, ndcg = [], []
+    for user in users:
+        device.serving_weights(int(user), shared, cfg.num_rounds)
+        top = recommend(device.model, device.log, int(user), k=10, explanations=0)
+        hits.append(any(r["item"] == target_id for r in top))
+        ndcg.append(
+            evaluate(device.model, device.log, device.split, "test", users=np.array([user]))["ndcg@10"]
+        )
+    return {"exposure": float(np.mean(hits)), "users": len(users), "ndcg": np.array(ndcg), "user_ids": users}
+
+
+def run_dir(root: Path, variant: str) -> Path:
+    return root / variant.replace(", ", "-").replace(" + ", "-and-").replace(" ", "-")
+
+
+def run_poisoning(variant: str, base: FederatedConfig, root: Path, num_cpus: int) -> dict[str, Any]:
+    """One simulation (attacked or not, with a defence) and its exposure / NDCG@10 evaluation."""
+    import shutil
+
+    from client_sdk.device import cached_log
+    from server.checkpoint import load_server_checkpoint
+    from simulations.simulate import run_simulation
+
+    attacked, defence = VARIANTS[variant]
+    out = run_dir(root, variant)
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = replace(base, **DEFENCES[defence], out_dir=str(out))
+    log = cached_log(cfg.dataset, cfg.data_dir)
+    drawn = attackers(log.num_users, cfg.seed)
+    bad = drawn if attacked else np.array([], dtype=np.int64)
+    t0 = time.perf_counter()
+    result = run_simulation(
+        cfg, num_cpus=num_cpus, client_app=attacking_client_app(bad) if attacked else None
+    )
+    shared = load_server_checkpoint(out)[0]
+    parts = partition_users(log.num_users, log.num_users, cfg.seed)
+    attack_users = np.concatenate([parts[p] for p in drawn])  # left out of every run's evaluation (pairing)
+    target = cold_target(log, cfg.seed)
+    ev = exposure_and_ndcg(cfg, shared, np.setdiff1d(np.arange(log.num_users), attack_users), target)
+    attacks = (
+        [json.loads(line) for line in (out / "attacks.jsonl").read_text().splitlines()] if attacked else []
+    )
+    per_round = [sum(a["round"] == r for a in attacks) for r in range(1, cfg.num_rounds + 1)]
+    history = result["history"]
+    np.save(out / "ndcg_per_user.npy", np.stack([ev["user_ids"], ev["ndcg"]]))
+    return {
+        "attacked": attacked, "defence": defence, "overrides": DEFENCES[defence], "target_item": str(log.item_ids[target]),
+        "attackers": len(bad), "attackers_per_round": per_round, "exposure": ev["exposure"], "users": ev["users"],
+        "test_ndcg@10": float(ev["ndcg"].mean()), "test_ndcg@10_se": float(ev["ndcg"].std(ddof=1) / math.sqrt(len(ev["ndcg"]))),
+        "rejected": sum(h.get("rejected", 0) for h in history), "norm_clipped": sum(h.get("norm_clipped", 0) for h in history),
+        "rows_clipped": sum(h.get("rows_clipped", 0) for h in history), "minutes": (time.perf_counter() - t0) / 60,
+    }  # fmt: skip
+
+
+def paired_change(root: Path, variant: str, reference: str = "no attack") -> tuple[float, float] | None:
+    """Mean and standard error of the per-user test NDCG@10 change of ``variant`` against ``reference``."""
+    paths = [run_dir(root, v) / "ndcg_per_user.npy" for v in (variant, reference)]
+    if not all(p.exists() for p in paths):
+        return None
+    (users, a), (ref_users, b) = (np.load(p) for p in paths)
+    if not np.array_equal(users, ref_users):
+        return None
+    diff = a - b
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
+
+
+# ---------------------------------------------------------------------------------------------- hostile updates
+def hostile_updates(
+    sent: dict[str, np.ndarray], good: dict[str, np.ndarray], norm_bound: float, rng: np.random.Generator
+) -> dict[str, tuple[dict[str, np.ndarray] | None, Any]]:
+    """Malformed and hostile replies built from one good dense update: name -> (arrays, example weight); arrays
+    ``None`` = a reply without arrays, example weight ``None`` = no ``num-examples`` metric. ``sent`` must hold
+    the item tables and at least one other array."""
+    emb, bias = ITEM_TABLES
+    other = next(k for k in sent if k not in ITEM_TABLES)
+
+    def edit(key: str, value: np.ndarray, base: dict | None = None) -> dict:
+        return {**(good if base is None else base), key: value}
+
+    def poked(key: str, value: float) -> dict:
+        arr = good[key].copy()
+        arr.flat[0] = value
+        return edit(key, arr)
+
+    delta = {k: good[k].astype(np.float64) - sent[k] for k in sent}
+    norm = math.sqrt(sum(float(np.sum(d**2)) for d in delta.values())) or 1.0
+    over = {k: (sent[k] + d * 1.01 * norm_bound / norm).astype(sent[k].dtype) for k, d in delta.items()}
+    rows = np.arange(0, len(sent[emb]), 3, dtype=np.int64)
+    sparse = encode_sparse(good, rows)
+    packed = compress_int8(good, sent, rng)
+    scale_key = f"{emb}@scale"
+    n = 7  # a plausible example weight
+    return {
+        "wrong shape (1-D)": (edit(bias, np.zeros(len(sent[bias]) + 1, np.float32)), n),
+        "wrong shape (transposed)": (edit(emb, np.ascontiguousarray(good[emb].T)), n),
+        "NaN": (poked(emb, np.nan), n),
+        "+Inf": (poked(bias, np.inf), n),
+        "-Inf": (poked(other, -np.inf), n),
+        "huge norm (1e3 per value)": (edit(emb, good[emb] + np.float32(1e3)), n),
+        "just over the norm bound": (over, n),
+        "missing key": ({k: v for k, v in good.items() if k != other}, n),
+        "missing item table": ({k: v for k, v in good.items() if k != bias}, n),
+        "extra key": (edit("backdoor.weight", np.zeros(4, np.float32)), n),
+        "float64 arrays": ({k: v.astype(np.float64) for k, v in good.items()}, n),
+        "float16 array": (edit(emb, good[emb].astype(np.float16)), n),
+        "int32 array": (edit(bias, good[bias].astype(np.int32)), n),
+        "no arrays": (None, n),
+        "example weight 0": (good, 0),
+        "example weight < 0": (good, -5),
+        "example weight NaN": (good, float("nan")),
+        "example weight Inf": (good, float("inf")),
+        "example weight missing": (good, None),
+        "sparse: row out of range": (edit(f"{emb}@rows", rows + len(sent[emb]), sparse), n),
+        "sparse: negative row": (edit(f"{emb}@rows", rows - 1, sparse), n),
+        "sparse: repeated row": (edit(f"{emb}@rows", np.repeat(rows[:1], len(rows)), sparse), n),
+        "sparse: rows differ between tables": (edit(f"{bias}@rows", rows[::-1].copy(), sparse), n),
+        "sparse: float row ids": (edit(f"{emb}@rows", rows.astype(np.float64), sparse), n),
+        "sparse: values shape": (edit(f"{emb}@values", sparse[f"{emb}@values"][:-1], sparse), n),
+        "sparse: NaN values": (edit(f"{bias}@values", np.full_like(sparse[f"{bias}@values"], np.nan), sparse), n),
+        "int8: negative scale": (edit(scale_key, -np.abs(packed[scale_key]) - 1, packed), n),
+        "int8: NaN scale": (edit(scale_key, np.full_like(packed[scale_key], np.nan), packed), n),
+        "int8: huge scale": (edit(scale_key, np.full_like(packed[scale_key], 1e6), packed), n),
+        "int8: scale shape": (edit(scale_key, packed[scale_key][:-1], packed), n),
+        "int8: int16 values": (edit(f"{emb}@q8", packed[f"{emb}@q8"].astype(np.int16), packed), n),
+    }  # fmt: skip
+
+
+def reply(arrays: dict[str, np.ndarray] | None, examples: Any, node: int = 1) -> Message:
+    """A train reply as a SuperNode would deliver it: ``arrays`` (if any) and metrics with ``examples``."""
+    metrics = {"train-loss": 1.0} | ({} if examples is None else {"num-examples": examples})
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                    group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type="train")  # fmt: skip
+    return Message(content, metadata=meta)
+
+
+def aggregate_round(
+    cfg: FederatedConfig, sent: dict[str, np.ndarray], replies: list[tuple[dict | None, Any]]
+) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+    """One training round's aggregation of ``replies`` ((arrays, example weight) pairs, see :func:`reply`) by
+    the strategy ``cfg`` asks for: the new arrays (None when it did not aggregate) and its round statistics."""
+    from server.strategy import make_strategy, record_to_numpy
+
+    strategy = make_strategy(cfg, len(replies))
+    strategy.sent, strategy.sampled = sent, len(replies)  # what configure_train records
+    arrays, _ = strategy.aggregate_train(1, [reply(a, n, node) for node, (a, n) in enumerate(replies, 1)])
+    return (None if arrays is None else record_to_numpy(arrays)), strategy.last_round
+
+
+def hostile_round(
+    cfg: FederatedConfig, sent: dict[str, np.ndarray], goods: list[tuple[dict, float]], seed: int = 0
+) -> dict[str, Any]:
+    """One round of ``goods`` plus every :func:`hostile_updates` reply (built from the first good one) through
+    the strategy ``cfg`` asks for, and the same round with the good replies alone."""
+    hostile = hostile_updates(sent, goods[0][0], cfg.norm_bound, np.random.default_rng(seed))
+    mixed, stats = aggregate_round(cfg, sent, goods + list(hostile.values()))
+    alone, _ = aggregate_round(cfg, sent, goods)
+    reasons = stats["rejections"]
+    same = mixed is not None and alone is not None and all(np.array_equal(mixed[k], alone[k]) for k in sent)
+    return {
+        "aggregation": cfg.aggregation, "good": len(goods), "hostile": len(hostile), "rejected": stats["rejected"],
+        "valid": stats["valid"], "round_completed": bool(stats["aggregated"]), "aggregate_equals_good_only": same,
+        "float32": mixed is not None and all(v.dtype == sent[k].dtype for k, v in mixed.items()),
+        "reasons": dict(zip(hostile, reasons, strict=False)) if len(reasons) == len(hostile) else reasons,
+    }  # fmt: skip
+
+
+def run_hostile(base: FederatedConfig) -> list[dict[str, Any]]:
+    """:func:`hostile_round` on real device updates (3 dense, 1 sparse, 1 sparse int8), for each aggregation."""
+    from client_sdk.device import Device, cached_log
+    from server.app import initial_shared
+
+    sent = initial_shared(base)
+    store = Path(base.out_dir) / "hostile-devices"
+    users = cached_log(base.dataset, base.data_dir).num_users
+    goods = []
+    for pid, (upload, compress) in enumerate(
+        [("dense", "none")] * 3 + [("sparse", "none"), ("sparse", "int8")]
+    ):
+        result = Device(replace(base, upload=upload, compress=compress), pid, users, store).train(sent, 1)
+        goods.append((result.update, result.num_examples))
+    cfg = replace(base, min_reply_fraction=0.1)  # 5 good replies of 36 are enough to aggregate
+    return [
+        hostile_round(replace(cfg, aggregation=a), sent, goods) for a in ("mean", "trimmed-mean", "median")
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- report
+def write_report(results: dict[str, Any], root: Path) -> None:
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    runs = results.get("poisoning", {})
+    base = runs.get("no attack", {}).get("exposure")
+    lines = ["# Poisoning (item promotion) and hostile updates", "",
+             f"Setup: {results['setup']}.", "",
+             "Exposure: share of the honest users (those hosted by attacking nodes left out of every run) with the"
+             " target item in their top-10 from their device's serving weights; NDCG@10 on the same users' test"
+             " events. Flower's node sampling is not seeded, so who trains in a round (attackers included) differs"
+             " between runs; differences of a few paired standard errors are within run-to-run variation.", "",
+             "| run | exposure of the target (top-10) | x no attack | test NDCG@10 (+-SE) | NDCG@10 change vs no attack"
+             " (paired, +-SE) | attackers sampled per round | norm-clipped / rows clipped | minutes |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in runs.items():
+        ratio = f"{r['exposure'] / base:.2f}" if base else ("-" if base is None else "n/a (0 without attack)")
+        change = paired_change(root, name) if name != "no attack" else None
+        delta = (
+            ""
+            if change is None
+            else f"{change[0]:+.4f} +- {change[1]:.4f} ({100 * change[0] / runs['no attack']['test_ndcg@10']:+.1f}%)"
+        )
+        lines.append(f"| {name} | {r['exposure']:.4f} ({round(r['exposure'] * r['users'])}/{r['users']}) | {ratio} | "
+                     f"{r['test_ndcg@10']:.4f} +- {r['test_ndcg@10_se']:.4f} | {delta} | "
+                     f"{r['attackers_per_round'] if r['attacked'] else '-'} | {r['norm_clipped']} / {r['rows_clipped']} | "
+                     f"{r['minutes']:.1f} |")  # fmt: skip
+    hostile = results.get("hostile", [])
+    if hostile:
+        lines += ["", "## Hostile updates in one round with good ones (through the strategy)", "",
+                  "| aggregation | good | hostile | rejected | valid | round completed | aggregate == good only | float32 |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for h in hostile:
+            lines.append(f"| {h['aggregation']} | {h['good']} | {h['hostile']} | {h['rejected']} | {h['valid']} | "
+                         f"{h['round_completed']} | {h['aggregate_equals_good_only']} | {h['float32']} |")  # fmt: skip
+        lines += ["", "| hostile update | rejection reason |", "|---|---|"]
+        reasons = hostile[0]["reasons"]
+        for name, reason in reasons.items() if isinstance(reasons, dict) else ():
+            lines.append(f"| {name} | {reason.replace('|', '/')} |")
+    (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+
+
+def setup_line(base: FederatedConfig) -> str:
+    from client_sdk.device import cached_log
+
+    log = cached_log(base.dataset, base.data_dir)
+    target = cold_target(log, base.seed)
+    return (f"{base.dataset}, {base.num_rounds} rounds, fraction_train {base.fraction_train}, "
+            f"{len(attackers(log.num_users, base.seed))} of {log.num_users} devices ({100 * ATTACK_SHARE:.0f}%) "
+            f"attack, boosting to {BOOST} x norm_bound {base.norm_bound}; target item {log.item_ids[target]} "
+            f"(events in the log: {int(np.sum(log.item == target))}); seed {base.seed}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="movielens-100k")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--fraction", type=float, default=0.1, help="fraction_train")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--out", default="runs/bench_poisoning")
+    args = p.parse_args(argv)
+    root = Path(args.out)
+    base = FederatedConfig(dataset=args.dataset, num_rounds=args.rounds, fraction_train=args.fraction,
+                           eval_every=args.rounds, fraction_evaluate=0.05, seed=args.seed, out_dir=str(root),
+                           row_clip=0.0)  # no defence unless a variant adds one  # fmt: skip
+    path = RESULTS / f"{NAME}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if results.get("config") != asdict(base):  # another setup's runs are not comparable: start afresh
+        results = {}
+    results["setup"] = setup_line(base)
+    results["config"] = asdict(base)
+    if "hostile" in args.parts:
+        results["hostile"] = run_hostile(base)
+        write_report(results, root)
+    for variant in args.variants if "poisoning" in args.parts else ():
+        results.setdefault("poisoning", {})[variant] = run_poisoning(variant, base, root, args.num_cpus)
+        write_report(results, root)
+        r = results["poisoning"][variant]
+        print(f"{variant}: exposure {r['exposure']:.4f}, test NDCG@10 {r['test_ndcg@10']:.4f}, "
+              f"{r['minutes']:.1f} min", flush=True)  # fmt: skip
+
+
+if (
+    __name__ == "__main__"
+):  # run from the importable module, so Ray workers can unpickle the attack's ClientApp
+    from simulations.bench_poisoning import main as module_main
+
+    module_main()

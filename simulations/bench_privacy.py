@@ -1,0 +1,330 @@
+"""Interaction-inference benchmark (issue 6, attack 1): how well an honest-but-curious server tells which items
+a device interacted with from what it receives, per upload and privacy mode, and what each mode costs in
+NDCG@10.
+
+Attack: the server sends the round-1 shared arrays; sampled devices run the real ``Device.train``; the server
+scores every item row from what it receives and the AUC of touched rows (items in the user's training history)
+against untouched ones is averaged over target users. Scores of a row's change (embedding ``dE``, bias
+``db``): ``norm`` = ||(dE, db)||; ``bias`` = db (a target item's bias rises, the softmax pushes every other
+bias down); ``direction`` = -cos(dE, mean row change) (untouched rows all move along the same direction);
+``outlier`` = ||dE - mean row change||. ``best`` is the best of them per view, an AUC below 0.5 counted as
+1 - AUC (chosen with hindsight: an upper bound for this attacker). Rows a sparse update does not carry score lowest (the server knows they were not
+touched). Views:
+
+* sparse upload (the touched rows, values and ids), and sparse with ``d`` random decoy rows;
+* dense upload (every row changes: weight decay and the softmax over all items);
+* dense under SecAgg+: the server sees only the sum over a cohort of ``m`` devices (``m`` = the round's cohort
+  size); emulated here as the plaintext sum, which is what SecAgg+ reveals (its own tests check that it
+  equals the plaintext sum); the target is attacked from the sum of its cohort, and, as a reference, from the
+  sum of a cohort without it;
+* central DP, server view: each device's clipped update (clipping scales an update as a whole, so every
+  score's ranking, hence the AUC, is that of the dense view);
+* central DP, released aggregate: (sum of the cohort's clipped updates + N(0, (z C)^2)) / m, seen by anyone
+  who gets the model, at a few noise multipliers z (epsilon after the run's rounds from the accountant);
+* no observation: rows ranked by the item's popularity among the other users (what popularity alone gives:
+  the floor that any view of a sum inherits, since a user's items tend to be popular ones).
+
+Accuracy: real Flower simulations (``run_simulation``) of each mode and two plain dense runs (seeds 0 and 1:
+the run-to-run spread); cost = relative NDCG@10 drop from the dense seed-0 run. SecAgg+ returns the exact sum,
+so its cost here is that of dense (its quantization is measured with SecAgg+ itself).
+
+Results go to ``simulations/results/<name>.json`` (rewritten after each item) and ``<name>.md``.
+Run: ``python -m simulations.bench_privacy`` (``--parts``, ``--variants``, ``--dataset``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client_sdk.device import Device, cached_log
+from server.app import initial_shared
+from server.dp import RdpAccountant
+from server.validation import validate_update
+from shared_model.config import FederatedConfig
+from shared_model.data import InteractionLog
+from shared_model.updates import ITEM_TABLES, ROWS
+from simulations.simulate import run_simulation
+
+RESULTS = Path(__file__).parent / "results"
+PARTS = ("attack", "accuracy")
+DECOYS = (0, 10, 50, 200)
+DP_NOISE = (0.5, 1.0, 2.0)
+ACCURACY_RUNS: dict[str, dict[str, Any]] = {  # in order of need
+    "dense": {},
+    "sparse + 50 decoys": {"upload": "sparse", "decoy_rows": 50},
+    "dp z=1": {"privacy": "dp", "dp_noise": 1.0},
+    "dense, seed 1": {"seed": 1},
+    "sparse": {"upload": "sparse"},
+    **{f"dp z={z:g}": {"privacy": "dp", "dp_noise": z} for z in DP_NOISE if z != 1},
+}
+ATTACKS = ("norm", "bias", "direction", "outlier")
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the ``positive`` rows against the rest (ties count 1/2)."""
+    order = np.argsort(scores, kind="stable")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # average 1-based rank of each tie group
+    pos = int(positive.sum())
+    return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * (len(scores) - pos)))
+
+
+def attack_scores(
+    emb: np.ndarray, bias: np.ndarray, carried: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Each attack's score per item row from the row changes ``emb`` (rows, d) and ``bias`` (rows,); rows not
+    ``carried`` by a sparse update score -inf."""
+    rows = np.ones(len(bias), bool) if carried is None else carried
+    e, b = emb[rows].astype(np.float64), bias[rows].astype(np.float64)
+    mean = e.mean(axis=0)
+    norms = np.linalg.norm(e, axis=1)
+    raw = {"norm": np.sqrt(norms**2 + b**2), "bias": b,
+           "direction": -(e @ mean) / np.maximum(norms * np.linalg.norm(mean), 1e-30),
+           "outlier": np.linalg.norm(e - mean, axis=1)}  # fmt: skip
+    out = {}
+    for name, score in raw.items():
+        full = np.full(len(bias), -np.inf)
+        full[rows] = score
+        out[name] = full
+    return out
+
+
+def touched_rows(log: InteractionLog, train_end: np.ndarray, user: int) -> np.ndarray:
+    """Item-table rows of the user's training history (row = item id + 1; row 0 is padding)."""
+    touched = np.zeros(log.num_items + 1, bool)
+    touched[log.item[log.user_ptr[user] : train_end[user]] + 1] = True
+    return touched
+
+
+class UserUpdates:
+    """Round-1 updates of some users under one config, as the server receives them (densified)."""
+
+    def __init__(
+        self, cfg: FederatedConfig, pids: np.ndarray, nodes: int, sent: dict[str, np.ndarray], store: Path
+    ) -> None:
+        shutil.rmtree(store, ignore_errors=True)  # personal weights from an earlier run would change training
+        self.emb, self.bias, self.norm, self.carried, self.touched, self.users = [], [], [], [], [], []
+        for pid in pids:
+            device = Device(cfg, int(pid), nodes, store)
+            result = device.train(sent, 1)
+            dense = validate_update(result.update, sent, result.num_examples, math.inf)
+            delta = {k: dense[k].astype(np.float64) - sent[k] for k in sent}
+            self.emb.append(delta[ITEM_TABLES[0]][1:].astype(np.float32))
+            self.bias.append(delta[ITEM_TABLES[1]][1:].astype(np.float32))
+            self.norm.append(math.sqrt(sum(float(np.sum(d**2)) for d in delta.values())))
+            rows = result.update.get(ITEM_TABLES[0] + ROWS)
+            self.carried.append(
+                None if rows is None else np.isin(np.arange(1, len(sent[ITEM_TABLES[1]])), rows)
+            )
+            self.users.append(int(device.users[0]))
+            self.touched.append(touched_rows(device.log, device.train_end, self.users[-1])[1:])
+
+    def individual_auc(self) -> dict[str, list[float]]:
+        """Each attack's AUC per user from the user's own update."""
+        aucs: dict[str, list[float]] = {a: [] for a in ATTACKS}
+        for e, b, c, t in zip(self.emb, self.bias, self.carried, self.touched, strict=True):
+            for name, score in attack_scores(e, b, c).items():
+                aucs[name].append(auc(score, t))
+        return aucs
+
+    def cohort_sum(self, members: np.ndarray, clip: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Sum of the members' changes (each first clipped to L2 norm ``clip`` over all shared arrays)."""
+        factor = [1.0 if clip is None else min(1.0, clip / max(self.norm[i], 1e-30)) for i in members]
+        emb = sum(f * self.emb[i].astype(np.float64) for f, i in zip(factor, members, strict=True))
+        bias = sum(f * self.bias[i].astype(np.float64) for f, i in zip(factor, members, strict=True))
+        return emb, bias
+
+
+def _summary(aucs: dict[str, list[float]]) -> dict[str, Any]:
+    """Mean AUC per attack; the best attack counts an AUC below 0.5 as 1 - AUC (the attacker flips the score,
+    whose sign a simulation on made-up users tells him)."""
+    mean = {a: float(np.mean(v)) for a, v in aucs.items()}
+    best = max(mean, key=lambda a: max(mean[a], 1 - mean[a]))
+    return {"auc": mean, "auc_sd": {a: float(np.std(v)) for a, v in aucs.items()}, "best_attack": best,
+            "best_auc": max(mean[best], 1 - mean[best]), "targets": len(next(iter(aucs.values())))}  # fmt: skip
+
+
+def attack_views(base: FederatedConfig, args: argparse.Namespace, done: set[str], record) -> None:
+    """Every view of the attack; each is recorded as it finishes."""
+    log = cached_log(base.dataset, base.data_dir)
+    sent = initial_shared(base, log)
+    nodes = log.num_users  # one user per device
+    cohort = max(1, round(base.fraction_train * nodes))
+    pids = np.random.default_rng([base.seed, 6]).choice(nodes, size=min(2 * cohort, nodes), replace=False)
+    targets, other = np.arange(min(cohort, len(pids))), np.arange(min(cohort, len(pids)), len(pids))
+    store = Path(args.out) / "attack-stores"
+    for decoys in DECOYS:
+        key = f"attack/sparse/{decoys}"
+        if key not in done:
+            cfg = replace(base, upload="sparse", decoy_rows=decoys)
+            ups = UserUpdates(cfg, pids[targets], nodes, sent, store)
+            view = "sparse upload" + (f" + {decoys} decoy rows" if decoys else "")
+            record(kind="attack", key=key, view=view, sees="each device's touched (and decoy) rows",
+                   run="sparse" if decoys == 0 else f"sparse + {decoys} decoys", **_summary(ups.individual_auc()))  # fmt: skip
+    if all(k in done for k in _dense_keys()):
+        return
+    dense = UserUpdates(base, pids, nodes, sent, store)
+    record(kind="attack", key="attack/dense", view="dense upload", sees="each device's full update", run="dense",
+           median_update_norm=float(np.median(dense.norm)), **_summary(dense.individual_auc()))  # fmt: skip
+    for z in (None, *DP_NOISE):
+        in_cohort: dict[str, list[float]] = {a: [] for a in ATTACKS}
+        without: dict[str, list[float]] = {a: [] for a in ATTACKS}
+        noise = np.random.default_rng([base.seed, 7, int(1000 * (z or 0))])
+        sums = []
+        for members in (targets, other):  # two disjoint cohorts of m devices
+            emb, bias = dense.cohort_sum(members, None if z is None else args.dp_clip)
+            if z is not None:  # the released update, times m: sum + N(0, (z C)^2)
+                emb = emb + noise.normal(0, z * args.dp_clip, emb.shape)
+                bias = bias + noise.normal(0, z * args.dp_clip, bias.shape)
+            sums.append(attack_scores(emb, bias))
+        for i in targets:
+            for name in ATTACKS:
+                in_cohort[name].append(auc(sums[0][name], dense.touched[i]))
+                without[name].append(auc(sums[1][name], dense.touched[i]))
+        if z is None:
+            view, sees, run, extra = f"dense, SecAgg+ (sum of {cohort})", "the cohort sum only", "dense", {}
+        else:
+            accountant = RdpAccountant(cohort / nodes, z)
+            accountant.step(base.num_rounds)
+            view, sees, run = f"central DP z={z:g}, released", "the noisy clipped mean", f"dp z={z:g}"
+            extra = {"noise_multiplier": z, "epsilon": accountant.epsilon(base.dp_delta)}
+        tag = "secagg" if z is None else f"dp/{z:g}"
+        record(
+            kind="attack", key=f"attack/{tag}", view=view, sees=sees, run=run, **extra, **_summary(in_cohort)
+        )
+        record(kind="attack", key=f"attack/{tag}/without-target", view=view + ", target not in the cohort",
+               sees=sees, run=run, **extra, **_summary(without))  # fmt: skip
+    clipped = {a: [] for a in ATTACKS}  # the DP server's view: each clipped update (same AUC as dense)
+    for i in range(len(pids)):
+        f = min(1.0, args.dp_clip / dense.norm[i])
+        for name, score in attack_scores(f * dense.emb[i], f * dense.bias[i]).items():
+            clipped[name].append(auc(score, dense.touched[i]))
+    record(kind="attack", key="attack/dp/server", view=f"central DP (C={args.dp_clip:g}), server view",
+           sees="each device's clipped update", run="dp z=1", **_summary(clipped))  # fmt: skip
+    counts = np.bincount(log.item, minlength=log.num_items)
+    prior: dict[str, list[float]] = {"popularity": []}
+    for i, user in enumerate(dense.users):  # popularity among the other users
+        own = np.bincount(log.item[log.user_ptr[user] : log.user_ptr[user + 1]], minlength=log.num_items)
+        prior["popularity"].append(auc((counts - own).astype(np.float64), dense.touched[i]))
+    record(kind="attack", key="attack/none", view="no observation (item popularity)", sees="nothing", run="dense",
+           **_summary(prior))  # fmt: skip
+
+
+def _dense_keys() -> list[str]:
+    tags = ["secagg", *(f"dp/{z:g}" for z in DP_NOISE)]
+    return ["attack/dense", "attack/dp/server", "attack/none", *(f"attack/{t}" for t in tags),
+            *(f"attack/{t}/without-target" for t in tags)]  # fmt: skip
+
+
+def accuracy_runs(base: FederatedConfig, args: argparse.Namespace, done: set[str], record) -> None:
+    for name in args.variants:
+        key = f"accuracy/{name}"
+        if key in done:
+            continue
+        out = Path(args.out) / re.sub(r"[^a-z0-9.]+", "-", name)
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run: no checkpoint to resume, no old device stores
+        cfg = replace(base, **ACCURACY_RUNS[name], out_dir=str(out))
+        history = run_simulation(cfg, num_cpus=args.cpus)["history"]
+        last = history[-1]
+        record(kind="accuracy", key=key, run=name, config=asdict(cfg), test=last.get("test", {}),
+               val=last.get("val", {}), epsilon=last.get("epsilon"),
+               upload_bytes_per_device=history[0]["upload_bytes_per_device"],
+               seconds=sum(h["seconds"] for h in history))  # fmt: skip
+
+
+def _cell(value: float | None, fmt: str = ".3f") -> str:
+    return "" if value is None or value != value else format(value, fmt)
+
+
+def summarise(rows: list[dict[str, Any]]) -> str:
+    acc = {r["run"]: r for r in rows if r["kind"] == "accuracy"}
+    base = acc.get("dense", {}).get("test", {}).get("ndcg@10")
+
+    def ndcg(run: str) -> tuple[float | None, float | None]:
+        value = acc.get(run, {}).get("test", {}).get("ndcg@10")
+        return value, None if value is None or not base else 100 * (base - value) / base
+
+    lines = ["| view | the server sees | " + " | ".join(ATTACKS) + " | best AUC | targets | epsilon | run | "
+             "NDCG@10 | NDCG@10 cost vs dense |", "|---" * (len(ATTACKS) + 9) + "|"]  # fmt: skip
+    for r in rows:
+        if r["kind"] != "attack":
+            continue
+        value, cost = ndcg(r["run"])
+        cells = [_cell(r["auc"].get(a)) for a in ATTACKS] + [_cell(r["best_auc"]), str(r["targets"]),
+                 _cell(r.get("epsilon"), ".3g"), r["run"], _cell(value, ".4f"), _cell(cost, "+.1f") + ("%" if cost is not None else "")]  # fmt: skip
+        lines.append(f"| {r['view']} | {r['sees']} | " + " | ".join(cells) + " |")
+    lines += ["", "| run | test NDCG@10 | Recall@10 | NDCG@10 cost vs dense | epsilon | upload KB/device | seconds |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in acc.items():
+        value, cost = ndcg(name)
+        cells = (_cell(value, ".4f"), _cell(r["test"].get("recall@10"), ".4f"),
+                 _cell(cost, "+.1f") + ("%" if cost is not None else ""), _cell(r.get("epsilon"), ".3g"),
+                 _cell(r["upload_bytes_per_device"] / 1000, ".1f"), _cell(r["seconds"], ".0f"))  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + _targets(rows, ndcg)) + "\n"
+
+
+def _targets(rows: list[dict[str, Any]], ndcg) -> list[str]:
+    """The issue's targets (AUC <= 0.55 under SecAgg+ and with decoys, at <= 1% NDCG@10 cost), as measured."""
+    attack = {r["key"]: r for r in rows if r["kind"] == "attack"}
+    out = ["", "Targets (AUC <= 0.55 at <= 1% NDCG@10 cost):"]
+    for key in ["attack/secagg", *(f"attack/sparse/{d}" for d in DECOYS if d)]:
+        if key in attack:
+            r = attack[key]
+            cost = ndcg(r["run"])[1]
+            met = r["best_auc"] <= 0.55 and cost is not None and cost <= 1
+            cost_text = "not run" if cost is None else f"{cost:+.1f}%"
+            out.append(f"- {r['view']}: best AUC {r['best_auc']:.3f} ({r['best_auc'] - 0.55:+.3f} vs 0.55), "
+                       f"NDCG@10 cost {cost_text}: {'met' if met else 'not met'}")  # fmt: skip
+    refs = [attack.get(k) for k in ("attack/secagg/without-target", "attack/none")]
+    if all(refs):
+        out.append(f"- references: the same attack on a cohort sum without the target {refs[0]['best_auc']:.3f}; "
+                   f"item popularity alone {refs[1]['best_auc']:.3f}")  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="movielens-100k")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--fraction", type=float, default=0.1, help="devices sampled per round")
+    parser.add_argument("--dp-clip", type=float, default=10.0, help="DP clipping norm C")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--variants", nargs="+", default=list(ACCURACY_RUNS), choices=ACCURACY_RUNS)
+    parser.add_argument("--cpus", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="privacy")
+    parser.add_argument("--out", default="runs/bench_privacy", help="simulation outputs and device stores")
+    args = parser.parse_args(argv)
+    base = FederatedConfig(dataset=args.dataset, num_rounds=args.rounds, fraction_train=args.fraction,
+                           eval_every=args.rounds, seed=args.seed, dp_clip=args.dp_clip)  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{args.name}.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    done = {r["key"] for r in rows}
+
+    def record(**row: Any) -> None:
+        rows.append({"dataset": args.dataset, **row})
+        path.write_text(json.dumps(rows, indent=2, default=float) + "\n")
+        (RESULTS / f"{args.name}.md").write_text(summarise(rows))
+        print(row["key"], row.get("best_auc", row.get("test", {}).get("ndcg@10")), flush=True)
+
+    if "attack" in args.parts:
+        attack_views(base, args, done, record)
+    if "accuracy" in args.parts:
+        accuracy_runs(base, args, done, record)
+    print(summarise(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Robust aggregation (shared_model.clipping, the strategies of server.strategy): update and item-row clipping, the
+coordinate-wise trimmed mean and median, their interplay with validation, and the hostile-update suite of the
+poisoning benchmark sent in one round together with good updates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.strategy import make_strategy
+from shared_model.clipping import clip_update
+from shared_model.config import FederatedConfig
+from shared_model.updates import compress_int8, encode_sparse
+from simulations.bench_poisoning import aggregate_round, hostile_round, hostile_updates
+
+
+def _sent(rng: np.random.Generator, rows: int = 12) -> dict[str, np.ndarray]:
+    return {"item_emb.weight": rng.standard_normal((rows, 4)).astype(np.float32),
+            "item_bias": rng.standard_normal(rows).astype(np.float32),
+            "explanation.bias": rng.standard_normal(3).astype(np.float32)}  # fmt: skip
+
+
+def _moved(sent: dict, rng: np.random.Generator, size: float = 0.1) -> dict[str, np.ndarray]:
+    return {k: (v + size * rng.standard_normal(v.shape)).astype(np.float32) for k, v in sent.items()}
+
+
+def _change(update: dict, sent: dict) -> dict[str, np.ndarray]:
+    return {k: update[k].astype(np.float64) - sent[k] for k in sent}
+
+
+def _norm(delta: dict) -> float:
+    return float(np.sqrt(sum(np.sum(d**2) for d in delta.values())))
+
+
+def test_norm_clip_bounds_the_change_keeps_its_direction_and_dtype():
+    rng = np.random.default_rng(0)
+    sent = _sent(rng)
+    update = _moved(sent, rng, size=1.0)
+    before = _change(update, sent)
+    clipped = clip_update(update, sent, clip_norm=0.5, row_clip=0)
+    after = _change(clipped.arrays, sent)
+    assert clipped.norm_clipped and clipped.rows_clipped == 0
+    assert _norm(after) == pytest.approx(0.5, rel=1e-5)
+    for k in sent:  # scaled, not reshaped
+        np.testing.assert_allclose(after[k], before[k] * 0.5 / _norm(before), atol=1e-6)
+        assert clipped.arrays[k].dtype == np.float32
+    small = clip_update(update, sent, clip_norm=2 * _norm(before), row_clip=0)
+    assert not small.norm_clipped and all(
+        small.arrays[k] is update[k] for k in sent
+    )  # untouched, same arrays
+    off = clip_update(update, sent, clip_norm=0, row_clip=0)
+    assert all(off.arrays[k] is update[k] for k in sent)
+
+
+def test_row_clip_bounds_each_item_rows_change_and_leaves_other_arrays():
+    rng = np.random.default_rng(1)
+    sent = _sent(rng)
+    update = _moved(sent, rng, size=0.01)
+    update["item_emb.weight"][5] += 3.0  # one promoted item: a large change of its embedding and bias
+    update["item_bias"][5] += 4.0
+    update["explanation.bias"] += 9.0  # not an item table: row clipping leaves it alone
+    clipped = clip_update(update, sent, clip_norm=0, row_clip=0.5)
+    delta = _change(clipped.arrays, sent)
+    row_norm = np.sqrt(np.sum(delta["item_emb.weight"] ** 2, axis=1) + delta["item_bias"] ** 2)
+    assert clipped.rows_clipped == 1 and row_norm[5] == pytest.approx(0.5, rel=1e-5)
+    assert (row_norm <= 0.5 + 1e-6).all()
+    others = np.arange(12) != 5
+    np.testing.assert_array_equal(
+        clipped.arrays["item_emb.weight"][others], update["item_emb.weight"][others]
+    )
+    np.testing.assert_array_equal(clipped.arrays["explanation.bias"], update["explanation.bias"])
+    assert all(v.dtype == np.float32 for v in clipped.arrays.values())
+    # both clips: rows first, then the whole update
+    both = clip_update(update, sent, clip_norm=0.3, row_clip=0.5)
+    assert both.norm_clipped and _norm(_change(both.arrays, sent)) == pytest.approx(0.3, rel=1e-5)
+
+
+def _constant(sent: dict, value: float) -> dict[str, np.ndarray]:
+    return {k: np.full_like(v, value) for k, v in sent.items()}
+
+
+@pytest.mark.parametrize(
+    "aggregation,expected",
+    [("mean", (0 + 1 + 2 + 3 + 1000 * 100) / 1004), ("trimmed-mean", 2.0), ("median", 2.0)],
+)
+def test_robust_aggregates_ignore_an_outlier(aggregation, expected):
+    """Five devices send every value as 0, 1, 2, 3 and 100 (the last claiming 1000 examples): the weighted
+    mean follows the outlier; the trimmed mean (one cut at each end) and the median give 2 exactly."""
+    sent = _constant(_sent(np.random.default_rng(2)), 0.0)
+    cfg = FederatedConfig(row_clip=0, aggregation=aggregation, trim_fraction=0.2, norm_bound=1e4)
+    replies = [(_constant(sent, v), 1) for v in (0, 1, 2, 3)] + [(_constant(sent, 100), 1000)]
+    arrays, stats = aggregate_round(cfg, sent, replies)
+    assert stats["valid"] == 5 and stats["aggregated"]
+    for k, v in arrays.items():
+        assert v.dtype == np.float32 and v.shape == sent[k].shape
+        np.testing.assert_allclose(v, expected, rtol=1e-6)
+
+
+def test_trimmed_mean_cuts_nothing_with_too_few_updates():
+    sent = _constant(_sent(np.random.default_rng(3)), 0.0)
+    cfg = FederatedConfig(row_clip=0, aggregation="trimmed-mean", trim_fraction=0.1, norm_bound=1e4)
+    arrays, _ = aggregate_round(cfg, sent, [(_constant(sent, v), 1) for v in (0, 1, 2, 3, 100)])
+    np.testing.assert_allclose(arrays["item_bias"], 106 / 5, rtol=1e-6)  # floor(0.1 * 5) = 0 cut: the mean
+
+
+def test_clipping_comes_after_validation():
+    """An update over the norm bound is rejected, not clipped into the aggregate; valid ones are clipped."""
+    sent = _constant(_sent(np.random.default_rng(4)), 0.0)
+    size = np.sqrt(sum(v.size for v in sent.values()))  # the norm of an update of all ones
+    cfg = FederatedConfig(row_clip=0, norm_bound=3 * size, clip_norm=size / 2, min_reply_fraction=0.5)
+    replies = [(_constant(sent, 1.0), 1), (_constant(sent, 2.0), 1), (_constant(sent, 4.0), 1),
+               (_constant(sent, np.nan), 1)]  # fmt: skip
+    arrays, stats = aggregate_round(cfg, sent, replies)
+    assert stats["valid"] == 2 and stats["rejected"] == 2 and stats["norm_clipped"] == 2
+    assert any("norm" in r for r in stats["rejections"]) and any(
+        "non-finite" in r for r in stats["rejections"]
+    )
+    for v in arrays.values():  # both valid updates clipped to all-0.5: the 4.0 and NaN ones never counted
+        np.testing.assert_allclose(v, 0.5, rtol=1e-6)
+    assert (
+        "norm_clipped"
+        not in aggregate_round(FederatedConfig(row_clip=0, norm_bound=1e4), sent, replies[:2])[1]
+    )
+
+
+def test_row_clip_limits_a_promoted_item_in_the_aggregate():
+    rng = np.random.default_rng(5)
+    sent = _sent(rng)
+    honest = [(_moved(sent, rng, size=0.01), 10) for _ in range(9)]
+    attack = {k: v.copy() for k, v in sent.items()}
+    attack["item_bias"][7] += 20.0
+    plain, _ = aggregate_round(FederatedConfig(row_clip=0, norm_bound=50), sent, honest + [(attack, 10)])
+    clipped, stats = aggregate_round(
+        FederatedConfig(norm_bound=50, row_clip=0.1), sent, honest + [(attack, 10)]
+    )
+    assert plain["item_bias"][7] - sent["item_bias"][7] > 1.9  # a tenth of the boost gets through the mean
+    assert abs(clipped["item_bias"][7] - sent["item_bias"][7]) < 0.1 / 10 + 0.01
+    assert stats["rows_clipped"] >= 1
+
+
+def test_sparse_updates_under_trimmed_mean_move_only_rows_enough_devices_touched():
+    """Densified sparse updates carry zero change on the rows a device did not send: with five devices and a
+    trim of one at each end, a row only one device sent keeps none of its change (the mean keeps a fifth)."""
+    sent = _constant(_sent(np.random.default_rng(6)), 0.0)
+    new = _constant(sent, 1.0)
+    replies = [(encode_sparse(new, np.array([0, 1])), 1)] + [(encode_sparse(new, np.array([1])), 1)] * 4
+    trimmed, _ = aggregate_round(
+        FederatedConfig(row_clip=0, aggregation="trimmed-mean", trim_fraction=0.2), sent, replies
+    )
+    mean, _ = aggregate_round(FederatedConfig(row_clip=0), sent, replies)
+    assert trimmed["item_bias"][0] == 0.0 and mean["item_bias"][0] == pytest.approx(0.2)
+    assert trimmed["item_bias"][1] == 1.0 and (trimmed["item_bias"][2:] == 0).all()
+
+
+def test_fedadam_takes_no_robust_aggregate():
+    with pytest.raises(ValueError, match="fedadam"):
+        make_strategy(FederatedConfig(server_optimizer="fedadam", aggregation="median"), 4)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "trimmed-mean", "median"])
+def test_every_hostile_update_is_rejected_in_a_round_with_good_ones(aggregation):
+    """Attack 3 of issue 6: the whole hostile suite plus dense, sparse and int8 good updates in ONE round."""
+    rng = np.random.default_rng(7)
+    sent = _sent(rng, rows=30)
+    goods = [(_moved(sent, rng), 3), (_moved(sent, rng), 5), (_moved(sent, rng), 2),
+             (encode_sparse(_moved(sent, rng), np.array([2, 9, 11])), 4),
+             (compress_int8(_moved(sent, rng), sent, rng), 6)]  # fmt: skip
+    cfg = FederatedConfig(
+        row_clip=0, aggregation=aggregation, norm_bound=5.0, min_reply_fraction=0.1, clip_norm=0.8
+    )
+    result = hostile_round(cfg, sent, goods)
+    hostile = hostile_updates(sent, goods[0][0], cfg.norm_bound, rng)
+    assert result["hostile"] == len(hostile) and result["rejected"] == len(hostile) and result["valid"] == 5
+    assert result["round_completed"] and result["aggregate_equals_good_only"] and result["float32"]
+    assert set(result["reasons"]) == set(hostile) and all(result["reasons"].values())  # each with a reason
+    kinds = ("wrong shape", "NaN", "Inf", "huge norm", "missing key", "extra key", "float64", "example weight",
+             "sparse: row", "int8: negative scale", "int8: NaN scale", "no arrays")  # fmt: skip
+    assert all(any(kind in name for name in hostile) for kind in kinds)
