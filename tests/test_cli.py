@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from simulations.cli import main
 
 
@@ -84,3 +86,10 @@ def test_simulate_export_recommend_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["recommend", "--bundle", str(bundle), "--public-key", str(run / "bundle_signing_key.pub.pem"),
                  "--user", "u1", "--dataset", str(data)]) == 2  # fmt: skip
     assert "signature" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["simulate", "train", "export", "recommend", "keys", "credentials"])
+def test_every_help_text_renders(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
