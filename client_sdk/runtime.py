@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared_model.graph_io import encoder_inputs, exclude_mask, personalize, session
@@ -81,6 +82,7 @@ class _Loaded:
     index: dict[str, int]
     sessions: dict[str, Any]
     outputs: dict[str, list[str]]  # output names per graph
+    step: _BoundStep  # the step session, bound; its inputs hold the seen mask and the recurrent states
 
     @property
     def num_items(self) -> int:
@@ -89,6 +91,37 @@ class _Loaded:
     @property
     def catalogue_sha(self) -> str:
         return _ids_sha(self.item_ids)
+
+
+class _BoundStep:
+    """The step graph bound once to preallocated arrays (onnxruntime IOBinding): writing the inputs in place
+    and :meth:`run` neither converts nor allocates per event. ``outputs`` are overwritten by each run; the
+    ``inputs`` of the recurrent ``states`` are the runtime's states."""
+
+    def __init__(self, sess: ort.InferenceSession, graph: dict[str, Any], states: list[str]) -> None:
+        self._sess, self._binding, self.states = sess, sess.io_binding(), states
+        self.inputs = {v["name"]: _zeros(v) for v in graph["inputs"]}
+        self.outputs = {v["name"]: _zeros(v) for v in graph["outputs"]}
+        self._values = []  # the OrtValues share the arrays' memory; keep them alive with the binding
+        for arrays, bind in ((self.inputs, self._binding.bind_ortvalue_input),
+                             (self.outputs, self._binding.bind_ortvalue_output)):  # fmt: skip
+            for name, array in arrays.items():
+                self._values.append(ort.OrtValue.ortvalue_from_numpy(array))
+                bind(name, self._values[-1])
+        self._advances = [(self.inputs[name], self.outputs[f"next_{name}"]) for name in states]
+
+    def run(self) -> None:
+        self._sess.run_with_iobinding(self._binding)
+
+    def advance(self) -> None:
+        """The last run's ``next_<state>`` outputs become the state inputs."""
+        for state, new in self._advances:
+            np.copyto(state, new)
+
+
+def _zeros(value: dict[str, Any]) -> np.ndarray:
+    """Zeros of a graph input/output spec at batch 1."""
+    return np.zeros([1 if d == "batch" else d for d in value["shape"]], np.dtype(value["dtype"]))
 
 
 def _ids_sha(ids: Sequence[str]) -> str:
@@ -123,7 +156,8 @@ def _load(manifest: Manifest, personal: dict[str, np.ndarray], threads: int) -> 
     titles = catalogue.get("titles") or ids
     outputs = {name: [o["name"] for o in g["outputs"]] for name, g in spec["graphs"].items()}
     return _Loaded(manifest, spec, ids, titles, catalogue.get("explanations", []),
-                   {i: n for n, i in enumerate(ids)}, sessions, outputs)  # fmt: skip
+                   {i: n for n, i in enumerate(ids)}, sessions, outputs,
+                   _BoundStep(sessions["step"], spec["graphs"]["step"], list(spec["states"])))  # fmt: skip
 
 
 class Recommender:
@@ -143,11 +177,10 @@ class Recommender:
         self._rec = record
         self.on_unknown, self.on_backwards, self.threads = on_unknown, on_backwards, threads
         self._items, self._times = record.items.tolist(), record.times.tolist()  # appended in O(1)
-        self._seen = exclude_mask([record.items], loaded.num_items)
+        self._seen[:] = exclude_mask([record.items], loaded.num_items)
         self._ranking: dict[str, np.ndarray] | None = None
         if self._stored_state_fits():
-            self._states = {k: v[None] for k, v in record.state.items() if k != "state"}
-            self._state = record.state["state"][None]
+            self._set_states(record.state)
         else:
             self._reencode()
 
@@ -183,7 +216,7 @@ class Recommender:
         )
         _check_history(self._history_record(), loaded)
         self._b = loaded
-        self._seen = exclude_mask([self._items], loaded.num_items)
+        self._seen[:] = exclude_mask([self._items], loaded.num_items)
         self._reencode()
         self.save()
 
@@ -215,19 +248,19 @@ class Recommender:
             t = int(times[-1])
         if items and items[-1] == dense and times[-1] == t:
             return False
+        step = self._b.step
         was_seen = self._seen[0, dense]
+        step.inputs["item"][0], step.inputs["timestamp"][0] = dense, t
         self._seen[0, dense] = True
+        self._ranking = None  # the step's outputs are overwritten in place
         try:
-            outputs = self._run("step", {
-                "item": np.array([dense], np.int64), "timestamp": np.array([t], np.int64), "exclude": self._seen,
-                **self._states,
-            })  # fmt: skip
+            step.run()
         except Exception:
             self._seen[0, dense] = was_seen
             raise
-        self._states = {k: outputs[f"next_{k}"] for k in self._states}
-        self._state = outputs["state"]
-        self._ranking = outputs
+        step.advance()
+        self._state = step.outputs["state"].copy()
+        self._ranking = step.outputs
         items.append(dense)
         times.append(t)
         if save:
@@ -245,7 +278,7 @@ class Recommender:
             dense.append(d)
             times.append(int(t))
         self._items, self._times = dense, times
-        self._seen = exclude_mask([dense], self._b.num_items)
+        self._seen[:] = exclude_mask([dense], self._b.num_items)
         self._reencode()
         self.save()
 
@@ -259,7 +292,7 @@ class Recommender:
         if not 1 <= k <= top_k:
             raise RuntimeInputError(f"k must be in 1..{top_k} (the bundle's top_k), got {k}")
         ranking = self._ranking if exclude_seen else None
-        if ranking is None:
+        if ranking is None or k > ranking["top_items"].shape[1]:
             exclude = self._seen if exclude_seen else np.zeros_like(self._seen)
             ranking = self._run("rank", {"state": self._state, "exclude": exclude})
             if exclude_seen:
@@ -270,18 +303,20 @@ class Recommender:
         expl = ranking.get("top_explanations")
         expl_ids = [[]] * k if expl is None else expl[0, :k, :explanations].tolist()
         ids, titles, texts = self._b.item_ids, self._b.titles, self._b.explanations
-        out = []
-        for item, score, head, why in zip(items, scores, heads, expl_ids, strict=True):
-            if score == -math.inf:
-                break  # fewer than k unseen items
-            out.append(Recommendation(ids[item], titles[item], score, head, [texts[e] for e in why]))
-        return out
+        return [
+            Recommendation(ids[item], titles[item], score, head, [texts[e] for e in why])
+            for item, score, head, why in zip(items, scores, heads, expl_ids, strict=True)
+            if score != -math.inf  # -inf: fewer than k unseen items (scores decrease)
+        ]
 
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:
         """Write history, recurrent state and personal weights to the encrypted store (atomically)."""
         self._rec = self._history_record()
-        self._rec.state = {**{k: v[0] for k, v in self._states.items()}, "state": self._state[0]}
+        self._rec.state = {
+            **{k: v[0].copy() for k, v in self._states.items()},
+            "state": self._state[0].copy(),
+        }
         self._rec.meta = {**self._rec.meta, "bundle": self._b.manifest.sha256,
                           "catalogue_sha": self._b.catalogue_sha, "catalogue_size": self._b.num_items}  # fmt: skip
         self._store.save(self._rec)
@@ -291,6 +326,23 @@ class Recommender:
         rec = self._rec
         return DeviceRecord(np.array(self._items, np.int64), np.array(self._times, np.int64), rec.state,
                             rec.weights, rec.meta)  # fmt: skip
+
+    @property
+    def _seen(self) -> np.ndarray:
+        """The step graph's ``exclude`` input (1, num_items): True at the seen items."""
+        return self._b.step.inputs["exclude"]
+
+    @property
+    def _states(self) -> dict[str, np.ndarray]:
+        """The recurrent states (1, ...): the step graph's state inputs."""
+        return {k: self._b.step.inputs[k] for k in self._b.step.states}
+
+    def _set_states(self, values: dict[str, np.ndarray]) -> None:
+        """Copy the recurrent states and the state vector (``"state"``), per row or with the batch
+        dimension, into place."""
+        for k, array in self._states.items():
+            array[:] = values[k]
+        self._state = np.array(values["state"], np.float32).reshape(1, -1)
 
     def _dense(self, item: str | int, strict: bool = False) -> int | None:
         dense = self._b.index.get(str(item))
@@ -314,13 +366,11 @@ class Recommender:
         """Recurrent state from the history's last ``max_events`` events through the sequence encoder."""
         spec = self._b.spec
         if not self._items:
-            self._states = {k: np.zeros((1, *s["shape"]), np.float32) for k, s in spec["states"].items()}
-            self._state = np.zeros((1, spec["d_model"]), np.float32)
+            self._set_states({k: 0 for k in spec["states"]} | {"state": np.zeros(spec["d_model"])})
         else:
             n = spec["max_events"]
             out = self._run("encoder", encoder_inputs([self._items[-n:]], [self._times[-n:]], n))
-            self._states = {k: out[k] for k in spec["states"]}
-            self._state = out["state"]
+            self._set_states(out)
         self._ranking = None
 
 

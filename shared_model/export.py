@@ -4,7 +4,8 @@ Exported with the dynamo exporter at opset 18, one file per graph, the batch dim
 and named ``batch`` (exported from batch-2 examples; a runtime at batch 1 may pin it with
 ``SessionOptions.add_free_dimension_override_by_name("batch", 1)``):
 
-``step.onnx`` -- one event in, the new recurrent state and the recommendations out, O(1) per event:
+``step.onnx`` -- one event in, the new recurrent state and the first ``step_top_k`` recommendations (the items
+shown per event) out, O(1) per event:
 
     inputs   item (B,) int64 dense item id; timestamp (B,) int64 unix seconds (fed even when the model has no
              time encoder); exclude (B, num_items) bool (True = never recommend: the seen items, the event's
@@ -13,15 +14,16 @@ and named ``batch`` (exported from batch-2 examples; a runtime at batch 1 may pi
     outputs  next_lru_state, next_time_state (like the inputs); state (B, d) float32, the state vector; then
              the ranking outputs below
 
-``rank.onnx`` -- the recommendations for a state vector without consuming an event (after a restart, after
-re-encoding, or when ``exclude`` changed): inputs state (B, d) float32, exclude (B, num_items) bool.
+``rank.onnx`` -- the top ``top_k`` recommendations for a state vector without consuming an event (after a
+restart, after re-encoding, when ``exclude`` changed, or for more than ``step_top_k`` items): inputs state
+(B, d) float32, exclude (B, num_items) bool.
 
 Ranking outputs of both: ``top_items`` (B, K) int64 dense item ids by decreasing score; ``top_scores`` (B, K)
 float32 (``F.linear`` against the item table + bias, exactly ``model.item_scores``; ``-inf`` once fewer than K
 items are left); ``top_heads`` (B, K) int64, each item's driving interest head
 (``head_contributions(...).argmax(-1)``); ``top_explanations`` (B, K, E) int64, each item's explanation ids by
-decreasing ``explanation_scores`` (only with an explanation branch). K (``top_k``) is fixed at export; the
-runtime slices to its k.
+decreasing ``explanation_scores`` (only with an explanation branch). K (``step_top_k`` for the step graph,
+``top_k`` for the rank graph) is fixed at export; the runtime slices to its k.
 
 ``encoder.onnx`` -- re-encode a history of at most ``MAX_EVENTS`` events (after a new bundle or new personal
 weights), equal to rolling the step graph over the events from the zero state: inputs items, timestamps
@@ -36,9 +38,9 @@ the graphs from bytes with the file's verified contents in memory
 (``SessionOptions.add_external_initializers_from_files_in_memory``, :func:`~shared_model.graph_io.session`).
 
 A runtime, for ``record(item, t)`` + ``recommend(k)``: set ``exclude[item] = True``, run ``step`` on the
-stored states, keep ``next_*`` as the states and ``state``, answer from the first k ranking rows (one run).
-``recommend(k)`` without a new event runs ``rank`` on the kept ``state``. The recurrent states start as zeros
-of the shapes in ``spec["states"]``.
+stored states, keep ``next_*`` as the states and ``state``, answer from the first k ranking rows (one run;
+k up to ``step_top_k``). ``recommend(k)`` without a new event, or for more items, runs ``rank`` on the kept
+``state``. The recurrent states start as zeros of the shapes in ``spec["states"]``.
 
 Personal weights are never baked in. onnxruntime folds constant subgraphs with the file's initializer values
 *before* it applies ``SessionOptions.add_initializer`` overrides (measured with onnxruntime 1.32), so
@@ -64,6 +66,7 @@ import io
 import logging
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +94,7 @@ GRAPH_FILES = {
     "personalize": "personalize.onnx",
 }
 WEIGHTS_FILE = "weights.bin"
+STEP_TOP_K = 10  # default ranking width of the step graph: the items shown per event
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside their graph
 EXTERNAL_ALIGN = 64
 PARAM_PREFIX = "model."  # the graphs' initializer name of parameter p is PARAM_PREFIX + p
@@ -107,12 +111,12 @@ class ExportedGraphs:
     ``overrides`` maps each runtime graph (``"step"``, ``"rank"``, ``"encoder"``) to the initializer names
     that carry personal values: outputs of ``personalize.onnx`` of the same name. ``spec`` is
     JSON-serialisable, for the bundle manifest: ``format``, ``opset``, ``num_items``, ``d_model``,
-    ``num_heads``, ``top_k``, ``num_explanations_out`` (0 without an explanation branch), ``max_events``,
-    ``int8_items``, ``states`` (name -> per-row ``shape`` and ``dtype``; zeros are the initial state; the step
-    graph returns them as ``next_<name>``), ``graphs`` (name -> ``file``, ``inputs``, ``outputs``, each a
-    list of ``{"name", "shape", "dtype"}`` with ``"batch"`` for the dynamic dimension, and ``personal``: its
-    override names) and ``personalize`` (``file``, ``inputs``: the personal parameters by torch name,
-    ``outputs``).
+    ``num_heads``, ``top_k``, ``step_top_k`` (absent in older bundles: ``top_k``), ``num_explanations_out``
+    (0 without an explanation branch), ``max_events``, ``int8_items``, ``states`` (name -> per-row ``shape``
+    and ``dtype``; zeros are the initial state; the step graph returns them as ``next_<name>``), ``graphs``
+    (name -> ``file``, ``inputs``, ``outputs``, each a list of ``{"name", "shape", "dtype"}`` with ``"batch"``
+    for the dynamic dimension, and ``personal``: its override names) and ``personalize`` (``file``,
+    ``inputs``: the personal parameters by torch name, ``outputs``).
     """
 
     step_path: Path
@@ -449,6 +453,48 @@ def _name_batch(graph: onnx.GraphProto) -> None:
                 dim.dim_param = "batch"
 
 
+def _fusable_gelu(graph: onnx.GraphProto) -> None:
+    """Rewrite the exporter's exact GELU ``x * (0.5 * (1 + erf(x / sqrt(2))))`` as
+    ``(x * (1 + erf(x / sqrt(2)))) * 0.5``: the same values (a product with 0.5 is exact), in the form that
+    onnxruntime's optimizer fuses into one Gelu node (5 nodes to 1 per GELU)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = Counter(i for n in graph.node for i in n.input)
+
+    def made_by(value: str, op: str) -> onnx.NodeProto | None:
+        node = producer.get(value)
+        return node if node is not None and node.op_type == op else None
+
+    for outer in (n for n in graph.node if n.op_type == "Mul"):
+        x, inner_out = outer.input
+        inner = made_by(inner_out, "Mul")
+        if inner is None or readers[inner_out] != 1:
+            continue
+        half, one_plus = inner.input
+        add = made_by(one_plus, "Add")
+        erf = add and made_by(add.input[0], "Erf")
+        div = erf and made_by(erf.input[0], "Div")
+        if div is not None and div.input[0] == x:
+            inner.input[:] = [x, one_plus]
+            outer.input[:] = [inner_out, half]
+
+
+def _fold_cast_like(graph: onnx.GraphProto) -> None:
+    """Replace ``CastLike(constant, x)`` (the exporter's scalars, e.g. the ``-inf`` of ``masked_fill``) by the
+    constant in ``x``'s type when the exporter's value infos give it: onnxruntime leaves these as Cast nodes
+    that run on every call."""
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info)}
+    constants = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
+    for node in graph.node:
+        if node.op_type == "CastLike" and node.input[0] in constants and types.get(node.input[1]):
+            value = onnx.numpy_helper.to_array(constants[node.input[0]])
+            value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(types[node.input[1]]))
+            node.CopyFrom(
+                onnx.helper.make_node(
+                    "Constant", [], node.output, node.name, value=onnx.numpy_helper.from_array(value)
+                )
+            )
+
+
 def _check_personal_read(protos: dict[str, onnx.ModelProto], personal: list[str]) -> None:
     """Every personal parameter must be an initializer that some graph reads, else it was folded away."""
     read = {i for proto in protos.values() for n in proto.graph.node for i in n.input}
@@ -458,15 +504,19 @@ def _check_personal_read(protos: dict[str, onnx.ModelProto], personal: list[str]
 
 
 def _export_graphs(
-    model: TMEPSR, top_k: int, num_expl: int
+    model: TMEPSR, top_k: int, step_top_k: int, num_expl: int
 ) -> tuple[dict[str, onnx.ModelProto], dict[str, dict[str, Any]]]:
-    """The three runtime graphs as exported (personal parameters still inside) and their inputs/outputs."""
+    """The three runtime graphs as exported (personal parameters still inside; GELUs in the form onnxruntime
+    fuses, typed scalar constants folded) and their inputs/outputs."""
     modules = {"step": _Step, "rank": _Rank, "encoder": _Encoder}
+    widths = {"step": step_top_k, "rank": top_k, "encoder": top_k}
     protos, io = {}, {}
     for name, (args, inputs, outputs) in _examples(model).items():
         with torch.no_grad():
-            protos[name] = _export_graph(modules[name](model, top_k, num_expl), args, inputs, outputs)
+            protos[name] = _export_graph(modules[name](model, widths[name], num_expl), args, inputs, outputs)
         graph = protos[name].graph
+        _fusable_gelu(graph)
+        _fold_cast_like(graph)
         io[name] = {"inputs": _io_spec(graph.input), "outputs": _io_spec(graph.output)}
     return protos, io
 
@@ -478,10 +528,12 @@ def export_model(
     top_k: int = 50,
     num_explanations_out: int = 3,
     int8_items: bool = False,
+    step_top_k: int = STEP_TOP_K,
 ) -> ExportedGraphs:
     """Export ``model`` (a :class:`TMEPSR`, any preset) to ``step.onnx``, ``rank.onnx``, ``encoder.onnx`` and
     ``personalize.onnx`` in ``out_dir``. ``top_k`` items (and ``num_explanations_out`` explanation ids for
-    each) are returned per call; ``int8_items`` stores the item table as int8 rows with a per-row scale. The
+    each) are returned per rank call, the first ``step_top_k`` of them per step call (a narrower ranking is
+    a faster step); ``int8_items`` stores the item table as int8 rows with a per-row scale. The
     model is not modified."""
     if not isinstance(model, TMEPSR):
         raise ExportError(
@@ -495,8 +547,9 @@ def export_model(
     if int8_items:
         model.item_emb = Int8Rows(model.item_emb.weight.detach())
     top_k = min(top_k, model.cfg.num_items)
+    step_top_k = min(step_top_k, top_k)
     num_expl = 0 if model.explanation is None else min(num_explanations_out, model.cfg.num_explanations)
-    protos, io = _export_graphs(model, top_k, num_expl)
+    protos, io = _export_graphs(model, top_k, step_top_k, num_expl)
     _check_personal_read(protos, personal)
     parts, overrides = {}, {}
     for name, proto in protos.items():
@@ -528,6 +581,7 @@ def export_model(
         "d_model": model.cfg.d_model,
         "num_heads": model.cfg.num_heads,
         "top_k": top_k,
+        "step_top_k": step_top_k,
         "num_explanations_out": num_expl,
         "max_events": MAX_EVENTS,
         "int8_items": int8_items,

@@ -137,13 +137,16 @@ class MultiheadLRU(nn.Module):
         return self._readout(h, x), ends[:, -1]
 
     def step_weights(self) -> tuple[Tensor, Tensor]:
-        """The O(1) step as two real matrices: ``s' = [s, x] @ M``, ``y = s' @ R + D * x`` for the flattened
-        state ``s`` (batch, H * d_head * 2) and the input ``x`` (batch, d_model).
+        """The O(1) step as two real matrices on ``z = [s, x]``, the flattened state ``s``
+        (batch, H * d_head * 2) next to the input ``x`` (batch, d_model): the new state ``s' = z @ M`` and the
+        output ``y = z @ W``.
 
         ``M`` (2 H d_head + d_model, 2 H d_head) stacks the recurrence (a 2x2 rotation-scaling block per
-        complex state: the diagonal ``lambda``) over the drive ``gamma * B``; ``R`` (2 H d_head, d_model) is
-        ``Re(C .)``. Both are block-diagonal over heads and depend on parameters only, so a runtime computes
-        them once per set of weights (the ONNX export moves them into ``personalize.onnx``)."""
+        complex state: the diagonal ``lambda``) over the drive ``gamma * B``; ``W = M @ R + [0; diag(D)]``
+        (2 H d_head + d_model, d_model) folds the readout ``y = Re(C s') + D * x`` (``R`` = ``Re(C .)``) into
+        the same input, so the two products are independent. Both are block-diagonal over heads and depend on
+        parameters only, so a runtime computes them once per set of weights (the ONNX export moves them into
+        ``personalize.onnx``)."""
         h, n = self.num_heads, self.d_head
         re, im = self.lambda_power(1)  # (H, N)
         rotation = torch.stack((torch.stack((re, im), -1), torch.stack((-im, re), -1)), -2)  # (H, N, in, out)
@@ -157,13 +160,17 @@ class MultiheadLRU(nn.Module):
         )
         readout = torch.stack((self.C_re, -self.C_im), dim=-1).permute(0, 2, 3, 1)  # (H, N, 2, d_head)
         readout = (eye_head[:, None, None, :, None] * readout[:, :, :, None]).reshape(2 * h * n, -1)
-        return torch.cat((recurrence, drive), dim=0), readout
+        transition = torch.cat((recurrence, drive), dim=0)
+        direct = torch.cat((recurrence.new_zeros(2 * h * n, self.d_model), torch.diag(self.D)), dim=0)
+        return transition, transition @ readout + direct
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """One event: x_t (batch, d_model), state (batch, num_heads, d_head, 2) -> y_t, new state."""
-        transition, readout = self.step_weights()
-        h = torch.cat((state.flatten(1), x_t), dim=-1) @ transition
-        return h @ readout + self.D * x_t, h.unflatten(1, state.shape[1:])
+        """One event: x_t (batch, d_model), state (batch, num_heads, d_head, 2) or flattened
+        (batch, num_heads * d_head * 2) -> y_t, the new state (shaped like ``state``)."""
+        transition, output = self.step_weights()
+        z = torch.cat((state.flatten(1), x_t), dim=-1)
+        new_state = z @ transition
+        return z @ output, new_state if state.dim() == 2 else new_state.view(state.shape)
 
     def initial_state(self, batch: int) -> Tensor:
         """The zero state (batch, num_heads, d_head, 2)."""
@@ -205,7 +212,7 @@ class LRUBlock(nn.Module):
         return self._position_wise(x, y), state
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """One event: x_t (batch, d_model), state (batch, H, d_head, 2) -> output, new state."""
+        """One event: x_t (batch, d_model), state (batch, H, d_head, 2) or flattened -> output, new state."""
         y, state = self.lru.step(x_t, state)
         return self._position_wise(x_t, y), state
 
@@ -235,12 +242,14 @@ class LRUEncoder(nn.Module):
         return x, torch.stack(states, dim=1)
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """One event: x_t (batch, d_model), state (batch, num_blocks, H, d_head, 2) -> output, new state."""
+        """One event: x_t (batch, d_model), state (batch, num_blocks, H, d_head, 2) -> output, new state.
+        The blocks step on flattened states (fewer reshapes in an exported graph)."""
+        flat = state.flatten(2)
         states = []
         for i, block in enumerate(self.blocks):
-            x_t, block_state = block.step(x_t, state[:, i])
+            x_t, block_state = block.step(x_t, flat[:, i])
             states.append(block_state)
-        return x_t, torch.stack(states, dim=1)
+        return x_t, torch.cat(states, dim=1).view(state.shape)
 
     def initial_state(self, batch: int) -> Tensor:
         """The zero state (batch, num_blocks, H, d_head, 2)."""

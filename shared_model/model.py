@@ -42,9 +42,11 @@ class InterestHeads(nn.Module):
 
     def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``y`` (..., d) -> sub-interests ``v`` (..., H, d) and mixture weights ``a`` (..., H)."""
-        slices = y.unflatten(-1, (self.num_heads, -1))
-        v = torch.einsum("...hk,hkd->...hd", slices, self.proj)
-        return v, torch.softmax(self.gate(y), dim=-1)
+        slices = y.unflatten(-1, (self.num_heads, -1)).movedim(-2, 0)  # (H, ..., d_head)
+        # v_h = slices_h @ proj_h as one batched matmul over heads: what einsum("...hk,hkd->...hd") computes
+        # (bit for bit), but an ONNX MatMul instead of the slower Einsum kernel
+        v = slices.flatten(1, -2) @ self.proj
+        return v.unflatten(1, slices.shape[1:-1]).movedim(0, -2), torch.softmax(self.gate(y), dim=-1)
 
 
 class TMEPSR(SequenceRecommender):
@@ -87,7 +89,7 @@ class TMEPSR(SequenceRecommender):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """O(1) update with one event per row (dense ``items`` (B,), ``times`` (B,)): the new state vector
         (B, d) (what :meth:`encode` gives at the last position) and the new recurrent states. Eval mode only."""
-        x = self.item_emb(items + 1)
+        x = self.item_vectors(items)
         if self.time_encoder is not None:
             t_vec, time_state = self.time_encoder.step(times, time_state)
             x = x + t_vec
@@ -112,17 +114,21 @@ class TMEPSR(SequenceRecommender):
         v, a = self.interests(states)
         return (a.unsqueeze(-1) * v).sum(-2)
 
+    def item_vectors(self, items: Tensor) -> Tensor:
+        """Embeddings of dense item ids (...,) -> (..., d): the table without its padding row, as scored
+        (an exported graph then gathers from the table it scores against)."""
+        return F.embedding(items, self.item_emb.weight[1:])
+
     def head_contributions(self, states: Tensor, items: Tensor) -> Tensor:
         """``a_h <v_h, e_i>`` for dense ``items`` (N, K) given ``states`` (N, d): (N, K, H)."""
         v, a = self.interests(states)
-        e = self.item_emb(items + 1)
-        return torch.einsum("nhd,nkd->nkh", v, e) * a.unsqueeze(1)
+        return (self.item_vectors(items) @ v.transpose(-1, -2)) * a.unsqueeze(1)
 
     def explanation_scores(self, states: Tensor, items: Tensor) -> Tensor:
         """Explanation-vocabulary scores for (state, dense item) pairs: states (N, d), items (N,) -> (N, V)."""
         if self.explanation is None:
             raise RuntimeError("this model was configured without the explanation branch")
-        return self.explanation.scores(self.explanation.query(states, self.item_emb(items + 1)))
+        return self.explanation.scores(self.explanation.query(states, self.item_vectors(items)))
 
     # ------------------------------------------------------------------ training loss
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:

@@ -27,6 +27,7 @@ MONDAY_SHIFT = 3 * SECONDS_PER_DAY  # 1970-01-01 was a Thursday: shift so that p
 MAX_LOG_GAP = math.log1p(366 * 24 * 60)  # a year in minutes; longer gaps fall in the last bucket
 INIT_STD = 0.02  # initial weight scale of the output layers: time vectors start as small as item embeddings
 STATE_SIZE = 4  # [day of the previous event, its second of the day, events seen, mean of their log-gaps]
+ORDER_TICK = (0.0, 0.0, 1.0, 0.0)  # the state change per event in order mode
 
 
 def log_gap(delta: Tensor, has_prev: Tensor) -> Tensor:
@@ -137,9 +138,9 @@ class DualViewGatedTimeEncoder(nn.Module):
         """The next event of each sequence: t (B,) int64, state (B, STATE_SIZE) -> (B, d_model), new state.
 
         Equals ``forward`` on the whole sequence at that event."""
+        if self.time_unit == "order":  # only the count moves (one Add in an exported graph)
+            return self._position(state.select(-1, 2).long()), state + state.new_tensor(ORDER_TICK)
         prev_day, prev_second, seen, mean = state.unbind(-1)
-        if self.time_unit == "order":
-            return self._position(seen.long()), torch.stack((prev_day, prev_second, seen + 1, mean), dim=-1)
         prev = prev_day.long() * SECONDS_PER_DAY + prev_second.long()
         lg = log_gap(t - prev, seen > 0)
         rhythm = torch.where(seen >= 2, lg - mean, 0)

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ from shared_model.export import (
     run_session,
     session,
 )
-from shared_model.model import TMEPSR
+from shared_model.model import TMEPSR, InterestHeads
 from shared_model.partition import load_parts, parameter_groups, split_state
 from shared_model.recommender import build_model
 from shared_model.training import model_config_for, train_end_per_user, train_epoch
@@ -199,6 +200,42 @@ def test_graphs_pass_onnx_and_onnxruntime_checks(graphs):
         assert all(i["shape"][0] == "batch" for i in graph["inputs"])
         assert set(graph["personal"]) <= {o["name"] for o in spec["personalize"]["outputs"]}
     assert spec["max_events"] == MAX_EVENTS and spec["top_k"] == 50 and spec["num_explanations_out"] == 3
+
+
+def test_step_graph_ranks_the_shown_items_and_optimizes_to_fused_kernels(graphs, tmp_path):
+    """The step graph ranks ``step_top_k`` items (the rank graph ``top_k``); onnxruntime fuses its GELUs and
+    runs no Einsum (the slow kernel) nor per-call casts of constants."""
+    shapes = {
+        g: {o["name"]: o["shape"] for o in graphs.spec["graphs"][g]["outputs"]} for g in ("step", "rank")
+    }
+    assert graphs.spec["step_top_k"] == 10
+    assert shapes["step"]["top_items"] == ["batch", 10] and shapes["step"]["top_explanations"] == [
+        "batch",
+        10,
+        3,
+    ]
+    assert shapes["rank"]["top_items"] == ["batch", 50]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "step.optimized.onnx")
+    options.add_free_dimension_override_by_name("batch", 1)
+    ort.InferenceSession(str(graphs.path("step")), options, providers=["CPUExecutionProvider"])
+    ops = [
+        n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node
+    ]
+    assert ops.count("Gelu") == 3 and not {"Erf", "Einsum", "CastLike"} & set(ops)
+
+
+def test_interest_heads_compute_what_einsum_computes_bit_for_bit():
+    """The heads' batched matmul (an ONNX MatMul) is the einsum it replaced, forward and backward."""
+    torch.manual_seed(0)
+    heads = InterestHeads(32, 4)
+    for shape in [(6, 32), (4, 50, 32)]:
+        y = torch.randn(*shape, requires_grad=True)
+        v, _ = heads(y)
+        ref = torch.einsum("...hk,hkd->...hd", y.unflatten(-1, (4, -1)), heads.proj)
+        assert torch.equal(v, ref)
+        grads = [torch.autograd.grad(out.square().sum(), (y, heads.proj)) for out in (v, ref)]
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
 def test_encoder_limit_and_models_without_a_step_are_refused(log, tmp_path):

@@ -70,6 +70,11 @@ def test_runtime_matches_the_torch_model_and_survives_a_restart(env, tmp_path):
     np.testing.assert_allclose([r.score for r in got], [w["score"] for w in want], atol=1e-4)
     assert [r.head for r in got] == [w["head"] for w in want]
     assert [r.explanations for r in got] == [w["explanations"] for w in want]
+    wide = rec.recommend(15)  # wider than the step graph's ranking: from the rank graph
+    assert [r.item for r in wide] == [w["item"] for w in recommend(model, log, 2, k=15)]
+    assert [(r.item, r.head, r.explanations) for r in wide[:10]] == [
+        (r.item, r.head, r.explanations) for r in got
+    ]
     again = _open(env, tmp_path)  # state, history and seen items from the encrypted store
     assert again.history == rec.history and [r.item for r in again.recommend(10)] == [r.item for r in got]
     again.sync_history(rec.history)  # the sequence encoder graph gives the state the step graph rolled
