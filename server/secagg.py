@@ -33,9 +33,9 @@ Validation: under SecAgg+ no individual update can be checked (that is the point
 unmasked aggregate: it must decode to the sent keys and shapes, be finite, stay within ``[-secagg_clip,
 secagg_clip]`` per coordinate (a mean of clipped values does; an overflowing or tampered sum does not) and
 within ``norm_bound`` of the sent arrays. A rejected aggregate rejects the whole cohort's round (the arrays
-stay). Per-update defences (``clip_norm``, ``row_clip``, trimmed mean, median) need individual updates;
-the configuration refuses them with ``privacy="secagg"``, and ``secagg_clip`` bounds each device's influence
-per coordinate instead.
+stay). Robust aggregates (trimmed mean, median) need individual updates: the configuration refuses them with
+``privacy="secagg"``. ``clip_norm`` and ``row_clip`` are applied by each device to its own update before
+masking (which binds honest devices only), and ``secagg_clip`` bounds each device's influence per coordinate.
 
 What the server still sees in the clear: who took part and who dropped out, the stage messages' sizes, and
 nothing per device about its update, weight or loss (the device reports its weight as 0 outside the masked
