@@ -24,6 +24,7 @@ Defined behaviour for awkward input:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -70,6 +71,18 @@ class Recommendation:
     explanations: list[str]  # explanation texts, most likely first
 
 
+def _recommendation(
+    item: str, title: str, score: float, head: int, explanations: list[str]
+) -> Recommendation:
+    """``Recommendation(...)`` without the frozen dataclass's per-field ``object.__setattr__`` calls (a third of
+    the cost of ``recommend(10)``'s Python): the same object, its fields written to its ``__dict__``."""
+    rec = object.__new__(Recommendation)
+    fields = rec.__dict__
+    fields["item"], fields["title"], fields["score"], fields["head"] = item, title, score, head
+    fields["explanations"] = explanations
+    return rec
+
+
 @dataclass
 class _Loaded:
     """One verified bundle's sessions and catalogue."""
@@ -88,6 +101,11 @@ class _Loaded:
     def num_items(self) -> int:
         return len(self.item_ids)
 
+    @functools.cached_property
+    def explanation_texts(self) -> np.ndarray:
+        """``explanations`` as an object array: a ranking's explanation ids index it in one operation."""
+        return np.array(self.explanations, dtype=object)
+
     @property
     def catalogue_sha(self) -> str:
         return _ids_sha(self.item_ids)
@@ -96,27 +114,47 @@ class _Loaded:
 class _BoundStep:
     """The step graph bound once to preallocated arrays (onnxruntime IOBinding): writing the inputs in place
     and :meth:`run` neither converts nor allocates per event. ``outputs`` are overwritten by each run; the
-    ``inputs`` of the recurrent ``states`` are the runtime's states."""
+    ``inputs`` of the recurrent ``states`` are the runtime's states.
+
+    The states and the ``state`` output are double-buffered: two bindings, each reading one set of state
+    arrays and writing the ``next_<state>`` outputs into the other set (and ``state`` into its own array), so
+    that :meth:`advance` swaps the sets instead of copying, and the state vector a run wrote stays valid
+    through the next run (which writes the other one)."""
 
     def __init__(self, sess: ort.InferenceSession, graph: dict[str, Any], states: list[str]) -> None:
-        self._sess, self._binding, self.states = sess, sess.io_binding(), states
+        self._sess, self.states = sess, states
         self.inputs = {v["name"]: _zeros(v) for v in graph["inputs"]}
         self.outputs = {v["name"]: _zeros(v) for v in graph["outputs"]}
-        self._values = []  # the OrtValues share the arrays' memory; keep them alive with the binding
-        for arrays, bind in ((self.inputs, self._binding.bind_ortvalue_input),
-                             (self.outputs, self._binding.bind_ortvalue_output)):  # fmt: skip
-            for name, array in arrays.items():
-                self._values.append(ort.OrtValue.ortvalue_from_numpy(array))
-                bind(name, self._values[-1])
-        self._advances = [(self.inputs[name], self.outputs[f"next_{name}"]) for name in states]
+        sets = (
+            {name: self.inputs[name] for name in states} | {"state": self.outputs["state"]},
+            {name: np.zeros_like(self.inputs[name]) for name in states}
+            | {"state": np.zeros_like(self.outputs["state"])},
+        )
+        self._values = []  # the OrtValues share the arrays' memory; keep them alive with the bindings
+        self._bindings = []
+        for current, following in (sets, sets[::-1]):
+            binding = sess.io_binding()
+            inputs = self.inputs | {name: current[name] for name in states}
+            outputs = self.outputs | {f"next_{name}": following[name] for name in states}
+            outputs["state"] = current["state"]
+            for arrays, bind in ((inputs, binding.bind_ortvalue_input),
+                                 (outputs, binding.bind_ortvalue_output)):  # fmt: skip
+                for name, array in arrays.items():
+                    self._values.append(ort.OrtValue.ortvalue_from_numpy(array))
+                    bind(name, self._values[-1])
+            self._bindings.append((binding, {name: following[name] for name in states}, current["state"]))
+        self._turn = 0
 
     def run(self) -> None:
-        self._sess.run_with_iobinding(self._binding)
+        self._sess.run_with_iobinding(self._bindings[self._turn][0])
 
     def advance(self) -> None:
-        """The last run's ``next_<state>`` outputs become the state inputs."""
-        for state, new in self._advances:
-            np.copyto(state, new)
+        """The last run's ``next_<state>`` outputs become the state inputs, its ``state`` output
+        ``outputs["state"]`` (valid until the run after the next)."""
+        _, following, state = self._bindings[self._turn]
+        self.inputs.update(following)
+        self.outputs["state"] = state
+        self._turn ^= 1
 
 
 def _zeros(value: dict[str, Any]) -> np.ndarray:
@@ -249,18 +287,20 @@ class Recommender:
         if items and items[-1] == dense and times[-1] == t:
             return False
         step = self._b.step
-        was_seen = self._seen[0, dense]
-        step.inputs["item"][0], step.inputs["timestamp"][0] = dense, t
-        self._seen[0, dense] = True
+        inputs, outputs = step.inputs, step.outputs
+        seen = inputs["exclude"][0]
+        was_seen = seen[dense]
+        inputs["item"][0], inputs["timestamp"][0] = dense, t
+        seen[dense] = True
         self._ranking = None  # the step's outputs are overwritten in place
         try:
             step.run()
         except Exception:
-            self._seen[0, dense] = was_seen
+            seen[dense] = was_seen
             raise
         step.advance()
-        self._state = step.outputs["state"].copy()
-        self._ranking = step.outputs
+        self._state = outputs["state"]  # double-buffered: not overwritten by the next run
+        self._ranking = outputs
         items.append(dense)
         times.append(t)
         if save:
@@ -288,7 +328,8 @@ class Recommender:
     ) -> list[Recommendation]:
         """The top-``k`` items for the current state, each with score, title, driving interest head and its
         top explanation texts."""
-        top_k = self._b.spec["top_k"]
+        b = self._b
+        top_k = b.spec["top_k"]
         if not 1 <= k <= top_k:
             raise RuntimeInputError(f"k must be in 1..{top_k} (the bundle's top_k), got {k}")
         ranking = self._ranking if exclude_seen else None
@@ -301,11 +342,15 @@ class Recommender:
         scores = ranking["top_scores"][0, :k].tolist()
         heads = ranking["top_heads"][0, :k].tolist()
         expl = ranking.get("top_explanations")
-        expl_ids = [[]] * k if expl is None else expl[0, :k, :explanations].tolist()
-        ids, titles, texts = self._b.item_ids, self._b.titles, self._b.explanations
+        texts = (
+            [[] for _ in range(k)]
+            if expl is None
+            else b.explanation_texts[expl[0, :k, :explanations]].tolist()
+        )
+        ids, titles = b.item_ids, b.titles
         return [
-            Recommendation(ids[item], titles[item], score, head, [texts[e] for e in why])
-            for item, score, head, why in zip(items, scores, heads, expl_ids, strict=True)
+            _recommendation(ids[item], titles[item], score, head, why)
+            for item, score, head, why in zip(items, scores, heads, texts, strict=True)
             if score != -math.inf  # -inf: fewer than k unseen items (scores decrease)
         ]
 

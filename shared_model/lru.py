@@ -243,11 +243,12 @@ class LRUEncoder(nn.Module):
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """One event: x_t (batch, d_model), state (batch, num_blocks, H, d_head, 2) -> output, new state.
-        The blocks step on flattened states (fewer reshapes in an exported graph)."""
-        flat = state.flatten(2)
+        The blocks step on slices of the flattened state (fewer reshapes in an exported graph)."""
+        flat = state.flatten(1)
+        width = flat.shape[1] // len(self.blocks)
         states = []
         for i, block in enumerate(self.blocks):
-            x_t, block_state = block.step(x_t, flat[:, i])
+            x_t, block_state = block.step(x_t, flat[:, i * width : (i + 1) * width])
             states.append(block_state)
         return x_t, torch.cat(states, dim=1).view(state.shape)
 

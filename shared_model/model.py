@@ -109,10 +109,14 @@ class TMEPSR(SequenceRecommender):
         )
         return y[:, -1], lru_state, time_state
 
+    def weighted_interests(self, states: Tensor) -> Tensor:
+        """The terms ``a_h v_h`` (..., H, d) of the user vector."""
+        v, a = self.interests(states)
+        return a.unsqueeze(-1) * v
+
     def user_vector(self, states: Tensor) -> Tensor:
         """``u = sum_h a_h v_h`` (..., d)."""
-        v, a = self.interests(states)
-        return (a.unsqueeze(-1) * v).sum(-2)
+        return self.weighted_interests(states).sum(-2)
 
     def item_vectors(self, items: Tensor) -> Tensor:
         """Embeddings of dense item ids (...,) -> (..., d): the table without its padding row, as scored
@@ -120,9 +124,9 @@ class TMEPSR(SequenceRecommender):
         return F.embedding(items, self.item_emb.weight[1:])
 
     def head_contributions(self, states: Tensor, items: Tensor) -> Tensor:
-        """``a_h <v_h, e_i>`` for dense ``items`` (N, K) given ``states`` (N, d): (N, K, H)."""
-        v, a = self.interests(states)
-        return (self.item_vectors(items) @ v.transpose(-1, -2)) * a.unsqueeze(1)
+        """``a_h <v_h, e_i>`` for dense ``items`` (N, K) given ``states`` (N, d): (N, K, H), as
+        ``<a_h v_h, e_i>`` (the user vector's terms: an exported graph computes them once for both)."""
+        return self.item_vectors(items) @ self.weighted_interests(states).transpose(-1, -2)
 
     def explanation_scores(self, states: Tensor, items: Tensor) -> Tensor:
         """Explanation-vocabulary scores for (state, dense item) pairs: states (N, d), items (N,) -> (N, V)."""
