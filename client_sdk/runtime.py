@@ -263,6 +263,11 @@ class Recommender:
         return self._b.manifest
 
     @property
+    def catalogue_ids(self) -> list[str]:
+        """The bundle catalogue's source item ids (what :meth:`record` accepts), in dense-id order."""
+        return self._b.item_ids
+
+    @property
     def history(self) -> list[tuple[str, int]]:
         """The recorded events as (source item id, unix seconds), oldest first."""
         return [(self._b.item_ids[i], t) for i, t in zip(self._items, self._times, strict=True)]

@@ -61,7 +61,7 @@ def probe(bundle: str, public_key: str, events: str) -> None:
         t0 = time.perf_counter()
         rec = Recommender.open(bundle, public_key, store)
         open_s = time.perf_counter() - t0
-        ids = rec._b.item_ids  # noqa: SLF001 - the catalogue's source ids, to feed real events
+        ids = rec.catalogue_ids  # the catalogue's source ids, to feed real events
         seconds = []
         for item, t in zip(data["items"], data["times"], strict=True):
             t0 = time.perf_counter()

@@ -175,6 +175,7 @@ def test_upgrade_to_a_grown_catalogue_keeps_the_history(env, tmp_path):
     history = rec.history
     rec.upgrade(root / "v2", env["public"])
     assert rec.manifest.model_version == "v2" and rec.history == history
+    assert rec.catalogue_ids == [str(i) for i in grown.item_ids] and rec.catalogue_ids[-1] == "z2"
     rec.record("z1", 1_800_000_000)
     reopened = _open(env, tmp_path, bundle="v2")
     assert reopened.history[-1] == ("z1", 1_800_000_000)
