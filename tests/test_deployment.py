@@ -343,6 +343,23 @@ def _run_to_completion(
     return run
 
 
+def start_federation(
+    dep: LocalDeployment, link_port: int, node_ports: list[int], deadline: float
+) -> list[Path]:
+    """A plain SuperLink, then one SuperNode per port (partition k of ``len(node_ports)``, its own store), all
+    online; returns the stores."""
+    dep.start_superlink(link_port)
+    _poll("the SuperLink to serve", deadline, lambda: dep.link_up(link_port), dep, every=1.0)
+    stores = [dep.root / f"supernode-{k}" / "store" for k in range(len(node_ports))]
+    for k, (port, store) in enumerate(zip(node_ports, stores, strict=True)):
+        node_config = {"partition-id": k, "num-partitions": len(node_ports), "store-dir": str(store)}
+        dep.start_supernode(f"supernode-{k}", link_port, port, node_config)
+    # The ServerApp sizes its cohort from the nodes connected when it starts: all must be online first.
+    online = len(node_ports)
+    _poll(f"{online} SuperNodes to be online", deadline, lambda: len(dep.online_nodes()) == online, dep)
+    return stores
+
+
 def test_deployment_engine_runs_two_rounds(tmp_path):
     deadline = time.monotonic() + DEADLINE_S
     dataset = make_events(tmp_path / "events.csv", users=NODES)
@@ -354,17 +371,7 @@ def test_deployment_engine_runs_two_rounds(tmp_path):
     dep = LocalDeployment(tmp_path / "deployment")
     dep.write_cli_config(link_port)
     try:
-        dep.start_superlink(link_port)
-        _poll("the SuperLink to serve", deadline, lambda: dep.link_up(link_port), dep, every=1.0)
-        stores = []
-        for k, port in enumerate(node_ports):
-            store = tmp_path / "deployment" / f"supernode-{k}" / "store"
-            stores.append(store)
-            node_config = {"partition-id": k, "num-partitions": NODES, "store-dir": str(store)}
-            dep.start_supernode(f"supernode-{k}", link_port, port, node_config)
-
-        # The ServerApp sizes its cohort from the nodes connected when it starts: all must be online first.
-        _poll(f"{NODES} SuperNodes to be online", deadline, lambda: len(dep.online_nodes()) == NODES, dep)
+        stores = start_federation(dep, link_port, node_ports, deadline)
         _run_to_completion(dep, app_dir, overrides, deadline)
 
         history = json.loads((out_dir / "metrics.json").read_text())

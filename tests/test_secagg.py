@@ -32,7 +32,14 @@ from shared_model.data import load_dataset
 from shared_model.data.split import partition_users
 from simulations.simulate import run_simulation
 
-from .test_deployment import DEADLINE_S, LocalDeployment, _copy_app, _free_ports, _poll, _run_to_completion
+from .test_deployment import (
+    DEADLINE_S,
+    LocalDeployment,
+    _copy_app,
+    _free_ports,
+    _run_to_completion,
+    start_federation,
+)
 from .test_deployment import NODES as DEPLOYED
 from .test_federated import _message, make_events
 
@@ -213,13 +220,7 @@ def test_deployment_engine_runs_a_secagg_round(tmp_path):
     dep = LocalDeployment(tmp_path / "deployment")
     dep.write_cli_config(link_port)
     try:
-        dep.start_superlink(link_port)
-        _poll("the SuperLink to serve", deadline, lambda: dep.link_up(link_port), dep, every=1.0)
-        for k, port in enumerate(node_ports):
-            store = tmp_path / "deployment" / f"supernode-{k}" / "store"
-            dep.start_supernode(f"supernode-{k}", link_port, port,
-                                {"partition-id": k, "num-partitions": DEPLOYED, "store-dir": str(store)})  # fmt: skip
-        _poll(f"{DEPLOYED} SuperNodes online", deadline, lambda: len(dep.online_nodes()) == DEPLOYED, dep)
+        start_federation(dep, link_port, node_ports, deadline)
         _run_to_completion(dep, app_dir, overrides, deadline)
         row = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())[0]
         assert (row["sampled"], row["valid"], row["failed"], row["dropped"]) == (DEPLOYED, DEPLOYED, 0, 0), (
