@@ -14,10 +14,11 @@ Flower would send as int64) and reports the weight as 0: the mod has used it ins
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
@@ -36,14 +37,14 @@ from flwr.compat.common import recorddict_compat as compat
 from shared_model import secagg
 from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig
-from shared_model.partition import split_state
+from shared_model.partition import parameter_groups
 
 from .device import Device
 
 ROUND_KEYS = ("server-round", "stage")
 
 
-def _device(config: dict[str, Any], context: Context) -> tuple[Device, FederatedConfig, dict[str, Any]]:
+def _device(config: Mapping[str, Any], context: Context) -> tuple[Device, FederatedConfig, dict[str, Any]]:
     config = dict(config)
     extra = {k: config.pop(k) for k in ROUND_KEYS if k in config}
     cfg = FederatedConfig.from_run_config(config)
@@ -53,8 +54,8 @@ def _device(config: dict[str, Any], context: Context) -> tuple[Device, Federated
     return device, cfg, extra
 
 
-def _config(msg: Message) -> dict[str, Any]:
-    return dict(next(iter(msg.content.config_records.values())))
+def _config(msg: Message) -> ConfigRecord:
+    return next(iter(msg.content.config_records.values()))
 
 
 def _shared(msg: Message) -> dict:
@@ -85,7 +86,7 @@ def _secagg_train(msg: Message, context: Context) -> Message:
     and return the clipped change as a legacy FitRes for ``secaggplus_mod`` to mask."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     device, cfg, extra = _device(fitins.config, context)
-    names = sorted(split_state(device.model, cfg.split)[0])
+    names = sorted(parameter_groups(device.model, cfg.split)["shared"])
     shared = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     result = device.train(shared, int(extra.get("server-round", 0)))
     update = clip_update(result.update, shared, cfg.clip_norm, cfg.row_clip).arrays  # the server cannot

@@ -38,7 +38,7 @@ import numpy as np
 import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared_model.graph_io import encoder_inputs, exclude_mask, personalize, session
+from shared_model.graph_io import encoder_inputs, exclude_mask, personalize, run_session, session
 
 from .bundle import Manifest, load_public_key, verify_bundle
 from .store import DeviceRecord, EncryptedStore
@@ -94,7 +94,6 @@ class _Loaded:
     explanations: list[str]
     index: dict[str, int]
     sessions: dict[str, Any]
-    outputs: dict[str, list[str]]  # output names per graph
     step: _BoundStep  # the step session, bound; its inputs hold the seen mask and the recurrent states
 
     @property
@@ -106,7 +105,7 @@ class _Loaded:
         """``explanations`` as an object array: a ranking's explanation ids index it in one operation."""
         return np.array(self.explanations, dtype=object)
 
-    @property
+    @functools.cached_property
     def catalogue_sha(self) -> str:
         return _ids_sha(self.item_ids)
 
@@ -192,9 +191,8 @@ def _load(manifest: Manifest, personal: dict[str, np.ndarray], threads: int) -> 
     if len(ids) != spec["num_items"]:
         raise IncompatibleStore(f"catalogue has {len(ids)} items, the graphs {spec['num_items']}")
     titles = catalogue.get("titles") or ids
-    outputs = {name: [o["name"] for o in g["outputs"]] for name, g in spec["graphs"].items()}
     return _Loaded(manifest, spec, ids, titles, catalogue.get("explanations", []),
-                   {i: n for n, i in enumerate(ids)}, sessions, outputs,
+                   {i: n for n, i in enumerate(ids)}, sessions,
                    _BoundStep(sessions["step"], spec["graphs"]["step"], list(spec["states"])))  # fmt: skip
 
 
@@ -248,7 +246,8 @@ class Recommender:
 
     def upgrade(self, bundle_dir: str | Path, public_key: Ed25519PublicKey | str | Path | bytes) -> None:
         """Switch to a new bundle (new shared weights, perhaps a grown catalogue). It is verified and loaded
-        completely before the switch; on any error the bundle in use stays in use and nothing changes."""
+        completely before the switch; on any error the bundle in use stays in use and nothing changes. The
+        history is re-encoded with the new weights and the store saved."""
         loaded = _load(
             verify_bundle(bundle_dir, load_public_key(public_key)), self._rec.weights, self.threads
         )
@@ -285,10 +284,10 @@ class Recommender:
         if times and t < times[-1]:
             if self.on_backwards == "error":
                 raise OutOfOrderEvent(
-                    f"event ({item!r}, {t}) is before the last recorded event ({int(times[-1])}); "
+                    f"event ({item!r}, {t}) is before the last recorded event ({times[-1]}); "
                     "events must arrive in time order (or open with on_backwards='clamp')"
                 )
-            t = int(times[-1])
+            t = times[-1]
         if items and items[-1] == dense and times[-1] == t:
             return False
         step = self._b.step
@@ -401,8 +400,7 @@ class Recommender:
         return dense
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = self._b.outputs[graph]
-        return dict(zip(names, self._b.sessions[graph].run(names, feeds), strict=True))
+        return run_session(self._b.sessions[graph], feeds)
 
     def _stored_state_fits(self) -> bool:
         state, spec = self._rec.state, self._b.spec

@@ -63,8 +63,9 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
     for rnd in range(start, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         shared, train_metrics, traffic = train_round(grid, strategy, rnd, shared, cfg)
-        row: dict[str, Any] = {"round": rnd, **{k: v for k, v in strategy.last_round.items() if k != "rejections"},
-                               "rejections": strategy.last_round.get("rejections", [])[:5], **traffic}  # fmt: skip
+        last = strategy.last_round  # a property under DP (the accountant runs on each read): read once
+        row: dict[str, Any] = {"round": rnd, **{k: v for k, v in last.items() if k != "rejections"},
+                               "rejections": last.get("rejections", [])[:5], **traffic}  # fmt: skip
         if train_metrics is not None:
             row["train_loss"] = float(train_metrics.get("train-loss", float("nan")))
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:

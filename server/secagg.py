@@ -197,7 +197,7 @@ def secagg_round(
         log.warning("round %d: %s; shared arrays unchanged", rnd, reason)
     valid = cohort_strategy.survivors if aggregate is not None else 0
     rejected = cohort_strategy.survivors - valid
-    aggregated = aggregate is not None and valid >= max(1, math.ceil(cfg.min_reply_fraction * len(cohort)))
+    aggregated = aggregate is not None and valid >= strategy.needed(len(cohort))
     if aggregated:
         shared = _server_step(strategy, rnd, requests[0], aggregate, valid)
     strategy.last_round = {
@@ -222,7 +222,5 @@ def _server_step(
     content = RecordDict(
         {"arrays": numpy_to_record(aggregate), "metrics": MetricRecord({WEIGHT_KEY: weight})}
     )
-    arrays, _ = super(ValidatedAggregation, strategy).aggregate_train(
-        rnd, [Message(content, reply_to=request)]
-    )  # type: ignore[misc]
-    return {k: v.astype(aggregate[k].dtype) for k, v in record_to_numpy(arrays).items()}
+    arrays, _ = strategy.server_step(rnd, [Message(content, reply_to=request)])
+    return record_to_numpy(arrays)

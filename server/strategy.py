@@ -89,7 +89,7 @@ class ValidatedAggregation:
             clipped[1] += clip.rows_clipped
             msg.content = RecordDict({"arrays": numpy_to_record(clip.arrays), "metrics": metrics})
             valid.append(msg)
-        needed = max(1, math.ceil(self.min_reply_fraction * self.sampled))
+        needed = self.needed(self.sampled)
         self.last_round = {"sampled": self.sampled, "valid": len(valid), "rejected": len(rejected),
                            "failed": failed, "rejections": rejected, "aggregated": len(valid) >= needed}  # fmt: skip
         if self.clip_norm or self.row_clip:
@@ -102,7 +102,17 @@ class ValidatedAggregation:
                 needed,
             )
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        return self.server_step(server_round, valid)
+
+    def needed(self, sampled: int) -> int:
+        """Valid replies a round of ``sampled`` devices needs to aggregate (the minimum-reply rule)."""
+        return max(1, math.ceil(self.min_reply_fraction * sampled))
+
+    def server_step(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The Flower strategy's own aggregation and server step on accepted replies, in the sent dtypes."""
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is not None:  # FedAdam's server step computes in float64: keep the model's dtypes
             arrays = numpy_to_record(
                 {k: v.astype(self.sent[k].dtype) for k, v in record_to_numpy(arrays).items()}
@@ -133,10 +143,6 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedAggregation:
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate, min_train_nodes=sample,
         min_evaluate_nodes=1, min_available_nodes=num_nodes, weighted_by_key=WEIGHT_KEY,
     )  # fmt: skip
-    if cfg.server_optimizer == "fedadam" and cfg.aggregation != "mean":
-        raise ValueError(
-            f"server_optimizer fedadam steps on the mean; aggregation {cfg.aggregation!r} needs fedavg"
-        )
     from .dp import DPFedAdam, DPFedAvg  # dp.py builds on this module's classes
 
     dp = cfg.privacy == "dp"
@@ -149,6 +155,6 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedAggregation:
     else:
         strategy = (DPFedAvg if dp else ValidatedFedAvg)(**common)
     strategy.setup_validation(cfg.norm_bound, cfg.min_reply_fraction, cfg.clip_norm, cfg.row_clip)
-    if isinstance(strategy, DPFedAvg | DPFedAdam):
+    if dp:
         strategy.setup_dp(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, sample, num_nodes)
     return strategy

@@ -112,7 +112,8 @@ class ExportedGraphs:
     that carry personal values: outputs of ``personalize.onnx`` of the same name. ``spec`` is
     JSON-serialisable, for the bundle manifest: ``format``, ``opset``, ``num_items``, ``d_model``,
     ``num_heads``, ``top_k``, ``step_top_k`` (absent in older bundles: ``top_k``), ``num_explanations_out``
-    (0 without an explanation branch), ``max_events``, ``int8_items``, ``states`` (name -> per-row ``shape``
+    (0 without an explanation branch), ``max_events``, ``int8_items``, ``weights`` (the shared external-data
+    file), ``states`` (name -> per-row ``shape``
     and ``dtype``; zeros are the initial state; the step graph returns them as ``next_<name>``), ``graphs``
     (name -> ``file``, ``inputs``, ``outputs``, each a list of ``{"name", "shape", "dtype"}`` with ``"batch"``
     for the dynamic dimension, and ``personal``: its override names) and ``personalize`` (``file``,
@@ -375,7 +376,7 @@ def _personalize_model(parts: dict[str, _PersonalPart], values: dict[str, np.nda
     """One graph computing every graph's personal values from the personal parameters: inputs are the
     parameters by torch name (defaults: ``values``), outputs the initializer names of the graphs
     (``model.<parameter>`` for each parameter, ``<graph>/<value>`` for derived values). Output types are
-    left to :func:`_save_personalize`."""
+    left to :func:`_type_personalize`."""
     helper = onnx.helper
     raw = {PARAM_PREFIX + p for p in values}
     nodes = [helper.make_node("Identity", [p], [PARAM_PREFIX + p], name=f"param/{p}") for p in values]
@@ -418,11 +419,11 @@ def _externalize(protos: dict[str, onnx.ModelProto], placeholders: dict[str, lis
         for g, p in protos.items()
         for t in p.graph.initializer
     ]
-    sizes = [onnx.numpy_helper.to_array(t).nbytes for t, _ in tensors]
+    arrays = [onnx.numpy_helper.to_array(t) for t, _ in tensors]
+    sizes = [a.nbytes for a in arrays]
     region = max((n for (_, nan), n in zip(tensors, sizes, strict=True) if nan), default=0)
     blob, offsets = bytearray(np.full(region // 4, np.nan, np.float32).tobytes()), {}
-    for (tensor, nan), size in zip(tensors, sizes, strict=True):
-        array = onnx.numpy_helper.to_array(tensor)
+    for (tensor, nan), array, size in zip(tensors, arrays, sizes, strict=True):
         if nan:
             array = np.full_like(array, np.nan)
         if size < EXTERNAL_MIN_BYTES:
@@ -667,6 +668,7 @@ def recommend_histories(
 ) -> dict[str, np.ndarray]:
     """Encoder graph then rank graph over histories (seen items excluded), personal initializers from
     ``values`` (:func:`personal_values`): the encoder's and the rank graph's outputs by name."""
+    values = personal_values(graphs) if values is None else values  # personalize once for both graphs
     out = run_session(ort_session(graphs, "encoder", values), encoder_inputs(items, times))
     exclude = exclude_mask(items, graphs.spec["num_items"])
     return out | run_session(ort_session(graphs, "rank", values), {"state": out["state"], "exclude": exclude})

@@ -96,21 +96,13 @@ def fabricated_log(log: InteractionLog, target: int, length: int, seed: int) -> 
 
 
 @lru_cache(maxsize=2)
-def _attacker_model(cfg: FederatedConfig) -> tuple[Any, dict[str, np.ndarray], InteractionLog, int]:
-    """The attacker's own model (with its initial personal weights), fabricated log and target, per process."""
+def _fabricated(cfg: FederatedConfig) -> tuple[InteractionLog, int]:
+    """The attacker's fabricated log and its target item, per process."""
     from client_sdk.device import cached_log
-    from shared_model.partition import split_state
-    from shared_model.training import model_for_run
 
     log = cached_log(cfg.dataset, cfg.data_dir)
-    model = model_for_run(cfg, log)
     target = cold_target(log, cfg.seed)
-    return (
-        model,
-        split_state(model, cfg.split)[1],
-        fabricated_log(log, target, cfg.max_len + 1, cfg.seed),
-        target,
-    )
+    return fabricated_log(log, target, cfg.max_len + 1, cfg.seed), target
 
 
 def promotion_update(cfg: FederatedConfig, shared: dict[str, np.ndarray], server_round: int) -> dict:
@@ -118,15 +110,15 @@ def promotion_update(cfg: FederatedConfig, shared: dict[str, np.ndarray], server
     ``BOOST`` times the norm bound; every other array is sent back unchanged."""
     import torch
 
+    from client_sdk.device import _cached_model
     from shared_model.partition import load_parts, split_state
     from shared_model.training import train_epoch
 
-    model, personal, fake, target = _attacker_model(cfg)
+    model, personal = _cached_model(cfg)  # the device's model of this process, its initial personal weights
+    fake, target = _fabricated(cfg)
     load_parts(model, shared, personal)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.local_lr, weight_decay=TrainConfig().weight_decay
-    )
     tcfg = TrainConfig(lr=cfg.local_lr, batch_size=FAKE_PROFILES, seed=cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.local_lr, weight_decay=tcfg.weight_decay)
     rng = np.random.default_rng([cfg.seed, server_round, 13])
     users = np.arange(FAKE_PROFILES)
     for _ in range(cfg.local_epochs):
@@ -144,7 +136,8 @@ def promotion_update(cfg: FederatedConfig, shared: dict[str, np.ndarray], server
 def attacking_client_app(attacking: np.ndarray) -> ClientApp:
     """The real ClientApp, except that the ``attacking`` partitions reply with :func:`promotion_update` (and
     log each attack to ``<out_dir>/attacks.jsonl``)."""
-    from client_sdk.flower_client import ROUND_KEYS, make_client_app
+    from client_sdk.flower_client import ROUND_KEYS, _config, _shared, make_client_app
+    from server.strategy import numpy_to_record
 
     real = make_client_app()
     app = ClientApp()
@@ -155,14 +148,13 @@ def attacking_client_app(attacking: np.ndarray) -> ClientApp:
         reply = real(msg, context)  # an honest round first: its metrics make the reply look ordinary
         if int(context.node_config["partition-id"]) not in bad:
             return reply
-        config = dict(next(iter(msg.content.config_records.values())))
+        config = dict(_config(msg))
         rnd = int(config.get("server-round", 0))
         cfg = FederatedConfig.from_run_config({k: v for k, v in config.items() if k not in ROUND_KEYS})
-        shared = {k: v.numpy() for k, v in next(iter(msg.content.array_records.values())).items()}
+        shared = _shared(msg)
         update = promotion_update(cfg, shared, rnd)
         metrics = reply.content.metric_records["metrics"]
-        reply.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in update.items()}),
-                                    "metrics": metrics})  # fmt: skip
+        reply.content = RecordDict({"arrays": numpy_to_record(update), "metrics": metrics})
         with (Path(cfg.out_dir) / "attacks.jsonl").open("a") as fh:
             fh.write(json.dumps({"round": rnd, "partition": int(context.node_config["partition-id"])}) + "\n")
         return reply

@@ -51,10 +51,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="movielens-latest-small")
     parser.add_argument("--d-models", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--users-per-round", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="at least 3 (round 1 and the last are not timed)"
+    )
     parser.add_argument("--name", default="secagg")
     parser.add_argument("--out", default="runs/bench_secagg")
     args = parser.parse_args(argv)
+    if args.rounds < 3:
+        parser.error(
+            "--rounds must be >= 3: round 1 (worker start-up) and the last (evaluation) are not timed"
+        )
 
     from client_sdk.device import cached_log
     from server.app import initial_shared

@@ -17,6 +17,15 @@ def shared_data() -> Path:
     return root
 
 
+@pytest.fixture()
+def task_identity(monkeypatch):
+    """The task identity a SuperNode sets for the ClientApp process it starts (needed to build messages)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
 def require_dataset(root: Path, name: str) -> Path:
     folder = root / name
     if not folder.is_dir():

@@ -53,7 +53,9 @@ from shared_model.config import FederatedConfig
 from .test_federated import make_events
 
 NODES = 3
-DEADLINE_S = 300.0  # the whole test (start-up, two rounds, status checks); cleanup has its own bounded waits
+DEADLINE_S = (
+    300.0  # one deployment test (start-up, its rounds, status checks); cleanup has its own bounded waits
+)
 APP_PACKAGES = ("server", "client_sdk", "shared_model", "simulations")  # what the FAB needs besides pyproject
 CONNECTION = "tmepsr-test"
 FLOWER_ENV = {

@@ -67,14 +67,6 @@ def test_epsilon_is_monotone():
     assert eps(0.1, 1.0, 10, 1e-3) < eps(0.1, 1.0, 10, 1e-5)
 
 
-@pytest.fixture()
-def task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-
-
 def _dp_strategy(noise: float, clip: float, cohort: int = 4, nodes: int = 8) -> DPFedAvg:
     cfg = FederatedConfig(row_clip=0, privacy="dp", dp_noise=noise, dp_clip=clip, fraction_train=cohort / nodes,
                           norm_bound=1e6, min_reply_fraction=0.25)  # fmt: skip

@@ -206,12 +206,7 @@ def _message(cfg: FederatedConfig, shared: dict, kind: str, **extra) -> Message:
     return Message(content, dst_node_id=1, message_type=kind)
 
 
-def test_client_app_called_directly(cfg, monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a SuperNode sets for the process it starts
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def test_client_app_called_directly(cfg, task_identity):
     shared = initial_shared(cfg)
     app = make_client_app()
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 9,
@@ -253,13 +248,9 @@ def _reply(shared: dict, examples: float = 5) -> Message:
 
 
 @pytest.mark.parametrize("optimizer", ["fedavg", "fedadam"])
-def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
+def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, task_identity):
     from server.strategy import make_strategy
 
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
     sent = {"item_bias": np.zeros(4, np.float32), "explanation.bias": np.zeros(2, np.float32)}
     good = {"item_bias": np.full(4, 0.5, np.float32), "explanation.bias": np.full(2, -0.5, np.float32)}
     strategy = make_strategy(

@@ -112,11 +112,7 @@ def test_unmasked_aggregate_is_validated():
             _check_aggregate(bad, sent, cfg, 3)
 
 
-def test_device_never_sends_a_plaintext_update_in_a_secagg_run(tmp_path, monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):  # what a SuperNode sets for the process it starts
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+def test_device_never_sends_a_plaintext_update_in_a_secagg_run(tmp_path, task_identity):
     cfg = _cfg(tmp_path, users=3)
     node = {"partition-id": 0, "num-partitions": 3, "store-dir": str(tmp_path / "store")}
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
@@ -212,9 +208,8 @@ def test_deployment_engine_runs_a_secagg_round(tmp_path):
     # a round is five exchanges per node (four SecAgg+ stages, evaluation), each a poll and a ClientApp process
     deadline = time.monotonic() + 1.5 * DEADLINE_S
     cfg = _cfg(tmp_path, users=DEPLOYED, round_timeout=120.0, out_dir=str(tmp_path / "server-out"))
-    overrides = {
-        k: v for k, v in cfg.to_run_config().items() if v != getattr(FederatedConfig(), k.replace("-", "_"))
-    }
+    defaults = FederatedConfig().to_run_config()
+    overrides = {k: v for k, v in cfg.to_run_config().items() if v != defaults[k]}
     app_dir = _copy_app(tmp_path / "app")
     link_port, *node_ports = _free_ports(1 + DEPLOYED)
     dep = LocalDeployment(tmp_path / "deployment")
