@@ -36,41 +36,41 @@ class Batch:
         return Batch(*(None if t is None else t.to(device) for t in self.__dict__.values()))
 
 
-def _pad(rows: list[np.ndarray], length: int, fill: int = 0) -> np.ndarray:
-    out = np.full((len(rows), length), fill, dtype=np.int64)
-    for r, row in enumerate(rows):
-        if len(row):
-            out[r, length - len(row) :] = row
-    return out
+def _window_index(lo: np.ndarray, hi: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded layout of event ranges ``[lo, hi)`` (each at most ``length`` long) in a (rows, length)
+    grid: the event index at every cell (clipped to a valid index at padding) and the mask of real cells."""
+    cols = np.arange(length) - length  # -length .. -1: offsets from each row's end
+    events = hi[:, None] + cols
+    real = events >= lo[:, None]
+    return np.where(real, events, 0), real
+
+
+def _gather(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, length: int, shift: int = 0) -> Tensor:
+    """``values[lo:hi] + shift`` per row, left-padded with 0 to ``length`` columns, as an int64 tensor."""
+    events, real = _window_index(lo, hi, length)
+    return torch.from_numpy(np.where(real, values[events].astype(np.int64) + shift, 0))
 
 
 def input_batch(log: InteractionLog, starts: np.ndarray, ends: np.ndarray, max_len: int) -> Batch:
     """Inputs made of events ``[max(start, end - max_len), end)`` for each row (for prediction/evaluation)."""
     lo = np.maximum(starts, ends - max_len)
-    items = _pad([log.item[a:b] + 1 for a, b in zip(lo, ends, strict=True)], max_len)
-    times = _pad([log.time[a:b] for a, b in zip(lo, ends, strict=True)], max_len)
-    items_t = torch.from_numpy(items)
-    return Batch(items_t, torch.from_numpy(times), items_t > 0)
+    items = _gather(log.item, lo, ends, max_len, shift=1)
+    return Batch(items, _gather(log.time, lo, ends, max_len), items > 0)
 
 
 def training_batch(log: InteractionLog, starts: np.ndarray, ends: np.ndarray, max_len: int) -> Batch:
     """Next-item training windows: inputs ``[start, end - 1)`` predict ``[start + 1, end)`` (at most max_len)."""
     lo = np.maximum(starts, ends - max_len - 1)
     batch = input_batch(log, lo, ends - 1, max_len)
-    targets = _pad([log.item[a + 1 : b] + 1 for a, b in zip(lo, ends, strict=True)], max_len)
-    pos, ids, weight = [], [], []
-    for r, (a, b) in enumerate(zip(lo, ends, strict=True)):
-        offset = max_len - (b - a - 1)  # column of the first target of this row
-        for j, e in enumerate(range(a + 1, b)):
-            labels = log.explanations.row(e)
-            if len(labels):
-                pos += [r * max_len + offset + j] * len(labels)
-                ids += labels.tolist()
-                weight += [1.0 / len(labels)] * len(labels)
-    batch.targets = torch.from_numpy(targets)
-    batch.expl_pos = torch.tensor(pos, dtype=torch.long)
-    batch.expl_ids = torch.tensor(ids, dtype=torch.long)
-    batch.expl_weight = torch.tensor(weight, dtype=torch.float32)
+    batch.targets = _gather(log.item, lo + 1, ends, max_len, shift=1)
+    # explanation labels of every target event, flattened: position (row * max_len + column) of each label
+    events, real = _window_index(lo + 1, ends, max_len)
+    cells = np.flatnonzero(real)
+    labels = log.explanations.take(events.reshape(-1)[cells])
+    counts = labels.lengths()
+    batch.expl_pos = torch.from_numpy(np.repeat(cells, counts).astype(np.int64))
+    batch.expl_ids = torch.from_numpy(labels.ids.astype(np.int64))
+    batch.expl_weight = torch.from_numpy(np.repeat(1.0 / np.maximum(counts, 1), counts).astype(np.float32))
     return batch
 
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-ModelKind = Literal["tmepsr", "sasrec"]
+ModelKind = Literal["tmepsr", "sasrec", "gru4rec"]
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and early stopping (defaults follow LRURec: AdamW, lr 1e-3, weight decay 1e-2, batch 128)."""
+    """Optimisation and early stopping (defaults follow LRURec: AdamW, lr 1e-3, weight decay 1e-2, batch 128,
+    gradient norm clipped to 5)."""
 
     lr: float = 1e-3
     weight_decay: float = 1e-2
     batch_size: int = 128
+    grad_clip: float | None = 5.0  # max L2 norm of the whole gradient (None = no clipping)
     max_epochs: int = 200
-    patience: int = 5  # epochs without a better validation NDCG@10
+    patience: int = 10  # evaluations without a better validation NDCG@10
     eval_every: int = 1
     eval_batch_size: int = 512
     max_minutes: float | None = None  # compute budget; training stops (and says so) when it runs out
@@ -87,6 +89,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "multihead-lru": {"use_time": False, "use_explanations": False},  # the backbone alone, 4 heads
     "lrurec": {"num_heads": 1, "use_time": False, "use_explanations": False},  # LRURec-equivalent
     "sasrec": {"kind": "sasrec", "num_heads": 2, "use_time": False, "use_explanations": False},
+    "gru4rec": {
+        "kind": "gru4rec",
+        "num_heads": 1,
+        "num_blocks": 1,
+        "use_time": False,
+        "use_explanations": False,
+    },
 }
 
 
@@ -101,7 +110,9 @@ class FederatedConfig:
 
     dataset: str = _opt("movielens-latest-small", "dataset name (tmepsr data list) or an event file path")
     data_dir: str = _opt("", "shared data folder ('' = $TMEPSR_DATA_DIR, ../shared/data, then embedded)")
-    preset: str = _opt("tmepsr", "model preset (MODEL_PRESETS: tmepsr, its ablations, lrurec, sasrec)")
+    preset: str = _opt(
+        "tmepsr", "model preset (MODEL_PRESETS: tmepsr, its ablations, lrurec, sasrec, gru4rec)"
+    )
     max_len: int = _opt(50, "events per training window and per input")
     d_model: int = _opt(64, "embedding and state width")
     split: str = _opt("card", "which parameters stay personal: card | heads-prior | all-shared")

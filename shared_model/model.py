@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .batching import Batch
 from .config import ModelConfig
+from .dropout import Dropout
 from .explanation import ExplanationBranch
 from .lru import LRUEncoder
 from .recommender import SequenceRecommender
@@ -63,7 +64,7 @@ class TMEPSR(SequenceRecommender):
             if cfg.use_explanations
             else None
         )
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     # ------------------------------------------------------------------ encoding and scoring
     def embed(self, items: Tensor, times: Tensor, mask: Tensor) -> Tensor:
@@ -139,11 +140,12 @@ class TMEPSR(SequenceRecommender):
         """Total loss and its parts for a training batch (targets and explanation labels filled in)."""
         assert batch.targets is not None, "training batches carry targets"
         states = self.encode(batch)
-        ce_items = self.item_loss(states, batch.targets)
+        has_target = batch.targets > 0
+        v, a = self.interests(states[has_target])  # once, for the item loss and the head regulariser
+        ce_items = self.item_loss((a.unsqueeze(-1) * v).sum(-2), batch.targets[has_target] - 1)
         total = ce_items
         parts = {"ce_items": ce_items.item()}
         if self.cfg.num_heads > 1 and self.cfg.gamma > 0:
-            v, _ = self.interests(states[batch.targets > 0])
             vn = F.normalize(v, dim=-1)
             gram = vn @ vn.transpose(-1, -2)
             off = gram - torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1))

@@ -27,6 +27,8 @@ _TABLE: dict[str, tuple[Group, Group, Group]] = {
     "position": (P, S, S),  # SASRec baseline: positions, attention blocks, final norm
     "blocks": (P, S, S),
     "final_ln": (P, S, S),
+    "gru": (P, S, S),  # GRU4Rec baseline: recurrent layers and output projection
+    "dense": (P, S, S),
 }
 SPLITS = ("card", "heads-prior", "all-shared")
 

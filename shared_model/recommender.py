@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .batching import Batch
 from .config import ModelConfig
+from .softmax_ce import full_softmax_cross_entropy
 
 
 class SequenceRecommender(nn.Module):
@@ -37,21 +38,22 @@ class SequenceRecommender(nn.Module):
         """Scores of every item (..., num_items): column ``i`` is dense item ``i`` (padding dropped)."""
         return F.linear(self.user_vector(states), self.item_emb.weight[1:], self.item_bias[1:])
 
-    def item_loss(self, states: Tensor, targets: Tensor) -> Tensor:
-        """Full-softmax next-item cross-entropy over every position that has a target."""
-        has_target = targets > 0
-        return F.cross_entropy(self.item_scores(states[has_target]), targets[has_target] - 1)
+    def item_loss(self, user_vectors: Tensor, targets: Tensor) -> Tensor:
+        """Full-softmax next-item cross-entropy of user vectors (N, d) against dense item ids (N,)."""
+        return full_softmax_cross_entropy(user_vectors, self.item_emb.weight[1:], self.item_bias[1:], targets)
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """Training loss and its parts (plain next-item cross-entropy unless a subclass adds terms)."""
+        """Training loss and its parts (plain next-item cross-entropy over every position with a target)."""
         assert batch.targets is not None, "training batches carry targets"
-        ce = self.item_loss(self.encode(batch), batch.targets)
+        has_target = batch.targets > 0
+        ce = self.item_loss(self.user_vector(self.encode(batch)[has_target]), batch.targets[has_target] - 1)
         return ce, {"ce_items": ce.item(), "loss": ce.item()}
 
 
 def build_model(cfg: ModelConfig) -> SequenceRecommender:
-    """The model a config describes (``kind``: "tmepsr" or "sasrec")."""
+    """The model a config describes (``kind``: "tmepsr", "sasrec" or "gru4rec")."""
+    from .gru4rec import GRU4Rec
     from .model import TMEPSR
     from .sasrec import SASRec
 
-    return {"tmepsr": TMEPSR, "sasrec": SASRec}[cfg.kind](cfg)
+    return {"tmepsr": TMEPSR, "sasrec": SASRec, "gru4rec": GRU4Rec}[cfg.kind](cfg)

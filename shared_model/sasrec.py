@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .batching import Batch
 from .config import ModelConfig
+from .dropout import Dropout
 from .recommender import SequenceRecommender
 
 
@@ -18,7 +19,7 @@ class _Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
         self.ffn = nn.Sequential(
-            nn.Linear(d, d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, d), nn.Dropout(dropout)
+            nn.Linear(d, d), nn.GELU(), Dropout(dropout), nn.Linear(d, d), Dropout(dropout)
         )
 
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
@@ -37,7 +38,7 @@ class SASRec(SequenceRecommender):
             _Block(cfg.d_model, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_blocks)
         )
         self.final_ln = nn.LayerNorm(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def encode(self, batch: Batch) -> Tensor:
         b, length = batch.items.shape

@@ -54,6 +54,8 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss, parts = model.loss(batch)
         loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -114,51 +116,123 @@ class FitResult:
     seconds: float = 0.0
 
 
+# What a new run may change when it resumes a saved one: the stopping rules, not what is trained.
+RESUMABLE_CHANGES = frozenset({"max_epochs", "patience", "max_minutes", "eval_batch_size", "device"})
+
+
+@dataclass
+class _Progress:
+    """Everything a training run needs to continue exactly where it stopped (saved after every epoch)."""
+
+    epoch: int = 0
+    best: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
+    best_val: dict[str, float] = field(default_factory=lambda: {"ndcg@10": -1.0})
+    waited: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0  # training time before this process
+
+
+def _save_progress(
+    path: Path, progress: _Progress, model: SequenceRecommender, optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator, cfg: TrainConfig,
+) -> None:  # fmt: skip
+    payload = {
+        "model_config": asdict(model.cfg),
+        "train_config": asdict(cfg),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": json.dumps(rng.bit_generator.state),
+        "progress": asdict(progress),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _load_progress(
+    path: Path, model: SequenceRecommender, optimizer: torch.optim.Optimizer, rng: np.random.Generator,
+    cfg: TrainConfig,
+) -> _Progress:  # fmt: skip
+    payload = torch.load(path, map_location=cfg.device, weights_only=True)
+    if payload["model_config"] != asdict(model.cfg):
+        raise ValueError(f"{path}: saved for another model config; train into another folder")
+    saved = payload["train_config"]
+    changed = sorted(k for k, v in asdict(cfg).items() if saved.get(k) != v and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ValueError(f"{path}: saved with other training settings ({', '.join(changed)}); cannot resume")
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["torch_rng"])
+    rng.bit_generator.state = json.loads(payload["numpy_rng"])
+    return _Progress(**payload["progress"])
+
+
 def fit(
     model: SequenceRecommender,
     log: InteractionLog,
     split: LeaveOneOutSplit,
     cfg: TrainConfig,
     progress: bool = True,
+    state_path: str | Path | None = None,
 ) -> FitResult:
-    """Train with AdamW, evaluate validation NDCG@10 each ``eval_every`` epochs, keep the best weights
-    (early stopping with ``patience``; ``max_minutes`` is a compute budget), then score the test split."""
+    """Train with AdamW, evaluate validation NDCG@10 every ``eval_every`` epochs, keep the best weights
+    (early stopping after ``patience`` evaluations without a better one; ``max_minutes`` is a safety budget
+    whose runs say ``stopped="budget"``), then score the test split.
+
+    With ``state_path``, the whole training state (weights, optimizer, random generators, early-stopping
+    state and history) is saved there after every epoch, and a run that finds the file continues from it:
+    an interrupted run resumed this way ends exactly as an uninterrupted one (tested). Only the stopping
+    rules (:data:`RESUMABLE_CHANGES`) may differ from the saved run's."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model.to(cfg.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state_file = Path(state_path) if state_path is not None else None
+    run = _Progress()
+    if state_file is not None and state_file.exists():
+        run = _load_progress(state_file, model, optimizer, rng, cfg)
     train_end = train_end_per_user(log, split)
     users = np.arange(log.num_users)
-    best, best_epoch, best_val, waited = None, 0, {"ndcg@10": -1.0}, 0
-    history: list[dict[str, Any]] = []
-    stopped = "max_epochs"
-    start = time.perf_counter()
-    bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"{model.cfg.kind} on {log.name}", disable=not progress)
+    stopped = "patience" if run.waited >= cfg.patience else "max_epochs"  # a finished run stays finished
+    start = time.perf_counter() - run.seconds
+    bar = tqdm(
+        range(run.epoch + 1, cfg.max_epochs + 1) if stopped == "max_epochs" else [],
+        desc=f"{model.cfg.kind} on {log.name}",
+        disable=not progress,
+        initial=run.epoch,
+        total=cfg.max_epochs,
+    )
     for epoch in bar:
         parts = train_epoch(model, optimizer, log, users, train_end, cfg, rng)
         row: dict[str, Any] = {"epoch": epoch, "seconds": time.perf_counter() - start, **parts}
         if epoch % cfg.eval_every == 0:
             val = evaluate(model, log, split, "val", batch_size=cfg.eval_batch_size, device=cfg.device)
             row["val"] = val
-            if val["ndcg@10"] > best_val["ndcg@10"]:
-                best_val, best_epoch, waited = val, epoch, 0
-                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if val["ndcg@10"] > run.best_val["ndcg@10"]:
+                run.best_val, run.best_epoch, run.waited = val, epoch, 0
+                run.best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
-                waited += 1
+                run.waited += 1
             bar.set_postfix(
-                loss=f"{parts.get('loss', 0):.3f}", val_ndcg10=f"{val['ndcg@10']:.4f}", best=best_epoch
+                loss=f"{parts.get('loss', 0):.3f}", val_ndcg10=f"{val['ndcg@10']:.4f}", best=run.best_epoch
             )
-        history.append(row)
-        if waited >= cfg.patience:
+        run.history.append(row)
+        run.epoch, run.seconds = epoch, time.perf_counter() - start
+        if state_file is not None:
+            _save_progress(state_file, run, model, optimizer, rng, cfg)
+        if run.waited >= cfg.patience:
             stopped = "patience"
             break
         if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
             stopped = "budget"
             break
-    if best is not None:
-        model.load_state_dict(best)
+    if run.best is not None:
+        model.load_state_dict(run.best)
     test = evaluate(model, log, split, "test", batch_size=cfg.eval_batch_size, device=cfg.device)
-    return FitResult(best_epoch, best_val, test, history, stopped, time.perf_counter() - start)
+    return FitResult(run.best_epoch, run.best_val, test, run.history, stopped, time.perf_counter() - start)
 
 
 def save_checkpoint(

@@ -1,50 +1,69 @@
-"""Benchmarks 1 and 2 of the model issue, one harness:
+"""Benchmarks 1 and 2 of the model issue, one harness, every model trained to early stopping:
 
-* ``--suite time-explanations`` (default): full TME-PSR vs each ablation vs SASRec vs popularity on
-  timestamped datasets with explanations, several seeds, same split, one run;
-* ``--suite backbone``: the LRURec-equivalent, the multihead LRU and SASRec with LRURec's settings on the
-  order-only ML-1M and Beauty, beside LRURec's published numbers, within a stated compute budget.
+* ``--suite time-explanations`` (default): full TME-PSR vs each ablation vs the LRURec-equivalent, SASRec,
+  GRU4Rec and popularity on timestamped datasets with explanations, several seeds, same split;
+* ``--suite backbone``: the LRURec-equivalent, the multihead LRU, SASRec and GRU4Rec with LRURec's settings
+  on the order-only ML-1M split, beside LRURec's published numbers;
+* ``--suite tuning``: the baselines' small validation grid on ML-1M (lr, dropout, blocks), so that the
+  comparison is against tuned baselines. A model name may carry overrides of any ModelConfig or TrainConfig
+  field: ``sasrec[lr=0.002,dropout=0.1]``.
 
-Every finished run is appended to ``<name>_runs.jsonl`` at once (a rerun skips finished runs), and the
-summary (``<name>.json``, ``<name>.md``, ``<name>.png``) is rewritten after each run.
-Run: ``python -m simulations.bench_accuracy --suite backbone --max-minutes 8``.
+Early stopping on validation NDCG@10 with ``--patience`` evaluations (default 10). ``--max-minutes`` is only a
+safety net: a run it cuts, or one that reaches ``--max-epochs``, is marked and does not count in the means.
+Every run saves its whole training state after each epoch (under ``--state-dir``) and a rerun resumes it;
+every finished run is appended to ``<name>_runs.jsonl`` at once (a rerun skips it) and the summary
+(``<name>.json``, ``<name>.md``, ``<name>.png``) is rewritten after each run. Several workers may share a
+suite: each run is claimed with a lock file first.
+Run: ``python -m simulations.bench_accuracy --suite backbone``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from shared_model.config import ModelConfig, TrainConfig
 from simulations.train import train_and_report
 
 RESULTS = Path(__file__).parent / "results"
 
 SUITES: dict[str, dict[str, Any]] = {
     "time-explanations": {
-        "datasets": ["movielens-100k", "amazon-musical-instruments-5core", "amazon-beauty-5core"],
-        "models": ["tmepsr", "tmepsr-no-time", "tmepsr-one-head", "tmepsr-no-explanations", "tmepsr-fixed-mi",
-                   "sasrec", "popularity"],
+        "datasets": ["movielens-100k", "amazon-musical-instruments-5core", "movielens-latest-small",
+                     "amazon-beauty-5core"],
+        "models": ["popularity", "tmepsr", "lrurec", "sasrec", "gru4rec", "tmepsr-no-time", "tmepsr-one-head",
+                   "tmepsr-no-explanations", "tmepsr-fixed-mi"],
         "seeds": [0, 1, 2],
     },
     "backbone": {
-        "datasets": ["movielens-1m-lrurec", "amazon-beauty-sasrec-lrurec"],
-        "models": ["lrurec", "multihead-lru", "sasrec"],
+        "datasets": ["movielens-1m-lrurec"],
+        "models": ["lrurec", "sasrec", "multihead-lru", "gru4rec"],
+        "seeds": [0],
+    },
+    "tuning": {
+        "datasets": ["movielens-1m-lrurec"],
+        "models": ["sasrec[lr=0.002]", "lrurec[lr=0.002]", "sasrec[dropout=0.1]", "lrurec[dropout=0.1]",
+                   "sasrec[num_blocks=3]", "lrurec[num_blocks=3]"],
         "seeds": [0],
     },
 }  # fmt: skip
 # Per-dataset settings. ML: LRURec's (max length 200, dropout 0.2); Amazon: max length 50, dropout 0.6.
 DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     "movielens-100k": {"model": {"max_len": 200, "dropout": 0.2}, "train": {"batch_size": 64}},
+    "movielens-latest-small": {"model": {"max_len": 200, "dropout": 0.2}, "train": {"batch_size": 64}},
     "amazon-musical-instruments-5core": {
         "model": {"max_len": 50, "dropout": 0.6},
         "train": {"batch_size": 64},
     },
     "amazon-beauty-5core": {"model": {"max_len": 50, "dropout": 0.6}, "train": {"batch_size": 128}},
+    # LRURec's settings: max_len 200, d 64, 2 blocks, dropout 0.2, AdamW 1e-3, weight decay 1e-2, batch 128
     "movielens-1m-lrurec": {"model": {"max_len": 200, "dropout": 0.2}, "train": {"batch_size": 128}},
     "amazon-beauty-sasrec-lrurec": {"model": {"max_len": 50, "dropout": 0.6}, "train": {"batch_size": 128}},
 }
@@ -58,27 +77,79 @@ PUBLISHED = {
 METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20", "mrr", "expl_recall@10", "expl_ndcg@10")
 
 
+COUNTED_STOPS = ("patience", "n/a")  # early stopping (or nothing to train): the runs a mean may use
+
+
+def parse_model(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``preset[key=value,...]`` -> (preset, ModelConfig overrides, TrainConfig overrides)."""
+    preset, _, rest = spec.partition("[")
+    model_keys = {f.name for f in fields(ModelConfig)}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    model, train = {}, {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, raw = item.partition("=")
+        value = json.loads(raw)
+        if key in model_keys:
+            model[key] = value
+        elif key in train_keys:
+            train[key] = value
+        else:
+            raise ValueError(f"{spec}: {key!r} is neither a ModelConfig nor a TrainConfig field")
+    return preset, model, train
+
+
 def _load_runs(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _claim(lock: Path) -> bool:
+    """Take the lock of one run (a file holding the worker's pid); a lock whose worker died is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False  # a live worker has it
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds per (dataset, model), with ratios against SASRec/popularity."""
+    """Mean and standard deviation over the converged seeds per (dataset, model), with ratios against the
+    tuned SASRec (its variant with the best validation NDCG@10) and popularity. Runs cut by a budget or by
+    ``max_epochs`` are listed (``stopped``) but not averaged."""
     rows = []
     keys = sorted({(r["dataset"], r["model"]) for r in runs}, key=lambda k: (k[0], k[1]))
     for dataset, model in keys:
         group = [r for r in runs if (r["dataset"], r["model"]) == (dataset, model)]
-        row: dict[str, Any] = {"dataset": dataset, "model": model, "seeds": len(group),
+        counted = [r for r in group if r["stopped"] in COUNTED_STOPS]
+        row: dict[str, Any] = {"dataset": dataset, "model": model, "seeds": len(counted),
                                "parameters": group[0]["parameters"],
                                "epochs": [r["best_epoch"] for r in group], "stopped": [r["stopped"] for r in group],
                                "minutes": float(np.mean([r["seconds"] for r in group]) / 60)}  # fmt: skip
         for m in METRICS:
-            vals = [r["test"][m] for r in group if m in r["test"]]
+            vals = [r["test"][m] for r in counted if m in r["test"]]
             if vals:
                 row[m] = float(np.mean(vals))
                 row[m + "_std"] = float(np.std(vals))
+        if counted:
+            row["val_ndcg@10"] = float(np.mean([r["val"]["ndcg@10"] for r in counted]))
         rows.append(row)
-    by = {(r["dataset"], r["model"]): r for r in rows}
+    for r in rows:  # the tuned variant of each preset: the best mean validation NDCG@10
+        same = [
+            o
+            for o in rows
+            if o["dataset"] == r["dataset"] and parse_model(o["model"])[0] == parse_model(r["model"])[0]
+        ]
+        r["tuned"] = "val_ndcg@10" in r and r["val_ndcg@10"] == max(o.get("val_ndcg@10", -1) for o in same)
+    by = {(r["dataset"], parse_model(r["model"])[0]): r for r in rows if r["tuned"]}
     for r in rows:
         sas = by.get((r["dataset"], "sasrec"))
         if sas and "ndcg@10" in r:
@@ -86,26 +157,32 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pop = by.get((r["dataset"], "popularity"))
         if pop and "expl_recall@10" in r and "expl_recall@10" in pop:
             r["expl_recall@10_vs_popularity"] = r["expl_recall@10"] / pop["expl_recall@10"]
-        if (r["dataset"], r["model"]) in PUBLISHED:
-            ndcg, recall = PUBLISHED[(r["dataset"], r["model"])]
+        if (r["dataset"], parse_model(r["model"])[0]) in PUBLISHED and "ndcg@10" in r:
+            ndcg, recall = PUBLISHED[(r["dataset"], parse_model(r["model"])[0])]
             r["published_ndcg@10"], r["published_recall@10"] = ndcg, recall
             r["ndcg@10_vs_published"] = r["ndcg@10"] / ndcg
     return rows
 
 
 def _markdown(rows: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "", "| dataset | model | seeds | NDCG@10 | Recall@10 | x SASRec NDCG@10 | expl R@10 | "
-             "expl x popularity | published NDCG@10 | params | epochs (stop) |", "|" + "---|" * 11]  # fmt: skip
+    lines = [header, "", "| dataset | model | converged seeds | NDCG@10 | Recall@10 | x SASRec NDCG@10 | expl R@10 | "
+             "expl x popularity | published NDCG@10 (ratio) | params | best epochs (stop) |",
+             "|" + "---|" * 11]  # fmt: skip
 
     def cell(r: dict[str, Any], m: str) -> str:
-        return f"{r[m]:.4f} ± {r[m + '_std']:.4f}" if m in r else ""
+        return f"{r[m]:.4f} ± {r[m + '_std']:.4f}" if m in r else "not converged"
 
     for r in rows:
         stops = ",".join(sorted(set(r["stopped"])))
+        published = (
+            f"{r['published_ndcg@10']} ({r['ndcg@10_vs_published']:.2f})" if "published_ndcg@10" in r else ""
+        )
+        name = f"{r['model']}{' (tuned)' if r['tuned'] and '[' in r['model'] else ''}"
         lines.append(
-            f"| {r['dataset']} | {r['model']} | {r['seeds']} | {cell(r, 'ndcg@10')} | {cell(r, 'recall@10')} | "
-            f"{r.get('ndcg@10_vs_sasrec', float('nan')):.2f} | {cell(r, 'expl_recall@10')} | "
-            f"{r.get('expl_recall@10_vs_popularity', float('nan')):.2f} | {r.get('published_ndcg@10', '')} | "
+            f"| {r['dataset']} | {name} | {r['seeds']}/{len(r['stopped'])} | {cell(r, 'ndcg@10')} | "
+            f"{cell(r, 'recall@10')} | {r.get('ndcg@10_vs_sasrec', float('nan')):.2f} | "
+            f"{cell(r, 'expl_recall@10') if r['model'].startswith('tmepsr') or r['model'] == 'popularity' else ''} | "
+            f"{r.get('expl_recall@10_vs_popularity', float('nan')):.2f} | {published} | "
             f"{r['parameters']:,} | {r['epochs']} ({stops}) |"
         )
     return "\n".join(lines) + "\n"
@@ -140,13 +217,16 @@ def _plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path) ->
 
 def _header(args: argparse.Namespace) -> str:
     return (
-        f"Suite `{args.suite}`: test metrics, mean ± std over seeds; leave-one-out, full ranking, history masked; "
-        f"early stopping on validation NDCG@10 (patience {args.patience}); budget {args.max_minutes or 'none'} "
-        f"min/run (see the README for per-dataset budgets) on {args.device} with {torch.get_num_threads()} threads."
+        f"Suite `{args.suite}`: test metrics, mean ± std over the seeds that early-stopped (a run cut by the "
+        f"{args.max_minutes or 'no'}-minute safety budget or by {args.max_epochs} epochs is listed, not averaged); "
+        f"leave-one-out, full ranking, history masked; early stopping on validation NDCG@10, patience "
+        f"{args.patience} evaluations; x SASRec against the SASRec variant with the best validation NDCG@10; "
+        f"{args.device}, {torch.get_num_threads()} thread(s) per run."
     )
 
 
-def _write_summary(runs: list[dict[str, Any]], name: str, header: str) -> None:
+def _write_summary(name: str, header: str) -> None:
+    runs = _load_runs(RESULTS / f"{name}_runs.jsonl")  # every worker's finished runs
     rows = summarise(runs)
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
     (RESULTS / f"{name}.md").write_text(_markdown(rows, header))
@@ -157,16 +237,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=list(SUITES), default="time-explanations")
     parser.add_argument("--datasets", nargs="+", help="default: the suite's")
-    parser.add_argument("--models", nargs="+", help="default: the suite's")
+    parser.add_argument("--models", nargs="+", help="default: the suite's (preset or preset[key=value,...])")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: the suite's")
-    parser.add_argument("--max-epochs", type=int, default=200)
-    parser.add_argument("--patience", type=int, default=5)
-    parser.add_argument("--max-minutes", type=float, default=None, help="compute budget per training run")
+    parser.add_argument("--max-epochs", type=int, default=500, help="a run that reaches it does not count")
+    parser.add_argument("--patience", type=int, default=10, help="evaluations without a better val NDCG@10")
+    parser.add_argument(
+        "--max-minutes", type=float, default=None, help="safety budget per run (cut runs do not count)"
+    )
     parser.add_argument(
         "--device", default="cpu", help="cpu or cuda (the same script reaches convergence on a GPU)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--name", help="result file prefix (default: the suite name)")
+    parser.add_argument(
+        "--state-dir", type=Path, default=RESULTS / "checkpoints",
+        help="where unfinished runs keep their training state and locks (resumed from there)",
+    )  # fmt: skip
     parser.add_argument("--report", action="store_true", help="only rewrite the summary from the runs file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -175,30 +261,31 @@ def main(argv: list[str] | None = None) -> None:
     name = args.name or args.suite
     RESULTS.mkdir(exist_ok=True)
     runs_path = RESULTS / f"{name}_runs.jsonl"
-    runs = _load_runs(runs_path)
-    done = {(r["dataset"], r["model"], r["seed"]) for r in runs}
     if args.report:
-        _write_summary(runs, name, _header(args))
+        _write_summary(name, _header(args))
         return
     for dataset in args.datasets or suite["datasets"]:
         settings = DATASET_SETTINGS.get(dataset, {"model": {}, "train": {}})
         for seed in args.seeds or suite["seeds"]:
             for model in args.models or suite["models"]:
-                if (dataset, model, seed) in done:
+                done = {(r["dataset"], r["model"], r["seed"]) for r in _load_runs(runs_path)}
+                folder = args.state_dir / name / f"{dataset}-{model}-{seed}"
+                if (dataset, model, seed) in done or not _claim(folder.with_suffix(".lock")):
                     continue
+                preset, model_over, train_over = parse_model(model)
                 result = train_and_report(
-                    dataset, model, RESULTS / "checkpoints" / name / f"{dataset}-{model}-{seed}",
-                    overrides=settings["model"], progress=True, seed=seed, device=args.device,
-                    max_epochs=args.max_epochs, patience=args.patience, max_minutes=args.max_minutes,
-                    **settings["train"],
+                    dataset, preset, folder, overrides=settings["model"] | model_over, progress=True,
+                    seed=seed, device=args.device, max_epochs=args.max_epochs, patience=args.patience,
+                    max_minutes=args.max_minutes, resume=True, **(settings["train"] | train_over),
                 )  # fmt: skip
-                result["seed"] = seed
+                result |= {"model": model, "seed": seed}
                 with runs_path.open("a") as fh:
                     fh.write(json.dumps(result, default=float) + "\n")
-                runs.append(result)
-                _write_summary(runs, name, _header(args))
+                folder.with_suffix(".lock").unlink(missing_ok=True)
+                _write_summary(name, _header(args))
                 print(
-                    f"done {dataset} {model} seed {seed}: test ndcg@10 {result['test']['ndcg@10']:.4f}",
+                    f"done {dataset} {model} seed {seed}: test ndcg@10 {result['test']['ndcg@10']:.4f} "
+                    f"({result['stopped']}, best epoch {result['best_epoch']})",
                     flush=True,
                 )
 

@@ -117,7 +117,7 @@ def promotion_update(cfg: FederatedConfig, shared: dict[str, np.ndarray], server
     model, personal = _cached_model(cfg)  # the device's model of this process, its initial personal weights
     fake, target = _fabricated(cfg)
     load_parts(model, shared, personal)
-    tcfg = TrainConfig(lr=cfg.local_lr, batch_size=FAKE_PROFILES, seed=cfg.seed)
+    tcfg = TrainConfig(lr=cfg.local_lr, batch_size=FAKE_PROFILES, grad_clip=None, seed=cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.local_lr, weight_decay=tcfg.weight_decay)
     rng = np.random.default_rng([cfg.seed, server_round, 13])
     users = np.arange(FAKE_PROFILES)

@@ -64,6 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train_and_report(
         args.dataset, args.model, args.out, args.data_dir, seed=args.seed, device=args.device,
         max_epochs=args.epochs, patience=args.patience, max_minutes=args.max_minutes, overrides=overrides,
+        resume=args.resume,
     )  # fmt: skip
     print(
         json.dumps(
@@ -221,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--dataset", default="movielens-latest-small", help="dataset name or event file")
     p_train.add_argument("--model", default="tmepsr", choices=[*MODEL_PRESETS, "popularity"])
     p_train.add_argument("--epochs", type=int, default=200, help="maximum epochs (default 200)")
-    p_train.add_argument("--patience", type=int, default=5, help="epochs without better validation NDCG@10")
+    p_train.add_argument("--patience", type=int, default=10, help="epochs without better validation NDCG@10")
+    p_train.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --out (train_state.pt, every epoch)"
+    )
     p_train.add_argument("--max-minutes", type=float, default=None, help="compute budget in minutes")
     p_train.add_argument("--seed", type=int, default=0)
     p_train.add_argument("--device", default="cpu", help="cpu or cuda")

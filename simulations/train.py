@@ -18,6 +18,8 @@ from shared_model.data.split import LeaveOneOutSplit
 from shared_model.recommender import build_model
 from shared_model.training import fit, model_config_for, save_checkpoint, write_json
 
+STATE_FILE = "train_state.pt"
+
 
 def train_and_report(
     dataset: str,
@@ -26,9 +28,13 @@ def train_and_report(
     data_dir: str | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    resume: bool = False,
     **train_kwargs: Any,
 ) -> dict[str, Any]:
-    """Train ``model`` (a preset name or "popularity") on ``dataset`` and write its results; returns them."""
+    """Train ``model`` (a preset name or "popularity") on ``dataset`` and write its results; returns them.
+
+    The training state is saved to ``<out>/train_state.pt`` after every epoch; ``resume=True`` continues
+    from it (an error names the file when it exists and ``resume`` is False, so no run is overwritten)."""
     log = load_dataset(dataset, data_dir)
     split = LeaveOneOutSplit(log)
     out = Path(out)
@@ -46,9 +52,12 @@ def train_and_report(
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODEL_PRESETS)}, popularity")
     cfg = model_config_for(log, **(MODEL_PRESETS[model] | (overrides or {})))
     train_cfg = TrainConfig(**train_kwargs)
+    state = out / STATE_FILE
+    if state.exists() and not resume:
+        raise FileExistsError(f"{state} holds a training run: resume it, or train into another folder")
     torch.manual_seed(train_cfg.seed)
     net = build_model(cfg)
-    fitted = fit(net, log, split, train_cfg, progress=progress)
+    fitted = fit(net, log, split, train_cfg, progress=progress, state_path=state)
     result = {
         "dataset": log.name,
         "model": model,

@@ -93,3 +93,29 @@ def test_every_help_text_renders(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_train_resume_continues_and_refuses_to_overwrite(tmp_path, capsys):
+    from .test_federated import make_events
+
+    data = make_events(tmp_path / "events.csv", users=6)
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--dataset",
+        str(data),
+        "--model",
+        "gru4rec",
+        "--out",
+        str(out),
+        "--set",
+        '{"d_model": 8}',
+    ]
+    assert main([*args, "--epochs", "1"]) == 0
+    assert json.loads((out / "results.json").read_text())["stopped"] == "max_epochs"
+    capsys.readouterr()
+    assert main([*args, "--epochs", "3"]) == 2
+    assert "train_state.pt holds a training run" in capsys.readouterr().err
+    assert main([*args, "--epochs", "3", "--resume"]) == 0
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]

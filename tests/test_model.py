@@ -60,6 +60,7 @@ def test_step_rolled_over_200_events_matches_scan(log):
         {"use_explanations": False},
         {"dynamic_mi": False},
         {"kind": "sasrec", "use_time": False, "use_explanations": False, "num_heads": 2},
+        {"kind": "gru4rec", "use_time": False, "use_explanations": False, "num_heads": 1, "num_blocks": 1},
     ],
 )
 def test_every_ablation_trains_from_one_code_path(log, switches):
@@ -98,9 +99,9 @@ def test_head_contributions_sum_to_scores(log):
     assert contrib.argmax(-1).unique().numel() >= 1  # the driving head of each item is defined
 
 
-@pytest.mark.parametrize("kind", ["tmepsr", "sasrec"])
+@pytest.mark.parametrize("kind", ["tmepsr", "sasrec", "gru4rec"])
 def test_partition_covers_every_parameter_once(log, kind):
-    model = build_model(_small(log, kind=kind, **({"use_explanations": False} if kind == "sasrec" else {})))
+    model = build_model(_small(log, kind=kind, **({"use_explanations": False} if kind != "tmepsr" else {})))
     names = {n for n, _ in model.named_parameters()}
     for split in SPLITS:
         groups = parameter_groups(model, split)
@@ -112,6 +113,18 @@ def test_partition_covers_every_parameter_once(log, kind):
         assert any(n.startswith("time_encoder.") for n in card["personal"])
         assert any(n.startswith("encoder.") for n in card["personal"])
     assert parameter_groups(model, "all-shared")["personal"] == []
+
+
+def test_gru4rec_ignores_left_padding(log):
+    """Packed sequences: a history gives the same states however much padding precedes it."""
+    torch.manual_seed(0)
+    model = build_model(_small(log, kind="gru4rec", use_explanations=False, num_blocks=1)).eval()
+    starts = log.user_ptr[:3]
+    with torch.no_grad():
+        short = model.encode(input_batch(log, starts, starts + 20, 20))
+        long = model.encode(input_batch(log, starts, starts + 20, 60))
+    torch.testing.assert_close(long[:, -20:], short)
+    assert torch.count_nonzero(long[:, :40]) == 0
 
 
 def test_checkpoint_roundtrip_is_bit_identical(log, tmp_path):

@@ -1,0 +1,46 @@
+"""The accuracy harness: model specs with overrides, converged-only means, the tuned baseline, run locks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from simulations.bench_accuracy import _claim, parse_model, summarise
+
+
+def test_parse_model_splits_model_and_training_overrides():
+    assert parse_model("sasrec") == ("sasrec", {}, {})
+    assert parse_model("lrurec[lr=0.002,dropout=0.1,num_blocks=3]") == (
+        "lrurec",
+        {"dropout": 0.1, "num_blocks": 3},
+        {"lr": 0.002},
+    )
+    with pytest.raises(ValueError, match="neither"):
+        parse_model("sasrec[bogus=1]")
+
+
+def _run(model, seed, ndcg, val, stopped="patience"):
+    return {"dataset": "d", "model": model, "seed": seed, "parameters": 1, "best_epoch": 3, "stopped": stopped,
+            "seconds": 60.0, "test": {"ndcg@10": ndcg}, "val": {"ndcg@10": val}}  # fmt: skip
+
+
+def test_summary_averages_converged_runs_only_and_compares_with_the_tuned_sasrec():
+    runs = [
+        _run("tmepsr", 0, 0.10, 0.2), _run("tmepsr", 1, 0.12, 0.2), _run("tmepsr", 2, 0.50, 0.9, "budget"),
+        _run("sasrec", 0, 0.05, 0.1), _run("sasrec[lr=0.002]", 0, 0.08, 0.15),
+        _run("gru4rec", 0, 0.04, 0.1, "max_epochs"),
+    ]  # fmt: skip
+    rows = {r["model"]: r for r in summarise(runs)}
+    assert rows["tmepsr"]["seeds"] == 2 and rows["tmepsr"]["ndcg@10"] == pytest.approx(0.11)
+    assert rows["sasrec[lr=0.002]"]["tuned"] and not rows["sasrec"]["tuned"]
+    assert rows["tmepsr"]["ndcg@10_vs_sasrec"] == pytest.approx(0.11 / 0.08)
+    assert "ndcg@10" not in rows["gru4rec"] and rows["gru4rec"]["seeds"] == 0
+
+
+def test_a_run_is_claimed_once_and_a_dead_workers_lock_is_taken_over(tmp_path):
+    lock = tmp_path / "run.lock"
+    assert _claim(lock) and lock.read_text() == str(os.getpid())
+    assert not _claim(lock)  # held by a live process (this one)
+    lock.write_text("999999999")  # no such process
+    assert _claim(lock)

@@ -1,0 +1,61 @@
+"""The fused, chunked full-softmax cross-entropy equals the unfused reference (values and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared_model.softmax_ce import full_softmax_cross_entropy
+
+
+@pytest.mark.parametrize(("rows", "chunk"), [(1, 256), (7, 3), (300, 256), (513, 64)])
+def test_equals_reference_in_float64(rows: int, chunk: int):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 50, (rows,))
+    fused = full_softmax_cross_entropy(x, weight, bias, target, chunk=chunk)
+    reference = F.cross_entropy(F.linear(x, weight, bias), target)
+    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(
+        torch.autograd.grad(3.0 * fused, (x, weight, bias)),
+        torch.autograd.grad(3.0 * reference, (x, weight, bias)),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 5, 2, 2, 1])
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: full_softmax_cross_entropy(x, w, b, target, chunk=2), (x, weight, bias)
+    )
+
+
+def test_sliced_table_and_float32():
+    """As the models call it: a view of the item table without its padding row, float32."""
+    torch.manual_seed(1)
+    table = torch.randn(21, 4, requires_grad=True)
+    bias = torch.zeros(21, requires_grad=True)
+    x = torch.randn(9, 4, requires_grad=True)
+    target = torch.randint(0, 20, (9,))
+    full_softmax_cross_entropy(x, table[1:], bias[1:], target, chunk=4).backward()
+    assert torch.count_nonzero(table.grad[0]) == 0 and bias.grad[0] == 0
+    grads = (x.grad, table.grad, bias.grad)
+    x.grad = table.grad = bias.grad = None
+    F.cross_entropy(F.linear(x, table[1:], bias[1:]), target).backward()
+    for g, g_ref in zip(grads, (x.grad, table.grad, bias.grad), strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_no_rows_is_an_error():
+    with pytest.raises(ValueError, match="at least one row"):
+        full_softmax_cross_entropy(
+            torch.zeros(0, 2), torch.zeros(3, 2), torch.zeros(3), torch.zeros(0).long()
+        )
