@@ -63,8 +63,12 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
         "train": {"batch_size": 64},
     },
     "amazon-beauty-5core": {"model": {"max_len": 50, "dropout": 0.6}, "train": {"batch_size": 128}},
-    # LRURec's settings: max_len 200, d 64, 2 blocks, dropout 0.2, AdamW 1e-3, weight decay 1e-2, batch 128
-    "movielens-1m-lrurec": {"model": {"max_len": 200, "dropout": 0.2}, "train": {"batch_size": 128}},
+    # LRURec's settings: max_len 200, d 64, 2 blocks, dropout 0.2, AdamW 1e-3, weight decay 1e-2, batch 128;
+    # validation every 3 epochs (LRURec: every 500 steps, about 9 of its epochs), so patience 10 = 30 epochs
+    "movielens-1m-lrurec": {
+        "model": {"max_len": 200, "dropout": 0.2},
+        "train": {"batch_size": 128, "eval_every": 3},
+    },
     "amazon-beauty-sasrec-lrurec": {"model": {"max_len": 50, "dropout": 0.6}, "train": {"batch_size": 128}},
 }
 # LRURec Table 3 (full ranking, history masked): NDCG@10 / Recall@10

@@ -44,6 +44,7 @@ from .test_deployment import NODES as DEPLOYED
 from .test_federated import _message, make_events
 
 NODES, USERS_PER_NODE = 4, 2
+FLOAT_SLACK = 2e-5
 
 
 def _cfg(tmp_path: Path, users: int, **overrides) -> FederatedConfig:
@@ -179,19 +180,23 @@ def test_simulation_survives_a_dropout_with_the_survivors_weighted_mean(tmp_path
     assert len(set(weights)) > 1
     shared, rnd, _, _ = load_server_checkpoint(cfg.out_dir)
     assert rnd == 2  # round 2 kept round 1's aggregate
-    # each survivor's stochastic rounding errs by < 1 step of 2 * clip / T in its weighted value
+    # each survivor's stochastic rounding errs by < 1 step of 2 * clip / T in its weighted value; float32
+    # local training repeated in this process agrees with the Ray workers' only up to BLAS summation order
+    # (observed up to 4e-6 after two AdamW epochs), hence FLOAT_SLACK
     steps = sum(round(w / secagg.MAX_WEIGHT * quantization_range(NODES)) for w in weights)
     quantum = len(results) * 2 * cfg.secagg_clip / steps
     for key, value in sent.items():
         changes = np.stack([np.clip(u[key] - value.astype(np.float64), -cfg.secagg_clip, cfg.secagg_clip)
                             for u in updates])  # fmt: skip
         weighted = value + np.tensordot(weights / weights.sum(), changes, axes=1)
-        np.testing.assert_allclose(shared[key], weighted, rtol=0, atol=quantum + 1e-6, err_msg=key)
+        np.testing.assert_allclose(shared[key], weighted, rtol=0, atol=quantum + FLOAT_SLACK, err_msg=key)
     unweighted = sent["item_emb.weight"] + np.mean([u["item_emb.weight"] - sent["item_emb.weight"]
                                                     for u in updates], axis=0)  # fmt: skip
-    assert np.abs(shared["item_emb.weight"] - unweighted).max() > 10 * (quantum + 1e-6)
+    assert np.abs(shared["item_emb.weight"] - unweighted).max() > 10 * (quantum + FLOAT_SLACK)
     loss = np.average([r.metrics["train-loss"] for r in results], weights=weights)
-    assert row["train_loss"] == pytest.approx(loss, abs=quantum * secagg.LOSS_BOUND / cfg.secagg_clip + 1e-6)
+    assert row["train_loss"] == pytest.approx(
+        loss, abs=quantum * secagg.LOSS_BOUND / cfg.secagg_clip + FLOAT_SLACK
+    )
 
     # What left each surviving device in the collect stage: no arrays, no weight, a uniformly masked vector.
     for p in set(range(NODES)) - {drop}:
