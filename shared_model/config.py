@@ -24,6 +24,8 @@ class ModelConfig:
     d_model: int = 64
     num_heads: int = 4  # interest heads (1 = a plain LRU, as LRURec)
     num_blocks: int = 2
+    lru_state_expansion: int = 1  # complex LRU states per channel of a head (LRURec: 2)
+    embed_norm: bool = False  # LayerNorm (no bias) on the input vectors, as LRURec's embedding layer
     dropout: float = 0.2
     max_len: int = 200
     use_time: bool = True  # dual-view gated time encoder
@@ -37,6 +39,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_items < 1:
             raise ValueError("num_items must be >= 1")
+        if self.lru_state_expansion < 1:
+            raise ValueError("lru_state_expansion must be >= 1")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.use_explanations and self.kind == "tmepsr" and self.num_explanations < 1:

@@ -51,7 +51,8 @@ def _swap_pairs(z: Tensor, rows: int) -> Tensor:
 class MultiheadLRU(nn.Module):
     """``num_heads`` independent LRUs, head ``h`` on channels ``[h * d_head, (h + 1) * d_head)``.
 
-    The state is ``(batch, num_heads, d_head, 2)``: ``d_head`` complex numbers per head as [real, imag].
+    Each head keeps ``d_state = state_expansion * d_head`` complex states (LRURec: 2 per channel); the state
+    is ``(batch, num_heads, d_state, 2)``, complex numbers as [real, imag].
     """
 
     def __init__(
@@ -61,46 +62,48 @@ class MultiheadLRU(nn.Module):
         r_min: float = 0.8,
         r_max: float = 0.99,
         phase_max: float = 2 * math.pi,
+        state_expansion: int = 1,
     ) -> None:
         super().__init__()
         assert d_model % num_heads == 0, f"d_model={d_model} is not divisible by num_heads={num_heads}"
         self.d_model = d_model
         self.num_heads = num_heads
         self.d_head = n = d_model // num_heads
-        shape = (num_heads, n)
+        self.d_state = m = state_expansion * n
+        shape = (num_heads, m)
         # Ring initialisation: |lambda|^2 uniform in [r_min^2, r_max^2], arg(lambda) uniform in (0, phase_max].
         u1, u2 = torch.rand(shape), 1 - torch.rand(shape)
         self.nu_log = nn.Parameter(torch.log(-0.5 * torch.log(u1 * (r_max**2 - r_min**2) + r_min**2)))
         self.theta_log = nn.Parameter(torch.log(phase_max * u2))
-        self.B_re = nn.Parameter(torch.randn(num_heads, n, n) / math.sqrt(2 * n))  # (head, state, input)
-        self.B_im = nn.Parameter(torch.randn(num_heads, n, n) / math.sqrt(2 * n))
-        self.C_re = nn.Parameter(torch.randn(num_heads, n, n) / math.sqrt(n))  # (head, output, state)
-        self.C_im = nn.Parameter(torch.randn(num_heads, n, n) / math.sqrt(n))
+        self.B_re = nn.Parameter(torch.randn(num_heads, m, n) / math.sqrt(2 * n))  # (head, state, input)
+        self.B_im = nn.Parameter(torch.randn(num_heads, m, n) / math.sqrt(2 * n))
+        self.C_re = nn.Parameter(torch.randn(num_heads, n, m) / math.sqrt(m))  # (head, output, state)
+        self.C_im = nn.Parameter(torch.randn(num_heads, n, m) / math.sqrt(m))
         self.D = nn.Parameter(torch.randn(d_model))
 
     def lambda_power(self, k: int) -> tuple[Tensor, Tensor]:
-        """Real and imaginary parts of ``lambda ** k``, each (num_heads, d_head), in polar form."""
+        """Real and imaginary parts of ``lambda ** k``, each (num_heads, d_state), in polar form."""
         log_modulus = -k * torch.exp(self.nu_log)
         angle = k * torch.exp(self.theta_log)
         modulus = torch.exp(log_modulus)
         return modulus * torch.cos(angle), modulus * torch.sin(angle)
 
     def drive_matrix(self) -> Tensor:
-        """``gamma * B`` as one real matrix (d_model, 2 H d_head), block-diagonal over heads: ``x @ M`` is the
+        """``gamma * B`` as one real matrix (d_model, 2 H d_state), block-diagonal over heads: ``x @ M`` is the
         drive of every complex state as [re, im] pairs, flattened in the state's (head, state, re/im) order."""
-        h, n = self.num_heads, self.d_head
+        h = self.num_heads
         gamma = torch.sqrt(1 - torch.exp(-2 * torch.exp(self.nu_log)))  # sqrt(1 - |lambda|^2)
-        drive = torch.stack((self.B_re, self.B_im), dim=-1) * gamma[:, :, None, None]  # (H, N, d_head, 2)
+        drive = torch.stack((self.B_re, self.B_im), dim=-1) * gamma[:, :, None, None]  # (H, M, d_head, 2)
         eye_head = torch.eye(h, dtype=drive.dtype, device=drive.device)
         return (eye_head[:, None, :, None, None] * drive.permute(0, 2, 1, 3)[:, :, None]).reshape(
-            -1, 2 * h * n
+            -1, 2 * h * self.d_state
         )
 
     def readout_matrix(self) -> Tensor:
-        """``Re(C .)`` as one real matrix (2 H d_head, d_model), block-diagonal over heads, on flattened
+        """``Re(C .)`` as one real matrix (2 H d_state, d_model), block-diagonal over heads, on flattened
         states (the layout of :meth:`drive_matrix`'s output)."""
         h = self.num_heads
-        readout = torch.stack((self.C_re, -self.C_im), dim=-1).permute(0, 2, 3, 1)  # (H, N, 2, d_head)
+        readout = torch.stack((self.C_re, -self.C_im), dim=-1).permute(0, 2, 3, 1)  # (H, M, 2, d_head)
         eye_head = torch.eye(h, dtype=readout.dtype, device=readout.device)
         return (eye_head[:, None, None, :, None] * readout[:, :, :, None]).reshape(-1, self.d_model)
 
@@ -109,14 +112,14 @@ class MultiheadLRU(nn.Module):
         return self.scan_with_state(x)[0]
 
     def _powers(self, start: int, count: int) -> tuple[Tensor, Tensor]:
-        """``lambda ** j`` for ``j = start .. start + count - 1``: real and imaginary parts (count, H, N)."""
+        """``lambda ** j`` for ``j = start .. start + count - 1``: real and imaginary parts (count, H, M)."""
         j = torch.arange(start, start + count, device=self.nu_log.device).to(self.nu_log.dtype)[:, None, None]
         modulus = torch.exp(-j * torch.exp(self.nu_log))
         angle = j * torch.exp(self.theta_log)
         return modulus * torch.cos(angle), modulus * torch.sin(angle)
 
     def _chunk_kernels(self, chunk: int) -> tuple[Tensor, Tensor]:
-        """The chunked scan's two real matrices per complex channel ``c`` (``H * d_head`` of them), acting on
+        """The chunked scan's two real matrices per complex channel ``c`` (``H * d_state`` of them), acting on
         ``[re, im]`` pairs: ``K`` (C, 2 chunk, 2 chunk) maps a chunk's drives ``u_s`` to its states
         ``h_t = sum_(s <= t) lambda^(t - s) u_s`` (a causal Toeplitz product), and ``P`` (C, 2 chunk, 2) maps
         the state entering the chunk to its contribution ``lambda^(t + 1) h_in`` at event ``t``. Rows and
@@ -146,7 +149,7 @@ class MultiheadLRU(nn.Module):
         chunk = min(SCAN_CHUNK, length)
         pad = (-length) % chunk
         m = (length + pad) // chunk
-        channels = self.num_heads * self.d_head
+        channels = self.num_heads * self.d_state
         u = nn.functional.pad(x, (0, 0, pad, 0)) @ self.drive_matrix()  # left zero-padding: the state stays 0
         u = _swap_pairs(u, b * m * chunk).reshape(channels, b * m, 2 * chunk)  # channel-major
         kernel, entry = self._chunk_kernels(chunk)
@@ -162,23 +165,23 @@ class MultiheadLRU(nn.Module):
         carried = nn.functional.pad(ends[..., :-1], (1, 0))  # the state entering each chunk
         h = torch.baddbmm(h, carried.reshape(channels, 2, b * m).transpose(1, 2), entry.transpose(1, 2))
         h = _swap_pairs(h, channels).reshape(b, m * chunk, -1)[:, pad:]
-        state = ends[..., -1].permute(2, 0, 1).reshape(b, self.num_heads, self.d_head, 2)
+        state = ends[..., -1].permute(2, 0, 1).reshape(b, self.num_heads, self.d_state, 2)
         return h @ self.readout_matrix() + self.D * x, state
 
     def step_weights(self) -> tuple[Tensor, Tensor]:
         """The O(1) step as two real matrices on ``z = [s, x]``, the flattened state ``s``
-        (batch, H * d_head * 2) next to the input ``x`` (batch, d_model): the new state ``s' = z @ M`` and the
+        (batch, H * d_state * 2) next to the input ``x`` (batch, d_model): the new state ``s' = z @ M`` and the
         output ``y = z @ W``.
 
-        ``M`` (2 H d_head + d_model, 2 H d_head) stacks the recurrence (a 2x2 rotation-scaling block per
+        ``M`` (2 H d_state + d_model, 2 H d_state) stacks the recurrence (a 2x2 rotation-scaling block per
         complex state: the diagonal ``lambda``) over the drive ``gamma * B``; ``W = M @ R + [0; diag(D)]``
-        (2 H d_head + d_model, d_model) folds the readout ``y = Re(C s') + D * x`` (``R`` = ``Re(C .)``) into
+        (2 H d_state + d_model, d_model) folds the readout ``y = Re(C s') + D * x`` (``R`` = ``Re(C .)``) into
         the same input, so the two products are independent. Both are block-diagonal over heads and depend on
         parameters only, so a runtime computes them once per set of weights (the ONNX export moves them into
         ``personalize.onnx``)."""
-        n_state = 2 * self.num_heads * self.d_head
-        re, im = self.lambda_power(1)  # (H, N)
-        rotation = torch.stack((torch.stack((re, im), -1), torch.stack((-im, re), -1)), -2)  # (H, N, in, out)
+        n_state = 2 * self.num_heads * self.d_state
+        re, im = self.lambda_power(1)  # (H, M)
+        rotation = torch.stack((torch.stack((re, im), -1), torch.stack((-im, re), -1)), -2)  # (H, M, in, out)
         eye_state = torch.eye(n_state // 2, dtype=re.dtype, device=re.device)[:, None, :, None]
         recurrence = (eye_state * rotation.reshape(-1, 2, 1, 2)).reshape(n_state, n_state)
         transition = torch.cat((recurrence, self.drive_matrix()), dim=0)
@@ -186,16 +189,16 @@ class MultiheadLRU(nn.Module):
         return transition, transition @ self.readout_matrix() + direct
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """One event: x_t (batch, d_model), state (batch, num_heads, d_head, 2) or flattened
-        (batch, num_heads * d_head * 2) -> y_t, the new state (shaped like ``state``)."""
+        """One event: x_t (batch, d_model), state (batch, num_heads, d_state, 2) or flattened
+        (batch, num_heads * d_state * 2) -> y_t, the new state (shaped like ``state``)."""
         transition, output = self.step_weights()
         z = torch.cat((state.flatten(1), x_t), dim=-1)
         new_state = z @ transition
         return z @ output, new_state if state.dim() == 2 else new_state.view(state.shape)
 
     def initial_state(self, batch: int) -> Tensor:
-        """The zero state (batch, num_heads, d_head, 2)."""
-        return self.nu_log.new_zeros(batch, self.num_heads, self.d_head, 2)
+        """The zero state (batch, num_heads, d_state, 2)."""
+        return self.nu_log.new_zeros(batch, self.num_heads, self.d_state, 2)
 
 
 class LRUBlock(nn.Module):
@@ -205,9 +208,9 @@ class LRUBlock(nn.Module):
     left-padding contract in the module docstring).
     """
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.1) -> None:
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.1, state_expansion: int = 1) -> None:
         super().__init__()
-        self.lru = MultiheadLRU(d_model, num_heads)
+        self.lru = MultiheadLRU(d_model, num_heads, state_expansion=state_expansion)
         self.dropout = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model, bias=False)
         self.ffn = nn.Sequential(
@@ -228,34 +231,38 @@ class LRUBlock(nn.Module):
         return self.scan_with_state(x)[0]
 
     def scan_with_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Outputs (batch, L, d_model) and the LRU state after the last step (batch, H, d_head, 2)."""
+        """Outputs (batch, L, d_model) and the LRU state after the last step (batch, H, d_state, 2)."""
         y, state = self.lru.scan_with_state(x)
         return self._position_wise(x, y), state
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """One event: x_t (batch, d_model), state (batch, H, d_head, 2) or flattened -> output, new state."""
+        """One event: x_t (batch, d_model), state (batch, H, d_state, 2) or flattened -> output, new state."""
         y, state = self.lru.step(x_t, state)
         return self._position_wise(x_t, y), state
 
     def initial_state(self, batch: int) -> Tensor:
-        """The zero state (batch, H, d_head, 2)."""
+        """The zero state (batch, H, d_state, 2)."""
         return self.lru.initial_state(batch)
 
 
 class LRUEncoder(nn.Module):
     """A stack of ``num_blocks`` LRUBlocks; its state is the blocks' states stacked on dim 1:
-    (batch, num_blocks, num_heads, d_head, 2)."""
+    (batch, num_blocks, num_heads, d_state, 2)."""
 
-    def __init__(self, d_model: int, num_heads: int, num_blocks: int = 2, dropout: float = 0.1) -> None:
+    def __init__(
+        self, d_model: int, num_heads: int, num_blocks: int = 2, dropout: float = 0.1, state_expansion: int = 1
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(LRUBlock(d_model, num_heads, dropout) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(
+            LRUBlock(d_model, num_heads, dropout, state_expansion) for _ in range(num_blocks)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """x (batch, L, d_model), left-padded with zeros -> (batch, L, d_model)."""
         return self.scan_with_state(x)[0]
 
     def scan_with_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Outputs (batch, L, d_model) and the final state (batch, num_blocks, H, d_head, 2)."""
+        """Outputs (batch, L, d_model) and the final state (batch, num_blocks, H, d_state, 2)."""
         states = []
         for block in self.blocks:
             x, state = block.scan_with_state(x)
@@ -263,7 +270,7 @@ class LRUEncoder(nn.Module):
         return x, torch.stack(states, dim=1)
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """One event: x_t (batch, d_model), state (batch, num_blocks, H, d_head, 2) -> output, new state.
+        """One event: x_t (batch, d_model), state (batch, num_blocks, H, d_state, 2) -> output, new state.
         The blocks step on slices of the flattened state (fewer reshapes in an exported graph)."""
         flat = state.flatten(1)
         width = flat.shape[1] // len(self.blocks)
@@ -274,5 +281,5 @@ class LRUEncoder(nn.Module):
         return x_t, torch.cat(states, dim=1).view(state.shape)
 
     def initial_state(self, batch: int) -> Tensor:
-        """The zero state (batch, num_blocks, H, d_head, 2)."""
+        """The zero state (batch, num_blocks, H, d_state, 2)."""
         return torch.stack([block.initial_state(batch) for block in self.blocks], dim=1)

@@ -57,7 +57,8 @@ class TMEPSR(SequenceRecommender):
         super().__init__(cfg)
         d = cfg.d_model
         self.time_encoder = DualViewGatedTimeEncoder(d, cfg.time_unit, cfg.max_len) if cfg.use_time else None
-        self.encoder = LRUEncoder(d, cfg.num_heads, cfg.num_blocks, cfg.dropout)
+        self.encoder = LRUEncoder(d, cfg.num_heads, cfg.num_blocks, cfg.dropout, cfg.lru_state_expansion)
+        self.embed_norm = nn.LayerNorm(d, bias=False) if cfg.embed_norm else None
         self.interests = InterestHeads(d, cfg.num_heads)
         self.explanation = (
             ExplanationBranch(d, cfg.num_explanations, cfg.dynamic_mi, cfg.mi_temperature)
@@ -72,14 +73,18 @@ class TMEPSR(SequenceRecommender):
         x = self.item_emb(items)
         if self.time_encoder is not None:
             x = x + self.time_encoder(times, mask)
-        return self.dropout(x) * mask.unsqueeze(-1)
+        return self._normed(self.dropout(x)) * mask.unsqueeze(-1)
+
+    def _normed(self, x: Tensor) -> Tensor:
+        """The optional input LayerNorm (bias-free: a padded zero vector stays zero)."""
+        return x if self.embed_norm is None else self.embed_norm(x)
 
     def encode(self, batch: Batch) -> Tensor:
         """States (B, L, d): the LRU encoder output after each event (parallel scan)."""
         return self.encoder(self.embed(batch.items, batch.times, batch.mask))
 
     def initial_state(self, batch: int) -> tuple[Tensor, Tensor]:
-        """Zero recurrent state: (LRU state (B, blocks, H, d_head, 2), time-encoder state (B, S))."""
+        """Zero recurrent state: (LRU state (B, blocks, H, d_state, 2), time-encoder state (B, S))."""
         time_state = (
             self.time_encoder.initial_state(batch) if self.time_encoder is not None else torch.zeros(batch, 0)
         )
@@ -94,7 +99,7 @@ class TMEPSR(SequenceRecommender):
         if self.time_encoder is not None:
             t_vec, time_state = self.time_encoder.step(times, time_state)
             x = x + t_vec
-        y, lru_state = self.encoder.step(x, lru_state)
+        y, lru_state = self.encoder.step(self._normed(x), lru_state)
         return y, lru_state, time_state
 
     def reencode(self, items: Tensor, times: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -23,6 +23,7 @@ _TABLE: dict[str, tuple[Group, Group, Group]] = {
     "explanation": (S, S, S),  # the whole explanation branch
     "time_encoder": (P, P, S),  # the user's own temporal rhythm
     "encoder": (P, S, S),  # multihead LRU interest blocks
+    "embed_norm": (P, S, S),  # optional input LayerNorm (LRURec's embedding layer)
     "interests": (P, S, S),  # interest-head projections and mixture gate
     "position": (P, S, S),  # SASRec baseline: positions, attention blocks, final norm
     "blocks": (P, S, S),

@@ -49,8 +49,9 @@ SUITES: dict[str, dict[str, Any]] = {
     },
     "tuning": {
         "datasets": ["movielens-1m-lrurec"],
-        "models": ["sasrec[lr=0.002]", "lrurec[lr=0.002]", "sasrec[dropout=0.1]", "lrurec[dropout=0.1]",
-                   "sasrec[num_blocks=3]", "lrurec[num_blocks=3]"],
+        # first LRURec's own architecture details: 2 complex states per channel, LayerNorm on the embeddings
+        "models": ["lrurec[lru_state_expansion=2,embed_norm=true]", "sasrec[lr=0.002]", "lrurec[lr=0.002]",
+                   "sasrec[dropout=0.1]", "lrurec[dropout=0.1]", "sasrec[num_blocks=3]", "lrurec[num_blocks=3]"],
         "seeds": [0],
     },
 }  # fmt: skip

@@ -259,11 +259,18 @@ def test_int8_item_table_keeps_the_top10_and_shrinks_the_graphs(trained, graphs,
 
 
 @pytest.mark.parametrize(
-    ("preset", "time_unit"), [("lrurec", "seconds"), ("tmepsr-no-explanations", "order")]
+    ("preset", "time_unit", "options"),
+    [
+        ("lrurec", "seconds", {}),
+        ("tmepsr-no-explanations", "order", {}),
+        ("lrurec", "order", {"embed_norm": True, "lru_state_expansion": 2}),
+    ],
 )
-def test_lru_presets_export_and_match_torch(log, tmp_path, preset, time_unit):
+def test_lru_presets_export_and_match_torch(log, tmp_path, preset, time_unit, options):
     torch.manual_seed(0)
-    model = TMEPSR(model_config_for(log, d_model=16, **(MODEL_PRESETS[preset] | {"time_unit": time_unit})))
+    model = TMEPSR(
+        model_config_for(log, d_model=16, **(MODEL_PRESETS[preset] | {"time_unit": time_unit} | options))
+    )
     with torch.no_grad():
         model.item_emb.weight.mul_(
             25

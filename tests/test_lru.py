@@ -39,11 +39,16 @@ def test_encoder_step_matches_scan_over_200_events():
 
 
 @settings(max_examples=15, deadline=None)
-@given(length=st.integers(1, 300), num_heads=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+@given(
+    length=st.integers(1, 300),
+    num_heads=st.sampled_from([1, 2, 4]),
+    expansion=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
 @torch.no_grad()
-def test_lru_scan_equals_step(length: int, num_heads: int, seed: int):
+def test_lru_scan_equals_step(length: int, num_heads: int, expansion: int, seed: int):
     torch.manual_seed(seed)
-    lru = MultiheadLRU(d_model=16, num_heads=num_heads)
+    lru = MultiheadLRU(d_model=16, num_heads=num_heads, state_expansion=expansion)
     x = torch.randn(2, length, 16)
     y_scan, state_scan = lru.scan_with_state(x)
     y_step, state_step = _roll(lru, x)
@@ -118,7 +123,7 @@ def _reference_scan(lru: MultiheadLRU, x: torch.Tensor) -> tuple[torch.Tensor, t
     chunk = min(16, length)
     pad = (-length) % chunk
     xp = torch.nn.functional.pad(x, (0, 0, pad, 0))
-    u = (xp @ lru.drive_matrix()).reshape(b, (length + pad) // chunk, chunk, lru.num_heads, lru.d_head, 2)
+    u = (xp @ lru.drive_matrix()).reshape(b, (length + pad) // chunk, chunk, lru.num_heads, lru.d_state, 2)
     p_re, p_im = lru._powers(0, chunk)
     lag = torch.arange(chunk)[:, None] - torch.arange(chunk)[None, :]
     causal = (lag >= 0).to(x.dtype)[:, :, None, None]
@@ -140,11 +145,13 @@ def _reference_scan(lru: MultiheadLRU, x: torch.Tensor) -> tuple[torch.Tensor, t
     return h @ lru.readout_matrix() + lru.D * x, torch.stack((state_re, state_im), -1)
 
 
-@pytest.mark.parametrize(("length", "num_heads"), [(1, 1), (16, 4), (37, 2), (200, 4), (203, 1)])
-def test_batched_chunk_product_equals_reference_einsum(length: int, num_heads: int):
+@pytest.mark.parametrize(
+    ("length", "num_heads", "expansion"), [(1, 1, 1), (16, 4, 1), (37, 2, 2), (200, 4, 1), (203, 1, 2)]
+)
+def test_batched_chunk_product_equals_reference_einsum(length: int, num_heads: int, expansion: int):
     """Values and gradients (inputs and every parameter) in float64."""
     torch.manual_seed(length)
-    lru = MultiheadLRU(d_model=16, num_heads=num_heads).double()
+    lru = MultiheadLRU(d_model=16, num_heads=num_heads, state_expansion=expansion).double()
     x = torch.randn(3, length, 16, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(3, length, 16, dtype=torch.float64)
     outputs = []

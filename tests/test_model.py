@@ -32,9 +32,10 @@ def _small(log, **over) -> ModelConfig:
     return model_config_for(log, **({"d_model": 32, "num_heads": 4, "max_len": 200} | over))
 
 
-def test_step_rolled_over_200_events_matches_scan(log):
+@pytest.mark.parametrize("options", [{}, {"embed_norm": True, "lru_state_expansion": 2}])
+def test_step_rolled_over_200_events_matches_scan(log, options):
     torch.manual_seed(0)
-    model = TMEPSR(_small(log)).eval()
+    model = TMEPSR(_small(log, **options)).eval()
     users = np.flatnonzero(log.sequence_lengths() >= 200)[:4]
     starts = log.user_ptr[users]
     batch = input_batch(log, starts, starts + 200, max_len=200)
