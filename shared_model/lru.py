@@ -250,7 +250,12 @@ class LRUEncoder(nn.Module):
     (batch, num_blocks, num_heads, d_state, 2)."""
 
     def __init__(
-        self, d_model: int, num_heads: int, num_blocks: int = 2, dropout: float = 0.1, state_expansion: int = 1
+        self,
+        d_model: int,
+        num_heads: int,
+        num_blocks: int = 2,
+        dropout: float = 0.1,
+        state_expansion: int = 1,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
