@@ -223,7 +223,7 @@ def _plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path) ->
 def _header(args: argparse.Namespace) -> str:
     return (
         f"Suite `{args.suite}`: test metrics, mean ± std over the seeds that early-stopped (a run cut by the "
-        f"{args.max_minutes or 'no'}-minute safety budget or by {args.max_epochs} epochs is listed, not averaged); "
+        f"safety budget ({args.max_minutes or 'none'} min) or by {args.max_epochs} epochs is listed, not averaged); "
         f"leave-one-out, full ranking, history masked; early stopping on validation NDCG@10, patience "
         f"{args.patience} evaluations; x SASRec against the SASRec variant with the best validation NDCG@10; "
         f"{args.device}, {torch.get_num_threads()} thread(s) per run."
