@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     for dataset in args.datasets or suite["datasets"]:
         settings = DATASET_SETTINGS.get(dataset, {"model": {}, "train": {}})
-        for seed in args.seeds or suite["seeds"]:
-            for model in args.models or suite["models"]:
+        for model in args.models or suite["models"]:  # in priority order: every seed of a model first
+            for seed in args.seeds or suite["seeds"]:
                 done = {(r["dataset"], r["model"], r["seed"]) for r in _load_runs(runs_path)}
                 folder = args.state_dir / name / f"{dataset}-{model}-{seed}"
                 if (dataset, model, seed) in done or not _claim(folder.with_suffix(".lock")):
