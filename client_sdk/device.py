@@ -116,7 +116,11 @@ class Device:
             p.requires_grad_(id(p) in trainable)
         epochs = self.cfg.adapt_epochs if personal_only else self.cfg.local_epochs
         tcfg = TrainConfig(lr=self.cfg.local_lr, batch_size=1, grad_clip=None, seed=self.cfg.seed)
-        optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        optimizer = (
+            torch.optim.SGD(params, lr=tcfg.lr)
+            if self.cfg.local_optimizer == "sgd"
+            else torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        )
         rng = np.random.default_rng([self.cfg.seed, server_round, int(user), int(personal_only)])
         # dropout draws depend only on (seed, round, user), whichever node hosts the user
         torch.manual_seed(int(rng.integers(2**31)))

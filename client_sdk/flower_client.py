@@ -113,6 +113,12 @@ def make_client_app() -> ClientApp:
         metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """The node's partition id: its stable identity, which the server samples cohorts by."""
+        partition = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+        return Message(RecordDict({"node": partition}), reply_to=msg)
+
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         device, _, extra = _device(_config(msg), context)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from shared_model.config import FederatedConfig
@@ -46,11 +46,30 @@ def wait_for_nodes(grid: Grid, cfg: FederatedConfig, num_users: int) -> int:
     return connected
 
 
+def node_partitions(grid: Grid, timeout: float) -> dict[int, int]:
+    """Ask every node for its partition id (its stable identity; node ids are random per run). Empty, with a
+    warning, if a node does not answer: cohorts are then Flower's own, unseeded sample."""
+    messages = [
+        Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=node)
+        for node in grid.get_node_ids()
+    ]
+    partitions = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error() or "node" not in reply.content.metric_records:
+            log.warning(
+                "node %s did not say its partition id: cohorts are not seeded", reply.metadata.src_node_id
+            )
+            return {}
+        partitions[reply.metadata.src_node_id] = int(reply.content.metric_records["node"]["partition-id"])
+    return partitions
+
+
 def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str, Any]:
     """Run (or resume) the federated rounds; returns the metric history and the final shared arrays."""
     out = Path(cfg.out_dir)
     log = load_dataset(cfg.dataset, cfg.data_dir or None)
     strategy = make_strategy(cfg, wait_for_nodes(grid, cfg, log.num_users))
+    strategy.setup_sampling(node_partitions(grid, cfg.round_timeout), cfg.seed)
     resumed = load_server_checkpoint(out)
     if resumed is not None and resumed[3] == cfg.to_run_config():
         shared, start, history, _ = resumed
@@ -66,6 +85,8 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
         last = strategy.last_round  # a property under DP (the accountant runs on each read): read once
         row: dict[str, Any] = {"round": rnd, **{k: v for k, v in last.items() if k != "rejections"},
                                "rejections": last.get("rejections", [])[:5], **traffic}  # fmt: skip
+        if strategy.cohort:
+            row["cohort"] = list(strategy.cohort)  # partition ids: the same in a rerun with the same seed
         if train_metrics is not None:
             row["train_loss"] = float(train_metrics.get("train-loss", float("nan")))
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:

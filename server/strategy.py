@@ -17,7 +17,8 @@ import logging
 import math
 from collections.abc import Iterable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
@@ -51,14 +52,40 @@ class ValidatedAggregation:
         self.sent: dict = {}
         self.sampled = 0
         self.last_round: dict = {}
+        self.partitions: dict[int, int] = {}
+        self.sampling_seed = 0
+        self.cohort: list[int] = []  # partition ids of the last seeded cohort
+
+    def setup_sampling(self, partitions: dict[int, int], seed: int) -> None:
+        """Seeded cohorts. ``partitions`` maps each node id to its partition id, a node's stable identity
+        (Flower draws new random node ids every run); each round then samples partitions with a generator
+        seeded by (seed, round), so a rerun or a resumed run trains the same devices in every round."""
+        self.partitions = dict(partitions)
+        self.sampling_seed = seed
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.sent = record_to_numpy(arrays)
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        if self.partitions:
+            config["server-round"] = server_round
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # type: ignore[attr-defined]
+            nodes = self.sample_nodes(server_round, set(grid.get_node_ids()))
+            messages = list(self._construct_messages(record, nodes, MessageType.TRAIN))  # type: ignore[attr-defined]
+        else:
+            messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self.sampled = len(messages)
         return messages
+
+    def sample_nodes(self, server_round: int, connected: set[int]) -> list[int]:
+        """The round's cohort: ``fraction_train`` of the connected nodes (at least ``min_train_nodes``),
+        drawn over their partition ids with the generator of (seed, round)."""
+        candidates = sorted((p, n) for n, p in self.partitions.items() if n in connected)
+        size = max(int(len(candidates) * self.fraction_train), self.min_train_nodes)  # type: ignore[attr-defined]
+        rng = np.random.default_rng([self.sampling_seed, server_round])
+        picked = sorted(rng.choice(len(candidates), size=min(size, len(candidates)), replace=False))
+        self.cohort = [candidates[i][0] for i in picked]
+        return [candidates[i][1] for i in picked]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -147,7 +174,9 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedAggregation:
 
     dp = cfg.privacy == "dp"
     if cfg.server_optimizer == "fedadam":
-        strategy: ValidatedAggregation = (DPFedAdam if dp else ValidatedFedAdam)(eta=cfg.server_lr, **common)
+        strategy: ValidatedAggregation = (DPFedAdam if dp else ValidatedFedAdam)(
+            eta=cfg.server_lr, tau=cfg.server_tau, **common
+        )
     elif cfg.aggregation == "trimmed-mean":
         strategy = ValidatedFedTrimmedAvg(beta=cfg.trim_fraction, **common)
     elif cfg.aggregation == "median":

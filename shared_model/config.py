@@ -126,7 +126,10 @@ class FederatedConfig:
         0.5, "a round aggregates only if this share of sampled devices replied validly"
     )
     local_epochs: int = _opt(5, "local passes over the device's own events per round")
-    local_lr: float = _opt(1e-2, "device learning rate (AdamW)")
+    local_lr: float = _opt(1e-2, "device learning rate")
+    local_optimizer: str = _opt(
+        "adamw", "adamw (a fresh AdamW each round) | sgd (plain SGD: its change follows the gradient)"
+    )
     adapt_epochs: int = _opt(
         0,
         "local adaptation: before evaluating or serving, a device trains its time encoder, LRU blocks and"
@@ -134,6 +137,9 @@ class FederatedConfig:
     )
     server_optimizer: str = _opt("fedavg", "fedavg | fedadam (a server Adam step on the averaged update)")
     server_lr: float = _opt(1e-2, "FedAdam's server learning rate (eta)")
+    server_tau: float = _opt(
+        1e-3, "FedAdam's adaptivity (tau, added to sqrt(v)): small values follow small updates"
+    )
     upload: str = _opt("dense", "dense | sparse (only the item rows a device touched)")
     decoy_rows: int = _opt(0, "sparse upload: extra random item rows that hide which items were touched")
     compress: str = _opt("none", "none | int8 (per-row int8 changes with stochastic rounding, ~4x smaller)")
@@ -170,6 +176,10 @@ class FederatedConfig:
             raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(MODEL_PRESETS)}")
         if self.server_optimizer not in ("fedavg", "fedadam"):
             raise ValueError(f"server_optimizer must be fedavg or fedadam, got {self.server_optimizer!r}")
+        if self.local_optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"local_optimizer must be adamw or sgd, got {self.local_optimizer!r}")
+        if not self.server_tau > 0:
+            raise ValueError(f"server_tau must be > 0, got {self.server_tau}")
         if self.upload not in ("dense", "sparse"):
             raise ValueError(f"upload must be dense or sparse, got {self.upload!r}")
         if self.compress not in ("none", "int8"):

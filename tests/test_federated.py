@@ -3,6 +3,7 @@ ClientApp called directly, virtual users == one user per node, server checkpoint
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,22 @@ def test_device_round_keeps_personal_weights_on_the_device(cfg):
     assert saved[name].tobytes() not in raw  # encrypted at rest
     assert any(not np.array_equal(saved[k], device.initial_personal[k]) for k in saved)  # trained
     assert device.personal_weights(int(device.users[0])).keys() == saved.keys()
+
+
+def test_local_sgd_barely_moves_unseen_items_where_a_fresh_adamw_moves_every_row(cfg):
+    """A fresh AdamW's first step moves every parameter with a gradient by about lr (the full softmax gives
+    every item one); plain SGD moves each by lr x its gradient, so items the user never saw barely move."""
+    shared = initial_shared(cfg)
+    moved = {}
+    for optimizer in ("adamw", "sgd"):
+        run = replace(cfg, local_optimizer=optimizer, local_epochs=1, local_lr=0.1)
+        device = Device(run, partition_id=0, num_partitions=9, store_dir=Path(cfg.out_dir) / optimizer)
+        result = device.train(shared, server_round=1)
+        seen = np.unique(np.concatenate([device.log.item[device.log.user_ptr[u] : device.train_end[u]]
+                                         for u in device.users]))  # fmt: skip
+        unseen = np.setdiff1d(np.arange(device.log.num_items), seen) + 1  # table rows (0 = padding)
+        moved[optimizer] = np.median(np.abs(result.update["item_bias"] - shared["item_bias"])[unseen])
+    assert moved["adamw"] > 0.5 * 0.1 and moved["sgd"] < 0.1 * moved["adamw"]  # here 0.1 vs 0.0025
 
 
 def test_sparse_device_trains_only_the_rows_it_uploads(cfg):

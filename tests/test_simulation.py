@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 
 from client_sdk.flower_client import make_client_app
 from server.checkpoint import load_server_checkpoint
+from server.strategy import make_strategy
 from shared_model.config import FederatedConfig
 from simulations.simulate import run_simulation
 
@@ -63,3 +64,31 @@ def test_simulation_survives_crash_and_poison(tmp_path):
     assert json.loads((Path(cfg.out_dir) / "metrics.json").read_text())[-1]["round"] == 2
     assert "test" in history[-1]
     assert len(os.listdir(Path(cfg.out_dir) / "devices")) == 5  # the crashing device never saved
+
+
+def _cohort(seed: int, rnd: int, node_ids: list[int], users: int, fraction: float) -> list[int]:
+    cfg = FederatedConfig(dataset="movielens-latest-small", fraction_train=fraction, seed=seed)
+    strategy = make_strategy(cfg, users)
+    strategy.setup_sampling(dict(zip(node_ids, range(users), strict=True)), seed)
+    nodes = strategy.sample_nodes(rnd, set(node_ids))
+    assert [node_ids.index(n) for n in nodes] == strategy.cohort
+    return strategy.cohort
+
+
+def test_seeded_cohorts_depend_on_partitions_not_node_ids():
+    ids = list(range(1000, 1100))
+    other_ids = [7 * i + 3 for i in range(100)]  # another run: other random node ids, same partitions
+    first = [_cohort(0, r, ids, 100, 0.1) for r in (1, 2, 3)]
+    assert all(len(c) == 10 for c in first) and len({tuple(c) for c in first}) == 3
+    assert [_cohort(0, r, other_ids, 100, 0.1) for r in (1, 2, 3)] == first
+    assert [_cohort(1, r, ids, 100, 0.1) for r in (1, 2, 3)] != first
+
+
+def test_simulation_samples_the_seeded_cohorts(tmp_path):
+    """Nodes say their partition ids through a Flower query; each round trains the seeded cohort."""
+    data = make_events(tmp_path / "events.csv", users=8)
+    cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=0.5,
+                          local_epochs=1, eval_every=2, seed=3, out_dir=str(tmp_path / "run"))  # fmt: skip
+    history = run_simulation(cfg, num_cpus=2)["history"]
+    assert [row["cohort"] for row in history] == [_cohort(3, r, list(range(8)), 8, 0.5) for r in (1, 2)]
+    assert all(row["sampled"] == row["valid"] == 4 for row in history)
