@@ -67,13 +67,12 @@ class ValidatedAggregation:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.sent = record_to_numpy(arrays)
-        if self.partitions:
-            config["server-round"] = server_round
-            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # type: ignore[attr-defined]
+        # the Flower strategy's own configure_train keeps its side effects (FedAdam remembers the sent
+        # arrays); with seeded cohorts its messages are re-addressed to the seeded sample
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        if self.partitions and messages:
             nodes = self.sample_nodes(server_round, set(grid.get_node_ids()))
-            messages = list(self._construct_messages(record, nodes, MessageType.TRAIN))  # type: ignore[attr-defined]
-        else:
-            messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+            messages = list(self._construct_messages(messages[0].content, nodes, MessageType.TRAIN))  # type: ignore[attr-defined]
         self.sampled = len(messages)
         return messages
 

@@ -295,3 +295,27 @@ def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, task_i
     strategy.sent = sent
     assert strategy.aggregate_train(2, [_reply(good), _reply(nan)]) == (None, None)
     assert strategy.last_round["aggregated"] is False
+
+
+@pytest.mark.parametrize("optimizer", ["fedavg", "fedadam"])
+def test_seeded_cohort_keeps_the_flower_strategy_state(optimizer, task_identity):
+    """Seeded cohorts re-address the Flower strategy's own messages: FedAdam still remembers the sent arrays."""
+    from server.strategy import make_strategy
+
+    class Grid:
+        def get_node_ids(self):
+            return [11, 22, 33, 44]
+
+    strategy = make_strategy(FederatedConfig(server_optimizer=optimizer, fraction_train=0.5, seed=5), 4)
+    strategy.setup_sampling({11: 0, 22: 1, 33: 2, 44: 3}, seed=5)
+    sent = {"item_bias": np.zeros(4, np.float32)}
+    messages = strategy.configure_train(3, ArrayRecord({k: Array(v) for k, v in sent.items()}),
+                                        ConfigRecord({}), Grid())  # fmt: skip
+    expected = strategy.sample_nodes(3, {11, 22, 33, 44})
+    assert [m.metadata.dst_node_id for m in messages] == expected and len(expected) == 2
+    assert strategy.sampled == 2 and strategy.cohort == sorted(
+        {11: 0, 22: 1, 33: 2, 44: 3}[n] for n in expected
+    )
+    assert all(m.content.config_records["config"]["server-round"] == 3 for m in messages)
+    if optimizer == "fedadam":
+        np.testing.assert_array_equal(strategy.current_arrays["item_bias"], sent["item_bias"])
