@@ -69,7 +69,8 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
     out = Path(cfg.out_dir)
     log = load_dataset(cfg.dataset, cfg.data_dir or None)
     strategy = make_strategy(cfg, wait_for_nodes(grid, cfg, log.num_users))
-    strategy.setup_sampling(node_partitions(grid, cfg.round_timeout), cfg.seed)
+    if cfg.privacy != "dp":  # DP's accountant counts on amplification by sampling nobody can predict
+        strategy.setup_sampling(node_partitions(grid, cfg.round_timeout), cfg.seed)
     resumed = load_server_checkpoint(out)
     if resumed is not None and resumed[3] == cfg.to_run_config():
         shared, start, history, _ = resumed
@@ -85,8 +86,10 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
         last = strategy.last_round  # a property under DP (the accountant runs on each read): read once
         row: dict[str, Any] = {"round": rnd, **{k: v for k, v in last.items() if k != "rejections"},
                                "rejections": last.get("rejections", [])[:5], **traffic}  # fmt: skip
-        if strategy.cohort:
-            row["cohort"] = list(strategy.cohort)  # partition ids: the same in a rerun with the same seed
+        if strategy.sampled_partitions:
+            row["cohort"] = list(
+                strategy.sampled_partitions
+            )  # partition ids: the same in a rerun with the same seed
         if train_metrics is not None:
             row["train_loss"] = float(train_metrics.get("train-loss", float("nan")))
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:

@@ -54,7 +54,7 @@ class ValidatedAggregation:
         self.last_round: dict = {}
         self.partitions: dict[int, int] = {}
         self.sampling_seed = 0
-        self.cohort: list[int] = []  # partition ids of the last seeded cohort
+        self.sampled_partitions: list[int] = []  # partition ids of the last seeded cohort
 
     def setup_sampling(self, partitions: dict[int, int], seed: int) -> None:
         """Seeded cohorts. ``partitions`` maps each node id to its partition id, a node's stable identity
@@ -83,7 +83,7 @@ class ValidatedAggregation:
         size = max(int(len(candidates) * self.fraction_train), self.min_train_nodes)  # type: ignore[attr-defined]
         rng = np.random.default_rng([self.sampling_seed, server_round])
         picked = sorted(rng.choice(len(candidates), size=min(size, len(candidates)), replace=False))
-        self.cohort = [candidates[i][0] for i in picked]
+        self.sampled_partitions = [candidates[i][0] for i in picked]
         return [candidates[i][1] for i in picked]
 
     def aggregate_train(

@@ -313,7 +313,7 @@ def test_seeded_cohort_keeps_the_flower_strategy_state(optimizer, task_identity)
                                         ConfigRecord({}), Grid())  # fmt: skip
     expected = strategy.sample_nodes(3, {11, 22, 33, 44})
     assert [m.metadata.dst_node_id for m in messages] == expected and len(expected) == 2
-    assert strategy.sampled == 2 and strategy.cohort == sorted(
+    assert strategy.sampled == 2 and strategy.sampled_partitions == sorted(
         {11: 0, 22: 1, 33: 2, 44: 3}[n] for n in expected
     )
     assert all(m.content.config_records["config"]["server-round"] == 3 for m in messages)

@@ -71,8 +71,8 @@ def _cohort(seed: int, rnd: int, node_ids: list[int], users: int, fraction: floa
     strategy = make_strategy(cfg, users)
     strategy.setup_sampling(dict(zip(node_ids, range(users), strict=True)), seed)
     nodes = strategy.sample_nodes(rnd, set(node_ids))
-    assert [node_ids.index(n) for n in nodes] == strategy.cohort
-    return strategy.cohort
+    assert [node_ids.index(n) for n in nodes] == strategy.sampled_partitions
+    return strategy.sampled_partitions
 
 
 def test_seeded_cohorts_depend_on_partitions_not_node_ids():
