@@ -19,7 +19,7 @@ from shared_model.data import InteractionLog, load_dataset
 from shared_model.partition import split_state
 from shared_model.training import model_for_run
 
-from .checkpoint import load_server_checkpoint, save_server_checkpoint
+from .checkpoint import load_server_checkpoint, load_server_state, save_server_checkpoint
 from .secagg import secagg_round
 from .strategy import ValidatedAggregation, make_strategy, numpy_to_record, record_to_numpy
 
@@ -74,6 +74,7 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
     resumed = load_server_checkpoint(out)
     if resumed is not None and resumed[3] == cfg.to_run_config():
         shared, start, history, _ = resumed
+        strategy.restore_server_state(load_server_state(out))
         start += 1
         _echo(echo, f"resuming from the checkpoint of round {start - 1}")
     else:
@@ -106,7 +107,7 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
                 }
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        save_server_checkpoint(out, shared, rnd, history, run_config)
+        save_server_checkpoint(out, shared, rnd, history, run_config, strategy.server_state())
         (out / "metrics.json").write_text(json.dumps(history, indent=2, default=float) + "\n")
         _echo(echo, _round_line(row, cfg.num_rounds))
     return {"history": history, "shared": shared}

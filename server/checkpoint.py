@@ -1,5 +1,6 @@
-"""Per-round server checkpoints: the shared arrays, the round reached and the metric history. Written
-atomically (temp file + rename), so a crash mid-write keeps the previous round's checkpoint."""
+"""Per-round server checkpoints: the shared arrays, the round reached, the metric history and the server
+optimizer's state (FedAdam's moments, so a resumed run steps as an uninterrupted one). Written atomically
+(temp file + rename), so a crash mid-write keeps the previous round's checkpoint."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def save_server_checkpoint(
     server_round: int,
     history: list[dict[str, Any]],
     config: dict,
+    server_state: dict[str, np.ndarray] | None = None,
 ) -> Path:
     path = Path(out_dir) / CHECKPOINT
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +31,7 @@ def save_server_checkpoint(
         buf,
         __meta__=np.frombuffer(meta.encode(), dtype=np.uint8),
         **{f"shared/{k}": v for k, v in shared.items()},
+        **{f"server/{k}": v for k, v in (server_state or {}).items()},
     )
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
@@ -50,3 +53,12 @@ def load_server_checkpoint(
         meta = json.loads(data["__meta__"].tobytes().decode())
         shared = {k.removeprefix("shared/"): data[k] for k in data.files if k.startswith("shared/")}
     return shared, int(meta["round"]), meta["history"], meta["config"]
+
+
+def load_server_state(out_dir: str | Path) -> dict[str, np.ndarray]:
+    """The server optimizer's state saved with the last checkpoint ({} when none)."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.exists():
+        return {}
+    with np.load(path, allow_pickle=False) as data:
+        return {k.removeprefix("server/"): data[k] for k in data.files if k.startswith("server/")}

@@ -130,6 +130,19 @@ class ValidatedAggregation:
             return None, None
         return self.server_step(server_round, valid)
 
+    def server_state(self) -> dict[str, np.ndarray]:
+        """The server optimizer's state across rounds (FedAdam's first and second moments; {} for the
+        stateless aggregates), for the checkpoint."""
+        moments = {"m_t": getattr(self, "m_t", None), "v_t": getattr(self, "v_t", None)}
+        return {f"{name}/{k}": v for name, m in moments.items() if m for k, v in m.items()}
+
+    def restore_server_state(self, state: dict[str, np.ndarray]) -> None:
+        """Inverse of :meth:`server_state` (a resumed run continues with the saved moments)."""
+        for name in ("m_t", "v_t"):
+            part = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(name + "/")}
+            if part:
+                setattr(self, name, part)
+
     def needed(self, sampled: int) -> int:
         """Valid replies a round of ``sampled`` devices needs to aggregate (the minimum-reply rule)."""
         return max(1, math.ceil(self.min_reply_fraction * sampled))

@@ -319,3 +319,31 @@ def test_seeded_cohort_keeps_the_flower_strategy_state(optimizer, task_identity)
     assert all(m.content.config_records["config"]["server-round"] == 3 for m in messages)
     if optimizer == "fedadam":
         np.testing.assert_array_equal(strategy.current_arrays["item_bias"], sent["item_bias"])
+
+
+def test_fedadam_moments_survive_a_checkpoint(tmp_path, task_identity):
+    """A resumed FedAdam server takes the same step as one that never stopped."""
+    from server.checkpoint import load_server_state, save_server_checkpoint
+    from server.strategy import make_strategy
+
+    cfg = FederatedConfig(row_clip=0, server_optimizer="fedadam", server_tau=1e-8, norm_bound=5)
+    sent = {"item_bias": np.zeros(4, np.float32)}
+    steps = [{"item_bias": np.array([0.5, -0.2, 0.1, 0.0], np.float32)},
+             {"item_bias": np.array([0.1, 0.3, -0.4, 0.2], np.float32)}]  # fmt: skip
+
+    def step(strategy, rnd, arrays, update):
+        strategy.sent, strategy.sampled = arrays, 1
+        strategy.current_arrays = dict(arrays)
+        out, _ = strategy.aggregate_train(rnd, [_reply({k: arrays[k] + update[k] for k in arrays})])
+        return {k: v.numpy() for k, v in out.items()}
+
+    running = make_strategy(cfg, 4)
+    after_1 = step(running, 1, sent, steps[0])
+    save_server_checkpoint(tmp_path, after_1, 1, [], {}, running.server_state())
+    assert set(load_server_state(tmp_path)) == {"m_t/item_bias", "v_t/item_bias"}
+    resumed = make_strategy(cfg, 4)
+    resumed.restore_server_state(load_server_state(tmp_path))
+    fresh = make_strategy(cfg, 4)
+    expected = step(running, 2, after_1, steps[1])["item_bias"]
+    np.testing.assert_array_equal(step(resumed, 2, after_1, steps[1])["item_bias"], expected)
+    assert not np.array_equal(step(fresh, 2, after_1, steps[1])["item_bias"], expected)  # moments matter
