@@ -1,4 +1,4 @@
-"""The on-device recommender (DESIGN section 1, flow 3): onnxruntime only, no torch, no flwr.
+"""The on-device recommender: onnxruntime only, no torch, no flwr.
 
     rec = Recommender.open(bundle_dir, public_key, EncryptedStore(path, key=device_key))
     rec.record("318", 1_700_000_000)          # O(1): one run of the step graph, state saved encrypted

@@ -1,1 +1,1 @@
-"""Server side of tme-psr: aggregation of the shared model parts (see DESIGN.md section 7)."""
+"""Server side of tme-psr: aggregation of the shared model parts."""

@@ -1,4 +1,4 @@
-"""Central differential privacy on the shared update (DESIGN section 7) and its privacy accountant.
+"""Central differential privacy on the shared update and its privacy accountant.
 
 Each round, after validation and before averaging, every valid update's change from the sent arrays is clipped
 to L2 norm ``C`` (over all shared arrays together). The released update is

@@ -1,4 +1,4 @@
-"""Building the signed on-device bundle (DESIGN section 6) from a training checkpoint: export the graphs, write
+"""Building the signed on-device bundle from a training checkpoint: export the graphs, write
 the catalogue (item ids, titles, explanation texts), check the graphs, sign the manifest.
 
 A federated server checkpoint holds only the shared arrays; the bundle then carries the run's initial personal

@@ -1,4 +1,4 @@
-"""Validation of every incoming update before aggregation (DESIGN section 7): keys, shapes, dtypes, row ids,
+"""Validation of every incoming update before aggregation: keys, shapes, dtypes, row ids,
 finite values, the norm bound and the example weight. A failing update raises :class:`UpdateRejected`."""
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def _opt(default: Any, help_text: str) -> Any:
 
 @dataclass(frozen=True)
 class FederatedConfig:
-    """A federated run (DESIGN section 7). Flat scalars only, so it travels as Flower's run config."""
+    """A federated run. Flat scalars only, so it travels as Flower's run config."""
 
     dataset: str = _opt("movielens-latest-small", "dataset name (tmepsr data list) or an event file path")
     data_dir: str = _opt("", "shared data folder ('' = $TMEPSR_DATA_DIR, ../shared/data, then embedded)")

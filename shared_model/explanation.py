@@ -1,4 +1,4 @@
-"""Explanation branch with dynamic dual-branch mutual-information weighting (shared; DESIGN section 3).
+"""Explanation branch with dynamic dual-branch mutual-information weighting (shared).
 
 For a user state ``h`` (the sequence encoder's output before the next event) and an item ``e`` (the item
 being recommended, or at training time the true next item), the explanation encoder builds a query

@@ -1,4 +1,4 @@
-"""ONNX export of a TME-PSR model for the torch-free on-device runtime (DESIGN section 6).
+"""ONNX export of a TME-PSR model for the torch-free on-device runtime.
 
 Exported with the dynamo exporter at opset 18, one file per graph, the batch dimension dynamic
 and named ``batch`` (exported from batch-2 examples; a runtime at batch 1 may pin it with

@@ -1,4 +1,4 @@
-"""Multihead Linear Recurrent Unit (LRU, Orvieto et al. 2023) and the LRURec blocks built on it (DESIGN §3).
+"""Multihead Linear Recurrent Unit (LRU, Orvieto et al. 2023) and the LRURec blocks built on it.
 
 Everything is real arithmetic: a complex number is a trailing pair ``[..., 2] = [real, imag]``, so the
 module exports to ONNX. Each head owns its own slice of channels and runs a diagonal complex recurrence

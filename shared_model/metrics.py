@@ -1,4 +1,4 @@
-"""Full-ranking metrics (DESIGN section 4): Recall@K, NDCG@K and MRR for items, Recall/NDCG@K for
+"""Full-ranking metrics: Recall@K, NDCG@K and MRR for items, Recall/NDCG@K for
 explanations.
 
 One rank definition serves both: the rank of a target is the number of *other* candidates that score at

@@ -1,4 +1,4 @@
-"""The composed TME-PSR model (DESIGN section 3) and its loss.
+"""The composed TME-PSR model and its loss.
 
     item embedding (shared) + dual-view gated time encoder (personal)
         -> multihead LRU blocks (personal) -> interest heads (personal)

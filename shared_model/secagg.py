@@ -1,4 +1,4 @@
-"""The vector a device contributes to a SecAgg+ sum, and its decoding (pure numpy; DESIGN section 7).
+"""The vector a device contributes to a SecAgg+ sum, and its decoding (pure numpy).
 
 A device's vector is its dense shared update as changes from the arrays the server sent, in sorted key order,
 each value clipped to ``[-clip, clip]``, followed by one value: its mean training loss mapped onto

@@ -1,4 +1,4 @@
-"""Dual-view gated time encoder (DESIGN §3): a vector per event that is added to its item embedding.
+"""Dual-view gated time encoder: a vector per event that is added to its item embedding.
 
 Short-term view: the log-scaled gap since the previous event, ``log1p(gap_seconds / 60)``, as Gaussian soft
 buckets plus a first-event flag. Long-term view: hour-of-day (not for day-resolution data), day-of-week and

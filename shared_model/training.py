@@ -1,5 +1,5 @@
 """One implementation of training and evaluation, used by centralized training, the Flower client and the
-benchmarks: epochs over user windows, full-ranking evaluation (DESIGN section 4), early stopping,
+benchmarks: epochs over user windows, full-ranking evaluation, early stopping,
 checkpoints.
 """
 

@@ -1,4 +1,4 @@
-"""Federated benchmark (DESIGN section 7), side by side in one run per dataset:
+"""Federated benchmark, side by side in one run per dataset:
 
 * centralized TME-PSR (same model size, compute budget) vs federated TME-PSR with the card's split, with the
   interest heads also averaged (``heads-prior``) and with everything shared, through Flower's simulation

@@ -1,4 +1,4 @@
-"""Attack evaluations 2 and 3 of issue 6 (DESIGN section 7): model poisoning and hostile updates.
+"""Attack evaluations 2 and 3 of issue 6: model poisoning and hostile updates.
 
 **Poisoning** (real Flower simulations): ``ATTACK_SHARE`` of the devices run an item-promotion attack. Each
 round an attacking device trains a copy of the model on fabricated profiles whose sequences keep returning to a

@@ -1,4 +1,4 @@
-"""On-device runtime benchmark (DESIGN section 6): single-thread onnxruntime latency of one ``record`` +
+"""On-device runtime benchmark: single-thread onnxruntime latency of one ``record`` +
 ``recommend(10)`` through :class:`client_sdk.runtime.Recommender` (median and p99 over 1,000 real events, the
 store not written per event), torch eager doing the same work in the same run (the ratio), bundle size fp32 and
 int8, the int8 item table's effect (top-10 overlap, Recall@10) and the peak memory of the runtime process.

@@ -1,4 +1,4 @@
-"""ONNX export (DESIGN section 6): on real histories the step graph (rolled event by event), the sequence encoder
+"""ONNX export: on real histories the step graph (rolled event by event), the sequence encoder
 + rank graphs and the torch model agree; personal weights are overridable initializers; the graphs pass the
 onnx / onnxruntime checks; the int8 item table keeps the top-10."""
 

@@ -52,7 +52,7 @@ def test_unknown_or_absent_dataset_is_a_clear_error(tmp_path):
 
 
 def test_ml100k_ties_on_last_two_events(shared_data):
-    """DESIGN section 4: 415 of 943 ML-100k users have their last two events in the same second."""
+    """415 of 943 ML-100k users have their last two events in the same second."""
     require_dataset(shared_data, "movielens-100k")
     stats = log_stats(load_dataset("movielens-100k", shared_data))
     assert stats["eval_users_last_two_tied"] == 415

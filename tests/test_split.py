@@ -1,4 +1,4 @@
-"""Leave-one-out split and partitions (DESIGN section 4), checked on hand-made and random logs."""
+"""Leave-one-out split and partitions, checked on hand-made and random logs."""
 
 from __future__ import annotations
 

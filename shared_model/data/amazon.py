@@ -1,4 +1,4 @@
-"""Loaders for the Amazon 5-core datasets that carry time and an explanation signal (DESIGN section 5)."""
+"""Loaders for the Amazon 5-core datasets that carry time and an explanation signal."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Explanation vocabularies and per-event explanation labels (DESIGN section 5).
+"""Explanation vocabularies and per-event explanation labels.
 
 Three rules, each stated in the vocabulary it produces:
 

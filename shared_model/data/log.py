@@ -1,6 +1,6 @@
 """The canonical in-memory form of every dataset: an :class:`InteractionLog`.
 
-Events are stored column-wise and sorted by user, then by the protocol's order (DESIGN section 4):
+Events are stored column-wise and sorted by user, then by the protocol's order:
 ``(timestamp, item id)`` for timestamped data, the given order for order-only data. Users and items are
 dense indices ``0..n-1``; ``user_ids`` / ``item_ids`` map them back to the source ids. Per-event explanation
 labels and per-item attributes are ragged lists kept in CSR form (``ptr``, ``ids``).

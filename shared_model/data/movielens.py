@@ -1,4 +1,4 @@
-"""Loaders for the three MovieLens datasets (DESIGN section 5)."""
+"""Loaders for the three MovieLens datasets."""
 
 from __future__ import annotations
 

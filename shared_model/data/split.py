@@ -1,4 +1,4 @@
-"""Leave-one-out split and per-user partitions, exactly as DESIGN section 4 says.
+"""Leave-one-out split and per-user partitions (the protocol in README.md, Data).
 
 For every user with at least 3 events: the last event is the test target, the second-to-last the validation
 target, and everything before is training data. The test input includes the validation event. Users with
