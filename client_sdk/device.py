@@ -21,7 +21,13 @@ from shared_model.data import InteractionLog, load_dataset
 from shared_model.data.split import LeaveOneOutSplit, partition_users, user_data
 from shared_model.partition import load_parts, parameter_groups, split_state
 from shared_model.recommender import SequenceRecommender
-from shared_model.training import evaluate, model_for_run, train_end_per_user, train_epoch
+from shared_model.training import (
+    evaluate,
+    model_for_run,
+    next_item_scores,
+    train_end_per_user,
+    train_epoch,
+)
 from shared_model.updates import ITEM_TABLES, compress_int8, encode_sparse, upload_rows
 
 from .store import DeviceRecord, EncryptedStore
@@ -55,6 +61,17 @@ def simulation_key(seed: int, user_id: object) -> bytes:
 
 
 @dataclass
+class Adaptation:
+    """The outcome of a device's local adaptation: whether the gate kept it, the adapted values it kept, and
+    the held-out cross-entropy of the population and adapted values."""
+
+    kept: bool
+    weights: dict[str, np.ndarray]
+    population_loss: float = float("nan")
+    adapted_loss: float = float("nan")
+
+
+@dataclass
 class RoundResult:
     update: dict[str, np.ndarray]
     num_examples: int
@@ -79,49 +96,56 @@ class Device:
         return EncryptedStore(self.store_dir / f"user-{uid}.store", key=simulation_key(self.cfg.seed, uid))
 
     def personal_weights(self, user: int) -> dict[str, np.ndarray]:
+        """The user's personal weights (the split's personal group) from its store, else the initial values."""
         store = self.store(user)
         if store.exists():
             weights = store.load().weights
-            if set(weights) == set(self.initial_personal):
-                return weights
+            if set(self.initial_personal) <= set(weights):
+                return {k: weights[k] for k in self.initial_personal}
         return self.initial_personal
 
-    def save_personal(self, user: int, personal: dict[str, np.ndarray], server_round: int) -> None:
+    def save_personal(
+        self, user: int, personal: dict[str, np.ndarray], server_round: int, **meta: object
+    ) -> None:
         """Write the user's history and personal weights to its encrypted store (atomically)."""
         own = user_data(self.log, user)
         record = DeviceRecord(
             items=own.items, times=own.times, state={}, weights=personal,
-            meta={"user": str(self.log.user_ids[user]), "round": server_round, "split": self.cfg.split},
+            meta={"user": str(self.log.user_ids[user]), "round": server_round, "split": self.cfg.split, **meta},
         )  # fmt: skip
         self.store(user).save(record)
 
     def _fit(
         self,
         user: int,
-        shared: dict[str, np.ndarray],
-        personal: dict[str, np.ndarray],
+        weights: tuple[dict[str, np.ndarray], ...],
         server_round: int,
-        personal_only: bool,
+        epochs: int,
+        trainable: set[str] | None = None,
         item_rows: np.ndarray | None = None,
     ) -> list[float]:
-        """Local epochs on ``user``'s training events from the given weights (left in ``self.model``): all
-        parameters (a training round), or for local adaptation only the card's personal parts (time encoder,
-        LRU blocks, interest heads; under other splits these start from the population's averaged values)
-        with everything else frozen. ``item_rows``: only these rows of the item tables train (sparse upload)."""
-        load_parts(self.model, shared, personal)
-        adapted = set(parameter_groups(self.model, "card")["personal"]) if personal_only else None
-        params = [p for name, p in self.model.named_parameters() if adapted is None or name in adapted]
-        trainable = {id(p) for p in params}
-        for p in self.model.parameters():
-            p.requires_grad_(id(p) in trainable)
-        epochs = self.cfg.adapt_epochs if personal_only else self.cfg.local_epochs
-        tcfg = TrainConfig(lr=self.cfg.local_lr, batch_size=1, grad_clip=None, seed=self.cfg.seed)
-        optimizer = (
-            torch.optim.SGD(params, lr=tcfg.lr)
-            if self.cfg.local_optimizer == "sgd"
-            else torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        )
-        rng = np.random.default_rng([self.cfg.seed, server_round, int(user), int(personal_only)])
+        """``epochs`` local epochs on ``user``'s training events from ``weights`` (left in ``self.model``): all
+        parameters (a training round), or only ``trainable`` (local adaptation; the rest frozen, and the
+        user's last ``gate_events`` training events held out). ``item_rows``: only these rows of the item
+        tables train (sparse upload)."""
+        load_parts(self.model, *weights)
+        adapting = trainable is not None
+        params = [p for name, p in self.model.named_parameters() if not adapting or name in trainable]
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(not adapting or name in trainable)
+        train_end = self.train_end.copy()
+        if adapting:
+            train_end[user] -= self.cfg.gate_events
+            tcfg = TrainConfig(lr=self.cfg.adapt_lr, batch_size=1, grad_clip=None, seed=self.cfg.seed)
+            optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
+        else:
+            tcfg = TrainConfig(lr=self.cfg.local_lr, batch_size=1, grad_clip=None, seed=self.cfg.seed)
+            optimizer = (
+                torch.optim.SGD(params, lr=tcfg.lr)
+                if self.cfg.local_optimizer == "sgd"
+                else torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+            )
+        rng = np.random.default_rng([self.cfg.seed, server_round, int(user), int(adapting)])
         # dropout draws depend only on (seed, round, user), whichever node hosts the user
         torch.manual_seed(int(rng.integers(2**31)))
         users = np.array([user])
@@ -134,7 +158,7 @@ class Device:
                 mask = keep.view((-1,) + (1,) * (named[name].dim() - 1))
                 hooks.append(named[name].register_hook(lambda g, m=mask: g * m))
         try:
-            return [train_epoch(self.model, optimizer, self.log, users, self.train_end, tcfg, rng)["loss"]
+            return [train_epoch(self.model, optimizer, self.log, users, train_end, tcfg, rng)["loss"]
                     for _ in range(epochs)]  # fmt: skip
         finally:
             for hook in hooks:
@@ -142,16 +166,30 @@ class Device:
             for p in self.model.parameters():
                 p.requires_grad_(True)
 
-    def serving_weights(self, user: int, shared: dict[str, np.ndarray], server_round: int) -> None:
-        """Load what ``user``'s device serves with into ``self.model``: the shared arrays and its personal
-        weights, adapted to these shared arrays when ``adapt_epochs`` > 0. Adaptation is deterministic in
-        (seed, round, user) and not saved, so validation and test see the same weights and evaluation never
-        changes the training run."""
+    def adapt(self, user: int, shared: dict[str, np.ndarray], server_round: int) -> Adaptation:
+        """The user's own adaptation of the split's adapted parts (time encoder and interest heads under
+        ``population``), behind the device's validation gate; leaves the serving weights in ``self.model``.
+
+        The adapted parts train ``adapt_epochs`` epochs from the population values (everything else frozen) on
+        the user's training events except the last ``gate_events``; both versions then predict those held-out
+        recent events, and the adaptation is kept only if its cross-entropy there is lower. Deterministic in
+        (seed, round, user)."""
         personal = self.personal_weights(user)
-        if self.cfg.adapt_epochs and self.train_end[user] - self.log.user_ptr[user] >= 2:
-            self._fit(user, shared, personal, server_round, personal_only=True)
-        else:
+        adapted = set(parameter_groups(self.model, self.cfg.split)["adapted"])
+        start, end = int(self.log.user_ptr[user]), int(self.train_end[user])
+        if not (self.cfg.adapt_epochs and adapted and end - start >= self.cfg.gate_events + 2):
             load_parts(self.model, shared, personal)
+            return Adaptation(kept=False, weights={})
+        held_out = np.arange(end - self.cfg.gate_events, end)
+        load_parts(self.model, shared, personal)
+        before = next_item_scores(self.model, self.log, start, held_out)
+        self._fit(user, (shared, personal), server_round, self.cfg.adapt_epochs, trainable=adapted)
+        after = next_item_scores(self.model, self.log, start, held_out)
+        kept = after["loss"] < before["loss"]
+        weights = {k: v.detach().numpy().copy() for k, v in self.model.named_parameters() if k in adapted}
+        if not kept:
+            load_parts(self.model, shared, personal)
+        return Adaptation(kept, weights if kept else {}, before["loss"], after["loss"])
 
     def train(self, shared: dict[str, np.ndarray], server_round: int) -> RoundResult:
         """Local training of every hosted user; the example-weighted mean of their shared arrays."""
@@ -170,8 +208,12 @@ class Device:
         for user in users:
             n = int(train_end[user] - self.log.user_ptr[user])
             losses += self._fit(
-                user, shared, self.personal_weights(user), server_round, personal_only=False, item_rows=rows,
-            )  # fmt: skip
+                user,
+                (shared, self.personal_weights(user)),
+                server_round,
+                self.cfg.local_epochs,
+                item_rows=rows,
+            )
             new_shared, personal = split_state(self.model, self.cfg.split)
             self.save_personal(user, personal, server_round)
             for k, v in new_shared.items():
@@ -185,15 +227,33 @@ class Device:
         return RoundResult(update, examples, {"train-loss": float(np.mean(losses))})
 
     def evaluate(self, shared: dict[str, np.ndarray], stages: str, server_round: int = 0) -> RoundResult:
-        """Each hosted user's own metrics with its serving weights (:meth:`serving_weights`), for each of the
-        comma-separated ``stages`` ("val", "test"), as ``<stage>/<metric>`` means over the hosted users."""
+        """Each hosted user's own metrics for each of the comma-separated ``stages`` ("val", "test"), as
+        ``<stage>/<metric>`` means over the hosted users, served as the device would serve them (after
+        :meth:`adapt`). With adaptation on, the same users are also scored with the population values, paired:
+        ``<stage>-population/<metric>``, the share of users whose gate kept their adaptation (``gate/kept``)
+        and, over all users with the kept ones' values only, ``<stage>-kept/<metric>`` (served) and
+        ``<stage>-kept-population/<metric>``: dividing by ``gate/kept`` gives the kept users' own means."""
         torch.set_num_threads(1)
         sums: dict[str, float] = {}
-        users = np.intersect1d(self.users, self.split.eval_users)
-        for user in users:
-            self.serving_weights(user, shared, server_round)
+
+        def add(prefix: str, user: int, weight: float = 1.0) -> None:
             for stage in stages.split(","):
                 for k, v in evaluate(self.model, self.log, self.split, stage, users=np.array([user])).items():
                     if k != "users":
-                        sums[f"{stage}/{k}"] = sums.get(f"{stage}/{k}", 0.0) + v
+                        sums[f"{stage}{prefix}/{k}"] = sums.get(f"{stage}{prefix}/{k}", 0.0) + weight * v
+
+        users = np.intersect1d(self.users, self.split.eval_users)
+        paired = bool(self.cfg.adapt_epochs and parameter_groups(self.model, self.cfg.split)["adapted"])
+        for user in users:
+            adaptation = self.adapt(user, shared, server_round)
+            add("", user)
+            if not paired:
+                continue
+            sums["gate/kept"] = sums.get("gate/kept", 0.0) + adaptation.kept
+            if adaptation.kept:
+                add("-kept", user)
+                load_parts(self.model, shared, self.personal_weights(user))
+            add("-population", user)
+            if adaptation.kept:
+                add("-kept-population", user)
         return RoundResult({}, len(users), {k: v / max(len(users), 1) for k, v in sums.items()})

@@ -94,17 +94,17 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
         if train_metrics is not None:
             row["train_loss"] = float(train_metrics.get("train-loss", float("nan")))
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:
-            stages = ("val", "test") if rnd == cfg.num_rounds else ("val",)
-            ecfg = ConfigRecord(dict(run_config) | {"stage": ",".join(stages), "server-round": rnd})
+            # validation and test together (the test curve is reported, never used to choose anything)
+            ecfg = ConfigRecord(dict(run_config) | {"stage": "val,test", "server-round": rnd})
             ereplies = grid.send_and_receive(
                 strategy.configure_evaluate(rnd, numpy_to_record(shared), ecfg, grid),
                 timeout=cfg.round_timeout,
             )
             metrics = strategy.aggregate_evaluate(rnd, ereplies)
-            for stage in stages if metrics is not None else ():
-                row[stage] = {
-                    k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith(stage + "/")
-                }
+            for key, value in (metrics or {}).items():  # "val/ndcg@10" -> row["val"]["ndcg@10"]
+                if "/" in key:  # (not the example count)
+                    prefix, name = key.split("/", 1)
+                    row.setdefault(prefix, {})[name] = float(value)
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         save_server_checkpoint(out, shared, rnd, history, run_config, strategy.server_state())
@@ -139,11 +139,15 @@ def _round_line(row: dict[str, Any], total: int) -> str:
             f"upload {row['upload_bytes_per_device'] / 1024:.1f} KiB/device, {row['seconds']:.1f}s")  # fmt: skip
     if "epsilon" in row:
         line += f"; DP epsilon {row['epsilon']:.3g} at delta {row['dp_delta']:g}"
-    for stage in ("val", "test"):
+    for stage in ("val", "test") if row["round"] == total else ("val",):
         if stage in row and "ndcg@10" in row[stage]:
             line += f"; {stage} NDCG@10 {row[stage]['ndcg@10']:.4f}"
+            if f"{stage}-population" in row:  # served with the gated adaptations vs the population values
+                line += f" (population values {row[f'{stage}-population']['ndcg@10']:.4f})"
             if "expl_recall@10" in row[stage]:
                 line += f", expl R@10 {row[stage]['expl_recall@10']:.3f}"
+    if "gate" in row:
+        line += f"; adaptation kept by {row['gate']['kept']:.0%} of devices"
     return line
 
 

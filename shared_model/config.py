@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 ModelKind = Literal["tmepsr", "sasrec", "gru4rec"]
+# federated splits of the parameters (the table itself: shared_model/partition.py)
+SPLITS = ("population", "card", "heads-prior")
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,10 @@ class FederatedConfig:
     )
     max_len: int = _opt(50, "events per training window and per input")
     d_model: int = _opt(64, "embedding and state width")
-    split: str = _opt("card", "which parameters stay personal: card | heads-prior | all-shared")
+    split: str = _opt(
+        "population",
+        "which parameters stay personal (shared_model/partition.py): population | card | heads-prior",
+    )
     num_rounds: int = _opt(10, "federated rounds")
     fraction_train: float = _opt(0.1, "share of devices sampled per training round")
     min_reply_fraction: float = _opt(
@@ -132,8 +137,13 @@ class FederatedConfig:
     )
     adapt_epochs: int = _opt(
         0,
-        "local adaptation: before evaluating or serving, a device trains its time encoder, LRU blocks and"
-        " interest heads (the card's personal parts, under any split) this many epochs, the rest frozen",
+        "local adaptation: before evaluating or serving, a device trains its own copy of the split's adapted"
+        " parts (population split: time encoder and interest heads) this many epochs from the population"
+        " values, the rest frozen, and keeps it only if it beats them on its held-out recent events",
+    )
+    adapt_lr: float = _opt(1e-3, "learning rate of the local adaptation (AdamW)")
+    gate_events: int = _opt(
+        5, "recent training events a device holds out to decide whether its adaptation beats the population"
     )
     server_optimizer: str = _opt("fedavg", "fedavg | fedadam (a server Adam step on the averaged update)")
     server_lr: float = _opt(1e-2, "FedAdam's server learning rate (eta)")
@@ -172,6 +182,10 @@ class FederatedConfig:
     out_dir: str = _opt("runs/simulate", "checkpoints, metrics and the device stores")
 
     def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; known: {', '.join(SPLITS)}")
+        if self.adapt_epochs < 0 or self.gate_events < 1 or not self.adapt_lr > 0:
+            raise ValueError("adapt_epochs must be >= 0, gate_events >= 1 and adapt_lr > 0")
         if self.preset not in MODEL_PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(MODEL_PRESETS)}")
         if self.server_optimizer not in ("fedavg", "fedadam"):

@@ -1,7 +1,16 @@
 """The single table saying which parameters are personal (stay on the device) and which are shared.
 
-Rows are the models' top-level modules; columns are named splits. ``card`` is the product card's split
-(personal time encoder, LRU blocks and heads); the others are configurations compared in the federated benchmarks.
+Rows are the models' top-level modules; columns are named splits. Three groups:
+
+* ``shared``: trained on devices from the server's values; their change is uploaded and aggregated.
+* ``personal``: trained on the device only and never uploaded, not even as an update.
+* ``adapted``: a *population* value learned like a shared one, plus the device's own adaptation of it, trained
+  locally from the population value and kept only when it beats it on the user's recent events (the
+  device's validation gate, ``client_sdk.device``); the adaptation never leaves the device.
+
+``population`` (the default) learns the whole model from many users and adapts the time encoder and interest
+heads per user; ``card`` is the product card's strict split (time encoder, LRU blocks and heads personal from
+the start); ``heads-prior`` keeps only the time encoder personal.
 """
 
 from __future__ import annotations
@@ -12,29 +21,31 @@ import numpy as np
 import torch
 from torch import nn
 
-Group = Literal["personal", "shared"]
+from .config import SPLITS
+
+Group = Literal["personal", "shared", "adapted"]
 P: Group = "personal"
 S: Group = "shared"
+A: Group = "adapted"
 
-#                 module          card  heads-prior  all-shared
+#                 module        population  card  heads-prior
 _TABLE: dict[str, tuple[Group, Group, Group]] = {
     "item_emb": (S, S, S),  # item embeddings (shared by every model)
     "item_bias": (S, S, S),
     "explanation": (S, S, S),  # the whole explanation branch
-    "time_encoder": (P, P, S),  # the user's own temporal rhythm
-    "encoder": (P, S, S),  # multihead LRU interest blocks
-    "embed_norm": (P, S, S),  # optional input LayerNorm (LRURec's embedding layer)
-    "interests": (P, S, S),  # interest-head projections and mixture gate
-    "position": (P, S, S),  # SASRec baseline: positions, attention blocks, final norm
-    "blocks": (P, S, S),
-    "final_ln": (P, S, S),
-    "gru": (P, S, S),  # GRU4Rec baseline: recurrent layers and output projection
-    "dense": (P, S, S),
+    "time_encoder": (A, P, P),  # the user's own temporal rhythm
+    "encoder": (S, P, S),  # multihead LRU interest blocks
+    "embed_norm": (S, P, S),  # optional input LayerNorm (LRURec's embedding layer)
+    "interests": (A, P, S),  # interest-head projections and mixture gate
+    "position": (S, P, S),  # SASRec baseline: positions, attention blocks, final norm
+    "blocks": (S, P, S),
+    "final_ln": (S, P, S),
+    "gru": (S, P, S),  # GRU4Rec baseline: recurrent layers and output projection
+    "dense": (S, P, S),
 }
-SPLITS = ("card", "heads-prior", "all-shared")
 
 
-def group_of(name: str, split: str = "card") -> Group:
+def group_of(name: str, split: str = "population") -> Group:
     """The group of the parameter ``name`` (as in ``model.named_parameters()``) under ``split``."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
@@ -44,20 +55,23 @@ def group_of(name: str, split: str = "card") -> Group:
     return _TABLE[module][SPLITS.index(split)]
 
 
-def parameter_groups(model: nn.Module, split: str = "card") -> dict[Group, list[str]]:
+def parameter_groups(model: nn.Module, split: str = "population") -> dict[Group, list[str]]:
     """Parameter names by group; every parameter is in exactly one group (unknown ones raise)."""
-    groups: dict[Group, list[str]] = {P: [], S: []}
+    groups: dict[Group, list[str]] = {P: [], S: [], A: []}
     for name, _ in model.named_parameters():
         groups[group_of(name, split)].append(name)
     return groups
 
 
-def split_state(model: nn.Module, split: str = "card") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The model's parameters as numpy arrays: (shared, personal), by :func:`group_of`."""
+def split_state(
+    model: nn.Module, split: str = "population"
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The model's parameters as numpy arrays: (trained in rounds and uploaded: the shared and adapted groups'
+    population values, personal), by :func:`group_of`."""
     shared: dict[str, np.ndarray] = {}
     personal: dict[str, np.ndarray] = {}
     for name, param in model.named_parameters():
-        target = shared if group_of(name, split) == S else personal
+        target = personal if group_of(name, split) == P else shared
         target[name] = param.detach().cpu().numpy().copy()
     return shared, personal
 

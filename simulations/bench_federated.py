@@ -1,14 +1,19 @@
 """Federated benchmark, side by side in one run per dataset:
 
-* centralized TME-PSR (same model size, compute budget) vs federated TME-PSR with the card's split, with the
-  interest heads also averaged (``heads-prior``) and with everything shared, through Flower's simulation
-  engine: NDCG@10 / Recall@10 and explanation metrics per evaluation round;
+* the centralized TME-PSR of the same size (max_len, d_model) trained to early stopping (patience 10), the
+  reference every federated number is divided by;
+* federated runs through Flower's simulation engine (seeded cohorts, so a run repeats): the shipped defaults
+  (``<dataset>/federated/default``) and the variants compared with them, each evaluated (validation and test)
+  every ``--eval-every`` rounds up to ``--rounds``: the curve, the rounds at which validation and test first
+  reach 80/90/95% of centralized, seconds per round; with local adaptation, the paired per-user comparison of
+  serving with the device's gated adaptation vs the population values (all users, and the users whose gate
+  kept their adaptation);
 * upload bytes per device per round for dense, sparse and sparse-with-decoys updates, with and without int8
-  compression (and the accuracy of a card run with sparse int8 uploads);
+  compression;
 * simulation throughput (device updates per second) for one user per node vs virtual users per node.
 
 Results are appended to ``simulations/results/<name>_runs.jsonl`` as they finish and summarised in
-``<name>.json``, ``<name>.md`` and ``<name>.png``.
+``<name>.json``, ``<name>.md`` and ``<name>.png``; an interrupted federated run resumes from its checkpoint.
 Run: ``python -m simulations.bench_federated --datasets movielens-latest-small movielens-100k``.
 """
 
@@ -25,24 +30,59 @@ from simulations.simulate import run_simulation
 from simulations.train import train_and_report
 
 RESULTS = Path(__file__).parent / "results"
-# federated runs compared with the centralized one: name -> FederatedConfig overrides
+# federated runs compared with the centralized one: name -> FederatedConfig overrides of the defaults
 VARIANTS: dict[str, dict[str, Any]] = {
-    "card": {"split": "card"},
-    "heads-prior": {"split": "heads-prior"},
-    "all-shared": {"split": "all-shared"},
-    "card, sparse int8 upload": {"split": "card", "upload": "sparse", "compress": "int8"},
-    "card + adaptation": {"split": "card", "adapt_epochs": 5},
-    "card, FedAdam": {"split": "card", "server_optimizer": "fedadam", "server_lr": 0.01},
-    "card, 20 local epochs": {"split": "card", "local_epochs": 20},
-    "heads-prior + adaptation": {"split": "heads-prior", "adapt_epochs": 5},
-}
+    "default": {},
+    "card": {"split": "card", "adapt_epochs": 0},
+    "default, sparse int8 upload": {"upload": "sparse", "compress": "int8"},
+    "previous default (card, fresh AdamW, FedAvg)": {
+        "split": "card", "adapt_epochs": 0, "local_optimizer": "adamw", "local_lr": 1e-2, "local_epochs": 5,
+        "server_optimizer": "fedavg",
+    },
+}  # fmt: skip
+REACH = (0.8, 0.9, 0.95)
 PARTS = ("centralized", "federated", "bytes", "throughput")
 UPLOADS = (("dense", 0, "none"), ("sparse", 0, "none"), ("sparse", 50, "none"), ("sparse", 0, "int8"),
            ("sparse", 50, "int8"))  # fmt: skip
 
 
-def _final(history: list[dict[str, Any]], stage: str) -> dict[str, float]:
-    return next((h[stage] for h in reversed(history) if stage in h), {})
+def _folder(variant: str) -> str:
+    return variant.split(" (")[0].replace(", ", "-").replace(" ", "-")
+
+
+def _point(row: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation round of a curve: validation and test NDCG@10 / Recall@10 as served."""
+    return {"round": row["round"], **{f"{stage}/{m}": row[stage][m] for stage in ("val", "test")
+                                      for m in ("ndcg@10", "recall@10") if m in row.get(stage, {})}}  # fmt: skip
+
+
+def _seconds_per_round(history: list[dict[str, Any]]) -> float:
+    rows = [h["seconds"] for h in history if "val" not in h]  # rounds without evaluation
+    return sum(rows) / len(rows) if rows else float("nan")
+
+
+def _personalization(row: dict[str, Any]) -> dict[str, float]:
+    """Paired per-user comparison at an evaluation round: serving with the gated adaptation vs the population
+    values, over all users and over the users whose gate kept their adaptation ({} without adaptation)."""
+    if "gate" not in row:
+        return {}
+    kept = row["gate"]["kept"]
+    out = {"kept": kept}
+    for stage in ("val", "test"):
+        served, population = row.get(stage, {}), row.get(f"{stage}-population", {})
+        if "ndcg@10" in served and "ndcg@10" in population:
+            out[f"{stage}/served"] = served["ndcg@10"]
+            out[f"{stage}/population"] = population["ndcg@10"]
+            if kept:
+                out[f"{stage}/kept-served"] = row[f"{stage}-kept"]["ndcg@10"] / kept  # means over kept users
+                out[f"{stage}/kept-population"] = row[f"{stage}-kept-population"]["ndcg@10"] / kept
+    return out
+
+
+def rounds_to_reach(curve: list[dict[str, Any]], reference: float, stage: str) -> dict[str, int | None]:
+    """The first evaluated round whose ``stage`` NDCG@10 reaches each share of ``reference`` (None: never)."""
+    return {f"{share:.0%}": next((c["round"] for c in curve if c.get(f"{stage}/ndcg@10", -1) >= share * reference),
+                                 None) for share in REACH}  # fmt: skip
 
 
 def _train_rounds_per_second(history: list[dict[str, Any]], users_per_node: int) -> float:
@@ -53,8 +93,8 @@ def _train_rounds_per_second(history: list[dict[str, Any]], users_per_node: int)
 
 def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str]) -> list[dict[str, Any]]:
     """All comparisons for one dataset; skips those already in ``done``."""
-    base = FederatedConfig(dataset=dataset, num_rounds=args.rounds, fraction_train=args.fraction,
-                           eval_every=args.eval_every, seed=args.seed)  # fmt: skip
+    base = FederatedConfig(dataset=dataset, num_rounds=args.rounds, eval_every=args.eval_every,
+                           seed=args.seed)  # fmt: skip
     rows = []
     out = out / Path(dataset).name.replace(".", "_")  # a dataset name or an event file path
 
@@ -67,22 +107,21 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
     if f"{dataset}/centralized" not in done and "centralized" in args.parts:
         central = train_and_report(
             dataset, "tmepsr", out / "centralized", overrides={"max_len": base.max_len, "d_model": base.d_model},
-            progress=False, seed=args.seed, max_minutes=args.central_minutes, batch_size=64,
+            progress=False, seed=args.seed, patience=10, resume=(out / "centralized" / "train_state.pt").exists(),
         )  # fmt: skip
         record("centralized", key=f"{dataset}/centralized", test=central["test"], val=central["val"],
                epochs=central["best_epoch"], stopped=central["stopped"])  # fmt: skip
     for variant in args.variants if "federated" in args.parts else ():
-        key = f"{dataset}/federated/{variant}"
+        key = f"{dataset}/federated/{variant.split(' (')[0]}"
         if key in done:
             continue
-        cfg = replace(
-            base, **VARIANTS[variant], out_dir=str(out / variant.replace(", ", "-").replace(" ", "-"))
-        )
+        cfg = replace(base, **VARIANTS[variant], out_dir=str(out / _folder(variant)))
         history = run_simulation(cfg, num_cpus=args.cpus)["history"]
-        record("federated", key=key, split=variant, config=asdict(cfg), test=_final(history, "test"),
-               val=_final(history, "val"), curve=[{"round": h["round"], **h["val"]} for h in history if "val" in h],
-               upload_bytes_per_device=history[0]["upload_bytes_per_device"],
-               updates_per_second=_train_rounds_per_second(history, 1))  # fmt: skip
+        evaluated = [h for h in history if "val" in h]
+        record("federated", key=key, variant=variant, config=asdict(cfg), test=evaluated[-1].get("test", {}),
+               val=evaluated[-1]["val"], curve=[_point(h) for h in evaluated],
+               seconds_per_round=_seconds_per_round(history), upload_bytes_per_device=history[0]["upload_bytes_per_device"],
+               personalization=_personalization(evaluated[-1]))  # fmt: skip
     for upload, decoys, compress in UPLOADS if "bytes" in args.parts else ():
         key = f"{dataset}/bytes/{upload}/{decoys}" + ("" if compress == "none" else f"/{compress}")
         if key in done:
@@ -104,32 +143,54 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
     return rows
 
 
-def _cell(value: float | None) -> str:
-    return "" if value is None or value != value else f"{value:.4g}"
-
-
 def summarise(runs: list[dict[str, Any]]) -> str:
-    lines = ["| dataset | run | NDCG@10 | Recall@10 | x centralized NDCG@10 | expl R@10 | upload KB/device | updates/s |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    """The markdown table: test NDCG@10 as a share of centralized, rounds to 80/90/95% of it (validation and
+    test), the paired personalization result, upload size and speed."""
+    lines = ["| dataset | run | rounds | val NDCG@10 | test NDCG@10 | x centralized (test) | rounds to 80/90/95% val | rounds to 80/90/95% test "
+             "| adaptation kept | served / population NDCG@10 (test; kept users) | upload KB/device | s/round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for dataset in sorted({r["dataset"] for r in runs}):
         sub = [r for r in runs if r["dataset"] == dataset]
         central = next((r for r in sub if r["kind"] == "centralized"), None)
         for r in sub:
-            test = r.get("test", {})
-            ratio = (
-                test["ndcg@10"] / central["test"]["ndcg@10"]
-                if central and "ndcg@10" in test
-                else float("nan")
-            )
-            name = {"centralized": "centralized", "federated": f"federated, split {r.get('split')}",
-                    "bytes": f"upload {r.get('upload')} + {r.get('decoy_rows')} decoys"
-                             + (f", {r['compress']}" if r.get("compress", "none") != "none" else ""),
-                    "throughput": f"{r.get('users_per_node')} user(s) per node"}[r["kind"]]  # fmt: skip
-            kb = r.get("upload_bytes_per_device")
-            cells = (test.get("ndcg@10"), test.get("recall@10"), ratio, test.get("expl_recall@10"),
-                     None if kb is None else kb / 1000, r.get("updates_per_second"))  # fmt: skip
+            val, test = r.get("val", {}), r.get("test", {})
+            cells: list[Any] = [None] * 10
+            if r["kind"] == "centralized":
+                name = f"centralized ({r['stopped']}, best epoch {r['epochs']})"
+                cells[1:4] = [val.get("ndcg@10"), test.get("ndcg@10"), 1.0]
+            elif r["kind"] == "federated":
+                name = f"federated: {r['variant']}"
+                cells[0] = r["curve"][-1]["round"] if r["curve"] else None
+                cells[1:3] = [val.get("ndcg@10"), test.get("ndcg@10")]
+                if central:
+                    cells[3] = test.get("ndcg@10", float("nan")) / central["test"]["ndcg@10"]
+                    for i, stage in ((4, "val"), (5, "test")):
+                        reach = rounds_to_reach(r["curve"], central[stage]["ndcg@10"], stage)
+                        cells[i] = "/".join("-" if v is None else str(v) for v in reach.values())
+                pers = r.get("personalization") or {}
+                if pers:
+                    cells[6] = f"{pers['kept']:.0%}"
+                    ratio = pers["test/served"] / pers["test/population"]
+                    kept = (pers["test/kept-served"] / pers["test/kept-population"]
+                            if pers.get("test/kept-population") else float("nan"))  # fmt: skip
+                    cells[7] = f"{ratio:.3f}x; {kept:.3f}x"
+                kb = r.get("upload_bytes_per_device")
+                cells[8:10] = [None if kb is None else kb / 1000, r.get("seconds_per_round")]
+            elif r["kind"] == "bytes":
+                name = f"upload {r['upload']} + {r['decoy_rows']} decoys" + (
+                    f", {r['compress']}" if r.get("compress", "none") != "none" else ""
+                )
+                cells[8] = r["upload_bytes_per_device"] / 1000
+            else:
+                name = f"{r['users_per_node']} user(s) per node: {r['updates_per_second']:.3g} updates/s"
             lines.append(f"| {dataset} | {name} | " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return "" if value is None or value != value else f"{value:.4g}"
 
 
 def _plot(runs: list[dict[str, Any]], path: Path) -> None:
@@ -143,17 +204,13 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for r in runs:
             if r["dataset"] == dataset and r["kind"] == "federated" and r["curve"]:
-                ax.plot(
-                    [c["round"] for c in r["curve"]],
-                    [c["ndcg@10"] for c in r["curve"]],
-                    marker="o",
-                    label=r["split"],
-                )
+                rounds = [c["round"] for c in r["curve"]]
+                ax.plot(rounds, [c.get("val/ndcg@10") for c in r["curve"]], marker=".", label=r["variant"])
             if r["dataset"] == dataset and r["kind"] == "centralized":
                 ax.axhline(r["val"]["ndcg@10"], color="k", linestyle="--", label="centralized (val)")
         ax.set_title(f"{dataset}: validation NDCG@10")
         ax.set_xlabel("round")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -162,10 +219,8 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["movielens-latest-small", "movielens-100k"])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--fraction", type=float, default=0.1, help="devices sampled per round")
-    parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--central-minutes", type=float, default=3.0, help="budget of the centralized run")
+    parser.add_argument("--rounds", type=int, default=400, help="federated rounds per run")
+    parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--users-per-node", type=int, default=10, help="for the throughput comparison")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="comparisons to run")

@@ -180,7 +180,7 @@ def exposure_and_ndcg(
     users = np.intersect1d(honest, device.split.eval_users)
     hits, ndcg = [], []
     for user in users:
-        device.serving_weights(int(user), shared, cfg.num_rounds)
+        device.adapt(int(user), shared, cfg.num_rounds)
         top = recommend(device.model, device.log, int(user), k=10, explanations=0)
         hits.append(any(r["item"] == target_id for r in top))
         ndcg.append(

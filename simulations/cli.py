@@ -308,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim.add_argument(
         "--ray-address", help="join a running Ray cluster (e.g. 'auto'); see docs/DEPLOYMENT.md"
     )
-    p_sim.add_argument("--sample-user", type=int, default=0, help="dense index of the user to recommend for")
+    p_sim.add_argument(
+        "--sample-user", type=int, default=None,
+        help="dense index of the user to recommend for (default: the first user whose device trained)",
+    )  # fmt: skip
     p_sim.add_argument("--verbose", action="store_true", help="Flower's and Ray's full logs")
     p_sim.set_defaults(func=_cmd_simulate)
     return parser

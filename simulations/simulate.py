@@ -83,7 +83,9 @@ def plot_convergence(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def sample_recommendation(cfg: FederatedConfig, shared: dict[str, np.ndarray], user: int, k: int = 10) -> str:
+def sample_recommendation(
+    cfg: FederatedConfig, shared: dict[str, np.ndarray], user: int | None = None, k: int = 10
+) -> str:
     """The end of flow 1: publish a signed on-device bundle of the final shared arrays, then recommend for the
     sample user on their device: the torch-free runtime opens the bundle (verifying it) with the user's
     encrypted store (history and personal weights), re-encodes the history and ranks.
@@ -91,7 +93,8 @@ def sample_recommendation(cfg: FederatedConfig, shared: dict[str, np.ndarray], u
     The bundle (``<out>/bundle``) holds the run's initial personal values, never a user's; it is signed with
     a fresh key whose public half is saved as ``<out>/bundle_signing_key.pub.pem`` (a demo key: release
     bundles are signed with ``tmepsr keys`` + ``tmepsr export``). With ``adapt_epochs`` the device first adapts
-    its personal parts to the final shared arrays and saves them."""
+    its adapted parts to the final population values and keeps the adaptation if its validation gate does.
+    ``user`` (dense index): by default the first user whose device trained in the run."""
     import shutil
     from dataclasses import asdict
 
@@ -100,15 +103,18 @@ def sample_recommendation(cfg: FederatedConfig, shared: dict[str, np.ndarray], u
 
     from client_sdk.runtime import Recommender
     from server.publish import build_bundle
-    from shared_model.partition import load_parts, split_state
+    from shared_model.partition import load_parts
     from shared_model.recommend import format_recommendations, recent_titles
 
     out = Path(cfg.out_dir)
     device = Device(cfg, 0, 1, out / "devices")
+    if user is None:
+        user = next((int(u) for u in device.split.eval_users if device.store(int(u)).exists()), 0)
     trained = device.store(user).exists()
-    if trained and cfg.adapt_epochs:
-        device.serving_weights(user, shared, cfg.num_rounds)
-        device.save_personal(user, split_state(device.model, cfg.split)[1], cfg.num_rounds)
+    adaptation = device.adapt(user, shared, cfg.num_rounds)
+    if adaptation.kept:  # the device keeps its adaptation (never uploaded) next to its personal weights
+        device.save_personal(user, device.personal_weights(user) | adaptation.weights, cfg.num_rounds,
+                             adapted_round=cfg.num_rounds)  # fmt: skip
     load_parts(device.model, shared, device.initial_personal)
     key = Ed25519PrivateKey.generate()
     shutil.rmtree(out / "bundle", ignore_errors=True)
@@ -122,7 +128,17 @@ def sample_recommendation(cfg: FederatedConfig, shared: dict[str, np.ndarray], u
     log = device.log
     recent = recent_titles(log, user)
     size = sum(f["bytes"] for f in manifest.files.values()) / 1e6
-    weights = "its own personal weights" if trained else "the initial personal weights (it never trained)"
+    if not trained:
+        weights = "the initial personal weights: its device never trained"
+    elif adaptation.kept:
+        weights = (f"its own adaptation of {', '.join(sorted({k.split('.')[0] for k in adaptation.weights}))}, kept"
+                   f" by its validation gate: held-out loss {adaptation.adapted_loss:.3f} vs population"
+                   f" {adaptation.population_loss:.3f}")  # fmt: skip
+    elif cfg.adapt_epochs and cfg.split == "population":
+        weights = (f"the population model: its own adaptation did not beat it on its recent events (held-out"
+                   f" loss {adaptation.adapted_loss:.3f} vs {adaptation.population_loss:.3f})")  # fmt: skip
+    else:
+        weights = "its own personal weights" if cfg.split != "population" else "the population model"
     head = (f"Signed on-device bundle: {out / 'bundle'} ({size:.1f} MB). Sample user {log.user_ids[user]} on the "
             f"on-device runtime (onnxruntime, {weights}; {len(rec.history)} stored events; most recent: {recent})")  # fmt: skip
     return head + "\n" + format_recommendations([asdict(r) for r in rec.recommend(k)])

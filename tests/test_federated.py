@@ -127,6 +127,7 @@ def test_hostile_sparse_updates_are_rejected():
 
 
 def test_device_round_keeps_personal_weights_on_the_device(cfg):
+    cfg = replace(cfg, split="card")
     shared = initial_shared(cfg)
     device = Device(cfg, partition_id=0, num_partitions=9, store_dir=Path(cfg.out_dir) / "devices")
     result = device.train(shared, server_round=1)
@@ -179,25 +180,42 @@ def test_sparse_device_trains_only_the_rows_it_uploads(cfg):
     assert (moved > 1e-3).all()  # every uploaded row, decoys included, was trained
 
 
-def test_local_adaptation_trains_only_personal_parts_and_saves_nothing(cfg):
-    from dataclasses import replace
+def test_local_adaptation_is_gated_by_the_users_held_out_recent_events(cfg):
+    """The device adapts only the split's adapted parts (time encoder, interest heads) from the population
+    values and serves whichever of the two predicts its last ``gate_events`` training events better; nothing
+    is saved, and evaluation reports the paired population metrics."""
+    from shared_model.training import next_item_scores
 
-    from shared_model.partition import split_state
-
-    shared = initial_shared(cfg)
-    device = Device(replace(cfg, adapt_epochs=3), 0, 3, Path(cfg.out_dir) / "devices")
+    run = replace(cfg, adapt_epochs=3, gate_events=2)
+    shared = initial_shared(run)
+    device = Device(run, 0, 3, Path(run.out_dir) / "devices")
     device.train(shared, server_round=1)
-    user = int(np.intersect1d(device.users, device.split.eval_users)[0])
-    stored = device.store(user).path.read_bytes()
-    device.serving_weights(user, shared, server_round=2)
-    adapted_shared, adapted = split_state(device.model, cfg.split)
-    for k, v in shared.items():
-        np.testing.assert_array_equal(adapted_shared[k], v)  # the shared parts were frozen
-    before = device.personal_weights(user)
-    assert any(not np.array_equal(adapted[k], before[k]) for k in before)
-    assert device.store(user).path.read_bytes() == stored  # adaptation is not saved
-    first = device.evaluate(shared, "val", server_round=2).metrics
-    assert device.evaluate(shared, "val", server_round=2).metrics == first  # deterministic per round
+    stored = {u: device.store(int(u)).path.read_bytes() for u in device.users}
+    adapted_names = {
+        n for n, _ in device.model.named_parameters() if n.split(".")[0] in ("time_encoder", "interests")
+    }
+    for user in np.intersect1d(device.users, device.split.eval_users):
+        result = device.adapt(int(user), shared, server_round=2)
+        served = dict(device.model.named_parameters())
+        for name, value in shared.items():  # everything else stays at the population values
+            if name not in adapted_names or not result.kept:
+                np.testing.assert_array_equal(served[name].detach().numpy(), value)
+        assert set(result.weights) == (adapted_names if result.kept else set())
+        end = int(device.train_end[user])
+        held_out = np.arange(end - run.gate_events, end)
+        loss = next_item_scores(device.model, device.log, int(device.log.user_ptr[user]), held_out)["loss"]
+        assert loss == pytest.approx(min(result.population_loss, result.adapted_loss), rel=1e-5)
+    assert {u: device.store(int(u)).path.read_bytes() for u in device.users} == stored  # nothing saved
+    metrics = device.evaluate(shared, "val", server_round=2).metrics
+    assert device.evaluate(shared, "val", server_round=2).metrics == metrics  # deterministic per round
+    assert {"val/ndcg@10", "val-population/ndcg@10", "gate/kept"} <= set(metrics)
+    # an adaptation that wrecks the heads (a huge learning rate) never reaches the user
+    wild = Device(replace(run, adapt_lr=50.0), 0, 3, Path(run.out_dir) / "devices")
+    user = int(np.intersect1d(wild.users, wild.split.eval_users)[0])
+    assert not wild.adapt(user, shared, server_round=2).kept
+    wild_metrics = wild.evaluate(shared, "val", server_round=2).metrics
+    assert wild_metrics["gate/kept"] == 0
+    assert wild_metrics["val/ndcg@10"] == wild_metrics["val-population/ndcg@10"]
 
 
 def test_virtual_users_equal_one_user_per_node(cfg):
