@@ -226,10 +226,13 @@ class Device:
             update = compress_int8(update, shared, rng)
         return RoundResult(update, examples, {"train-loss": float(np.mean(losses))})
 
-    def evaluate(self, shared: dict[str, np.ndarray], stages: str, server_round: int = 0) -> RoundResult:
+    def evaluate(
+        self, shared: dict[str, np.ndarray], stages: str, server_round: int = 0, adapt: bool = True
+    ) -> RoundResult:
         """Each hosted user's own metrics for each of the comma-separated ``stages`` ("val", "test"), as
         ``<stage>/<metric>`` means over the hosted users, served as the device would serve them (after
-        :meth:`adapt`). With adaptation on, the same users are also scored with the population values, paired:
+        :meth:`adapt`; ``adapt=False``: with the population values of the adapted parts, as the server's
+        intermediate evaluations do). With adaptation, the same users are also scored with the population values, paired:
         ``<stage>-population/<metric>``, the share of users whose gate kept their adaptation (``gate/kept``)
         and, over all users with the kept ones' values only, ``<stage>-kept/<metric>`` (served) and
         ``<stage>-kept-population/<metric>``: dividing by ``gate/kept`` gives the kept users' own means."""
@@ -243,9 +246,14 @@ class Device:
                         sums[f"{stage}{prefix}/{k}"] = sums.get(f"{stage}{prefix}/{k}", 0.0) + weight * v
 
         users = np.intersect1d(self.users, self.split.eval_users)
-        paired = bool(self.cfg.adapt_epochs and parameter_groups(self.model, self.cfg.split)["adapted"])
+        paired = bool(
+            adapt and self.cfg.adapt_epochs and parameter_groups(self.model, self.cfg.split)["adapted"]
+        )
         for user in users:
-            adaptation = self.adapt(user, shared, server_round)
+            if paired:
+                adaptation = self.adapt(user, shared, server_round)
+            else:
+                load_parts(self.model, shared, self.personal_weights(user))
             add("", user)
             if not paired:
                 continue
@@ -256,4 +264,9 @@ class Device:
             add("-population", user)
             if adaptation.kept:
                 add("-kept-population", user)
+        if paired:  # every device reports the same keys (Flower aggregates only matching records)
+            for key in [k for k in sums if k.split("/")[0] in stages.split(",")]:
+                stage, name = key.split("/", 1)
+                for prefix in ("-kept", "-kept-population"):
+                    sums.setdefault(f"{stage}{prefix}/{name}", 0.0)
         return RoundResult({}, len(users), {k: v / max(len(users), 1) for k, v in sums.items()})

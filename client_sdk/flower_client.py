@@ -41,7 +41,7 @@ from shared_model.partition import parameter_groups
 
 from .device import Device
 
-ROUND_KEYS = ("server-round", "stage")
+ROUND_KEYS = ("server-round", "stage", "adapt")
 
 
 def _device(config: Mapping[str, Any], context: Context) -> tuple[Device, FederatedConfig, dict[str, Any]]:
@@ -86,7 +86,8 @@ def _secagg_train(msg: Message, context: Context) -> Message:
     and return the clipped change as a legacy FitRes for ``secaggplus_mod`` to mask."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     device, cfg, extra = _device(fitins.config, context)
-    names = sorted(parameter_groups(device.model, cfg.split)["shared"])
+    groups = parameter_groups(device.model, cfg.split)
+    names = sorted(groups["shared"] + groups["adapted"])  # what a round uploads (split_state's first part)
     shared = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     result = device.train(shared, int(extra.get("server-round", 0)))
     update = clip_update(result.update, shared, cfg.clip_norm, cfg.row_clip).arrays  # the server cannot
@@ -123,8 +124,9 @@ def make_client_app() -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         device, _, extra = _device(_config(msg), context)
         result = device.evaluate(
-            _shared(msg), str(extra.get("stage", "val")), int(extra.get("server-round", 0))
-        )
+            _shared(msg), str(extra.get("stage", "val")), int(extra.get("server-round", 0)),
+            adapt=bool(extra.get("adapt", 1)),
+        )  # fmt: skip
         metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

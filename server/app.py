@@ -94,8 +94,10 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
         if train_metrics is not None:
             row["train_loss"] = float(train_metrics.get("train-loss", float("nan")))
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:
-            # validation and test together (the test curve is reported, never used to choose anything)
-            ecfg = ConfigRecord(dict(run_config) | {"stage": "val,test", "server-round": rnd})
+            # validation and test together (the test curve is reported, never used to choose anything); the
+            # devices adapt to the final model only (what they will serve), earlier rounds score the population
+            final, t_eval = int(rnd == cfg.num_rounds), time.perf_counter()
+            ecfg = ConfigRecord(dict(run_config) | {"stage": "val,test", "server-round": rnd, "adapt": final})
             ereplies = grid.send_and_receive(
                 strategy.configure_evaluate(rnd, numpy_to_record(shared), ecfg, grid),
                 timeout=cfg.round_timeout,
@@ -105,6 +107,7 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
                 if "/" in key:  # (not the example count)
                     prefix, name = key.split("/", 1)
                     row.setdefault(prefix, {})[name] = float(value)
+            row["eval_seconds"] = time.perf_counter() - t_eval
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         save_server_checkpoint(out, shared, rnd, history, run_config, strategy.server_state())

@@ -125,18 +125,18 @@ class FederatedConfig:
         "population",
         "which parameters stay personal (shared_model/partition.py): population | card | heads-prior",
     )
-    num_rounds: int = _opt(10, "federated rounds")
+    num_rounds: int = _opt(500, "federated rounds")
     fraction_train: float = _opt(0.1, "share of devices sampled per training round")
     min_reply_fraction: float = _opt(
         0.5, "a round aggregates only if this share of sampled devices replied validly"
     )
-    local_epochs: int = _opt(5, "local passes over the device's own events per round")
-    local_lr: float = _opt(1e-2, "device learning rate")
+    local_epochs: int = _opt(1, "local passes over the device's own events per round (one window each)")
+    local_lr: float = _opt(0.1, "device learning rate")
     local_optimizer: str = _opt(
-        "adamw", "adamw (a fresh AdamW each round) | sgd (plain SGD: its change follows the gradient)"
+        "sgd", "sgd (plain SGD: its change follows the gradient) | adamw (a fresh AdamW each round)"
     )
     adapt_epochs: int = _opt(
-        0,
+        20,
         "local adaptation: before evaluating or serving, a device trains its own copy of the split's adapted"
         " parts (population split: time encoder and interest heads) this many epochs from the population"
         " values, the rest frozen, and keeps it only if it beats them on its held-out recent events",
@@ -145,10 +145,12 @@ class FederatedConfig:
     gate_events: int = _opt(
         5, "recent training events a device holds out to decide whether its adaptation beats the population"
     )
-    server_optimizer: str = _opt("fedavg", "fedavg | fedadam (a server Adam step on the averaged update)")
-    server_lr: float = _opt(1e-2, "FedAdam's server learning rate (eta)")
+    server_optimizer: str = _opt(
+        "fedadam", "fedadam (a server Adam step on the averaged update, state kept across rounds) | fedavg"
+    )
+    server_lr: float = _opt(2e-3, "FedAdam's server learning rate (eta)")
     server_tau: float = _opt(
-        1e-3, "FedAdam's adaptivity (tau, added to sqrt(v)): small values follow small updates"
+        1e-8, "FedAdam's adaptivity (tau, added to sqrt(v)): small values follow small updates"
     )
     upload: str = _opt("dense", "dense | sparse (only the item rows a device touched)")
     decoy_rows: int = _opt(0, "sparse upload: extra random item rows that hide which items were touched")
@@ -174,9 +176,13 @@ class FederatedConfig:
         "clip each item-table row's L2 change to this norm before aggregating (0 = off; the default stops"
         " 3 percent item-promotion attackers at no measured NDCG cost: simulations/results/poisoning.md)",
     )
-    eval_every: int = _opt(5, "federated evaluation every k rounds (and after the last round)")
+    eval_every: int = _opt(50, "federated evaluation every k rounds (and after the last round)")
     fraction_evaluate: float = _opt(1.0, "share of devices that evaluate")
-    users_per_node: int = _opt(1, ">1: each node hosts this many virtual users and replies with their mean")
+    users_per_node: int = _opt(
+        10,
+        "users each simulated node hosts; it replies with their example-weighted mean (FedAvg-equivalent)."
+        " 1 = one Flower node per user, as in a deployment",
+    )
     seed: int = _opt(0, "seed of the initial model, device sampling and local training")
     round_timeout: float = _opt(600.0, "seconds to wait for replies (and for all nodes to connect)")
     out_dir: str = _opt("runs/simulate", "checkpoints, metrics and the device stores")

@@ -366,7 +366,7 @@ def test_deployment_engine_runs_two_rounds(tmp_path):
     deadline = time.monotonic() + DEADLINE_S
     dataset = make_events(tmp_path / "events.csv", users=NODES)
     out_dir = tmp_path / "server-out"
-    overrides = {"dataset": str(dataset), "num-rounds": 2, "fraction-train": 1.0, "eval-every": 1,
+    overrides = {"dataset": str(dataset), "num-rounds": 2, "fraction-train": 1.0, "eval-every": 1, "users-per-node": 1,
                  "max-len": 16, "d-model": 16, "round-timeout": 120.0, "out-dir": str(out_dir)}  # fmt: skip
     app_dir = _copy_app(tmp_path / "app")
     link_port, *node_ports = _free_ports(1 + NODES)
@@ -423,7 +423,7 @@ def test_tls_and_supernode_auth_admit_only_registered_nodes(tmp_path):
     )
     *members, intruder = keys
     out_dir = tmp_path / "server-out"
-    overrides = {"dataset": str(make_events(tmp_path / "events.csv", users=nodes)), "num-rounds": 1,
+    overrides = {"dataset": str(make_events(tmp_path / "events.csv", users=nodes)), "num-rounds": 1, "users-per-node": 1,
                  "fraction-train": 1.0, "eval-every": 1, "max-len": 16, "d-model": 16, "round-timeout": 120.0,
                  "out-dir": str(out_dir)}  # fmt: skip
     app_dir = _copy_app(tmp_path / "app")

@@ -68,7 +68,7 @@ def test_epsilon_is_monotone():
 
 
 def _dp_strategy(noise: float, clip: float, cohort: int = 4, nodes: int = 8) -> DPFedAvg:
-    cfg = FederatedConfig(row_clip=0, privacy="dp", dp_noise=noise, dp_clip=clip, fraction_train=cohort / nodes,
+    cfg = FederatedConfig(server_optimizer="fedavg", row_clip=0, privacy="dp", dp_noise=noise, dp_clip=clip, fraction_train=cohort / nodes,
                           norm_bound=1e6, min_reply_fraction=0.25)  # fmt: skip
     strategy = make_strategy(cfg, nodes)
     assert isinstance(strategy, DPFedAvg) and strategy.cohort == cohort
@@ -173,7 +173,7 @@ def test_fedadam_steps_on_the_noisy_mean(task_identity):
 
 def test_dp_config_checks():
     with pytest.raises(ValueError, match="aggregation=mean"):
-        FederatedConfig(privacy="dp", aggregation="median")
+        FederatedConfig(privacy="dp", aggregation="median", server_optimizer="fedavg")
     with pytest.raises(ValueError, match="dp_noise > 0"):
         FederatedConfig(privacy="dp", dp_noise=0.0)
 
@@ -181,7 +181,7 @@ def test_dp_config_checks():
 def test_simulation_with_dp_reports_increasing_epsilon(tmp_path):
     data = make_events(tmp_path / "events.csv", users=3)
     cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, local_epochs=1,
-                          fraction_train=2 / 3, privacy="dp", dp_noise=1.0, dp_clip=0.5, eval_every=2,
+                          fraction_train=2 / 3, privacy="dp", dp_noise=1.0, dp_clip=0.5, eval_every=2, users_per_node=1,
                           out_dir=str(tmp_path / "run"))  # fmt: skip
     history = run_simulation(cfg, num_cpus=2)["history"]
     eps = [row["epsilon"] for row in history]

@@ -178,7 +178,9 @@ def test_personal_initializers_override_reproduces_another_users_model(trained, 
         assert set(overrides) <= initializers
         assert not ({f"model.{p}" for p in personal} & initializers) - set(overrides)
     torch.manual_seed(1)
-    _, weights = split_state(TMEPSR(trained.cfg))  # another user's personal weights; the shared part is ours
+    _, weights = split_state(
+        TMEPSR(trained.cfg), "card"
+    )  # another user's personal weights; the shared part is ours
     other = copy.deepcopy(trained)
     load_parts(other, weights)
     values = personal_values(graphs, weights)

@@ -87,7 +87,9 @@ def test_robust_aggregates_ignore_an_outlier(aggregation, expected):
     """Five devices send every value as 0, 1, 2, 3 and 100 (the last claiming 1000 examples): the weighted
     mean follows the outlier; the trimmed mean (one cut at each end) and the median give 2 exactly."""
     sent = _constant(_sent(np.random.default_rng(2)), 0.0)
-    cfg = FederatedConfig(row_clip=0, aggregation=aggregation, trim_fraction=0.2, norm_bound=1e4)
+    cfg = FederatedConfig(
+        server_optimizer="fedavg", row_clip=0, aggregation=aggregation, trim_fraction=0.2, norm_bound=1e4
+    )
     replies = [(_constant(sent, v), 1) for v in (0, 1, 2, 3)] + [(_constant(sent, 100), 1000)]
     arrays, stats = aggregate_round(cfg, sent, replies)
     assert stats["valid"] == 5 and stats["aggregated"]
@@ -98,7 +100,9 @@ def test_robust_aggregates_ignore_an_outlier(aggregation, expected):
 
 def test_trimmed_mean_cuts_nothing_with_too_few_updates():
     sent = _constant(_sent(np.random.default_rng(3)), 0.0)
-    cfg = FederatedConfig(row_clip=0, aggregation="trimmed-mean", trim_fraction=0.1, norm_bound=1e4)
+    cfg = FederatedConfig(
+        server_optimizer="fedavg", row_clip=0, aggregation="trimmed-mean", trim_fraction=0.1, norm_bound=1e4
+    )
     arrays, _ = aggregate_round(cfg, sent, [(_constant(sent, v), 1) for v in (0, 1, 2, 3, 100)])
     np.testing.assert_allclose(arrays["item_bias"], 106 / 5, rtol=1e-6)  # floor(0.1 * 5) = 0 cut: the mean
 
@@ -107,7 +111,9 @@ def test_clipping_comes_after_validation():
     """An update over the norm bound is rejected, not clipped into the aggregate; valid ones are clipped."""
     sent = _constant(_sent(np.random.default_rng(4)), 0.0)
     size = np.sqrt(sum(v.size for v in sent.values()))  # the norm of an update of all ones
-    cfg = FederatedConfig(row_clip=0, norm_bound=3 * size, clip_norm=size / 2, min_reply_fraction=0.5)
+    cfg = FederatedConfig(
+        server_optimizer="fedavg", row_clip=0, norm_bound=3 * size, clip_norm=size / 2, min_reply_fraction=0.5
+    )
     replies = [(_constant(sent, 1.0), 1), (_constant(sent, 2.0), 1), (_constant(sent, 4.0), 1),
                (_constant(sent, np.nan), 1)]  # fmt: skip
     arrays, stats = aggregate_round(cfg, sent, replies)
@@ -119,7 +125,9 @@ def test_clipping_comes_after_validation():
         np.testing.assert_allclose(v, 0.5, rtol=1e-6)
     assert (
         "norm_clipped"
-        not in aggregate_round(FederatedConfig(row_clip=0, norm_bound=1e4), sent, replies[:2])[1]
+        not in aggregate_round(
+            FederatedConfig(server_optimizer="fedavg", row_clip=0, norm_bound=1e4), sent, replies[:2]
+        )[1]
     )
 
 
@@ -129,9 +137,11 @@ def test_row_clip_limits_a_promoted_item_in_the_aggregate():
     honest = [(_moved(sent, rng, size=0.01), 10) for _ in range(9)]
     attack = {k: v.copy() for k, v in sent.items()}
     attack["item_bias"][7] += 20.0
-    plain, _ = aggregate_round(FederatedConfig(row_clip=0, norm_bound=50), sent, honest + [(attack, 10)])
+    plain, _ = aggregate_round(
+        FederatedConfig(server_optimizer="fedavg", row_clip=0, norm_bound=50), sent, honest + [(attack, 10)]
+    )
     clipped, stats = aggregate_round(
-        FederatedConfig(norm_bound=50, row_clip=0.1), sent, honest + [(attack, 10)]
+        FederatedConfig(server_optimizer="fedavg", norm_bound=50, row_clip=0.1), sent, honest + [(attack, 10)]
     )
     assert plain["item_bias"][7] - sent["item_bias"][7] > 1.9  # a tenth of the boost gets through the mean
     assert abs(clipped["item_bias"][7] - sent["item_bias"][7]) < 0.1 / 10 + 0.01
@@ -145,9 +155,11 @@ def test_sparse_updates_under_trimmed_mean_move_only_rows_enough_devices_touched
     new = _constant(sent, 1.0)
     replies = [(encode_sparse(new, np.array([0, 1])), 1)] + [(encode_sparse(new, np.array([1])), 1)] * 4
     trimmed, _ = aggregate_round(
-        FederatedConfig(row_clip=0, aggregation="trimmed-mean", trim_fraction=0.2), sent, replies
+        FederatedConfig(server_optimizer="fedavg", row_clip=0, aggregation="trimmed-mean", trim_fraction=0.2),
+        sent,
+        replies,
     )
-    mean, _ = aggregate_round(FederatedConfig(row_clip=0), sent, replies)
+    mean, _ = aggregate_round(FederatedConfig(server_optimizer="fedavg", row_clip=0), sent, replies)
     assert trimmed["item_bias"][0] == 0.0 and mean["item_bias"][0] == pytest.approx(0.2)
     assert trimmed["item_bias"][1] == 1.0 and (trimmed["item_bias"][2:] == 0).all()
 
@@ -166,7 +178,12 @@ def test_every_hostile_update_is_rejected_in_a_round_with_good_ones(aggregation)
              (encode_sparse(_moved(sent, rng), np.array([2, 9, 11])), 4),
              (compress_int8(_moved(sent, rng), sent, rng), 6)]  # fmt: skip
     cfg = FederatedConfig(
-        row_clip=0, aggregation=aggregation, norm_bound=5.0, min_reply_fraction=0.1, clip_norm=0.8
+        server_optimizer="fedavg",
+        row_clip=0,
+        aggregation=aggregation,
+        norm_bound=5.0,
+        min_reply_fraction=0.1,
+        clip_norm=0.8,
     )
     result = hostile_round(cfg, sent, goods)
     hostile = hostile_updates(sent, goods[0][0], cfg.norm_bound, rng)

@@ -85,8 +85,8 @@ def test_personal_weights_come_from_the_store(env, tmp_path):
     """The device's own time encoder / LRU / heads override the bundle's initial values."""
     log = env["log"]
     other = _model(log, 1)
-    shared, _ = split_state(env["model"])
-    _, personal = split_state(other)
+    shared, _ = split_state(env["model"], "card")
+    _, personal = split_state(other, "card")
     from shared_model.partition import load_parts
 
     load_parts(other, shared)  # the bundle's shared arrays with the device's personal weights

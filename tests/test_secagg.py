@@ -50,7 +50,7 @@ FLOAT_SLACK = 2e-5
 def _cfg(tmp_path: Path, users: int, **overrides) -> FederatedConfig:
     data = make_events(tmp_path / "events.csv", users=users)
     base = dict(dataset=str(data), max_len=16, d_model=16, num_rounds=1, local_epochs=2, fraction_train=1.0,
-                eval_every=1, privacy="secagg", out_dir=str(tmp_path / "run"))  # fmt: skip
+                eval_every=1, privacy="secagg", users_per_node=1, server_optimizer="fedavg", out_dir=str(tmp_path / "run"))  # fmt: skip
     return FederatedConfig(**(base | overrides))
 
 
@@ -67,8 +67,12 @@ def _cfg(tmp_path: Path, users: int, **overrides) -> FederatedConfig:
 )
 def test_config_refuses_what_secagg_cannot_do(overrides, reason):
     with pytest.raises(ValueError, match=reason):
-        FederatedConfig(privacy="secagg", **overrides)
-    FederatedConfig(privacy="plain", **{k: v for k, v in overrides.items() if k != "secagg_clip"})
+        FederatedConfig(privacy="secagg", server_optimizer="fedavg", **overrides)
+    FederatedConfig(
+        privacy="plain",
+        server_optimizer="fedavg",
+        **{k: v for k, v in overrides.items() if k != "secagg_clip"},
+    )
 
 
 @pytest.mark.parametrize("cohort", [3, 4, 5, 60, 1000, 4095])

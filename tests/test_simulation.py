@@ -50,7 +50,7 @@ def faulty_client_app() -> ClientApp:
 
 def test_simulation_survives_crash_and_poison(tmp_path):
     data = make_events(tmp_path / "events.csv", users=6)
-    cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=1.0,
+    cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=1.0, users_per_node=1,
                           min_reply_fraction=0.5, eval_every=1, out_dir=str(tmp_path / "run"))  # fmt: skip
     result = run_simulation(cfg, num_cpus=2, client_app=faulty_client_app())
     history = result["history"]
@@ -87,7 +87,7 @@ def test_seeded_cohorts_depend_on_partitions_not_node_ids():
 def test_simulation_samples_the_seeded_cohorts(tmp_path):
     """Nodes say their partition ids through a Flower query; each round trains the seeded cohort."""
     data = make_events(tmp_path / "events.csv", users=8)
-    cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=0.5,
+    cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=0.5, users_per_node=1,
                           local_epochs=1, eval_every=2, seed=3, out_dir=str(tmp_path / "run"))  # fmt: skip
     history = run_simulation(cfg, num_cpus=2)["history"]
     assert [row["cohort"] for row in history] == [_cohort(3, r, list(range(8)), 8, 0.5) for r in (1, 2)]
