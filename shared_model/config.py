@@ -125,7 +125,7 @@ class FederatedConfig:
         "population",
         "which parameters stay personal (shared_model/partition.py): population | card | heads-prior",
     )
-    num_rounds: int = _opt(500, "federated rounds")
+    num_rounds: int = _opt(450, "federated rounds")
     fraction_train: float = _opt(0.1, "share of devices sampled per training round")
     min_reply_fraction: float = _opt(
         0.5, "a round aggregates only if this share of sampled devices replied validly"
