@@ -154,6 +154,24 @@ def dropping_client_app(drops: dict[int, set[int]], spy_dir: Path) -> ClientApp:
     return app
 
 
+def test_default_fedadam_steps_on_the_unmasked_mean(tmp_path):
+    """The default server optimizer behind SecAgg+: one round, then FedAdam's first step from zero moments,
+    which moves a coordinate by at most eta's bias-corrected value times (1 - beta_1) / sqrt(1 - beta_2), and
+    by exactly that wherever the unmasked mean change is large against tau (most coordinates)."""
+    cfg = _cfg(tmp_path, users=NODES, server_optimizer="fedadam", num_rounds=1)
+    history = run_simulation(cfg, num_cpus=2)["history"]
+    assert history[0]["valid"] == NODES and history[0]["aggregated"]
+    sent = initial_shared(cfg)
+    shared, *_ = load_server_checkpoint(cfg.out_dir)
+    step = cfg.server_lr * math.sqrt(1 - 0.99**2) / (1 - 0.9**2) * (1 - 0.9) / math.sqrt(1 - 0.99)
+    full = 0
+    for key, value in sent.items():
+        change = np.abs(shared[key].astype(np.float64) - value)
+        assert change.max() < step * (1 + 1e-3), key
+        full += int((np.abs(change - step) < 1e-3 * step).sum())
+    assert full > 0.5 * sum(v.size for v in sent.values())
+
+
 def test_simulation_survives_a_dropout_with_the_survivors_weighted_mean(tmp_path):
     """Round 1: one of 4 devices drops out (shares 3 - threshold 2 = 1 may): the survivors' weighted mean.
     Round 2: two drop out, more than the threshold allows: the round completes without aggregating."""
