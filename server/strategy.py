@@ -7,8 +7,9 @@ it densifies sparse updates, rejects invalid ones (logged, never averaged), clip
 
 ``aggregation`` picks the aggregate: ``mean`` (FedAvg, example-weighted; or FedAdam's server step on it),
 ``trimmed-mean`` (Flower's ``FedTrimmedAvg``, coordinate-wise, cutting ``trim_fraction`` at each end) or
-``median`` (Flower's ``FedMedian``, coordinate-wise). The robust aggregates give every device one vote (the
-example weights, which a device reports itself, only weight the metrics).
+``median`` (Flower's ``FedMedian``, coordinate-wise); with FedAdam, its server step runs on the robust
+aggregate. The robust aggregates give every device one vote (the example weights, which a device reports
+itself, only weight the metrics).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
@@ -164,7 +166,34 @@ class ValidatedFedAvg(ValidatedAggregation, FedAvg):
 
 
 class ValidatedFedAdam(ValidatedAggregation, FedAdam):
-    """FedAdam (a server-side Adam step on the averaged update) over validated updates."""
+    """FedAdam (a server-side Adam step) over validated updates: on their example-weighted mean, or with
+    ``robust`` set to "median" / "trimmed-mean", on Flower's coordinate-wise median / trimmed mean of them (one
+    vote per device), so that the step's per-coordinate normalization cannot amplify a few devices' push."""
+
+    robust: str = "mean"
+    trim_fraction: float = 0.1
+    _robust_aggregate: ArrayRecord | None = None
+
+    def server_step(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.robust == "mean":
+            return super().server_step(server_round, replies)
+        keys = sorted(self.sent)
+        arrays = [record_to_numpy(m.content["arrays"]) for m in replies]
+        results = [([a[k].astype(np.float64) for k in keys], 1) for a in arrays]  # float64: no rounding drift
+        agg = (aggregate_median(results) if self.robust == "median"
+               else aggregate_trimmed_avg(results, self.trim_fraction))  # fmt: skip
+        self._robust_aggregate = numpy_to_record(
+            {k: v.astype(self.sent[k].dtype) for k, v in zip(keys, agg, strict=True)}
+        )
+        try:  # Flower's FedAdam step, on the robust aggregate instead of its weighted mean
+            return super().server_step(server_round, replies)
+        finally:
+            self._robust_aggregate = None
+
+    def _compute_deltat_and_mt(self, aggregated_arrayrecord: ArrayRecord) -> tuple[dict, dict, dict]:
+        return super()._compute_deltat_and_mt(self._robust_aggregate or aggregated_arrayrecord)  # type: ignore[misc]
 
 
 class ValidatedFedTrimmedAvg(ValidatedAggregation, FedTrimmedAvg):
@@ -189,6 +218,8 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedAggregation:
         strategy: ValidatedAggregation = (DPFedAdam if dp else ValidatedFedAdam)(
             eta=cfg.server_lr, tau=cfg.server_tau, **common
         )
+        if isinstance(strategy, ValidatedFedAdam):
+            strategy.robust, strategy.trim_fraction = cfg.aggregation, cfg.trim_fraction
     elif cfg.aggregation == "trimmed-mean":
         strategy = ValidatedFedTrimmedAvg(beta=cfg.trim_fraction, **common)
     elif cfg.aggregation == "median":

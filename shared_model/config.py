@@ -212,10 +212,6 @@ class FederatedConfig:
             raise ValueError("trim_fraction must lie in [0, 0.5)")
         if min(self.dp_noise, self.dp_clip, self.clip_norm, self.row_clip) < 0 or not 0 < self.dp_delta < 1:
             raise ValueError("dp_noise, dp_clip, clip_norm, row_clip must be >= 0 and dp_delta in (0, 1)")
-        if self.server_optimizer == "fedadam" and self.aggregation != "mean":
-            raise ValueError(
-                f"server_optimizer fedadam steps on the mean; aggregation {self.aggregation!r} needs fedavg"
-            )
         if self.privacy == "dp" and (min(self.dp_noise, self.dp_clip) <= 0 or self.aggregation != "mean"):
             raise ValueError(
                 "privacy=dp needs dp_noise > 0, dp_clip > 0 and aggregation=mean (noise fits a mean)"

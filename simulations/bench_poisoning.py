@@ -324,7 +324,8 @@ def aggregate_round(
     from server.strategy import make_strategy, record_to_numpy
 
     strategy = make_strategy(cfg, len(replies))
-    strategy.sent, strategy.sampled = sent, len(replies)  # what configure_train records
+    strategy.sent, strategy.sampled = sent, len(replies)  # what configure_train records (FedAdam: the arrays
+    strategy.current_arrays = dict(sent)  # it steps from)
     arrays, _ = strategy.aggregate_train(1, [reply(a, n, node) for node, (a, n) in enumerate(replies, 1)])
     return (None if arrays is None else record_to_numpy(arrays)), strategy.last_round
 

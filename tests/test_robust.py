@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.strategy import make_strategy
 from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig
 from shared_model.updates import compress_int8, encode_sparse
@@ -164,9 +163,28 @@ def test_sparse_updates_under_trimmed_mean_move_only_rows_enough_devices_touched
     assert trimmed["item_bias"][1] == 1.0 and (trimmed["item_bias"][2:] == 0).all()
 
 
-def test_fedadam_takes_no_robust_aggregate():
-    with pytest.raises(ValueError, match="fedadam"):
-        make_strategy(FederatedConfig(server_optimizer="fedadam", aggregation="median"), 4)
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+def test_fedadam_steps_on_a_robust_aggregate(aggregation):
+    """A promotion push on one row by a minority of devices: FedAdam on the mean moves that row by a full
+    server step (its per-coordinate normalization turns any consistent change into one); on the coordinate-
+    wise median or trimmed mean the row does not move, while rows every device moves do."""
+    rng = np.random.default_rng(3)
+    sent = _sent(rng, rows=30)
+    honest = []
+    for _ in range(7):
+        moved = {k: v.copy() for k, v in sent.items()}
+        moved["item_bias"][5:] += 0.01 + 0.001 * rng.standard_normal(len(moved["item_bias"]) - 5)
+        honest.append((moved, 10))
+    attack = {k: v.copy() for k, v in sent.items()}
+    attack["item_bias"][1] += 0.4  # the promoted row, within the row clip
+    replies = honest + [(attack, 10), (attack, 10)]
+    base = dict(server_optimizer="fedadam", server_tau=1e-8, row_clip=0.5, norm_bound=1e4, trim_fraction=0.25)
+    plain, _ = aggregate_round(FederatedConfig(**base), sent, replies)
+    robust, _ = aggregate_round(FederatedConfig(**base, aggregation=aggregation), sent, replies)
+    step = plain["item_bias"][5] - sent["item_bias"][5]
+    assert step > 0 and plain["item_bias"][1] - sent["item_bias"][1] == pytest.approx(step, rel=1e-3)
+    assert robust["item_bias"][1] == pytest.approx(sent["item_bias"][1], abs=1e-6)
+    assert robust["item_bias"][5] - sent["item_bias"][5] == pytest.approx(step, rel=1e-3)
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "trimmed-mean", "median"])
