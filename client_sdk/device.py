@@ -239,31 +239,34 @@ class Device:
         torch.set_num_threads(1)
         sums: dict[str, float] = {}
 
-        def add(prefix: str, user: int, weight: float = 1.0) -> None:
-            for stage in stages.split(","):
-                for k, v in evaluate(self.model, self.log, self.split, stage, users=np.array([user])).items():
-                    if k != "users":
-                        sums[f"{stage}{prefix}/{k}"] = sums.get(f"{stage}{prefix}/{k}", 0.0) + weight * v
+        def scores(user: int) -> dict[tuple[str, str], float]:
+            return {(stage, k): v for stage in stages.split(",")
+                    for k, v in evaluate(self.model, self.log, self.split, stage, users=np.array([user])).items()
+                    if k != "users"}  # fmt: skip
+
+        def add(prefix: str, metrics: dict[tuple[str, str], float]) -> None:
+            for (stage, k), v in metrics.items():
+                sums[f"{stage}{prefix}/{k}"] = sums.get(f"{stage}{prefix}/{k}", 0.0) + v
 
         users = np.intersect1d(self.users, self.split.eval_users)
         paired = bool(
             adapt and self.cfg.adapt_epochs and parameter_groups(self.model, self.cfg.split)["adapted"]
         )
         for user in users:
-            if paired:
-                adaptation = self.adapt(user, shared, server_round)
-            else:
-                load_parts(self.model, shared, self.personal_weights(user))
-            add("", user)
             if not paired:
-                continue
-            sums["gate/kept"] = sums.get("gate/kept", 0.0) + adaptation.kept
-            if adaptation.kept:
-                add("-kept", user)
                 load_parts(self.model, shared, self.personal_weights(user))
-            add("-population", user)
-            if adaptation.kept:
-                add("-kept-population", user)
+                add("", scores(user))
+                continue
+            adaptation = self.adapt(user, shared, server_round)
+            served = population = scores(user)
+            add("", served)
+            sums["gate/kept"] = sums.get("gate/kept", 0.0) + adaptation.kept
+            if adaptation.kept:  # back to the population values of the adapted parts only
+                load_parts(self.model, {k: shared[k] for k in adaptation.weights})
+                population = scores(user)
+                add("-kept", served)
+                add("-kept-population", population)
+            add("-population", population)
         if paired:  # every device reports the same keys (Flower aggregates only matching records)
             for key in [k for k in sums if k.split("/")[0] in stages.split(",")]:
                 stage, name = key.split("/", 1)
