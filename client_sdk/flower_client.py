@@ -37,7 +37,7 @@ from flwr.compat.common import recorddict_compat as compat
 from shared_model import secagg
 from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig
-from shared_model.partition import parameter_groups
+from shared_model.partition import group_of
 
 from .device import Device
 
@@ -86,8 +86,7 @@ def _secagg_train(msg: Message, context: Context) -> Message:
     and return the clipped change as a legacy FitRes for ``secaggplus_mod`` to mask."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     device, cfg, extra = _device(fitins.config, context)
-    groups = parameter_groups(device.model, cfg.split)
-    names = sorted(groups["shared"] + groups["adapted"])  # what a round uploads (split_state's first part)
+    names = sorted(n for n, _ in device.model.named_parameters() if group_of(n, cfg.split) != "personal")
     shared = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     result = device.train(shared, int(extra.get("server-round", 0)))
     update = clip_update(result.update, shared, cfg.clip_norm, cfg.row_clip).arrays  # the server cannot
