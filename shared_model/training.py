@@ -174,7 +174,7 @@ def _load_progress(
     cfg: TrainConfig,
 ) -> _Progress:  # fmt: skip
     payload = torch.load(path, map_location=cfg.device, weights_only=True)
-    if payload["model_config"] != asdict(model.cfg):
+    if model_config_from_dict(payload["model_config"]) != model.cfg:  # fields added since take their defaults
         raise ValueError(f"{path}: saved for another model config; train into another folder")
     saved = payload["train_config"]
     changed = sorted(k for k, v in asdict(cfg).items() if saved.get(k) != v and k not in RESUMABLE_CHANGES)

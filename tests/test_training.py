@@ -66,6 +66,10 @@ def test_resume_refuses_other_model_or_settings(data, tmp_path):
         fit(_model(log, d_model=32), log, split, _cfg(), progress=False, state_path=state)
     with pytest.raises(ValueError, match="lr"):
         fit(_model(log), log, split, _cfg(lr=0.01), progress=False, state_path=state)
+    # a state saved before a model field was added (it takes its default) still resumes
+    payload = torch.load(state, weights_only=True)
+    del payload["model_config"]["embed_norm"]
+    torch.save(payload, state)
     # the stopping rules may change
     result = fit(_model(log), log, split, _cfg(max_epochs=2, patience=3), progress=False, state_path=state)
     assert len(result.history) == 2
