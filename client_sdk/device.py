@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig, TrainConfig
 from shared_model.data import InteractionLog, load_dataset
 from shared_model.data.split import LeaveOneOutSplit, partition_users, user_data
@@ -216,6 +217,9 @@ class Device:
             )
             new_shared, personal = split_state(self.model, self.cfg.split)
             self.save_personal(user, personal, server_round)
+            # the server's per-update clips, applied per user: a simulated node's mean is then a mean of
+            # clipped user updates, as the server sees them in a deployment (one user per node)
+            new_shared = clip_update(new_shared, shared, self.cfg.clip_norm, self.cfg.row_clip).arrays
             for k, v in new_shared.items():
                 total[k] = total.get(k, 0) + n * v.astype(np.float64)
             examples += n

@@ -17,7 +17,7 @@ from server.checkpoint import load_server_checkpoint, save_server_checkpoint
 from server.validation import UpdateRejected, validate_update
 from shared_model.config import FederatedConfig
 from shared_model.partition import split_state
-from shared_model.updates import compress_int8, decompress, densify, encode_sparse, upload_rows
+from shared_model.updates import ITEM_TABLES, compress_int8, decompress, densify, encode_sparse, upload_rows
 
 
 def make_events(path: Path, users: int = 9, events: int = 14, items: int = 40, seed: int = 0) -> Path:
@@ -218,8 +218,11 @@ def test_local_adaptation_is_gated_by_the_users_held_out_recent_events(cfg):
     assert wild_metrics["val/ndcg@10"] == wild_metrics["val-population/ndcg@10"]
 
 
-def test_virtual_users_equal_one_user_per_node(cfg):
-    """A node hosting 3 users replies exactly the example-weighted mean of the 3 single-user updates."""
+@pytest.mark.parametrize("row_clip", [0.5, 0.002])
+def test_virtual_users_equal_one_user_per_node(cfg, row_clip):
+    """A node hosting 3 users replies exactly the example-weighted mean of the 3 single-user updates, each
+    clipped as the server clips one device's update (a tight row clip binds on every user)."""
+    cfg = replace(cfg, row_clip=row_clip)
     shared = initial_shared(cfg)
     group = Device(cfg, 0, 3, Path(cfg.out_dir) / "grouped")
     singles = []
@@ -228,6 +231,10 @@ def test_virtual_users_equal_one_user_per_node(cfg):
         d.users = np.array([user])
         singles.append(d.train(shared, 1))
     grouped = group.train(shared, 1)
+    for single in singles:
+        moved = np.sqrt(sum(np.sum((single.update[k].astype(np.float64) - shared[k]).reshape(len(shared[k]), -1) ** 2, 1) for k in ITEM_TABLES))  # fmt: skip
+        assert moved.max() <= row_clip * (1 + 1e-4)
+    assert row_clip > 0.1 or moved.max() > row_clip * 0.99  # the tight clip did bind
     total = sum(s.num_examples for s in singles)
     assert grouped.num_examples == total
     for key in shared:
