@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
 from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig
+from shared_model.updates import ITEM_TABLES
 
 from .validation import UpdateRejected, validate_update
 
@@ -168,10 +169,13 @@ class ValidatedFedAvg(ValidatedAggregation, FedAvg):
 class ValidatedFedAdam(ValidatedAggregation, FedAdam):
     """FedAdam (a server-side Adam step) over validated updates: on their example-weighted mean, or with
     ``robust`` set to "median" / "trimmed-mean", on Flower's coordinate-wise median / trimmed mean of them (one
-    vote per device), so that the step's per-coordinate normalization cannot amplify a few devices' push."""
+    vote per device), so that the step's per-coordinate normalization cannot amplify a few devices' push.
+    ``robust_scope="item-tables"`` takes the robust aggregate for the item tables only (where a promotion
+    attack pushes) and the example-weighted mean for every other array."""
 
     robust: str = "mean"
     trim_fraction: float = 0.1
+    robust_scope: str = "all"
     _robust_aggregate: ArrayRecord | None = None
 
     def server_step(
@@ -179,14 +183,18 @@ class ValidatedFedAdam(ValidatedAggregation, FedAdam):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.robust == "mean":
             return super().server_step(server_round, replies)
-        keys = sorted(self.sent)
         arrays = [record_to_numpy(m.content["arrays"]) for m in replies]
+        keys = sorted(k for k in self.sent if self.robust_scope == "all" or k in ITEM_TABLES)
         results = [([a[k].astype(np.float64) for k in keys], 1) for a in arrays]  # float64: no rounding drift
         agg = (aggregate_median(results) if self.robust == "median"
                else aggregate_trimmed_avg(results, self.trim_fraction))  # fmt: skip
-        self._robust_aggregate = numpy_to_record(
-            {k: v.astype(self.sent[k].dtype) for k, v in zip(keys, agg, strict=True)}
-        )
+        robust = dict(zip(keys, agg, strict=True))
+        if len(keys) < len(self.sent):  # the other arrays: the example-weighted mean, as FedAdam takes it
+            weights = np.array([float(m.content["metrics"][WEIGHT_KEY]) for m in replies])
+            weights = weights / weights.sum()
+            for k in self.sent.keys() - robust.keys():
+                robust[k] = sum(w * a[k].astype(np.float64) for w, a in zip(weights, arrays, strict=True))
+        self._robust_aggregate = numpy_to_record({k: robust[k].astype(self.sent[k].dtype) for k in sorted(robust)})
         try:  # Flower's FedAdam step, on the robust aggregate instead of its weighted mean
             return super().server_step(server_round, replies)
         finally:
@@ -220,6 +228,7 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedAggregation:
         )
         if isinstance(strategy, ValidatedFedAdam):
             strategy.robust, strategy.trim_fraction = cfg.aggregation, cfg.trim_fraction
+            strategy.robust_scope = cfg.robust_scope
     elif cfg.aggregation == "trimmed-mean":
         strategy = ValidatedFedTrimmedAvg(beta=cfg.trim_fraction, **common)
     elif cfg.aggregation == "median":

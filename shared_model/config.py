@@ -170,6 +170,11 @@ class FederatedConfig:
     secagg_clip: float = _opt(8.0, "secagg: values are clipped to [-clip, clip] before quantization")
     aggregation: str = _opt("mean", "mean | trimmed-mean (coordinate-wise) | median (coordinate-wise)")
     trim_fraction: float = _opt(0.1, "trimmed-mean: share of updates cut at each end, per coordinate")
+    robust_scope: str = _opt(
+        "all",
+        "fedadam with a robust aggregation: all arrays, or item-tables (the item embedding and bias robust,"
+        " every other array on the example-weighted mean)",
+    )
     clip_norm: float = _opt(0.0, "clip each update's L2 change to this norm before aggregating (0 = off)")
     row_clip: float = _opt(
         0.5,
@@ -208,6 +213,8 @@ class FederatedConfig:
             raise ValueError(f"privacy must be plain, dp or secagg, got {self.privacy!r}")
         if self.aggregation not in ("mean", "trimmed-mean", "median"):
             raise ValueError(f"aggregation must be mean, trimmed-mean or median, got {self.aggregation!r}")
+        if self.robust_scope not in ("all", "item-tables"):
+            raise ValueError(f"robust_scope must be all or item-tables, got {self.robust_scope!r}")
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError("trim_fraction must lie in [0, 0.5)")
         if min(self.dp_noise, self.dp_clip, self.clip_norm, self.row_clip) < 0 or not 0 < self.dp_delta < 1:

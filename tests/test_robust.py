@@ -187,6 +187,31 @@ def test_fedadam_steps_on_a_robust_aggregate(aggregation):
     assert robust["item_bias"][5] - sent["item_bias"][5] == pytest.approx(step, rel=1e-3)
 
 
+def test_fedadam_robust_on_the_item_tables_only():
+    """robust_scope=item-tables: the promoted row stays put (median), while every other array takes the same
+    step as FedAdam on the example-weighted mean (unequal weights, so a plain mean would differ)."""
+    rng = np.random.default_rng(4)
+    sent = _sent(rng, rows=30)
+    replies = []
+    for weight in (3, 10, 4, 7, 12):
+        moved = {k: v.copy() for k, v in sent.items()}
+        moved["item_bias"][5:] += 0.01
+        moved["explanation.bias"] += 0.01 * rng.standard_normal(3).astype(np.float32)
+        replies.append((moved, weight))
+    attack = {k: v.copy() for k, v in sent.items()}
+    attack["item_bias"][1] += 0.4
+    replies += [(attack, 5)]
+    base = dict(server_optimizer="fedadam", server_tau=1e-8, row_clip=0.5, norm_bound=1e4)
+    plain, _ = aggregate_round(FederatedConfig(**base), sent, replies)
+    scoped, _ = aggregate_round(FederatedConfig(**base, aggregation="median", robust_scope="item-tables"), sent, replies)
+    everything, _ = aggregate_round(FederatedConfig(**base, aggregation="median"), sent, replies)
+    np.testing.assert_allclose(scoped["explanation.bias"], plain["explanation.bias"], rtol=1e-6)
+    assert not np.allclose(everything["explanation.bias"], plain["explanation.bias"], rtol=1e-4)
+    np.testing.assert_allclose(scoped["item_bias"], everything["item_bias"], rtol=1e-6)
+    assert plain["item_bias"][1] - sent["item_bias"][1] > 1e-3  # the mean lets the push through
+    assert scoped["item_bias"][1] == pytest.approx(sent["item_bias"][1], abs=1e-6)
+
+
 @pytest.mark.parametrize("aggregation", ["mean", "trimmed-mean", "median"])
 def test_every_hostile_update_is_rejected_in_a_round_with_good_ones(aggregation):
     """Attack 3 of issue 6: the whole hostile suite plus dense, sparse and int8 good updates in ONE round."""
