@@ -25,7 +25,7 @@ from shared_model.recommender import SequenceRecommender
 from shared_model.training import (
     evaluate,
     model_for_run,
-    next_item_scores,
+    next_item_losses,
     train_end_per_user,
     train_epoch,
 )
@@ -63,13 +63,14 @@ def simulation_key(seed: int, user_id: object) -> bytes:
 
 @dataclass
 class Adaptation:
-    """The outcome of a device's local adaptation: whether the gate kept it, the adapted values it kept, and
-    the held-out cross-entropy of the population and adapted values."""
+    """The outcome of a device's local adaptation: whether the gate kept it, the adapted values it kept, the
+    mean held-out cross-entropy of the population and adapted values, and the improvement in standard errors."""
 
     kept: bool
     weights: dict[str, np.ndarray]
     population_loss: float = float("nan")
     adapted_loss: float = float("nan")
+    z: float = float("nan")
 
 
 @dataclass
@@ -173,8 +174,10 @@ class Device:
 
         The adapted parts train ``adapt_epochs`` epochs from the population values (everything else frozen) on
         the user's training events except the last ``gate_events``; both versions then predict those held-out
-        recent events, and the adaptation is kept only if its cross-entropy there is lower. Deterministic in
-        (seed, round, user)."""
+        recent events, and the adaptation is kept only if its cross-entropy there is lower by more than
+        ``gate_z`` standard errors of the paired per-event differences (a lower loss on a few events is often
+        noise, and an adaptation kept on noise makes recommendations worse). Deterministic in (seed, round,
+        user)."""
         personal = self.personal_weights(user)
         adapted = set(parameter_groups(self.model, self.cfg.split)["adapted"])
         start, end = int(self.log.user_ptr[user]), int(self.train_end[user])
@@ -183,14 +186,17 @@ class Device:
             return Adaptation(kept=False, weights={})
         held_out = np.arange(end - self.cfg.gate_events, end)
         load_parts(self.model, shared, personal)
-        before = next_item_scores(self.model, self.log, start, held_out)
+        before = next_item_losses(self.model, self.log, start, held_out)
         self._fit(user, (shared, personal), server_round, self.cfg.adapt_epochs, trainable=adapted)
-        after = next_item_scores(self.model, self.log, start, held_out)
-        kept = after["loss"] < before["loss"]
+        after = next_item_losses(self.model, self.log, start, held_out)
+        gain = before - after
+        se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
+        z = float(gain.mean() / se) if se > 0 else float(np.sign(gain.mean()) * np.inf) if gain.mean() else 0.0
+        kept = bool(gain.mean() > 0 and gain.mean() > self.cfg.gate_z * se)
         weights = {k: v.detach().numpy().copy() for k, v in self.model.named_parameters() if k in adapted}
         if not kept:
             load_parts(self.model, shared, personal)
-        return Adaptation(kept, weights if kept else {}, before["loss"], after["loss"])
+        return Adaptation(kept, weights if kept else {}, float(before.mean()), float(after.mean()), z)
 
     def train(self, shared: dict[str, np.ndarray], server_round: int) -> RoundResult:
         """Local training of every hosted user; the example-weighted mean of their shared arrays."""

@@ -145,6 +145,11 @@ class FederatedConfig:
     gate_events: int = _opt(
         5, "recent training events a device holds out to decide whether its adaptation beats the population"
     )
+    gate_z: float = _opt(
+        1.64,
+        "the adaptation is kept only if its held-out cross-entropy is lower than the population's by more than"
+        " gate_z standard errors (paired over the held-out events; 0 = any improvement)",
+    )
     server_optimizer: str = _opt(
         "fedadam", "fedadam (a server Adam step on the averaged update, state kept across rounds) | fedavg"
     )
@@ -195,8 +200,8 @@ class FederatedConfig:
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"unknown split {self.split!r}; known: {', '.join(SPLITS)}")
-        if self.adapt_epochs < 0 or self.gate_events < 1 or not self.adapt_lr > 0:
-            raise ValueError("adapt_epochs must be >= 0, gate_events >= 1 and adapt_lr > 0")
+        if self.adapt_epochs < 0 or self.gate_events < 1 or not self.adapt_lr > 0 or not self.gate_z >= 0:
+            raise ValueError("adapt_epochs must be >= 0, gate_events >= 1, adapt_lr > 0 and gate_z >= 0")
         if self.preset not in MODEL_PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(MODEL_PRESETS)}")
         if self.server_optimizer not in ("fedavg", "fedadam"):

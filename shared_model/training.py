@@ -105,20 +105,14 @@ def evaluate(
 
 
 @torch.no_grad()
-def next_item_scores(
-    model: SequenceRecommender, log: InteractionLog, start: int, targets: np.ndarray
-) -> dict[str, float]:
-    """How well ``model`` predicts each event in ``targets`` from the events of ``[start, target)`` before it
-    (one user's held-out recent events): mean cross-entropy of the full softmax (what training minimises)
-    and the ranking metrics with the earlier events masked, as in :func:`evaluate`."""
+def next_item_losses(model: SequenceRecommender, log: InteractionLog, start: int, targets: np.ndarray) -> np.ndarray:
+    """Cross-entropy of the full softmax (what training minimises) of each event in ``targets``, predicted from
+    the events of ``[start, target)`` before it (one user's held-out recent events)."""
     model.eval()
-    starts = np.full(len(targets), start)
-    batch = input_batch(log, starts, targets, model.cfg.max_len)
+    batch = input_batch(log, np.full(len(targets), start), targets, model.cfg.max_len)
     scores = model.item_scores(model.encode(batch)[:, -1])
-    items = log.item[targets]
-    loss = torch.nn.functional.cross_entropy(scores, torch.as_tensor(items, dtype=torch.long))
-    ranks = target_ranks(scores, items, history_of(log, starts, targets))
-    return {"loss": float(loss), **ranking_metrics(ranks)}
+    items = torch.as_tensor(log.item[targets], dtype=torch.long)
+    return torch.nn.functional.cross_entropy(scores, items, reduction="none").double().numpy()
 
 
 @dataclass

@@ -46,24 +46,27 @@ ATTACK_SHARE = 0.03  # share of the devices that attack
 BOOST = 0.9  # an attacker's update uses this share of the norm bound
 FAKE_PROFILES = 8  # fabricated profiles an attacker trains on
 TARGET_EVERY = 4  # the target item comes back every this many events of a fabricated profile
+DEFENCE_KEYS = ("row_clip", "clip_norm", "aggregation", "trim_fraction", "robust_scope")
+NO_DEFENCE = {"row_clip": 0.0, "clip_norm": 0.0, "aggregation": "mean"}
 DEFENCES: dict[str, dict[str, Any]] = {
     "none": {},
-    "clip_norm 15": {"clip_norm": 15.0},
+    "default": {k: getattr(FederatedConfig(), k) for k in DEFENCE_KEYS},  # the product's defence settings
     "row_clip 0.5": {"row_clip": 0.5},
-    "trimmed-mean 0.1": {"aggregation": "trimmed-mean", "trim_fraction": 0.1},
+    "row_clip 0.05": {"row_clip": 0.05},
     "median": {"aggregation": "median"},
-    "row_clip 0.5 + trimmed-mean 0.1": {"row_clip": 0.5, "aggregation": "trimmed-mean", "trim_fraction": 0.1},
+    "item-table trimmed-mean 0.2": {"aggregation": "trimmed-mean", "trim_fraction": 0.2, "robust_scope": "item-tables"},
 }
-# run name -> (attacked, defence); the default defence (FederatedConfig.row_clip) and its cost come first
-PROPOSED = "row_clip 0.5"
+# run name -> (attacked, defence); the default defence and its cost come first
+PROPOSED = "default"
 VARIANTS: dict[str, tuple[bool, str]] = {
-    "no attack": (False, "none"),
-    "attack": (True, "none"),
-    f"attack, {PROPOSED}": (True, PROPOSED),
     f"no attack, {PROPOSED}": (False, PROPOSED),
-    **{f"attack, {d}": (True, d) for d in DEFENCES if d not in ("none", PROPOSED)},
+    f"attack, {PROPOSED}": (True, PROPOSED),
+    "attack": (True, "none"),
+    "no attack": (False, "none"),
+    **{f"{a}, {d}": (a == "attack", d) for d in DEFENCES if d not in ("none", PROPOSED) for a in ("attack", "no attack")},
 }
-PARTS = ("poisoning", "hostile")
+ESSENTIAL = list(VARIANTS)[:4]  # the default defence with and without attack, and the same without defence
+PARTS = ("poisoning", "continuation", "hostile")
 
 
 # ---------------------------------------------------------------------------------------------- poisoning
@@ -206,14 +209,15 @@ def run_poisoning(variant: str, base: FederatedConfig, root: Path, num_cpus: int
     shutil.rmtree(out, ignore_errors=True)
     cfg = replace(base, **DEFENCES[defence], out_dir=str(out))
     log = cached_log(cfg.dataset, cfg.data_dir)
-    drawn = attackers(log.num_users, cfg.seed)
+    num_nodes = math.ceil(log.num_users / cfg.users_per_node)  # a partition is one simulated node
+    drawn = attackers(num_nodes, cfg.seed)
     bad = drawn if attacked else np.array([], dtype=np.int64)
     t0 = time.perf_counter()
     result = run_simulation(
         cfg, num_cpus=num_cpus, client_app=attacking_client_app(bad) if attacked else None
     )
     shared = load_server_checkpoint(out)[0]
-    parts = partition_users(log.num_users, log.num_users, cfg.seed)
+    parts = partition_users(log.num_users, num_nodes, cfg.seed)
     attack_users = np.concatenate([parts[p] for p in drawn])  # left out of every run's evaluation (pairing)
     target = cold_target(log, cfg.seed)
     ev = exposure_and_ndcg(cfg, shared, np.setdiff1d(np.arange(log.num_users), attack_users), target)
@@ -232,6 +236,14 @@ def run_poisoning(variant: str, base: FederatedConfig, root: Path, num_cpus: int
     }  # fmt: skip
 
 
+def reference_run(name: str, run: dict[str, Any], runs: dict[str, Any]) -> str | None:
+    """The run an attacked run is compared with: no attack under the same defence (else without defence);
+    a run without attack is compared with the one without attack and without defence."""
+    same = "no attack" if run["defence"] == "none" else f"no attack, {run['defence']}"
+    ref = same if run["attacked"] else "no attack"
+    return ref if ref in runs and ref != name else None
+
+
 def paired_change(root: Path, variant: str, reference: str = "no attack") -> tuple[float, float] | None:
     """Mean and standard error of the per-user test NDCG@10 change of ``variant`` against ``reference``."""
     paths = [run_dir(root, v) / "ndcg_per_user.npy" for v in (variant, reference)]
@@ -242,6 +254,86 @@ def paired_change(root: Path, variant: str, reference: str = "no attack") -> tup
         return None
     diff = a - b
     return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
+
+
+# ---------------------------------------------------------------------------------------------- attacking a trained federation
+def population_exposure(cfg: FederatedConfig, shared: dict[str, np.ndarray], users: np.ndarray, target: int) -> float:
+    """Share of ``users`` with ``target`` in the population model's top-10 for their test event (history
+    masked)."""
+    import torch
+
+    from client_sdk.device import _cached_model, cached_log
+    from shared_model.batching import history_of, input_batch
+    from shared_model.metrics import target_ranks
+    from shared_model.partition import load_parts
+
+    log = cached_log(cfg.dataset, cfg.data_dir)
+    model, _ = _cached_model(cfg)
+    load_parts(model, shared)
+    model.eval()
+    starts, ends = log.user_ptr[users], log.user_ptr[users + 1] - 1
+    with torch.no_grad():
+        scores = model.item_scores(model.encode(input_batch(log, starts, ends, cfg.max_len))[:, -1])
+    ranks = target_ranks(scores, np.full(len(users), target), history_of(log, starts, ends))
+    return float(np.mean(ranks < 10))
+
+
+def run_continuation(
+    variant: str, base: FederatedConfig, trained: Path, rounds: int, root: Path
+) -> dict[str, Any]:
+    """Attack a trained federation: continue the run in ``trained`` (its arrays and FedAdam moments) for
+    ``rounds`` rounds through the product's strategy, in-process: each round a seeded cohort of nodes, honest
+    ones replying with ``Device.train``, attacking ones with :func:`promotion_update`; the population
+    model's exposure of the target every 10 rounds, test NDCG@10 of the honest users at the end."""
+    import shutil
+
+    from client_sdk.device import Device, cached_log
+    from server.checkpoint import load_server_checkpoint, load_server_state
+    from server.strategy import make_strategy
+    from shared_model.partition import load_parts
+    from shared_model.training import evaluate
+
+    attacked, defence = VARIANTS[variant]
+    out = run_dir(root, "continued " + variant)
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = replace(base, **DEFENCES[defence], out_dir=str(out))
+    log = cached_log(cfg.dataset, cfg.data_dir)
+    num_nodes = math.ceil(log.num_users / cfg.users_per_node)
+    bad = set(attackers(num_nodes, cfg.seed).tolist()) if attacked else set()
+    loaded = load_server_checkpoint(trained)
+    if loaded is None:
+        raise SystemExit(f"{trained}: no server checkpoint (run `tmepsr simulate --out-dir {trained}` first)")
+    shared, start_round = loaded[0], loaded[1]
+    strategy = make_strategy(cfg, num_nodes)
+    strategy.restore_server_state(load_server_state(trained))
+    devices = [Device(cfg, p, num_nodes, out / "devices") for p in range(num_nodes)]
+    parts = partition_users(log.num_users, num_nodes, cfg.seed)
+    honest = np.setdiff1d(devices[0].split.eval_users, np.concatenate([parts[p] for p in sorted(bad)] or [[]]))
+    target = cold_target(log, cfg.seed)
+    cohort_size = max(1, round(cfg.fraction_train * num_nodes))
+    curve, attacks, t0 = [], 0, time.perf_counter()
+    for r in range(1, rounds + 1):
+        rnd = start_round + r
+        cohort = np.random.default_rng([cfg.seed, rnd, 5]).choice(num_nodes, size=cohort_size, replace=False)
+        replies = []
+        for p in sorted(cohort.tolist()):
+            result = devices[p].train(shared, rnd)
+            if p in bad:  # the attack replaces the reply, keeping its plausible example weight
+                replies.append((promotion_update(cfg, shared, rnd), result.num_examples))
+                attacks += 1
+            else:
+                replies.append((result.update, result.num_examples))
+        new, _ = strategy_round(strategy, rnd, shared, replies)
+        shared = shared if new is None else new
+        if r % 10 == 0 or r == rounds:
+            curve.append({"round": r, "exposure": population_exposure(cfg, shared, honest, target)})
+            print(f"  {variant}: round {r}/{rounds}, exposure {curve[-1]['exposure']:.4f}", flush=True)
+    load_parts(devices[0].model, shared)
+    ndcg = evaluate(devices[0].model, log, devices[0].split, "test", users=honest)["ndcg@10"]
+    return {"attacked": attacked, "defence": defence, "overrides": DEFENCES[defence], "from_round": start_round,
+            "rounds": rounds, "attacks": attacks, "exposure": curve[-1]["exposure"],
+            "max_exposure": max(c["exposure"] for c in curve), "curve": curve, "users": len(honest),
+            "test_ndcg@10": ndcg, "minutes": (time.perf_counter() - t0) / 60}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- hostile updates
@@ -321,12 +413,22 @@ def aggregate_round(
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
     """One training round's aggregation of ``replies`` ((arrays, example weight) pairs, see :func:`reply`) by
     the strategy ``cfg`` asks for: the new arrays (None when it did not aggregate) and its round statistics."""
-    from server.strategy import make_strategy, record_to_numpy
+    from server.strategy import make_strategy
 
-    strategy = make_strategy(cfg, len(replies))
+    return strategy_round(make_strategy(cfg, len(replies)), 1, sent, replies)
+
+
+def strategy_round(
+    strategy: Any, server_round: int, sent: dict[str, np.ndarray], replies: list[tuple[dict | None, Any]]
+) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+    """One round of ``strategy`` on ``replies`` to ``sent``: the new arrays (None when it did not aggregate)
+    and its round statistics. The strategy keeps its state (FedAdam's moments) for the next round."""
+    from server.strategy import record_to_numpy
+
     strategy.sent, strategy.sampled = sent, len(replies)  # what configure_train records (FedAdam: the arrays
     strategy.current_arrays = dict(sent)  # it steps from)
-    arrays, _ = strategy.aggregate_train(1, [reply(a, n, node) for node, (a, n) in enumerate(replies, 1)])
+    messages = [reply(a, n, node) for node, (a, n) in enumerate(replies, 1)]
+    arrays, _ = strategy.aggregate_train(server_round, messages)
     return (None if arrays is None else record_to_numpy(arrays)), strategy.last_round
 
 
@@ -372,28 +474,44 @@ def run_hostile(base: FederatedConfig) -> list[dict[str, Any]]:
 def write_report(results: dict[str, Any], root: Path) -> None:
     (RESULTS / f"{NAME}.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     runs = results.get("poisoning", {})
-    base = runs.get("no attack", {}).get("exposure")
     lines = ["# Poisoning (item promotion) and hostile updates", "",
              f"Setup: {results['setup']}.", "",
              "Exposure: share of the honest users (those hosted by attacking nodes left out of every run) with the"
              " target item in their top-10 from their device's serving weights; NDCG@10 on the same users' test"
-             " events. Flower's node sampling is not seeded, so who trains in a round (attackers included) differs"
-             " between runs; differences of a few paired standard errors are within run-to-run variation.", "",
+             " events. Each round samples the same nodes in every run (seeded cohorts); an attacked run differs"
+             " only in the attacking nodes' replies. Each attacked run is compared with the run without attack"
+             " under the same defence.", "",
              "| run | exposure of the target (top-10) | x no attack | test NDCG@10 (+-SE) | NDCG@10 change vs no attack"
              " (paired, +-SE) | attackers sampled per round | norm-clipped / rows clipped | minutes |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in runs.items():
+        ref = reference_run(name, r, runs)
+        base = runs[ref]["exposure"] if ref else None
         ratio = f"{r['exposure'] / base:.2f}" if base else ("-" if base is None else "n/a (0 without attack)")
-        change = paired_change(root, name) if name != "no attack" else None
+        change = paired_change(root, name, ref) if ref else None
         delta = (
             ""
             if change is None
-            else f"{change[0]:+.4f} +- {change[1]:.4f} ({100 * change[0] / runs['no attack']['test_ndcg@10']:+.1f}%)"
+            else f"{change[0]:+.4f} +- {change[1]:.4f} ({100 * change[0] / runs[ref]['test_ndcg@10']:+.1f}%)"
         )
         lines.append(f"| {name} | {r['exposure']:.4f} ({round(r['exposure'] * r['users'])}/{r['users']}) | {ratio} | "
                      f"{r['test_ndcg@10']:.4f} +- {r['test_ndcg@10_se']:.4f} | {delta} | "
                      f"{r['attackers_per_round'] if r['attacked'] else '-'} | {r['norm_clipped']} / {r['rows_clipped']} | "
                      f"{r['minutes']:.1f} |")  # fmt: skip
+    cont = {k: v for k, v in results.get("continuation", {}).items() if not k.startswith("_")}
+    if cont:
+        trained, rounds = results["continuation"]["_from"]
+        lines += ["", f"## Attacking a trained federation ({trained}, {rounds} more rounds, in-process)", "",
+                  "The trained run's arrays and FedAdam moments continue through the product's strategy; exposure"
+                  " of the target in the population model's top-10 (honest users' test events, history masked).", "",
+                  "| run | exposure at the end | highest exposure (every 10 rounds) | x no attack | attacks | test NDCG@10 |"
+                  " minutes |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, r in cont.items():
+            ref = reference_run(name, r, cont)
+            base = cont[ref]["exposure"] if ref else None
+            ratio = f"{r['exposure'] / base:.2f}" if base else ("-" if base is None else "n/a (0 without attack)")
+            lines.append(f"| {name} | {r['exposure']:.4f} | {r['max_exposure']:.4f} | {ratio} | {r['attacks']} | "
+                         f"{r['test_ndcg@10']:.4f} | {r['minutes']:.1f} |")  # fmt: skip
     hostile = results.get("hostile", [])
     if hostile:
         lines += ["", "## Hostile updates in one round with good ones (through the strategy)", "",
@@ -414,19 +532,22 @@ def setup_line(base: FederatedConfig) -> str:
 
     log = cached_log(base.dataset, base.data_dir)
     target = cold_target(log, base.seed)
+    nodes = math.ceil(log.num_users / base.users_per_node)
     return (f"{base.dataset}, {base.num_rounds} rounds, fraction_train {base.fraction_train}, "
-            f"{len(attackers(log.num_users, base.seed))} of {log.num_users} devices ({100 * ATTACK_SHARE:.0f}%) "
+            f"{len(attackers(nodes, base.seed))} of {nodes} nodes ({100 * ATTACK_SHARE:.0f}%; {base.users_per_node} users each) "
             f"attack, boosting to {BOOST} x norm_bound {base.norm_bound}; target item {log.item_ids[target]} "
             f"(events in the log: {int(np.sum(log.item == target))}); seed {base.seed}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="movielens-100k")
+    p.add_argument("--dataset", default=FederatedConfig().dataset)
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--variants", nargs="+", default=ESSENTIAL, choices=list(VARIANTS))
+    p.add_argument("--rounds", type=int, default=FederatedConfig().num_rounds, help="attacked from round 1")
     p.add_argument("--fraction", type=float, default=0.1, help="fraction_train")
+    p.add_argument("--trained", default="runs/simulate", help="continuation: the trained run to attack")
+    p.add_argument("--continue-rounds", type=int, default=100, help="continuation: attacked rounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--out", default="runs/bench_poisoning")
@@ -434,13 +555,20 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.out)
     base = FederatedConfig(dataset=args.dataset, num_rounds=args.rounds, fraction_train=args.fraction,
                            eval_every=args.rounds, fraction_evaluate=0.05, seed=args.seed, out_dir=str(root),
-                           row_clip=0.0)  # no defence unless a variant adds one  # fmt: skip
+                           **NO_DEFENCE)  # no defence unless a variant adds one  # fmt: skip
     path = RESULTS / f"{NAME}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if results.get("config") != asdict(base):  # another setup's runs are not comparable: start afresh
         results = {}
     results["setup"] = setup_line(base)
     results["config"] = asdict(base)
+    for variant in args.variants if "continuation" in args.parts else ():
+        cont = results.setdefault("continuation", {})
+        if cont.get("_from") != [str(args.trained), args.continue_rounds]:
+            cont.clear()
+            cont["_from"] = [str(args.trained), args.continue_rounds]
+        cont[variant] = run_continuation(variant, base, Path(args.trained), args.continue_rounds, root)
+        write_report(results, root)
     if "hostile" in args.parts:
         results["hostile"] = run_hostile(base)
         write_report(results, root)

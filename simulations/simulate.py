@@ -133,10 +133,11 @@ def sample_recommendation(
     elif adaptation.kept:
         weights = (f"its own adaptation of {', '.join(sorted({k.split('.')[0] for k in adaptation.weights}))}, kept"
                    f" by its validation gate: held-out loss {adaptation.adapted_loss:.3f} vs population"
-                   f" {adaptation.population_loss:.3f}")  # fmt: skip
+                   f" {adaptation.population_loss:.3f}, {adaptation.z:.1f} standard errors better")  # fmt: skip
     elif cfg.adapt_epochs and cfg.split == "population":
-        weights = (f"the population model: its own adaptation did not beat it on its recent events (held-out"
-                   f" loss {adaptation.adapted_loss:.3f} vs {adaptation.population_loss:.3f})")  # fmt: skip
+        weights = (f"the population model: its own adaptation did not beat it clearly on its recent events"
+                   f" (held-out loss {adaptation.adapted_loss:.3f} vs {adaptation.population_loss:.3f},"
+                   f" {adaptation.z:.1f} standard errors; the gate needs {cfg.gate_z})")  # fmt: skip
     else:
         weights = "its own personal weights" if cfg.split != "population" else "the population model"
     head = (f"Signed on-device bundle: {out / 'bundle'} ({size:.1f} MB). Sample user {log.user_ids[user]} on the "

@@ -182,11 +182,12 @@ def test_sparse_device_trains_only_the_rows_it_uploads(cfg):
 
 def test_local_adaptation_is_gated_by_the_users_held_out_recent_events(cfg):
     """The device adapts only the split's adapted parts (time encoder, interest heads) from the population
-    values and serves whichever of the two predicts its last ``gate_events`` training events better; nothing
-    is saved, and evaluation reports the paired population metrics."""
-    from shared_model.training import next_item_scores
+    values and serves the adaptation only if it predicts its last ``gate_events`` training events better by
+    more than ``gate_z`` standard errors; nothing is saved, and evaluation reports the paired population
+    metrics."""
+    from shared_model.training import next_item_losses
 
-    run = replace(cfg, adapt_epochs=3, gate_events=2)
+    run = replace(cfg, adapt_epochs=3, gate_events=4, gate_z=0.0)
     shared = initial_shared(run)
     device = Device(run, 0, 3, Path(run.out_dir) / "devices")
     device.train(shared, server_round=1)
@@ -203,8 +204,11 @@ def test_local_adaptation_is_gated_by_the_users_held_out_recent_events(cfg):
         assert set(result.weights) == (adapted_names if result.kept else set())
         end = int(device.train_end[user])
         held_out = np.arange(end - run.gate_events, end)
-        loss = next_item_scores(device.model, device.log, int(device.log.user_ptr[user]), held_out)["loss"]
-        assert loss == pytest.approx(min(result.population_loss, result.adapted_loss), rel=1e-5)
+        losses = next_item_losses(device.model, device.log, int(device.log.user_ptr[user]), held_out)
+        assert losses.mean() == pytest.approx(min(result.population_loss, result.adapted_loss), rel=1e-5)
+        assert result.kept == (result.adapted_loss < result.population_loss)  # gate_z 0: any improvement
+        strict = Device(replace(run, gate_z=1e6), 0, 3, Path(run.out_dir) / "devices")
+        assert not strict.adapt(int(user), shared, server_round=2).kept  # no gain is a million errors wide
     assert {u: device.store(int(u)).path.read_bytes() for u in device.users} == stored  # nothing saved
     metrics = device.evaluate(shared, "val", server_round=2).metrics
     assert device.evaluate(shared, "val", server_round=2).metrics == metrics  # deterministic per round
