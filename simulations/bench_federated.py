@@ -9,6 +9,10 @@
   reach 80/90/95% of centralized, seconds per round; with local adaptation, the paired per-user comparison of
   serving with the device's gated adaptation vs the population values (all users, and the users whose gate
   kept their adaptation);
+* personalization with the current gate (``--parts personalization``): the default run's final population
+  model re-evaluated in-process with ``Device.evaluate`` (what each node runs in the final round), served
+  with the gated adaptations vs the population values, paired per user; so a changed gate is measured
+  without retraining the population model;
 * upload bytes per device per round for dense, sparse and sparse-with-decoys updates, with and without int8
   compression;
 * simulation throughput (device updates per second) for one user per node vs virtual users per node.
@@ -26,6 +30,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from client_sdk.device import Device
+from server.checkpoint import load_server_checkpoint
 from shared_model.config import FederatedConfig
 from simulations.simulate import run_simulation
 from simulations.train import train_and_report
@@ -42,7 +48,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 REACH = (0.8, 0.9, 0.95)
-PARTS = ("centralized", "federated", "bytes", "throughput")
+PARTS = ("centralized", "federated", "personalization", "bytes", "throughput")
 UPLOADS = (("dense", 0, "none"), ("sparse", 0, "none"), ("sparse", 50, "none"), ("sparse", 0, "int8"),
            ("sparse", 50, "int8"))  # fmt: skip
 
@@ -124,6 +130,19 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
                val=evaluated[-1]["val"], curve=[_point(h) for h in evaluated],
                seconds_per_round=_seconds_per_round(history), upload_bytes_per_device=history[0]["upload_bytes_per_device"],
                personalization=_personalization(evaluated[-1]))  # fmt: skip
+    if "personalization" in args.parts:
+        cfg = replace(base, out_dir=str(out / _folder("default")))
+        key = f"{dataset}/personalization/gate_z={cfg.gate_z},gate_events={cfg.gate_events}"
+        loaded = load_server_checkpoint(cfg.out_dir)
+        if key not in done and loaded is not None:
+            shared, last_round = loaded[0], loaded[1]
+            device = Device(cfg, 0, 1, Path(cfg.out_dir) / "personalization-devices")  # every user, one node
+            row: dict[str, dict[str, float]] = {}
+            for name, value in device.evaluate(shared, "val,test", last_round).metrics.items():
+                prefix, metric = name.split("/", 1)
+                row.setdefault(prefix, {})[metric] = value
+            record("personalization", key=key, round=last_round, gate_z=cfg.gate_z, gate_events=cfg.gate_events,
+                   adapt_epochs=cfg.adapt_epochs, personalization=_personalization(row))  # fmt: skip
     for upload, decoys, compress in UPLOADS if "bytes" in args.parts else ():
         key = f"{dataset}/bytes/{upload}/{decoys}" + ("" if compress == "none" else f"/{compress}")
         if key in done:
@@ -169,15 +188,13 @@ def summarise(runs: list[dict[str, Any]]) -> str:
                     for i, stage in ((4, "val"), (5, "test")):
                         reach = rounds_to_reach(r["curve"], central[stage]["ndcg@10"], stage)
                         cells[i] = "/".join("-" if v is None else str(v) for v in reach.values())
-                pers = r.get("personalization") or {}
-                if pers:
-                    cells[6] = f"{pers['kept']:.0%}"
-                    ratio = pers["test/served"] / pers["test/population"]
-                    kept = (pers["test/kept-served"] / pers["test/kept-population"]
-                            if pers.get("test/kept-population") else float("nan"))  # fmt: skip
-                    cells[7] = f"{ratio:.3f}x; {kept:.3f}x"
+                cells[6:8] = _personalization_cells(r.get("personalization") or {})
                 kb = r.get("upload_bytes_per_device")
                 cells[8:10] = [None if kb is None else kb / 1000, r.get("seconds_per_round")]
+            elif r["kind"] == "personalization":
+                name = (f"default's final model, gate z {r['gate_z']} on {r['gate_events']} events"
+                        f" (round {r['round']}, re-evaluated)")  # fmt: skip
+                cells[6:8] = _personalization_cells(r["personalization"])
             elif r["kind"] == "bytes":
                 name = f"upload {r['upload']} + {r['decoy_rows']} decoys" + (
                     f", {r['compress']}" if r.get("compress", "none") != "none" else ""
@@ -187,6 +204,16 @@ def summarise(runs: list[dict[str, Any]]) -> str:
                 name = f"{r['users_per_node']} user(s) per node: {r['updates_per_second']:.3g} updates/s"
             lines.append(f"| {dataset} | {name} | " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _personalization_cells(pers: dict[str, float]) -> list[Any]:
+    """Share of users whose gate kept their adaptation; served / population test NDCG@10 (all; kept users)."""
+    if not pers:
+        return [None, None]
+    ratio = pers["test/served"] / pers["test/population"]
+    kept = (pers["test/kept-served"] / pers["test/kept-population"]
+            if pers.get("test/kept-population") else float("nan"))  # fmt: skip
+    return [f"{pers['kept']:.0%}", f"{ratio:.3f}x; {kept:.3f}x"]
 
 
 def _cell(value: Any) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from simulations import bench_federated
 from simulations.bench_federated import rounds_to_reach
 
@@ -36,3 +38,9 @@ def test_benchmark_records_converged_centralized_curves_and_paired_personalizati
     assert "federated: default" in table and "centralized (" in table
     bench_federated.main(args)  # everything recorded: nothing runs again
     assert len((tmp_path / "results" / "tiny_runs.jsonl").read_text().splitlines()) == 2
+    # the final model re-evaluated in-process gives what the Flower run's final evaluation reported
+    bench_federated.main([*args[: args.index("--parts")], "--parts", "personalization", *args[args.index("--name"):]])
+    again = json.loads((tmp_path / "results" / "tiny_runs.jsonl").read_text().splitlines()[-1])
+    assert again["kind"] == "personalization" and again["round"] == 2
+    assert again["personalization"].keys() == pers.keys()
+    assert all(again["personalization"][k] == pytest.approx(v, rel=1e-6, abs=1e-9) for k, v in pers.items())
