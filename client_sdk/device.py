@@ -190,12 +190,13 @@ class Device:
         self._fit(user, (shared, personal), server_round, self.cfg.adapt_epochs, trainable=adapted)
         after = next_item_losses(self.model, self.log, start, held_out)
         gain = before - after
+        mean = float(gain.mean())
         se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
-        z = float(gain.mean() / se) if se > 0 else float(np.sign(gain.mean()) * np.inf) if gain.mean() else 0.0
-        kept = bool(gain.mean() > 0 and gain.mean() > self.cfg.gate_z * se)
+        kept = mean > 0 and mean > self.cfg.gate_z * se
         weights = {k: v.detach().numpy().copy() for k, v in self.model.named_parameters() if k in adapted}
         if not kept:
             load_parts(self.model, shared, personal)
+        z = mean / se if se > 0 else float("nan")
         return Adaptation(kept, weights if kept else {}, float(before.mean()), float(after.mean()), z)
 
     def train(self, shared: dict[str, np.ndarray], server_round: int) -> RoundResult:

@@ -194,7 +194,9 @@ class ValidatedFedAdam(ValidatedAggregation, FedAdam):
             weights = weights / weights.sum()
             for k in self.sent.keys() - robust.keys():
                 robust[k] = sum(w * a[k].astype(np.float64) for w, a in zip(weights, arrays, strict=True))
-        self._robust_aggregate = numpy_to_record({k: robust[k].astype(self.sent[k].dtype) for k in sorted(robust)})
+        self._robust_aggregate = numpy_to_record(
+            {k: robust[k].astype(self.sent[k].dtype) for k in sorted(robust)}
+        )
         try:  # Flower's FedAdam step, on the robust aggregate instead of its weighted mean
             return super().server_step(server_round, replies)
         finally:

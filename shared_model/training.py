@@ -105,7 +105,9 @@ def evaluate(
 
 
 @torch.no_grad()
-def next_item_losses(model: SequenceRecommender, log: InteractionLog, start: int, targets: np.ndarray) -> np.ndarray:
+def next_item_losses(
+    model: SequenceRecommender, log: InteractionLog, start: int, targets: np.ndarray
+) -> np.ndarray:
     """Cross-entropy of the full softmax (what training minimises) of each event in ``targets``, predicted from
     the events of ``[start, target)`` before it (one user's held-out recent events)."""
     model.eval()

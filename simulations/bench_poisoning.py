@@ -54,7 +54,11 @@ DEFENCES: dict[str, dict[str, Any]] = {
     "row_clip 0.5": {"row_clip": 0.5},
     "row_clip 0.05": {"row_clip": 0.05},
     "median": {"aggregation": "median"},
-    "item-table trimmed-mean 0.2": {"aggregation": "trimmed-mean", "trim_fraction": 0.2, "robust_scope": "item-tables"},
+    "item-table trimmed-mean 0.2": {
+        "aggregation": "trimmed-mean",
+        "trim_fraction": 0.2,
+        "robust_scope": "item-tables",
+    },
 }
 # run name -> (attacked, defence); the default defence and its cost come first
 PROPOSED = "default"
@@ -63,7 +67,12 @@ VARIANTS: dict[str, tuple[bool, str]] = {
     f"attack, {PROPOSED}": (True, PROPOSED),
     "attack": (True, "none"),
     "no attack": (False, "none"),
-    **{f"{a}, {d}": (a == "attack", d) for d in DEFENCES if d not in ("none", PROPOSED) for a in ("attack", "no attack")},
+    **{
+        f"{a}, {d}": (a == "attack", d)
+        for d in DEFENCES
+        if d not in ("none", PROPOSED)
+        for a in ("attack", "no attack")
+    },
 }
 ESSENTIAL = list(VARIANTS)[:4]  # the default defence with and without attack, and the same without defence
 PARTS = ("poisoning", "continuation", "hostile")
@@ -257,7 +266,9 @@ def paired_change(root: Path, variant: str, reference: str = "no attack") -> tup
 
 
 # ---------------------------------------------------------------------------------------------- attacking a trained federation
-def population_exposure(cfg: FederatedConfig, shared: dict[str, np.ndarray], users: np.ndarray, target: int) -> float:
+def population_exposure(
+    cfg: FederatedConfig, shared: dict[str, np.ndarray], users: np.ndarray, target: int
+) -> float:
     """Share of ``users`` with ``target`` in the population model's top-10 for their test event (history
     masked)."""
     import torch
@@ -308,7 +319,9 @@ def run_continuation(
     strategy.restore_server_state(load_server_state(trained))
     devices = [Device(cfg, p, num_nodes, out / "devices") for p in range(num_nodes)]
     parts = partition_users(log.num_users, num_nodes, cfg.seed)
-    honest = np.setdiff1d(devices[0].split.eval_users, np.concatenate([parts[p] for p in sorted(bad)] or [[]]))
+    honest = np.setdiff1d(
+        devices[0].split.eval_users, np.concatenate([parts[p] for p in sorted(bad)] or [[]])
+    )
     target = cold_target(log, cfg.seed)
     cohort_size = max(1, round(cfg.fraction_train * num_nodes))
     curve, attacks, t0 = [], 0, time.perf_counter()
@@ -509,7 +522,9 @@ def write_report(results: dict[str, Any], root: Path) -> None:
         for name, r in cont.items():
             ref = reference_run(name, r, cont)
             base = cont[ref]["exposure"] if ref else None
-            ratio = f"{r['exposure'] / base:.2f}" if base else ("-" if base is None else "n/a (0 without attack)")
+            ratio = (
+                f"{r['exposure'] / base:.2f}" if base else ("-" if base is None else "n/a (0 without attack)")
+            )
             lines.append(f"| {name} | {r['exposure']:.4f} | {r['max_exposure']:.4f} | {ratio} | {r['attacks']} | "
                          f"{r['test_ndcg@10']:.4f} | {r['minutes']:.1f} |")  # fmt: skip
     hostile = results.get("hostile", [])

@@ -39,7 +39,9 @@ def test_benchmark_records_converged_centralized_curves_and_paired_personalizati
     bench_federated.main(args)  # everything recorded: nothing runs again
     assert len((tmp_path / "results" / "tiny_runs.jsonl").read_text().splitlines()) == 2
     # the final model re-evaluated in-process gives what the Flower run's final evaluation reported
-    bench_federated.main([*args[: args.index("--parts")], "--parts", "personalization", *args[args.index("--name"):]])
+    bench_federated.main(
+        [*args[: args.index("--parts")], "--parts", "personalization", *args[args.index("--name") :]]
+    )
     again = json.loads((tmp_path / "results" / "tiny_runs.jsonl").read_text().splitlines()[-1])
     assert again["kind"] == "personalization" and again["round"] == 2
     assert again["personalization"].keys() == pers.keys()

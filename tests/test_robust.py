@@ -203,7 +203,9 @@ def test_fedadam_robust_on_the_item_tables_only():
     replies += [(attack, 5)]
     base = dict(server_optimizer="fedadam", server_tau=1e-8, row_clip=0.5, norm_bound=1e4)
     plain, _ = aggregate_round(FederatedConfig(**base), sent, replies)
-    scoped, _ = aggregate_round(FederatedConfig(**base, aggregation="median", robust_scope="item-tables"), sent, replies)
+    scoped, _ = aggregate_round(
+        FederatedConfig(**base, aggregation="median", robust_scope="item-tables"), sent, replies
+    )
     everything, _ = aggregate_round(FederatedConfig(**base, aggregation="median"), sent, replies)
     np.testing.assert_allclose(scoped["explanation.bias"], plain["explanation.bias"], rtol=1e-6)
     assert not np.allclose(everything["explanation.bias"], plain["explanation.bias"], rtol=1e-4)
