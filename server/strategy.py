@@ -171,14 +171,35 @@ class ValidatedFedAdam(ValidatedAggregation, FedAdam):
     ``robust`` set to "median" / "trimmed-mean", on Flower's coordinate-wise median / trimmed mean of them (one
     vote per device), so that the step's per-coordinate normalization cannot amplify a few devices' push.
     ``robust_scope="item-tables"`` takes the robust aggregate for the item tables only (where a promotion
-    attack pushes) and the example-weighted mean for every other array."""
+    attack pushes) and the example-weighted mean for every other array. ``tau_items`` > 0 gives the item
+    tables their own Adam epsilon, so that tiny consistent changes of rows honest devices barely move (a cold
+    item's) are not normalised into full steps."""
 
     robust: str = "mean"
     trim_fraction: float = 0.1
     robust_scope: str = "all"
+    tau_items: float = 0.0  # Adam's epsilon for the item tables (0: the strategy's tau)
     _robust_aggregate: ArrayRecord | None = None
 
     def server_step(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self._adam_step(server_round, replies)
+        if arrays is None or not self.tau_items:
+            return arrays, metrics
+        # the item tables' step again with their own epsilon, from the moments Flower's step just updated
+        eta_norm = (
+            self.eta
+            * np.sqrt(1 - self.beta_2 ** (server_round + 1.0))
+            / (1 - self.beta_1 ** (server_round + 1.0))
+        )
+        new = record_to_numpy(arrays)
+        for k in set(ITEM_TABLES) & new.keys():
+            step = eta_norm * self.m_t[k] / (np.sqrt(self.v_t[k]) + self.tau_items)
+            new[k] = (self.current_arrays[k] + step).astype(self.sent[k].dtype)
+        return numpy_to_record(new), metrics
+
+    def _adam_step(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.robust == "mean":
@@ -230,7 +251,7 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedAggregation:
         )
         if isinstance(strategy, ValidatedFedAdam):
             strategy.robust, strategy.trim_fraction = cfg.aggregation, cfg.trim_fraction
-            strategy.robust_scope = cfg.robust_scope
+            strategy.robust_scope, strategy.tau_items = cfg.robust_scope, cfg.server_tau_items
     elif cfg.aggregation == "trimmed-mean":
         strategy = ValidatedFedTrimmedAvg(beta=cfg.trim_fraction, **common)
     elif cfg.aggregation == "median":

@@ -154,6 +154,11 @@ class FederatedConfig:
         "fedadam", "fedadam (a server Adam step on the averaged update, state kept across rounds) | fedavg"
     )
     server_lr: float = _opt(2e-3, "FedAdam's server learning rate (eta)")
+    server_tau_items: float = _opt(
+        0.0,
+        "FedAdam's epsilon for the item tables (0 = server_tau): larger keeps tiny consistent changes of rows"
+        " that honest devices barely move (a cold item's) from becoming full server steps",
+    )
     server_tau: float = _opt(
         1e-8, "FedAdam's adaptivity (tau, added to sqrt(v)): small values follow small updates"
     )
@@ -208,8 +213,10 @@ class FederatedConfig:
             raise ValueError(f"server_optimizer must be fedavg or fedadam, got {self.server_optimizer!r}")
         if self.local_optimizer not in ("adamw", "sgd"):
             raise ValueError(f"local_optimizer must be adamw or sgd, got {self.local_optimizer!r}")
-        if not self.server_tau > 0:
-            raise ValueError(f"server_tau must be > 0, got {self.server_tau}")
+        if not self.server_tau > 0 or self.server_tau_items < 0:
+            raise ValueError(
+                f"server_tau must be > 0 and server_tau_items >= 0, got {self.server_tau}, {self.server_tau_items}"
+            )
         if self.upload not in ("dense", "sparse"):
             raise ValueError(f"upload must be dense or sparse, got {self.upload!r}")
         if self.compress not in ("none", "int8"):
