@@ -46,7 +46,7 @@ ATTACK_SHARE = 0.03  # share of the devices that attack
 BOOST = 0.9  # an attacker's update uses this share of the norm bound
 FAKE_PROFILES = 8  # fabricated profiles an attacker trains on
 TARGET_EVERY = 4  # the target item comes back every this many events of a fabricated profile
-DEFENCE_KEYS = ("row_clip", "clip_norm", "aggregation", "trim_fraction", "robust_scope")
+DEFENCE_KEYS = ("row_clip", "clip_norm", "aggregation", "trim_fraction", "robust_scope", "server_tau_items")
 NO_DEFENCE = {"row_clip": 0.0, "clip_norm": 0.0, "aggregation": "mean"}
 DEFENCES: dict[str, dict[str, Any]] = {
     "none": {},
@@ -58,6 +58,15 @@ DEFENCES: dict[str, dict[str, Any]] = {
         "aggregation": "trimmed-mean",
         "trim_fraction": 0.2,
         "robust_scope": "item-tables",
+    },
+    **{
+        f"item-table trimmed-mean 0.2, item epsilon {tau:g}": {
+            "aggregation": "trimmed-mean",
+            "trim_fraction": 0.2,
+            "robust_scope": "item-tables",
+            "server_tau_items": tau,
+        }
+        for tau in (1e-5, 1e-4)
     },
 }
 # run name -> (attacked, defence); the default defence and its cost come first
@@ -573,7 +582,8 @@ def main(argv: list[str] | None = None) -> None:
                            **NO_DEFENCE)  # no defence unless a variant adds one  # fmt: skip
     path = RESULTS / f"{NAME}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    if results.get("config") != asdict(base):  # another setup's runs are not comparable: start afresh
+    saved = results.get("config")  # fields added since take today's defaults
+    if saved is None or {**asdict(base), **saved} != asdict(base):  # another setup's runs: start afresh
         results = {}
     results["setup"] = setup_line(base)
     results["config"] = asdict(base)
