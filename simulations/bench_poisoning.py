@@ -59,6 +59,12 @@ DEFENCES: dict[str, dict[str, Any]] = {
         "trim_fraction": 0.2,
         "robust_scope": "item-tables",
     },
+    "row_clip 0.5 + item-table trimmed-mean 0.2": {
+        "row_clip": 0.5,
+        "aggregation": "trimmed-mean",
+        "trim_fraction": 0.2,
+        "robust_scope": "item-tables",
+    },
     **{
         f"item-table trimmed-mean 0.2, item epsilon {tau:g}": {
             "aggregation": "trimmed-mean",
