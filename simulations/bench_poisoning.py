@@ -1,23 +1,31 @@
 """Attack evaluations 2 and 3 of issue 6: model poisoning and hostile updates.
 
-**Poisoning** (real Flower simulations): ``ATTACK_SHARE`` of the devices run an item-promotion attack. Each
-round an attacking device trains a copy of the model on fabricated profiles whose sequences keep returning to a
+**Poisoning** (real Flower simulations): ``ATTACK_SHARE`` of the nodes (simulated devices; with virtual
+users, a node and the users it hosts) run an item-promotion attack. Each round an attacking node trains a copy of the model on fabricated profiles whose sequences keep returning to a
 cold target item (popular items in between, the target at the end), keeps the change this made to the target
 item's rows (its embedding and bias), and boosts it to ``BOOST`` times the server's norm bound: the largest
 update validation lets through, all of it on the target (explicit boosting, Bhagoji et al. 2019, aimed at one
-item as in federated-recommender poisoning). Its reply reports the example weight of the user it hosts. After
-the last round, for every honest user, the device's serving weights (final shared arrays + the personal weights
-from its encrypted store) give the top-10 (``shared_model.recommend``, history masked) and the test NDCG@10.
+item as in federated-recommender poisoning). Its reply reports the example weight of the users it hosts. After
+the last round, for every honest user, the device's serving weights (final shared arrays + its gated
+adaptation) give the top-10 (``shared_model.recommend``, history masked) and the test NDCG@10.
 Reported per run: the target's exposure (share of honest users with it in their top-10), test NDCG@10 with its
-standard error and the paired change against the run without attack, and how many attackers each round
-sampled (Flower's node sampling is not seeded, so runs differ in who is sampled).
+standard error and the paired change against the run without attack under the same defence, and how many
+attackers each round sampled (cohorts are seeded: the runs sample the same nodes).
+
+**Continuation** (in-process, through the product's strategy): an already trained run (``--trained``, its
+arrays and FedAdam moments) continues ``--continue-rounds`` rounds with seeded cohorts of nodes, honest nodes
+replying with ``Device.train`` and attacking nodes with the same promotion update: what happens when attackers
+join a deployed federation, the case FedAdam's per-coordinate normalization makes hardest. Reported: the
+population model's exposure of the target every 10 rounds and the honest users' test NDCG@10 at the end.
 
 **Hostile updates** (through the strategy, in-process): real device updates plus every hostile update of
 :func:`hostile_updates` in one round, for each aggregation: every hostile update must be rejected with a
 reason, the aggregate must equal the aggregate of the good updates alone, and the round must complete.
 
 Results go to ``simulations/results/poisoning.json`` (rewritten after every run) and ``poisoning.md``.
-Run: ``python -m simulations.bench_poisoning [--parts poisoning hostile] [--variants ...]``.
+Run: ``python -m simulations.bench_poisoning [--parts poisoning continuation hostile] [--variants ...]``; the
+default variants are the default defence and no defence, each with and without attack; every defence in
+``DEFENCES`` can be named (``--variants "attack, row_clip 0.05"``).
 """
 
 from __future__ import annotations
