@@ -19,7 +19,7 @@ from shared_model.data import InteractionLog, load_dataset
 from shared_model.partition import split_state
 from shared_model.training import model_for_run
 
-from .checkpoint import load_server_checkpoint, load_server_state, save_server_checkpoint
+from .checkpoint import load_server_state, resumable_checkpoint, save_server_checkpoint
 from .secagg import secagg_round
 from .strategy import ValidatedAggregation, make_strategy, numpy_to_record, record_to_numpy
 
@@ -71,8 +71,8 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
     strategy = make_strategy(cfg, wait_for_nodes(grid, cfg, log.num_users))
     if cfg.privacy != "dp":  # DP's accountant counts on amplification by sampling nobody can predict
         strategy.setup_sampling(node_partitions(grid, cfg.round_timeout), cfg.seed)
-    resumed = load_server_checkpoint(out)
-    if resumed is not None and resumed[3] == cfg.to_run_config():
+    resumed = resumable_checkpoint(cfg)
+    if resumed is not None:
         shared, start, history, _ = resumed
         strategy.restore_server_state(load_server_state(out))
         start += 1

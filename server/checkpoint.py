@@ -7,12 +7,17 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shared_model.config import FederatedConfig
+
 CHECKPOINT = "server_checkpoint.npz"
+# Settings a resumed run may change: how long it runs, how often it evaluates, where files live.
+RESUMABLE_CHANGES = frozenset({"num_rounds", "eval_every", "round_timeout", "out_dir", "data_dir"})
 
 
 def save_server_checkpoint(
@@ -62,3 +67,26 @@ def load_server_state(out_dir: str | Path) -> dict[str, np.ndarray]:
         return {}
     with np.load(path, allow_pickle=False) as data:
         return {k.removeprefix("server/"): data[k] for k in data.files if k.startswith("server/")}
+
+
+def resumable_checkpoint(
+    cfg: FederatedConfig,
+) -> tuple[dict[str, np.ndarray], int, list[dict[str, Any]], dict] | None:
+    """The checkpoint in ``cfg.out_dir`` if this run continues it, None when there is none.
+
+    A checkpoint saved with other training settings is an error naming them (a rerun must never silently
+    restart and overwrite rounds already trained); only :data:`RESUMABLE_CHANGES` may differ. Settings added
+    after the checkpoint was written count as their defaults."""
+    saved = load_server_checkpoint(cfg.out_dir)
+    if saved is None:
+        return None
+    before = FederatedConfig.from_run_config(saved[3])
+    changed = [f.name for f in fields(cfg) if f.name not in RESUMABLE_CHANGES
+               and getattr(before, f.name) != getattr(cfg, f.name)]  # fmt: skip
+    if changed:
+        diff = ", ".join(f"{n}: {getattr(before, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
+        raise ValueError(
+            f"{Path(cfg.out_dir) / CHECKPOINT} holds a run (round {saved[1]}) with other settings ({diff}); "
+            "rerun with its settings to continue it, or choose another --out"
+        )
+    return saved

@@ -42,7 +42,9 @@ def run_simulation(
     from client_sdk.device import cached_log
     from client_sdk.flower_client import make_client_app
     from server.app import make_server_app
+    from server.checkpoint import resumable_checkpoint
 
+    resumable_checkpoint(cfg)  # a rerun with other settings fails here, before Ray starts
     log = cached_log(cfg.dataset, cfg.data_dir)
     nodes = math.ceil(log.num_users / cfg.users_per_node)
     cpus = num_cpus or os.cpu_count() or 1

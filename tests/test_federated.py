@@ -275,6 +275,21 @@ def test_server_checkpoint_roundtrip(tmp_path):
     assert load_server_checkpoint(tmp_path / "none") is None
 
 
+def test_a_rerun_continues_only_its_own_checkpoint(tmp_path):
+    """More rounds continue a run; other training settings are refused (never a silent restart), and a
+    setting missing from an older checkpoint counts as its default."""
+    from server.checkpoint import resumable_checkpoint
+
+    cfg = FederatedConfig(out_dir=str(tmp_path), num_rounds=10)
+    assert resumable_checkpoint(cfg) is None
+    saved = cfg.to_run_config()
+    del saved["gate-z"]  # written before the setting existed
+    save_server_checkpoint(tmp_path, {"a": np.zeros(2, np.float32)}, 7, [{"round": 7}], saved)
+    assert resumable_checkpoint(replace(cfg, num_rounds=20, eval_every=5))[1] == 7
+    with pytest.raises(ValueError, match=r"round 7.*local_lr: .* -> 0\.5"):
+        resumable_checkpoint(replace(cfg, local_lr=0.5))
+
+
 def test_flower_app_config_in_pyproject_matches_defaults():
     import tomllib
 
