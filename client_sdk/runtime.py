@@ -101,11 +101,6 @@ class _Loaded:
         return len(self.item_ids)
 
     @functools.cached_property
-    def explanation_texts(self) -> np.ndarray:
-        """``explanations`` as an object array: a ranking's explanation ids index it in one operation."""
-        return np.array(self.explanations, dtype=object)
-
-    @functools.cached_property
     def catalogue_sha(self) -> str:
         return _ids_sha(self.item_ids)
 
@@ -345,10 +340,10 @@ class Recommender:
         scores = ranking["top_scores"][0, :k].tolist()
         heads = ranking["top_heads"][0, :k].tolist()
         expl = ranking.get("top_explanations")
-        texts = (
+        texts = (  # -1: the item has fewer attested explanations
             [[] for _ in range(k)]
             if expl is None
-            else b.explanation_texts[expl[0, :k, :explanations]].tolist()
+            else [[b.explanations[e] for e in row if e >= 0] for row in expl[0, :k, :explanations].tolist()]
         )
         ids, titles = b.item_ids, b.titles
         return [

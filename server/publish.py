@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from client_sdk.bundle import Manifest, verify_bundle
 from client_sdk.runtime import CATALOGUE
 from shared_model.data import InteractionLog, load_dataset
+from shared_model.data.split import LeaveOneOutSplit
 from shared_model.export import OPSET, check_graphs, export_model
 from shared_model.recommender import SequenceRecommender
 
@@ -80,7 +81,10 @@ def build_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".bundle-") as tmp:
         work = Path(tmp) / "bundle"
-        graphs = export_model(model, work, top_k=top_k, int8_items=int8_items)
+        candidates = LeaveOneOutSplit(log).explanation_candidates if len(log.vocab) else None
+        graphs = export_model(
+            model, work, top_k=top_k, explanation_candidates=candidates, int8_items=int8_items
+        )
         if check:
             check_graphs(graphs.graph_paths)
         text = json.dumps(catalogue(log), ensure_ascii=False).encode()

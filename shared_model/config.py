@@ -36,6 +36,7 @@ class ModelConfig:
     alpha: float = 0.5  # weight of the explanation cross-entropy
     beta: float = 0.1  # weight of the mutual-information terms
     gamma: float = 0.01  # weight of the head-diversity regulariser
+    head_balance: float = 0.1  # weight of the mean KL(each state's head prior || uniform)
     mi_temperature: float = 0.2
 
     def __post_init__(self) -> None:

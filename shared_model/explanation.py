@@ -14,6 +14,10 @@ Two InfoNCE lower bounds align the branches:
 The dynamic part: a small network maps each user state to two log-variances ``s``; the MI loss is
 ``exp(-s_1) nce_rec + s_1 + exp(-s_2) nce_exp + s_2`` (uncertainty weighting), so every user gets their own
 balance of the two terms. ``dynamic=False`` fixes ``s = 0`` (equal, fixed weights).
+
+What is shown for an item is ranked among the ids attested for that item only (:func:`attested_top`; the
+table: :func:`~shared_model.data.explanations.attested_explanations`), so an explanation always applies to
+the item it explains.
 """
 
 from __future__ import annotations
@@ -85,3 +89,24 @@ class ExplanationBranch(nn.Module):
         rec_term = torch.exp(-s[:, 0]) * nce_rec + s[:, 0]
         exp_term = torch.exp(-s[pick, 1]) * nce_exp + s[pick, 1]
         return rec_term.mean() + exp_term.mean()
+
+
+def attested_scores(scores: Tensor, candidates: Tensor) -> Tensor:
+    """Scores of each row's candidates: ``scores`` (N, V) over the vocabulary, ``candidates`` (N, M) ids
+    padded with -1 -> (N, M), ``-inf`` at padding."""
+    padded = torch.cat((scores, scores.new_full((len(scores), 1), -torch.inf)), dim=1)
+    return padded.gather(1, torch.where(candidates >= 0, candidates, scores.shape[1]))
+
+
+def attested_only(scores: Tensor, candidates: Tensor) -> Tensor:
+    """``scores`` (N, V) with ``-inf`` at every id not among the row's ``candidates`` (N, M, -1 padded)."""
+    allowed = scores.new_zeros(len(scores), scores.shape[1] + 1, dtype=torch.bool)
+    allowed.scatter_(1, torch.where(candidates >= 0, candidates, scores.shape[1]), True)
+    return scores.masked_fill(~allowed[:, :-1], -torch.inf)
+
+
+def attested_top(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
+    """The ``k`` best attested explanation ids of each row (N, k), best first; -1 where a row has fewer than
+    ``k`` candidates (``k`` <= M)."""
+    top = attested_scores(scores, candidates).topk(k, dim=1)
+    return torch.where(top.values > -torch.inf, candidates.gather(1, top.indices), -1)

@@ -19,10 +19,11 @@ restart, after re-encoding, when ``exclude`` changed, or for more than ``step_to
 (B, d) float32, exclude (B, num_items) bool.
 
 Ranking outputs of both: ``top_items`` (B, K) int64 dense item ids by decreasing score; ``top_scores`` (B, K)
-float32 (``F.linear`` against the item table + bias, exactly ``model.item_scores``; ``-inf`` once fewer than K
-items are left); ``top_heads`` (B, K) int64, each item's driving interest head
-(``head_contributions(...).argmax(-1)``); ``top_explanations`` (B, K, E) int64, each item's explanation ids by
-decreasing ``explanation_scores`` (only with an explanation branch). K (``step_top_k`` for the step graph,
+float32 (each item scored by its best interest head, exactly ``model.item_scores``; ``-inf`` once fewer than K
+items are left); ``top_heads`` (B, K) int64, each item's driving interest head, the head whose term is its
+score (``head_contributions(...).argmax(-1)``); ``top_explanations`` (B, K, E) int64, each item's explanation
+ids among those attested for the item, by decreasing ``explanation_scores``, -1 where the item has fewer than
+E (only with an explanation branch; the attested ids are stored as CSR initializers, :class:`AttestedTable`). K (``step_top_k`` for the step graph,
 ``top_k`` for the rank graph) is fixed at export; the runtime slices to its k.
 
 ``encoder.onnx`` -- re-encode a history of at most ``MAX_EVENTS`` events (after a new bundle or new personal
@@ -80,6 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.log import InteractionLog
+from .explanation import attested_top
 from .graph_io import MAX_EVENTS, encoder_inputs, exclude_mask, personalize, run_session, session
 from .model import TMEPSR
 from .partition import parameter_groups
@@ -162,24 +164,48 @@ class Int8Rows(nn.Module):
         return F.embedding(ids, self.weight)
 
 
-def _rank(model: TMEPSR, state: Tensor, exclude: Tensor, top_k: int, num_expl: int) -> tuple[Tensor, ...]:
-    """Ranking outputs for state vectors (B, d): top items, scores, driving heads[, explanation ids]."""
+class AttestedTable(nn.Module):
+    """The explanation ids attested for each item, stored compactly (CSR: ``ptr`` int32 (num_items + 1),
+    ``ids`` int16/int32) and read back as a (N, M) table padded with -1 (M: the widest item)."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        super().__init__()
+        lengths = (table >= 0).sum(1)
+        small = np.int16 if table.max(initial=0) < 2**15 else np.int32
+        ptr = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+        self.register_buffer("ptr", torch.from_numpy(ptr))
+        self.register_buffer("ids", torch.from_numpy(np.concatenate((table[table >= 0], [0])).astype(small)))
+        self.width = max(int(lengths.max(initial=0)), 1)
+
+    def forward(self, items: Tensor) -> Tensor:
+        start, end = self.ptr[items].long(), self.ptr[items + 1].long()
+        at = start[:, None] + torch.arange(self.width)
+        return torch.where(at < end[:, None], self.ids[at.clamp(max=len(self.ids) - 1)].long(), -1)
+
+
+def _rank(
+    model: TMEPSR, state: Tensor, exclude: Tensor, top_k: int, num_expl: int, attested: AttestedTable | None
+) -> tuple[Tensor, ...]:
+    """Ranking outputs for state vectors (B, d): top items, scores, driving heads[, explanation ids among the
+    ids attested for each item (-1 where an item has fewer)]."""
     scores = model.item_scores(state).masked_fill(exclude, -torch.inf)
     top_scores, top_items = scores.topk(top_k, dim=-1)
     heads = model.head_contributions(state, top_items).argmax(-1)
     if model.explanation is None:
         return top_items, top_scores, heads
     pairs = state[:, None].expand(-1, top_k, -1).reshape(-1, state.shape[-1])
-    expl = model.explanation_scores(pairs, top_items.reshape(-1)).topk(num_expl, dim=-1).indices
+    flat_items = top_items.reshape(-1)
+    scores = model.explanation_scores(pairs, flat_items)
+    expl = attested_top(scores, attested(flat_items), num_expl)
     return top_items, top_scores, heads, expl.reshape(*top_items.shape, num_expl)
 
 
 class _Graph(nn.Module):
     """Holds the model as ``self.model`` (so initializers are named ``model.<parameter>``)."""
 
-    def __init__(self, model: TMEPSR, top_k: int, num_expl: int) -> None:
+    def __init__(self, model: TMEPSR, top_k: int, num_expl: int, attested: AttestedTable | None) -> None:
         super().__init__()
-        self.model, self.top_k, self.num_expl = model, top_k, num_expl
+        self.model, self.top_k, self.num_expl, self.attested = model, top_k, num_expl, attested
 
 
 class _Step(_Graph):
@@ -195,12 +221,16 @@ class _Step(_Graph):
             time_state = torch.zeros(item.shape[0], 0)
         state, lru_state, time_state = self.model.step(item, timestamp, lru_state, time_state)
         next_states = (lru_state,) if self.model.time_encoder is None else (lru_state, time_state)
-        return *next_states, state, *_rank(self.model, state, exclude, self.top_k, self.num_expl)
+        return (
+            *next_states,
+            state,
+            *_rank(self.model, state, exclude, self.top_k, self.num_expl, self.attested),
+        )
 
 
 class _Rank(_Graph):
     def forward(self, state: Tensor, exclude: Tensor) -> tuple[Tensor, ...]:
-        return _rank(self.model, state, exclude, self.top_k, self.num_expl)
+        return _rank(self.model, state, exclude, self.top_k, self.num_expl, self.attested)
 
 
 class _Encoder(_Graph):
@@ -505,7 +535,7 @@ def _check_personal_read(protos: dict[str, onnx.ModelProto], personal: list[str]
 
 
 def _export_graphs(
-    model: TMEPSR, top_k: int, step_top_k: int, num_expl: int
+    model: TMEPSR, top_k: int, step_top_k: int, num_expl: int, attested: AttestedTable | None
 ) -> tuple[dict[str, onnx.ModelProto], dict[str, dict[str, Any]]]:
     """The three runtime graphs as exported (personal parameters still inside; GELUs in the form onnxruntime
     fuses, typed scalar constants folded) and their inputs/outputs."""
@@ -514,7 +544,10 @@ def _export_graphs(
     protos, io = {}, {}
     for name, (args, inputs, outputs) in _examples(model).items():
         with torch.no_grad():
-            protos[name] = _export_graph(modules[name](model, widths[name], num_expl), args, inputs, outputs)
+            graph_module = modules[name](
+                model, widths[name], num_expl, None if name == "encoder" else attested
+            )
+            protos[name] = _export_graph(graph_module, args, inputs, outputs)
         graph = protos[name].graph
         _fusable_gelu(graph)
         _fold_cast_like(graph)
@@ -527,15 +560,18 @@ def export_model(
     out_dir: str | Path,
     *,
     top_k: int = 50,
+    explanation_candidates: np.ndarray | None = None,
     num_explanations_out: int = 3,
     int8_items: bool = False,
     step_top_k: int = STEP_TOP_K,
 ) -> ExportedGraphs:
     """Export ``model`` (a :class:`TMEPSR`, any preset) to ``step.onnx``, ``rank.onnx``, ``encoder.onnx`` and
     ``personalize.onnx`` in ``out_dir``. ``top_k`` items (and ``num_explanations_out`` explanation ids for
-    each) are returned per rank call, the first ``step_top_k`` of them per step call (a narrower ranking is
-    a faster step); ``int8_items`` stores the item table as int8 rows with a per-row scale. The
-    model is not modified."""
+    each, among the ids attested for the item: ``explanation_candidates`` (num_items, M) int, -1 padded, as
+    :attr:`~shared_model.data.split.LeaveOneOutSplit.explanation_candidates`; required when the model
+    explains) are returned per rank call, the first ``step_top_k`` of them per step call (a narrower ranking
+    is a faster step); ``int8_items`` stores the item table as int8 rows with a per-row scale. The model is
+    not modified."""
     if not isinstance(model, TMEPSR):
         raise ExportError(
             f"only LRU-based models (TME-PSR and its presets) export to the on-device graphs; "
@@ -549,8 +585,18 @@ def export_model(
         model.item_emb = Int8Rows(model.item_emb.weight.detach())
     top_k = min(top_k, model.cfg.num_items)
     step_top_k = min(step_top_k, top_k)
-    num_expl = 0 if model.explanation is None else min(num_explanations_out, model.cfg.num_explanations)
-    protos, io = _export_graphs(model, top_k, step_top_k, num_expl)
+    attested = None
+    if model.explanation is not None:
+        if explanation_candidates is None:
+            raise ExportError("a model with an explanation branch needs explanation_candidates to export")
+        if explanation_candidates.shape[0] != model.cfg.num_items:
+            raise ExportError(f"explanation_candidates has {explanation_candidates.shape[0]} rows, "
+                              f"the model {model.cfg.num_items} items")  # fmt: skip
+        attested = AttestedTable(explanation_candidates)
+    num_expl = (
+        0 if attested is None else min(num_explanations_out, model.cfg.num_explanations, attested.width)
+    )
+    protos, io = _export_graphs(model, top_k, step_top_k, num_expl, attested)
     _check_personal_read(protos, personal)
     parts, overrides = {}, {}
     for name, proto in protos.items():

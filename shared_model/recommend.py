@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batching import input_batch
+from .batching import history_of, input_batch
 from .data.log import InteractionLog
+from .data.split import LeaveOneOutSplit
+from .explanation import attested_top
 from .recommender import SequenceRecommender
 
 
@@ -18,7 +20,7 @@ def recommend(
     model: SequenceRecommender, log: InteractionLog, user: int, k: int = 10, explanations: int = 2
 ) -> list[dict[str, Any]]:
     """Top-``k`` unseen items for ``user`` given their whole history, each with score, title, the interest
-    head that contributed most (TME-PSR) and the top explanation texts (when the model explains)."""
+    head that scored it (TME-PSR) and its top attested explanation texts (when the model explains)."""
     model.eval()
     lo, hi = log.user_ptr[user], log.user_ptr[user + 1]
     batch = input_batch(log, np.array([lo]), np.array([hi]), model.cfg.max_len)
@@ -33,10 +35,10 @@ def recommend(
         else None
     )
     expl = None
-    if model.explanation is not None and len(log.vocab):
-        expl = model.explanation_scores(state.expand(k, -1), items).topk(
-            min(explanations, len(log.vocab)), dim=-1
-        )
+    if model.explanation is not None and len(log.vocab):  # among the ids attested for each item
+        candidates = torch.as_tensor(LeaveOneOutSplit(log).explanation_candidates)[items]
+        n = min(explanations, candidates.shape[1])
+        expl = attested_top(model.explanation_scores(state.expand(k, -1), items), candidates, n)
     titles = log.item_meta.titles
     out = []
     for r, item in enumerate(items.tolist()):
@@ -45,9 +47,29 @@ def recommend(
             "title": titles[item] if titles else str(log.item_ids[item]),
             "score": float(top.values[r]),
             "head": None if heads is None else int(heads[r]),
-            "explanations": [] if expl is None else [log.vocab.texts[e] for e in expl.indices[r].tolist()],
+            "explanations": [] if expl is None else [log.vocab.texts[e] for e in expl[r].tolist() if e >= 0],
         })  # fmt: skip
     return out
+
+
+@torch.no_grad()
+def head_usage(
+    model: SequenceRecommender, log: InteractionLog, users: np.ndarray, k: int = 10
+) -> dict[str, Any]:
+    """How the interest heads share the top-``k`` unseen items of ``users`` (each user's whole history): the
+    share of users whose list draws on 2+ heads, and each head's share of all shown items."""
+    model.eval()
+    starts, ends = log.user_ptr[users], log.user_ptr[users + 1]
+    state = model.encode(input_batch(log, starts, ends, model.cfg.max_len))[:, -1]
+    scores = model.item_scores(state)
+    seen = history_of(log, starts, ends)
+    rows = np.repeat(np.arange(len(users)), seen.lengths())
+    scores[torch.as_tensor(rows), torch.as_tensor(seen.ids)] = -torch.inf
+    heads = model.head_contributions(state, scores.topk(k).indices).argmax(-1)
+    per_user = torch.tensor([len(set(row)) for row in heads.tolist()])
+    shares = torch.bincount(heads.reshape(-1), minlength=model.cfg.num_heads) / heads.numel()
+    return {"users": len(users), "multi_head_users": float((per_user >= 2).float().mean()),
+            "head_shares": [round(float(x), 3) for x in shares]}  # fmt: skip
 
 
 def recent_titles(log: InteractionLog, user: int, n: int = 3) -> str:

@@ -1,4 +1,4 @@
-"""What every sequence model in tme-psr shares: the item table, full-softmax scoring and the item loss."""
+"""What every sequence model in tme-psr shares: the item table, routed full-softmax scoring and the item loss."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from torch import Tensor, nn
 
 from .batching import Batch
 from .config import ModelConfig
-from .softmax_ce import full_softmax_cross_entropy
+from .softmax_ce import routed_softmax_cross_entropy
 
 
 class SequenceRecommender(nn.Module):
-    """Base class: an item table (``item_emb``, ``item_bias``; id 0 = padding) scored with ``F.linear``.
+    """Base class: an item table (``item_emb``, ``item_bias``; id 0 = padding) scored by interest vectors.
 
-    Subclasses implement :meth:`encode` (states after each event) and :meth:`user_vector`.
+    Subclasses implement :meth:`encode` (states after each event) and either :meth:`user_vector` (one vector
+    per state) or :meth:`interests_of` (several interests with log-priors; each item is scored by the
+    interests that match it, ``logsumexp_h (v_h . e_i + c_h) + b_i``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -31,22 +33,35 @@ class SequenceRecommender(nn.Module):
         raise NotImplementedError
 
     def user_vector(self, states: Tensor) -> Tensor:
-        """The vector that scores items, (..., d)."""
+        """The vector that scores items, (..., d), for a single-interest model."""
         raise NotImplementedError
 
-    def item_scores(self, states: Tensor) -> Tensor:
-        """Scores of every item (..., num_items): column ``i`` is dense item ``i`` (padding dropped)."""
-        return F.linear(self.user_vector(states), self.item_emb.weight[1:], self.item_bias[1:])
+    def interests_of(self, states: Tensor) -> tuple[Tensor, Tensor]:
+        """Interest vectors (..., H, d) and their log-priors (..., H) of states (..., d); one interest with
+        prior 0 (the user vector) unless a subclass has several."""
+        u = self.user_vector(states)
+        return u.unsqueeze(-2), u.new_zeros(*u.shape[:-1], 1)
 
-    def item_loss(self, user_vectors: Tensor, targets: Tensor) -> Tensor:
-        """Full-softmax next-item cross-entropy of user vectors (N, d) against dense item ids (N,)."""
-        return full_softmax_cross_entropy(user_vectors, self.item_emb.weight[1:], self.item_bias[1:], targets)
+    def item_scores(self, states: Tensor) -> Tensor:
+        """Scores of every item (..., num_items): column ``i`` is dense item ``i`` (padding dropped), scored by
+        the interests that match it, ``logsumexp_h (v_h . e_i + c_h) + b_i``."""
+        v, prior = self.interests_of(states)
+        if v.shape[-2] == 1:  # one interest: F.linear (the prior of a single interest is 0)
+            return F.linear(v[..., 0, :], self.item_emb.weight[1:], self.item_bias[1:])
+        logits = torch.matmul(v, self.item_emb.weight[1:].T) + prior.unsqueeze(-1)
+        return torch.logsumexp(logits, dim=-2) + self.item_bias[1:]
+
+    def item_loss(self, interests: Tensor, prior: Tensor, targets: Tensor) -> Tensor:
+        """Full-softmax next-item cross-entropy of the routed scores of interests (N, H, d) with log-priors
+        (N, H) against dense item ids (N,)."""
+        table, bias = self.item_emb.weight[1:], self.item_bias[1:]
+        return routed_softmax_cross_entropy(interests, prior, table, bias, targets)
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Training loss and its parts (plain next-item cross-entropy over every position with a target)."""
         assert batch.targets is not None, "training batches carry targets"
         has_target = batch.targets > 0
-        ce = self.item_loss(self.user_vector(self.encode(batch)[has_target]), batch.targets[has_target] - 1)
+        ce = self.item_loss(*self.interests_of(self.encode(batch)[has_target]), batch.targets[has_target] - 1)
         return ce, {"ce_items": ce.item(), "loss": ce.item()}
 
 

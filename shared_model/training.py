@@ -19,6 +19,7 @@ from .batching import history_of, input_batch, training_batch, training_windows
 from .config import MODEL_PRESETS, FederatedConfig, ModelConfig, TrainConfig, model_config_from_dict
 from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
+from .explanation import attested_only
 from .metrics import multilabel_metrics, ranking_metrics, target_ranks
 from .recommender import SequenceRecommender, build_model
 
@@ -82,7 +83,8 @@ def evaluate(
     offset = {"val": 2, "test": 1}[stage]
     targets_ev = log.user_ptr[eval_users + 1] - offset
     starts = log.user_ptr[eval_users]
-    ranks, expl_scores, expl_rows = [], [], []
+    ranks, expl_scores, attested, expl_rows = [], [], [], []
+    candidates = torch.as_tensor(split.explanation_candidates) if model.explanation is not None else None
     for b in range(0, len(eval_users), batch_size):
         s, t = starts[b : b + batch_size], targets_ev[b : b + batch_size]
         batch = input_batch(log, s, t, model.cfg.max_len).to(device)
@@ -91,7 +93,9 @@ def evaluate(
         ranks.append(target_ranks(scores, log.item[t], history_of(log, s, t)))
         if model.explanation is not None and len(log.vocab):
             items = torch.as_tensor(log.item[t], device=device)
-            expl_scores.append(model.explanation_scores(last, items).cpu().numpy())
+            whole = model.explanation_scores(last, items).cpu()
+            expl_scores.append(whole.numpy())
+            attested.append(attested_only(whole, candidates[items.cpu()]).numpy())
             expl_rows.append(t)
     out = ranking_metrics(np.concatenate(ranks))
     out["users"] = float(len(eval_users))
@@ -101,6 +105,9 @@ def evaluate(
         if labels.lengths().any():
             em = multilabel_metrics(np.concatenate(expl_scores), labels, ks=(10,))
             out |= {"expl_recall@10": em["recall@10"], "expl_ndcg@10": em["ndcg@10"]}
+            # what is shown: ranked among the ids attested for the item (a label never attested is a miss)
+            am = multilabel_metrics(np.concatenate(attested), labels, ks=(10,))
+            out |= {"expl_attested_recall@10": am["recall@10"], "expl_attested_ndcg@10": am["ndcg@10"]}
     return out
 
 

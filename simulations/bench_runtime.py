@@ -103,6 +103,7 @@ def run_catalogue(
 ) -> dict[str, Any]:
     from server.publish import build_bundle, model_from_checkpoint
     from shared_model.data import load_dataset
+    from shared_model.data.split import LeaveOneOutSplit
     from shared_model.export import export_model, int8_effect
     from shared_model.recommender import build_model
     from shared_model.training import model_config_for
@@ -138,8 +139,9 @@ def run_catalogue(
     if trained:
         users = np.flatnonzero(np.diff(log.user_ptr) >= 3)[: args.int8_users]
         with tempfile.TemporaryDirectory() as tmp:
-            fp32 = export_model(model, Path(tmp) / "fp32")
-            int8 = export_model(model, Path(tmp) / "int8", int8_items=True)
+            candidates = LeaveOneOutSplit(log).explanation_candidates
+            fp32 = export_model(model, Path(tmp) / "fp32", explanation_candidates=candidates)
+            int8 = export_model(model, Path(tmp) / "int8", explanation_candidates=candidates, int8_items=True)
             row["int8_effect"] = int8_effect(fp32, int8, log, users)
     return row
 

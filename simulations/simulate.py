@@ -16,6 +16,7 @@ import numpy as np
 from client_sdk.device import Device
 from shared_model.config import FederatedConfig
 
+HEAD_USAGE_USERS = 200  # users whose top-k lists summarise how the interest heads share the recommendations
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -106,7 +107,7 @@ def sample_recommendation(
     from client_sdk.runtime import Recommender
     from server.publish import build_bundle
     from shared_model.partition import load_parts
-    from shared_model.recommend import format_recommendations, recent_titles
+    from shared_model.recommend import format_recommendations, head_usage, recent_titles
 
     out = Path(cfg.out_dir)
     device = Device(cfg, 0, 1, out / "devices")
@@ -144,4 +145,11 @@ def sample_recommendation(
         weights = "its own personal weights" if cfg.split != "population" else "the population model"
     head = (f"Signed on-device bundle: {out / 'bundle'} ({size:.1f} MB). Sample user {log.user_ids[user]} on the "
             f"on-device runtime (onnxruntime, {weights}; {len(rec.history)} stored events; most recent: {recent})")  # fmt: skip
-    return head + "\n" + format_recommendations([asdict(r) for r in rec.recommend(k)])
+    lines = [head, format_recommendations([asdict(r) for r in rec.recommend(k)])]
+    if device.model.cfg.num_heads > 1:
+        usage = head_usage(device.model, log, device.split.eval_users[:HEAD_USAGE_USERS], k)
+        shares = " / ".join(f"{x:.0%}" for x in usage["head_shares"])
+        lines.append(f"Interest heads over the top-{k}s of {usage['users']} users (population model): "
+                     f"{usage['multi_head_users']:.0%} of the lists draw on 2+ heads; heads' shares of the "
+                     f"shown items {shares}")  # fmt: skip
+    return "\n".join(lines)

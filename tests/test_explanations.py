@@ -1,9 +1,12 @@
-"""Explanation vocabularies: the three labelling rules on hand-made data."""
+"""Explanation vocabularies: the three labelling rules and the attested table on hand-made data."""
 
 from __future__ import annotations
 
-from shared_model.data import InteractionLog, Ragged
+import numpy as np
+
+from shared_model.data import InteractionLog, ItemMeta, Ragged
 from shared_model.data.explanations import (
+    attested_explanations,
     history_matched_labels,
     mine_review_phrases,
     review_phrases,
@@ -54,3 +57,18 @@ def test_review_phrases_group_near_duplicates():
     assert vocab.texts == ("great sound",)
     assert labels == [[0], [0], [0], []]
     assert "coverage 3/4" in vocab.rule
+
+
+def test_attested_explanations_list_what_applies_to_each_item():
+    """Labels of the given (training) events first, most used first; then the item's attributes that are
+    vocabulary texts; nothing from events left out; -1 padding; the width keeps the most used."""
+    meta = ItemMeta(attribute_names=NAMES, attributes=ATTRS)
+    log = InteractionLog.from_events(
+        "t", [0, 0, 0, 0], [1, 0, 2, 3], [1, 2, 3, 4], "seconds", item_universe=[0, 1, 2, 3], item_meta=meta
+    )
+    log = tag_or_genre_labels(log, ATTRS, NAMES, {(0, 0): ["funny"], (5, 0): ["funny"], (0, 3): ["funny"]})
+    assert [log.explanations.row(e).tolist() for e in range(4)] == [[1], [3], [0], [3]]
+    table = attested_explanations(log, np.array([0, 1, 2]))  # event 3 (item 3 tagged funny) is held out
+    assert table.shape == (4, 32) and table.dtype == np.int64
+    assert [row[row >= 0].tolist() for row in table] == [[3, 0, 1], [1], [0, 2], []]
+    assert attested_explanations(log, np.array([0, 1, 2]), width=2)[0].tolist() == [3, 0]

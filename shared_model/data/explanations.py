@@ -1,6 +1,6 @@
 """Explanation vocabularies and per-event explanation labels.
 
-Three rules, each stated in the vocabulary it produces:
+Three labelling rules, each stated in the vocabulary it produces:
 
 * :func:`history_matched_labels` (genres, item attributes): the event's label is the attribute of the item
   that the user's *earlier* events carried most often (ties: the attribute used by fewer items, i.e. the more
@@ -12,6 +12,12 @@ Three rules, each stated in the vocabulary it produces:
   stemmed content words are equal are one group (near-duplicates), and a group is kept when at least
   ``min_users`` distinct users wrote it. An event's labels are the kept phrases of its review, most
   specific (fewest users) first, at most ``max_labels``.
+
+What may be *shown* for an item is narrower than the vocabulary: :func:`attested_explanations` lists, per
+item, the explanation ids attested for it (its attributes that are in the vocabulary, and the labels of its
+training events: tags applied to it, phrases written about it), so an explanation never names a genre, tag or
+phrase the item does not have. In a deployment this table is catalogue data (item attributes, public tags or
+reviews) that the bundle carries; the benchmarks build it from the training events only.
 """
 
 from __future__ import annotations
@@ -158,3 +164,34 @@ def mine_review_phrases(
         f"coverage {covered}/{len(labels)} reviews"
     )
     return ExplanationVocab(vocab_texts, rule), labels
+
+
+def attested_explanations(log: InteractionLog, events: np.ndarray, width: int = 32) -> np.ndarray:
+    """Per item, the explanation ids attested for it, most often first: ``(num_items, width)`` int64, padded
+    with -1 (items with more keep their ``width`` most frequent).
+
+    Attested: the labels of ``events`` (event indices, the training events) on the item, and the item's
+    attributes whose name is a vocabulary text (genres); an attribute no event used ranks after every label
+    that events used. Ties: lower id first."""
+    num_vocab = len(log.vocab)
+    labels = log.explanations.take(events)
+    items = np.repeat(log.item[events], labels.lengths())
+    keys = [items * num_vocab + labels.ids]
+    meta, text_id = log.item_meta, {t: i for i, t in enumerate(log.vocab.texts)}
+    if meta.attributes is not None and num_vocab:
+        vocab_of_attr = np.array([text_id.get(n, -1) for n in meta.attribute_names], dtype=np.int64)
+        attr_items = np.repeat(np.arange(len(meta.attributes)), meta.attributes.lengths())
+        attr_ids = vocab_of_attr[meta.attributes.ids] if len(vocab_of_attr) else np.zeros(0, np.int64)
+        keys.append(attr_items[attr_ids >= 0] * num_vocab + attr_ids[attr_ids >= 0])
+    pairs, counts = np.unique(np.concatenate(keys).astype(np.int64), return_counts=True)
+    label_counts = (
+        np.bincount(np.searchsorted(pairs, keys[0]), minlength=len(pairs)) if len(pairs) else counts
+    )
+    item, expl = np.divmod(pairs, max(num_vocab, 1))
+    order = np.lexsort((expl, -label_counts, item))  # by item, then most used, then id
+    item, expl = item[order], expl[order]
+    rank = np.arange(len(item)) - np.searchsorted(item, item)  # position within the item's list
+    table = np.full((log.num_items, width), -1, dtype=np.int64)
+    keep = rank < width
+    table[item[keep], rank[keep]] = expl[keep]
+    return table

@@ -46,6 +46,14 @@ class LeaveOneOutSplit:
         mask[self.target_events("test")] = False
         return mask
 
+    @cached_property
+    def explanation_candidates(self) -> np.ndarray:
+        """Per item, the explanation ids attested for it in the training events (and its attributes in the
+        vocabulary), -1 padded: what may be shown for it (:func:`~.explanations.attested_explanations`)."""
+        from .explanations import attested_explanations
+
+        return attested_explanations(self.log, np.flatnonzero(self.train_mask))
+
 
 @dataclass(frozen=True, eq=False)
 class UserData:
