@@ -242,8 +242,17 @@ class FederatedConfig:
             self._check_secagg()
         if not 0 < self.fraction_train <= 1 or not 0 <= self.min_reply_fraction <= 1:
             raise ValueError("fractions must lie in (0, 1]")
-        if self.users_per_node < 1 or self.num_rounds < 1:
-            raise ValueError("users_per_node and num_rounds must be >= 1")
+        if min(self.users_per_node, self.num_rounds, self.local_epochs, self.max_len, self.eval_every) < 1:
+            raise ValueError("users_per_node, num_rounds, local_epochs, max_len and eval_every must be >= 1")
+        if not min(self.local_lr, self.server_lr, self.round_timeout) > 0 or self.decoy_rows < 0:
+            raise ValueError("local_lr, server_lr and round_timeout must be > 0 and decoy_rows >= 0")
+        if not 0 < self.fraction_evaluate <= 1:
+            raise ValueError("fractions must lie in (0, 1]")
+        heads = MODEL_PRESETS[self.preset].get("num_heads", ModelConfig.num_heads)
+        if self.d_model < 1 or self.d_model % heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be a positive multiple of the preset's {heads} heads"
+            )
 
     def _check_secagg(self) -> None:
         """SecAgg+ sums dense updates the server never sees one by one (server.secagg)."""

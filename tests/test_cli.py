@@ -124,3 +124,20 @@ def test_train_resume_continues_and_refuses_to_overwrite(tmp_path, capsys):
     assert main([*args, "--epochs", "3", "--resume"]) == 0
     history = json.loads((out / "results.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--local-lr", "-1"], "local_lr, server_lr and round_timeout must be > 0"),
+        (["--max-len", "0"], "max_len and eval_every must be >= 1"),
+        (["--eval-every", "0"], "max_len and eval_every must be >= 1"),
+        (["--d-model", "30"], "d_model=30 must be a positive multiple of the preset's 4 heads"),
+        (["--split", "bogus"], "unknown split 'bogus'"),
+    ],
+)
+def test_simulate_refuses_bad_settings_before_anything_runs(tmp_path, capsys, option, message):
+    """A setting no run can use is an error at once (exit 2, one line), not failed rounds or a traceback."""
+    assert main(["simulate", *option, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
