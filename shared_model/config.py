@@ -40,8 +40,15 @@ class ModelConfig:
     mi_temperature: float = 0.2
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.num_items < 1:
             raise ValueError("num_items must be >= 1")
+        if min(self.max_len, self.d_model, self.num_heads, self.num_blocks) < 1:
+            raise ValueError("max_len, d_model, num_heads and num_blocks must be >= 1")
+        if not 0 <= self.dropout < 1 or min(self.alpha, self.beta, self.gamma, self.head_balance) < 0:
+            raise ValueError("dropout must lie in [0, 1) and the loss weights must be >= 0")
+        if not self.mi_temperature > 0:
+            raise ValueError("mi_temperature must be > 0")
         if self.lru_state_expansion < 1:
             raise ValueError("lru_state_expansion must be >= 1")
         if self.d_model % self.num_heads:
@@ -71,6 +78,28 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if min(self.batch_size, self.max_epochs, self.patience, self.eval_every, self.eval_batch_size) < 1:
+            raise ValueError("batch_size, max_epochs, patience, eval_every and eval_batch_size must be >= 1")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0 and weight_decay >= 0")
+        if (self.grad_clip is not None and not self.grad_clip > 0) or (
+            self.max_minutes is not None and not self.max_minutes > 0
+        ):
+            raise ValueError("grad_clip and max_minutes must be > 0 (or None)")
+
+
+def _check_types(cfg: Any) -> None:
+    """Every scalar field holds its declared type (an int where a float is declared is fine)."""
+    for f in fields(cfg):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(kind.split(" ")[0])
+        if kind.endswith("| None") and value is None or expected is None:
+            continue
+        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+            raise ValueError(f"{f.name} must be {kind}, got {value!r}")
 
 
 def to_json(cfg: ModelConfig | TrainConfig) -> str:

@@ -52,6 +52,12 @@ def train_and_report(
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODEL_PRESETS)}, popularity")
     cfg = model_config_for(log, **(MODEL_PRESETS[model] | (overrides or {})))
     train_cfg = TrainConfig(**train_kwargs)
+    if train_cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {train_cfg.device!r}: this torch build has no CUDA device; use --device cpu"
+        )
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file: results go into a folder")
     state = out / STATE_FILE
     if state.exists() and not resume:
         raise FileExistsError(f"{state} holds a training run: resume it, or train into another folder")

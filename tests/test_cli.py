@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from simulations.cli import main
 
@@ -141,3 +142,28 @@ def test_simulate_refuses_bad_settings_before_anything_runs(tmp_path, capsys, op
     assert main(["simulate", *option, "--out", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--epochs", "0"], "max_epochs, patience, eval_every and eval_batch_size must be >= 1"),
+        (["--set", '{"bogus": 1}'], "unknown model settings ['bogus']; known: alpha"),
+        (["--set", '{"max_len": 0}'], "max_len, d_model, num_heads and num_blocks must be >= 1"),
+        (["--set", '{"d_model": "abc"}'], "d_model must be int, got 'abc'"),
+        (["--device", "cuda"], "no CUDA device; use --device cpu"),
+    ],
+)
+def test_train_refuses_bad_settings_before_training(tmp_path, capsys, option, message):
+    if option[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert main(["train", "--out", str(tmp_path / "run"), *option]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_train_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    """Checked before training, so no trained model is lost at save time."""
+    (tmp_path / "taken").write_text("")
+    assert main(["train", "--out", str(tmp_path / "taken")]) == 2
+    assert "is a file" in capsys.readouterr().err
