@@ -13,6 +13,8 @@ recurrent state and weights are kept in the store.
 Defined behaviour for awkward input:
 
 * unknown item id: :class:`UnknownItem` (``on_unknown="error"``, the default) or ignored (``"ignore"``);
+* a timestamp that is not a whole number of unix seconds in ``[0, 2**40)`` (milliseconds, negative, NaN, a
+  string): :class:`RuntimeInputError`, nothing recorded; so is a ``k`` that is not an int in ``1..top_k``;
 * a timestamp before the last event: :class:`OutOfOrderEvent` (``on_backwards="error"``) or recorded at the
   last event's time (``"clamp"``); an exact repeat of the last event (same item and time) is ignored;
 * empty history (cold start): recommendations from the zero state (item bias and explanation priors);
@@ -38,6 +40,7 @@ import numpy as np
 import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from shared_model.data.readers import MAX_TIMESTAMP
 from shared_model.graph_io import encoder_inputs, exclude_mask, personalize, run_session, session
 
 from .bundle import Manifest, load_public_key, verify_bundle
@@ -48,6 +51,18 @@ CATALOGUE = "catalogue.json.gz"  # gzip-compressed JSON (older bundles: "catalog
 
 class RuntimeInputError(ValueError):
     """An event or request the runtime refuses; nothing was changed."""
+
+
+def _unix_seconds(timestamp: object) -> int:
+    """``timestamp`` as whole unix seconds in ``[0, MAX_TIMESTAMP)``, or a :class:`RuntimeInputError`."""
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float | np.integer | np.floating):
+        raise RuntimeInputError(f"timestamp must be a number of unix seconds, got {timestamp!r}")
+    if not (math.isfinite(timestamp) and float(timestamp).is_integer() and 0 <= timestamp < MAX_TIMESTAMP):
+        hint = " (milliseconds? divide by 1000)" if MAX_TIMESTAMP <= timestamp < 1000 * MAX_TIMESTAMP else ""
+        raise RuntimeInputError(
+            f"timestamp must be whole unix seconds in [0, 2**40), got {timestamp!r}{hint}"
+        )
+    return int(timestamp)
 
 
 class UnknownItem(RuntimeInputError):
@@ -202,6 +217,11 @@ class Recommender:
         on_backwards: Literal["error", "clamp"],
         threads: int,
     ) -> None:
+        if on_unknown not in ("error", "ignore") or on_backwards not in ("error", "clamp"):
+            raise RuntimeInputError(
+                f"on_unknown must be 'error' or 'ignore' and on_backwards 'error' or 'clamp', "
+                f"got {on_unknown!r}, {on_backwards!r}"
+            )
         self._b = loaded
         self._store = store
         self._rec = record
@@ -270,10 +290,10 @@ class Recommender:
         """Add one event and update the recurrent state in O(1); returns False if the event was ignored
         (an unknown item with ``on_unknown="ignore"``, or a repeat of the last event). ``save=False`` defers
         writing the store (call :meth:`save`), e.g. when replaying many events."""
+        t = _unix_seconds(timestamp)
         dense = self._dense(item)
         if dense is None:
             return False
-        t = int(timestamp)
         items, times = self._items, self._times
         if times and t < times[-1]:
             if self.on_backwards == "error":
@@ -328,7 +348,7 @@ class Recommender:
         top explanation texts."""
         b = self._b
         top_k = b.spec["top_k"]
-        if not 1 <= k <= top_k:
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= top_k:
             raise RuntimeInputError(f"k must be in 1..{top_k} (the bundle's top_k), got {k}")
         ranking = self._ranking if exclude_seen else None
         if ranking is None or k > ranking["top_items"].shape[1]:

@@ -127,13 +127,24 @@ def test_bad_events_have_defined_behaviour(env, tmp_path):
     assert all(a.score >= b.score for a, b in zip(unmasked, masked, strict=True))  # ranks over a superset
     with pytest.raises(RuntimeInputError, match="k must be"):
         rec.recommend(21)
+    with pytest.raises(RuntimeInputError, match="k must be"):
+        rec.recommend("5")
+    second = log.item_ids[1]
+    for bad, message in [(1_700_000_000_000, "milliseconds"), (-5, r"\[0, 2\*\*40\)"), (2**62, r"2\*\*40"),
+                         (float("nan"), "nan"), (1_500.5, "whole"), ("1500", "number of unix seconds")]:  # fmt: skip
+        with pytest.raises(RuntimeInputError, match=message):
+            rec.record(second, bad)
+    assert rec.history == [(str(first), 1_000)]  # nothing recorded
+    assert rec.record(second, 1_500.0) and rec.history[-1] == (str(second), 1_500)  # a whole float is fine
+    with pytest.raises(RuntimeInputError, match="on_backwards"):
+        _open(env, tmp_path, on_backwards="bogus")
     lenient = _open(env, tmp_path, on_unknown="ignore", on_backwards="clamp")
     assert not lenient.record("no-such-item", 3_000)
     assert lenient.record(log.item_ids[2], 10)  # clamped to the last event's time
-    assert lenient.history[-1] == (str(log.item_ids[2]), 1_000)
+    assert lenient.history[-1] == (str(log.item_ids[2]), 1_500)
     with pytest.raises(OutOfOrderEvent):
         lenient.sync_history([(log.item_ids[0], 5), (log.item_ids[1], 4)])
-    assert len(lenient.history) == 2  # nothing changed
+    assert len(lenient.history) == 3  # nothing changed
 
 
 def test_tampered_or_foreign_bundles_are_refused_and_the_old_one_stays(env, tmp_path):

@@ -66,13 +66,16 @@ def parse_int(value: str, path: Path, line: int | None, what: str) -> int:
         raise DataFormatError(path, f"{what} is not an integer: {value!r}", line=line) from None
 
 
+MAX_TIMESTAMP = 2**40  # unix seconds accepted (year 36,812); millisecond timestamps of today exceed it
+
+
 def parse_timestamp(value: str, path: Path, line: int | None) -> int:
     """Unix seconds from an integer or float string; negative or non-finite values are rejected."""
     try:
         ts = float(value.strip())
     except (ValueError, AttributeError):
         raise DataFormatError(path, f"timestamp is not a number: {value!r}", line=line) from None
-    if not (0 <= ts < 2**40):
+    if not (0 <= ts < MAX_TIMESTAMP):
         raise DataFormatError(path, f"timestamp out of range: {value!r}", line=line)
     return int(ts)
 
