@@ -113,11 +113,15 @@ class Manifest:
 
 
 def load_public_key(source: Ed25519PublicKey | str | Path | bytes) -> Ed25519PublicKey:
-    """An Ed25519 public key from PEM bytes or from the path of a PEM file (a key object is returned as is)."""
+    """An Ed25519 public key from PEM bytes or text, or from the path of a PEM file (a key object is returned
+    as is)."""
     if isinstance(source, Ed25519PublicKey):
         return source
-    pem = source if isinstance(source, bytes) else Path(source).read_bytes()
-    label = "the given PEM bytes" if isinstance(source, bytes) else str(source)
+    is_text = isinstance(source, str) and source.lstrip().startswith("-----BEGIN")
+    if isinstance(source, bytes) or is_text:
+        pem, label = (source.encode() if is_text else source), "the given PEM"
+    else:
+        pem, label = Path(source).read_bytes(), str(source)
     try:
         key = serialization.load_pem_public_key(pem)
     except ValueError as exc:

@@ -52,7 +52,7 @@ def generate_keys(out_dir: str | Path, passphrase: str, *, overwrite: bool = Fal
     existing = [str(path) for path in (private_path, public_path) if path.exists() or path.is_symlink()]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{existing} already exist; pass overwrite=True to replace them "
+            f"{existing} already exist; replace them with overwrite=True (tmepsr keys --overwrite) "
             "(devices that pin the old public key will then refuse new bundles)"
         )
     key = Ed25519PrivateKey.generate()

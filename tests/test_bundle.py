@@ -101,7 +101,7 @@ def test_wrong_passphrase_is_refused_clearly(tmp_path: Path) -> None:
 def test_generate_keys_refuses_to_overwrite_and_empty_passphrases(tmp_path: Path) -> None:
     private_path, public_path = generate_keys(tmp_path, "pw")
     before = private_path.read_bytes(), public_path.read_bytes()
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"overwrite=True \(tmepsr keys --overwrite\)"):
         generate_keys(tmp_path, "pw")
     assert (private_path.read_bytes(), public_path.read_bytes()) == before
     generate_keys(tmp_path, "pw2", overwrite=True)
@@ -138,11 +138,16 @@ def test_load_private_key_refuses_unusable_keys(tmp_path: Path, pem: bytes, mess
         load_private_key(path, "pw")
 
 
+RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def test_load_public_key_accepts_pem_bytes_and_refuses_other_keys(tmp_path: Path) -> None:
     pem = KEY.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     assert isinstance(load_public_key(pem), type(KEY.public_key()))
+    as_text = load_public_key(pem.decode())  # PEM text (e.g. from an app's config) is a key, not a path
+    assert as_text.public_bytes(*RAW) == KEY.public_key().public_bytes(*RAW)
     ec_pem = (
         ec.generate_private_key(ec.SECP256R1())
         .public_key()
