@@ -281,6 +281,11 @@ class Recommender:
         return self._b.item_ids
 
     @property
+    def catalogue_titles(self) -> list[str]:
+        """The catalogue's titles, in the order of :attr:`catalogue_ids`."""
+        return self._b.titles
+
+    @property
     def history(self) -> list[tuple[str, int]]:
         """The recorded events as (source item id, unix seconds), oldest first."""
         return [(self._b.item_ids[i], t) for i, t in zip(self._items, self._times, strict=True)]

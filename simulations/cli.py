@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client_sdk.bundle import BundleError
 from client_sdk.store import StoreError
@@ -17,6 +18,10 @@ from shared_model.data import (
 )
 from shared_model.data.locate import data_root
 from shared_model.data.stats import log_stats
+
+if TYPE_CHECKING:
+    from client_sdk.runtime import Recommender
+    from shared_model.data import InteractionLog
 
 
 def _cmd_data_list(args: argparse.Namespace) -> int:
@@ -167,6 +172,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_same_catalogue(log: InteractionLog, rec: Recommender) -> None:
+    """Refuse to replay a dataset whose item ids name other items than the bundle's catalogue (ids that merely
+    collide, e.g. MovieLens 100k's "1" vs latest-small's "1"): compared by title where both have titles."""
+    if log.name == rec.manifest.data.get("dataset") or not log.item_meta.titles:
+        return
+    mine = dict(zip(map(str, log.item_ids), log.item_meta.titles, strict=True))
+    theirs = dict(zip(rec.catalogue_ids, rec.catalogue_titles, strict=True))
+    differ = [(i, title, theirs[i]) for i, title in mine.items() if i in theirs and title != theirs[i]]
+    if differ:
+        i, a, b = differ[0]
+        raise ValueError(f"{log.name} is not the catalogue of this bundle ({rec.manifest.data.get('dataset')}): "
+                         f"{len(differ)} shared item ids name other items (e.g. {i}: {a!r} here, {b!r} in the "
+                         "bundle)")  # fmt: skip
+
+
 def _cmd_recommend(args: argparse.Namespace) -> int:
     import os
     import tempfile
@@ -180,6 +200,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         store = EncryptedStore(Path(tmp) / "device.store", key=os.urandom(32))
         rec = Recommender.open(args.bundle, args.public_key, store, on_unknown="ignore")
         log = load_dataset(args.dataset or rec.manifest.data["dataset"], args.data_dir)
+        _check_same_catalogue(log, rec)
         users = {str(u): n for n, u in enumerate(log.user_ids)}
         if args.user not in users:
             raise ValueError(

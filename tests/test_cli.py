@@ -167,3 +167,20 @@ def test_train_refuses_an_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     assert main(["train", "--out", str(tmp_path / "taken")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_recommend_refuses_a_dataset_whose_ids_name_other_items():
+    """Replaying another catalogue's ids would feed the runtime colliding ids ("1" is another movie)."""
+    from types import SimpleNamespace
+
+    from shared_model.data import InteractionLog, ItemMeta
+    from simulations.cli import _check_same_catalogue
+
+    log = InteractionLog.from_events("ml-other", [0, 0], ["1", "2"], [1, 2], "seconds",
+                                     item_meta=ItemMeta(titles=("Toy Story", "Jumanji")))  # fmt: skip
+    bundle = SimpleNamespace(manifest=SimpleNamespace(data={"dataset": "mine"}), catalogue_ids=["1", "2", "3"],
+                             catalogue_titles=["Toy Story", "GoldenEye", "Heat"])  # fmt: skip
+    with pytest.raises(ValueError, match="1 shared item ids name other items .*'Jumanji' here, 'GoldenEye'"):
+        _check_same_catalogue(log, bundle)
+    bundle.catalogue_titles[1] = "Jumanji"
+    _check_same_catalogue(log, bundle)  # the same items: fine
