@@ -91,13 +91,6 @@ class ExplanationBranch(nn.Module):
         return rec_term.mean() + exp_term.mean()
 
 
-def attested_scores(scores: Tensor, candidates: Tensor) -> Tensor:
-    """Scores of each row's candidates: ``scores`` (N, V) over the vocabulary, ``candidates`` (N, M) ids
-    padded with -1 -> (N, M), ``-inf`` at padding."""
-    padded = torch.cat((scores, scores.new_full((len(scores), 1), -torch.inf)), dim=1)
-    return padded.gather(1, torch.where(candidates >= 0, candidates, scores.shape[1]))
-
-
 def attested_only(scores: Tensor, candidates: Tensor) -> Tensor:
     """``scores`` (N, V) with ``-inf`` at every id not among the row's ``candidates`` (N, M, -1 padded)."""
     allowed = scores.new_zeros(len(scores), scores.shape[1] + 1, dtype=torch.bool)
@@ -107,6 +100,6 @@ def attested_only(scores: Tensor, candidates: Tensor) -> Tensor:
 
 def attested_top(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
     """The ``k`` best attested explanation ids of each row (N, k), best first; -1 where a row has fewer than
-    ``k`` candidates (``k`` <= M)."""
-    top = attested_scores(scores, candidates).topk(k, dim=1)
-    return torch.where(top.values > -torch.inf, candidates.gather(1, top.indices), -1)
+    ``k`` candidates."""
+    top = attested_only(scores, candidates).topk(k, dim=1)
+    return torch.where(top.values > -torch.inf, top.indices, -1)

@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batching import history_of, input_batch
+from .batching import input_batch
 from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
 from .explanation import attested_top
+from .graph_io import exclude_mask
 from .recommender import SequenceRecommender
 
 
@@ -35,7 +36,9 @@ def recommend(
         else None
     )
     expl = None
-    if model.explanation is not None and len(log.vocab):  # among the ids attested for each item
+    if (
+        explanations and model.explanation is not None and len(log.vocab)
+    ):  # among the ids attested for each item
         candidates = torch.as_tensor(LeaveOneOutSplit(log).explanation_candidates)[items]
         n = min(explanations, candidates.shape[1])
         expl = attested_top(model.explanation_scores(state.expand(k, -1), items), candidates, n)
@@ -62,9 +65,8 @@ def head_usage(
     starts, ends = log.user_ptr[users], log.user_ptr[users + 1]
     state = model.encode(input_batch(log, starts, ends, model.cfg.max_len))[:, -1]
     scores = model.item_scores(state)
-    seen = history_of(log, starts, ends)
-    rows = np.repeat(np.arange(len(users)), seen.lengths())
-    scores[torch.as_tensor(rows), torch.as_tensor(seen.ids)] = -torch.inf
+    seen = exclude_mask([log.item[a:b] for a, b in zip(starts, ends, strict=True)], log.num_items)
+    scores = scores.masked_fill(torch.from_numpy(seen), -torch.inf)
     heads = model.head_contributions(state, scores.topk(k).indices).argmax(-1)
     per_user = torch.tensor([len(set(row)) for row in heads.tolist()])
     shares = torch.bincount(heads.reshape(-1), minlength=model.cfg.num_heads) / heads.numel()

@@ -128,38 +128,28 @@ def test_train_resume_continues_and_refuses_to_overwrite(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("option", "message"),
+    ("command", "option", "message"),
     [
-        (["--local-lr", "-1"], "local_lr, server_lr and round_timeout must be > 0"),
-        (["--max-len", "0"], "max_len and eval_every must be >= 1"),
-        (["--eval-every", "0"], "max_len and eval_every must be >= 1"),
-        (["--d-model", "30"], "d_model=30 must be a positive multiple of the preset's 4 heads"),
-        (["--split", "bogus"], "unknown split 'bogus'"),
+        ("simulate", ["--local-lr", "-1"], "local_lr, server_lr and round_timeout must be > 0"),
+        ("simulate", ["--max-len", "0"], "max_len and eval_every must be >= 1"),
+        ("simulate", ["--eval-every", "0"], "max_len and eval_every must be >= 1"),
+        ("simulate", ["--d-model", "30"], "d_model=30 must be a positive multiple of the preset's 4 heads"),
+        ("simulate", ["--split", "bogus"], "unknown split 'bogus'"),
+        ("train", ["--epochs", "0"], "max_epochs, patience, eval_every and eval_batch_size must be >= 1"),
+        ("train", ["--set", '{"bogus": 1}'], "unknown model settings ['bogus']; known: alpha"),
+        ("train", ["--set", '{"max_len": 0}'], "max_len, d_model, num_heads and num_blocks must be >= 1"),
+        ("train", ["--set", '{"d_model": "abc"}'], "d_model must be int, got 'abc'"),
+        ("train", ["--device", "cuda"], "no CUDA device; use --device cpu"),
     ],
 )
-def test_simulate_refuses_bad_settings_before_anything_runs(tmp_path, capsys, option, message):
-    """A setting no run can use is an error at once (exit 2, one line), not failed rounds or a traceback."""
-    assert main(["simulate", *option, "--out", str(tmp_path / "run")]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize(
-    ("option", "message"),
-    [
-        (["--epochs", "0"], "max_epochs, patience, eval_every and eval_batch_size must be >= 1"),
-        (["--set", '{"bogus": 1}'], "unknown model settings ['bogus']; known: alpha"),
-        (["--set", '{"max_len": 0}'], "max_len, d_model, num_heads and num_blocks must be >= 1"),
-        (["--set", '{"d_model": "abc"}'], "d_model must be int, got 'abc'"),
-        (["--device", "cuda"], "no CUDA device; use --device cpu"),
-    ],
-)
-def test_train_refuses_bad_settings_before_training(tmp_path, capsys, option, message):
+def test_bad_settings_are_refused_before_anything_runs(tmp_path, capsys, command, option, message):
+    """A setting no run can use is an error at once (exit 2, one line), not failed rounds, an untrained model
+    or a traceback."""
     if option[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    assert main(["train", "--out", str(tmp_path / "run"), *option]) == 2
+    assert main([command, *option, "--out", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "run" / "model.pt").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_refuses_an_out_that_is_a_file(tmp_path, capsys):
