@@ -6,12 +6,14 @@ interest dominates, and each head's share of the item is its softmax weight; ``H
 ``x . w_i + b_i`` of a single-vector model). The unfused form materialises an (N, H, V) logit tensor, its
 log-softmax and, in the backward pass, more tensors of that size: at N = 128 x 200 positions and V = 3,416
 items that is 350 MB per tensor for one head and most of a training step on a CPU.
-:func:`routed_softmax_cross_entropy` computes the same loss and the same gradients row chunk by row chunk: the
-forward pass keeps only the per-row log-sum-exp, the backward pass recomputes each chunk's logits, turns them
-into ``softmax - one_hot`` and shares that gradient among the heads by their weight for each (row, item); its
-products with the interests and the table are the gradients. Each chunk stays in cache and nothing of size
-(N, V) is stored; every model of the project trains on it (tested equal to the reference in float64, values
-and gradients). The cost grows with H: H dot products per (row, item), as any exact per-item routing needs.
+:func:`routed_softmax_cross_entropy` computes the same loss and the same gradients row chunk by row chunk, and
+treats every (head, item) term as one logit of a joint softmax (``sum_i exp(s_i)`` is the sum of the terms'
+exponentials): the forward pass keeps only the per-row log-sum-exp over all terms, the backward pass recomputes
+each chunk's terms and their ``exp(term - lse)``, which is each head's share of each item's probability, so no
+per-item log-sum-exp over heads or head softmax is ever formed (one exponential per term each way). Each chunk
+stays in cache and nothing of size (N, V) is stored; every model of the project trains on it (tested equal to
+the reference in float64, values and gradients). The cost grows with H: H dot products per (row, item), as any
+exact per-item routing needs (measured in ``simulations/bench_efficiency.py``).
 """
 
 from __future__ import annotations
@@ -22,19 +24,18 @@ from torch import Tensor
 CE_CHUNK_LOGITS = 256  # (row, interest) pairs per chunk: 256 x 3,416 logits (3.5 MB) was fastest on 2 cores
 
 
-def _combine(logits: Tensor) -> Tensor:
-    """Per-item score from the heads' terms (c, H, V) -> (c, V): their log-sum-exp (one head: its term)."""
-    return logits[:, 0] if logits.shape[1] == 1 else torch.logsumexp(logits, dim=1)
-
-
-def _chunk_logits(v: Tensor, prior: Tensor, weight: Tensor) -> Tensor:
-    """``v . w_i + c`` for a chunk: v (c, H, d), prior (c, H) -> (c, H, V)."""
-    if v.shape[1] == 1:
-        return torch.addmm(prior, v[:, 0], weight.T)[:, None]
-    return torch.mm(v.flatten(0, 1), weight.T).view(*v.shape[:2], -1).add_(prior[:, :, None])
+def _chunk_logits(v: Tensor, prior: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Every head's term ``v . w_i + c + b_i`` for a chunk: v (c, H, d), prior (c, H) -> (c, H, V)."""
+    logits = torch.addmm(bias, v.flatten(0, 1), weight.T).view(*v.shape[:2], -1)
+    return logits.add_(prior[:, :, None])
 
 
 class _RoutedSoftmaxCE(torch.autograd.Function):
+    """Uses ``sum_i exp(s_i) = sum_(h, i) exp(v_h . w_i + c_h + b_i)``: the log-partition is one log-sum-exp
+    over every (head, item) term, and each term's gradient is its own ``exp(term - lse)`` (its head's share of
+    the item's softmax probability), less the head's softmax weight at the target item. One exponential per
+    term forward and one backward, whatever H."""
+
     @staticmethod
     def forward(
         ctx, v: Tensor, prior: Tensor, weight: Tensor, bias: Tensor, target: Tensor, chunk: int
@@ -42,9 +43,10 @@ class _RoutedSoftmaxCE(torch.autograd.Function):
         lse = v.new_empty(len(v))
         picked = v.new_empty(len(v))
         for s in range(0, len(v), chunk):
-            logits = _combine(_chunk_logits(v[s : s + chunk], prior[s : s + chunk], weight)).add_(bias)
-            lse[s : s + chunk] = torch.logsumexp(logits, dim=1)
-            picked[s : s + chunk] = logits.gather(1, target[s : s + chunk, None])[:, 0]
+            logits = _chunk_logits(v[s : s + chunk], prior[s : s + chunk], weight, bias)
+            at_target = logits.gather(2, target[s : s + chunk, None, None].expand(-1, v.shape[1], 1))[:, :, 0]
+            picked[s : s + chunk] = torch.logsumexp(at_target, dim=1)
+            lse[s : s + chunk] = torch.logsumexp(logits.flatten(1), dim=1)
         ctx.save_for_backward(v, prior, weight, bias, target, lse)
         ctx.chunk = chunk
         return (lse - picked).mean()
@@ -58,18 +60,17 @@ class _RoutedSoftmaxCE(torch.autograd.Function):
         grad_w = torch.zeros_like(weight)
         grad_b = torch.zeros_like(bias)
         scale = grad / len(v)
-        rows = torch.arange(min(chunk, len(v)), device=v.device)
         for s in range(0, len(v), chunk):
-            vc = v[s : s + chunk]
-            logits = _chunk_logits(vc, prior[s : s + chunk], weight)
-            p = _combine(logits).add_(bias).sub_(lse[s : s + chunk, None]).exp_()  # softmax over items
-            p[rows[: len(vc)], target[s : s + chunk]] -= 1
-            p.mul_(scale)
-            grad_b.add_(p.sum(0))
-            routed = p[:, None] if heads == 1 else logits.softmax(1).mul_(p[:, None])  # each head's share
-            grad_v[s : s + chunk] = routed @ weight
+            vc, tc = v[s : s + chunk], target[s : s + chunk, None, None].expand(-1, heads, 1)
+            logits = _chunk_logits(vc, prior[s : s + chunk], weight, bias)
+            at_target = logits.gather(2, tc).softmax(1)  # each head's share of the target item
+            routed = logits.sub_(lse[s : s + chunk, None, None]).exp_()  # each head's share of each item's p
+            routed.scatter_add_(2, tc, -at_target).mul_(scale)
+            grad_b.add_(routed.sum((0, 1)))
             grad_prior[s : s + chunk] = routed.sum(-1)
-            grad_w.addmm_(routed.flatten(0, 1).T, vc.flatten(0, 1))
+            flat = routed.flatten(0, 1)
+            grad_v[s : s + chunk] = (flat @ weight).view_as(vc)
+            grad_w.addmm_(flat.T, vc.flatten(0, 1))
         return grad_v, grad_prior, grad_w, grad_b, None, None
 
 
