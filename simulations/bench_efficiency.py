@@ -1,5 +1,5 @@
-"""Benchmark 3 (efficiency): training throughput and activation memory of TME-PSR, the multihead LRU, the
-LRURec-equivalent and GRU4Rec vs SASRec at equal d and sequence length (full-softmax loss over the ML-1M
+"""Benchmark 3 (efficiency): training throughput and activation memory of TME-PSR (and with one interest head:
+the cost of per-item routing), the multihead LRU, the LRURec-equivalent and GRU4Rec vs SASRec at equal d and sequence length (full-softmax loss over the ML-1M
 catalogue size, every position a target with an explanation label), and single-event inference latency (the
 LRU's O(1) step vs re-running SASRec over the history). Everything runs in one process, one thread,
 interleaved, so ratios are fair on a noisy machine.
@@ -22,7 +22,7 @@ from shared_model.config import MODEL_PRESETS, ModelConfig
 from shared_model.recommender import SequenceRecommender, build_model
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = ("tmepsr", "multihead-lru", "lrurec", "sasrec", "gru4rec")
+MODELS = ("tmepsr", "tmepsr-one-head", "multihead-lru", "lrurec", "sasrec", "gru4rec")
 
 
 def _batch(num_items: int, batch: int, length: int, num_expl: int, rng: np.random.Generator) -> Batch:
