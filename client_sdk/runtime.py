@@ -1,8 +1,8 @@
 """The on-device recommender: onnxruntime only, no torch, no flwr.
 
-    rec = Recommender.open(bundle_dir, public_key, EncryptedStore(path, key=device_key))
-    rec.record("318", 1_700_000_000)          # O(1): one run of the step graph, state saved encrypted
-    for r in rec.recommend(10): print(r.title, r.head, r.explanations)
+    with Recommender.open(bundle_dir, public_key, EncryptedStore(path, key=device_key)) as rec:
+        rec.record("318", 1_700_000_000)      # O(1): one run of the step graph, state saved encrypted
+        for r in rec.recommend(10): print(r.title, r.head, r.explanations)
 
 The bundle is verified (signature over the manifest, then every file's sha256) before anything is loaded; a
 bundle that fails is refused with a :class:`~client_sdk.bundle.BundleError` and, for :meth:`Recommender.upgrade`,
@@ -21,7 +21,10 @@ Defined behaviour for awkward input:
 * a bundle whose catalogue grew (old item ids are a prefix of the new ones): the history carries over and is
   re-encoded; any other catalogue change needs :meth:`Recommender.sync_history` with source ids;
 * a store without recurrent state (older store format, a new bundle, new personal weights): the history is
-  re-encoded through the sequence encoder graph (its last ``max_events`` events).
+  re-encoded through the sequence encoder graph (its last ``max_events`` events);
+* a store another Recommender (or process) has open: :class:`~client_sdk.store.StoreInUse` at :meth:`open` (an
+  open Recommender holds the store's writer lock until :meth:`close`), so no writer drops another's events;
+  saving after :meth:`close` is a :class:`~client_sdk.store.StoreError`.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from shared_model.data.readers import MAX_TIMESTAMP
 from shared_model.graph_io import encoder_inputs, exclude_mask, personalize, run_session, session
 
 from .bundle import Manifest, load_public_key, verify_bundle
-from .store import DeviceRecord, EncryptedStore
+from .store import DeviceRecord, EncryptedStore, StoreError, WriterLock
 
 CATALOGUE = "catalogue.json.gz"  # gzip-compressed JSON (older bundles: "catalogue.json")
 
@@ -216,6 +219,7 @@ class Recommender:
         on_unknown: Literal["error", "ignore"],
         on_backwards: Literal["error", "clamp"],
         threads: int,
+        lock: WriterLock,
     ) -> None:
         if on_unknown not in ("error", "ignore") or on_backwards not in ("error", "clamp"):
             raise RuntimeInputError(
@@ -224,6 +228,7 @@ class Recommender:
             )
         self._b = loaded
         self._store = store
+        self._lock: WriterLock | None = lock  # the store's writer lock, held until close()
         self._rec = record
         self.on_unknown, self.on_backwards, self.threads = on_unknown, on_backwards, threads
         self._items, self._times = record.items.tolist(), record.times.tolist()  # appended in O(1)
@@ -249,14 +254,32 @@ class Recommender:
         """Verify ``bundle_dir`` against the pinned ``public_key``, then load it with the personal weights and
         history in ``store`` (an empty history and the bundle's initial weights if the store does not exist)."""
         manifest = verify_bundle(bundle_dir, load_public_key(public_key))
-        record = (
-            store.load()
-            if store.exists()
-            else DeviceRecord(np.zeros(0, np.int64), np.zeros(0, np.int64), {}, {}, {})
-        )
-        loaded = _load(manifest, record.weights, threads)
-        _check_history(record, loaded)
-        return cls(loaded, store, record, on_unknown, on_backwards, threads)
+        lock = store.writer_lock()
+        try:
+            record = (
+                store.load()
+                if store.exists()
+                else DeviceRecord(np.zeros(0, np.int64), np.zeros(0, np.int64), {}, {}, {})
+            )
+            loaded = _load(manifest, record.weights, threads)
+            _check_history(record, loaded)
+            return cls(loaded, store, record, on_unknown, on_backwards, threads, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release the store (its writer lock); what was recorded with ``save=False`` since the last
+        :meth:`save` is not written. Idempotent."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Recommender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def upgrade(self, bundle_dir: str | Path, public_key: Ed25519PublicKey | str | Path | bytes) -> None:
         """Switch to a new bundle (new shared weights, perhaps a grown catalogue). It is verified and loaded
@@ -380,6 +403,8 @@ class Recommender:
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:
         """Write history, recurrent state and personal weights to the encrypted store (atomically)."""
+        if self._lock is None:
+            raise StoreError(f"{self._store.path}: this Recommender was closed; open the store again to save")
         self._rec = self._history_record()
         self._rec.state = {
             **{k: v[0].copy() for k, v in self._states.items()},

@@ -8,6 +8,11 @@ File layout (integers big-endian)::
 The payload is an ``np.savez`` archive (never pickle) holding ``items``, ``times``, ``state/<name>``,
 ``weights/<name>`` and ``meta`` (a JSON string). Format 1 is the same without the state arrays; it is read (with an
 empty state) and the next save writes the current format. Imports neither torch nor flwr.
+
+One writer at a time: :meth:`EncryptedStore.writer_lock` takes an exclusive advisory lock on ``<store>.lock``
+(``flock`` on POSIX, ``msvcrt.locking`` on Windows; per open file, so a second writer in the same process is
+refused too) and :class:`~client_sdk.runtime.Recommender` holds it while open: two writers each saving what they
+loaded would silently drop the other's events.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class WrongKeyOrTampered(StoreError):
 
 class CorruptStore(StoreError):
     """Truncated, not a store file, or a malformed header or payload."""
+
+
+class StoreInUse(StoreError):
+    """Another writer (a second Recommender, another process) holds the store's lock."""
 
 
 class UnsupportedStoreVersion(StoreError):
@@ -119,10 +128,19 @@ class EncryptedStore:
         header = _Header(self.FORMAT_VERSION, kdf, salt, os.urandom(NONCE_SIZE))
         _atomic_write(self.path, _seal(header, self._key_for(header), payload))
 
+    def writer_lock(self) -> WriterLock:
+        """Take this store's writer lock (held until :meth:`WriterLock.release`); :class:`StoreInUse` if another
+        writer holds it."""
+        return WriterLock(self.path.with_name(self.path.name + ".lock"))
+
     def update(self, fn: Callable[[DeviceRecord], DeviceRecord]) -> DeviceRecord:
-        """Load, apply ``fn`` and save its result (not locked against other writers); returns the saved record."""
-        record = fn(self.load())
-        self.save(record)
+        """Load, apply ``fn`` and save its result (under :meth:`writer_lock`); returns the saved record."""
+        lock = self.writer_lock()
+        try:
+            record = fn(self.load())
+            self.save(record)
+        finally:
+            lock.release()
         return record
 
     def _key_for(self, header: _Header) -> bytes:
@@ -150,6 +168,38 @@ class EncryptedStore:
             if header.kdf == KDF_SCRYPT:
                 return header.salt
         return os.urandom(SALT_SIZE)
+
+
+class WriterLock:
+    """An exclusive, non-blocking advisory lock on ``path``, released by :meth:`release` or when the object is
+    garbage-collected (its file closes); the lock file itself is left in place (removing it would race)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a+b")  # noqa: SIM115 (held open: the lock lives as long as the file)
+        try:
+            _lock(self._file)
+        except OSError:
+            self._file.close()
+            raise StoreInUse(
+                f"{path.with_suffix('')}: another writer has this store open (close that Recommender first)"
+            ) from None
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        self._file.close()
+
+
+def _lock(fh: Any) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _parse_header(blob: bytes, path: Path) -> _Header:

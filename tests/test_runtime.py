@@ -14,7 +14,7 @@ import torch
 
 from client_sdk.bundle import BundleError, BundleSignatureError, BundleTampered
 from client_sdk.runtime import IncompatibleStore, OutOfOrderEvent, Recommender, RuntimeInputError, UnknownItem
-from client_sdk.store import DeviceRecord, EncryptedStore, _write_v1
+from client_sdk.store import DeviceRecord, EncryptedStore, StoreError, StoreInUse, _write_v1
 from server.publish import build_bundle
 from server.release import generate_keys, load_private_key
 from shared_model.data import load_dataset
@@ -75,6 +75,7 @@ def test_runtime_matches_the_torch_model_and_survives_a_restart(env, tmp_path):
     assert [(r.item, r.head, r.explanations) for r in wide[:10]] == [
         (r.item, r.head, r.explanations) for r in got
     ]
+    rec.close()
     again = _open(env, tmp_path)  # state, history and seen items from the encrypted store
     assert again.history == rec.history and [r.item for r in again.recommend(10)] == [r.item for r in got]
     again.sync_history(rec.history)  # the sequence encoder graph gives the state the step graph rolled
@@ -136,6 +137,7 @@ def test_bad_events_have_defined_behaviour(env, tmp_path):
             rec.record(second, bad)
     assert rec.history == [(str(first), 1_000)]  # nothing recorded
     assert rec.record(second, 1_500.0) and rec.history[-1] == (str(second), 1_500)  # a whole float is fine
+    rec.close()
     with pytest.raises(RuntimeInputError, match="on_backwards"):
         _open(env, tmp_path, on_backwards="bogus")
     lenient = _open(env, tmp_path, on_unknown="ignore", on_backwards="clamp")
@@ -188,10 +190,37 @@ def test_upgrade_to_a_grown_catalogue_keeps_the_history(env, tmp_path):
     assert rec.manifest.model_version == "v2" and rec.history == history
     assert rec.catalogue_ids == [str(i) for i in grown.item_ids] and rec.catalogue_ids[-1] == "z2"
     rec.record("z1", 1_800_000_000)
+    rec.close()
     reopened = _open(env, tmp_path, bundle="v2")
     assert reopened.history[-1] == ("z1", 1_800_000_000)
+    reopened.close()
     with pytest.raises(IncompatibleStore):  # v1 does not know z1: the stored history does not fit
         _open(env, tmp_path, bundle="v1")
+
+
+def test_a_store_has_one_writer_and_no_event_is_lost(env, tmp_path):
+    """A second Recommender on an open store is refused (it would save over the first one's events); after
+    close() the next one sees every event, and the closed one cannot save."""
+    items = env["log"].item_ids
+    first = _open(env, tmp_path)
+    first.record(items[0], 1_000)
+    with pytest.raises(StoreInUse, match="another writer"):
+        _open(env, tmp_path)
+    code = (  # another process is refused too
+        "import sys; from client_sdk.store import EncryptedStore, StoreInUse\n"
+        f"try: EncryptedStore({str(tmp_path / 'u.store')!r}, key=bytes(32)).writer_lock()\n"
+        "except StoreInUse: sys.exit(3)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 3
+    first.record(items[1], 2_000)
+    first.close()
+    with pytest.raises(StoreError, match="closed"):
+        first.save()
+    with _open(env, tmp_path) as second:
+        assert second.history == [(str(items[0]), 1_000), (str(items[1]), 2_000)]
+        second.record(items[2], 3_000)
+    with _open(env, tmp_path) as third:
+        assert len(third.history) == 3
 
 
 @pytest.mark.parametrize("module", ["client_sdk.runtime", "client_sdk.bundle", "client_sdk.store"])
