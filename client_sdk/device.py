@@ -31,7 +31,7 @@ from shared_model.training import (
 )
 from shared_model.updates import ITEM_TABLES, compress_int8, encode_sparse, upload_rows
 
-from .store import DeviceRecord, EncryptedStore
+from .store import DeviceRecord, EncryptedStore, StoreError
 
 
 @lru_cache(maxsize=4)
@@ -78,6 +78,11 @@ class RoundResult:
     update: dict[str, np.ndarray]
     num_examples: int
     metrics: dict[str, float]
+
+
+class DeviceError(RuntimeError):
+    """The device cannot take part in a round: none of its users' stores can be read, or none of its users has
+    training events. The ClientApp replies with this one-line reason instead of a traceback."""
 
 
 class Device:
@@ -206,7 +211,8 @@ class Device:
         total: dict[str, np.ndarray] = {}
         users = [u for u in self.users if train_end[u] - self.log.user_ptr[u] >= 2]
         if not users:
-            raise ValueError(f"device hosts no user with training events ({len(self.users)} users)")
+            raise DeviceError(f"device hosts no user with training events ({len(self.users)} users)")
+        users, failures = self._readable(users, "train")
         rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
         rows = None
         if self.cfg.upload == "sparse":
@@ -235,7 +241,9 @@ class Device:
             update = encode_sparse(update, rows)
         if self.cfg.compress == "int8":
             update = compress_int8(update, shared, rng)
-        return RoundResult(update, examples, {"train-loss": float(np.mean(losses))})
+        return RoundResult(
+            update, examples, {"train-loss": float(np.mean(losses)), "failed-users": len(failures)}
+        )
 
     def evaluate(
         self, shared: dict[str, np.ndarray], stages: str, server_round: int = 0, adapt: bool = True
@@ -259,7 +267,7 @@ class Device:
             for (stage, k), v in metrics.items():
                 sums[f"{stage}{prefix}/{k}"] = sums.get(f"{stage}{prefix}/{k}", 0.0) + v
 
-        users = np.intersect1d(self.users, self.split.eval_users)
+        users, failures = self._readable(np.intersect1d(self.users, self.split.eval_users), "evaluate")
         paired = bool(
             adapt and self.cfg.adapt_epochs and parameter_groups(self.model, self.cfg.split)["adapted"]
         )
@@ -283,4 +291,21 @@ class Device:
                 stage, name = key.split("/", 1)
                 for prefix in ("-kept", "-kept-population"):
                     sums.setdefault(f"{stage}{prefix}/{name}", 0.0)
-        return RoundResult({}, len(users), {k: v / max(len(users), 1) for k, v in sums.items()})
+        metrics = {k: v / max(len(users), 1) for k, v in sums.items()}
+        return RoundResult({}, len(users), metrics | {"failed-users": len(failures)})
+
+    def _readable(self, users: np.ndarray | list[int], task: str) -> tuple[list[int], list[str]]:
+        """The users whose stores can be read, and one line per user whose store cannot (such a user sits the
+        round out and its store is left as it is); :class:`DeviceError` if there were users and none can."""
+        readable, failures = [], []
+        for user in users:
+            try:
+                self.personal_weights(int(user))
+            except StoreError as exc:
+                failures.append(f"user {self.log.user_ids[user]}: {type(exc).__name__}: {exc}")
+            else:
+                readable.append(int(user))
+        if failures and not readable:
+            more = f" (and {len(failures) - 2} more)" if len(failures) > 2 else ""
+            raise DeviceError(f"no user of this device can {task}: {'; '.join(failures[:2])}{more}")
+        return readable, failures

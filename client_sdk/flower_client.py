@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
@@ -31,6 +31,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
@@ -39,7 +40,7 @@ from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig
 from shared_model.partition import group_of
 
-from .device import Device
+from .device import Device, DeviceError
 
 ROUND_KEYS = ("server-round", "stage", "adapt")
 
@@ -97,6 +98,12 @@ def _secagg_train(msg: Message, context: Context) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
+def _refused(msg: Message, exc: DeviceError) -> Message:
+    """The reply of a device that cannot take part: an error with its one-line reason (the server counts it as
+    failed and logs the line), not a raised exception (whose traceback the simulation engine would print)."""
+    return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
 def make_client_app() -> ClientApp:
     """A ClientApp whose train/evaluate handlers run :class:`Device` rounds."""
     app = ClientApp()
@@ -108,7 +115,10 @@ def make_client_app() -> ClientApp:
         device, cfg, extra = _device(_config(msg), context)
         if cfg.privacy == "secagg":
             raise ValueError("privacy='secagg': this device sends its update only masked, in a SecAgg+ round")
-        result = device.train(_shared(msg), int(extra.get("server-round", 0)))
+        try:
+            result = device.train(_shared(msg), int(extra.get("server-round", 0)))
+        except DeviceError as exc:
+            return _refused(msg, exc)
         arrays = ArrayRecord({k: Array(v) for k, v in result.update.items()})
         metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
@@ -122,10 +132,13 @@ def make_client_app() -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         device, _, extra = _device(_config(msg), context)
-        result = device.evaluate(
-            _shared(msg), str(extra.get("stage", "val")), int(extra.get("server-round", 0)),
-            adapt=bool(extra.get("adapt", 1)),
-        )  # fmt: skip
+        try:
+            result = device.evaluate(
+                _shared(msg), str(extra.get("stage", "val")), int(extra.get("server-round", 0)),
+                adapt=bool(extra.get("adapt", 1)),
+            )  # fmt: skip
+        except DeviceError as exc:
+            return _refused(msg, exc)
         metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -98,10 +98,11 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
             # devices adapt to the final model only (what they will serve), earlier rounds score the population
             final, t_eval = int(rnd == cfg.num_rounds), time.perf_counter()
             ecfg = ConfigRecord(dict(run_config) | {"stage": "val,test", "server-round": rnd, "adapt": final})
-            ereplies = grid.send_and_receive(
+            ereplies = list(grid.send_and_receive(
                 strategy.configure_evaluate(rnd, numpy_to_record(shared), ecfg, grid),
                 timeout=cfg.round_timeout,
-            )
+            ))  # fmt: skip
+            row |= _evaluation_counts(rnd, ereplies)
             metrics = strategy.aggregate_evaluate(rnd, ereplies)
             for key, value in (metrics or {}).items():  # "val/ndcg@10" -> row["val"]["ndcg@10"]
                 if "/" in key:  # (not the example count)
@@ -136,6 +137,22 @@ def plain_round(
     return shared, train_metrics, traffic
 
 
+def _evaluation_counts(rnd: int, replies: list[Message]) -> dict[str, int]:
+    """Users evaluated, devices that could not evaluate (one log line each) and users whose stores could not be
+    read, so that a metric covering fewer users never goes unnoticed."""
+    counts = {"evaluated_users": 0, "eval_failed": 0, "eval_failed_users": 0}
+    for reply in replies:
+        if reply.has_error():
+            counts["eval_failed"] += 1
+            log.warning("round %d: device %s could not evaluate: %s", rnd, reply.metadata.src_node_id,
+                        reply.error.reason)  # fmt: skip
+        elif "metrics" in reply.content.metric_records:
+            metrics = reply.content.metric_records["metrics"]
+            counts["evaluated_users"] += int(metrics.get("num-examples", 0))
+            counts["eval_failed_users"] += int(metrics.get("failed-users", 0))
+    return counts
+
+
 def _round_line(row: dict[str, Any], total: int) -> str:
     line = (f"round {row['round']}/{total}: {row.get('valid', 0)}/{row.get('sampled', 0)} devices valid, "
             f"{row.get('rejected', 0)} rejected, {row.get('failed', 0)} failed, "
@@ -145,10 +162,16 @@ def _round_line(row: dict[str, Any], total: int) -> str:
     for stage in ("val", "test") if row["round"] == total else ("val",):
         if stage in row and "ndcg@10" in row[stage]:
             line += f"; {stage} NDCG@10 {row[stage]['ndcg@10']:.4f}"
+            if stage == "val":
+                line += f" over {row.get('evaluated_users', '?')} users"
             if f"{stage}-population" in row:  # served with the gated adaptations vs the population values
                 line += f" (population values {row[f'{stage}-population']['ndcg@10']:.4f})"
             if "expl_recall@10" in row[stage]:
                 line += f", expl R@10 {row[stage]['expl_recall@10']:.3f}"
+    if row.get("failed_users") or row.get("eval_failed") or row.get("eval_failed_users"):
+        line += (f"; {row.get('failed_users', 0)} users with unreadable stores sat training out; not evaluated: "
+                 f"{row.get('eval_failed_users', 0)} users (unreadable stores), {row.get('eval_failed', 0)} devices"
+                 " (failed)")  # fmt: skip
     if "gate" in row:
         line += f"; adaptation kept by {row['gate']['kept']:.0%} of devices"
     return line

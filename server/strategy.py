@@ -92,7 +92,7 @@ class ValidatedAggregation:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, rejected, failed, clipped = [], [], 0, [0, 0]
+        valid, rejected, failed, clipped, failed_users = [], [], 0, [0, 0], 0
         for msg in replies:
             if msg.has_error():
                 failed += 1
@@ -113,6 +113,7 @@ class ValidatedAggregation:
                     "round %d: rejected update from node %s: %s", server_round, msg.metadata.src_node_id, exc
                 )
                 continue
+            failed_users += int(metrics.get("failed-users", 0))  # users whose stores could not be read
             clip = clip_update(dense, self.sent, self.clip_norm, self.row_clip)
             clipped[0] += clip.norm_clipped
             clipped[1] += clip.rows_clipped
@@ -120,7 +121,8 @@ class ValidatedAggregation:
             valid.append(msg)
         needed = self.needed(self.sampled)
         self.last_round = {"sampled": self.sampled, "valid": len(valid), "rejected": len(rejected),
-                           "failed": failed, "rejections": rejected, "aggregated": len(valid) >= needed}  # fmt: skip
+                           "failed": failed, "rejections": rejected, "aggregated": len(valid) >= needed,
+                           "failed_users": failed_users}  # fmt: skip
         if self.clip_norm or self.row_clip:
             self.last_round |= {"norm_clipped": clipped[0], "rows_clipped": clipped[1]}
         if len(valid) < needed:

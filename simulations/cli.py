@@ -95,6 +95,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
           f"{cfg.fraction_train:.0%} of devices per round, split '{cfg.split}', {cfg.upload} upload -> {cfg.out_dir}")  # fmt: skip
     result = run_simulation(cfg, num_cpus=args.cpus, verbose=args.verbose, ray_address=args.ray_address)
     out = Path(cfg.out_dir)
+    if not any(row.get("aggregated") for row in result["history"]):
+        failed = sum(row.get("failed", 0) for row in result["history"])
+        rejected = sum(row.get("rejected", 0) for row in result["history"])
+        print(f"error: no round aggregated an update ({failed} device replies failed, {rejected} were rejected; "
+              f"see the warnings above and {out / 'metrics.json'}): nothing was published", file=sys.stderr)  # fmt: skip
+        return 1
     plot_convergence(result["history"], out / "convergence.png")
     checkpoint = load_server_checkpoint(out)
     assert checkpoint is not None

@@ -325,7 +325,8 @@ def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, task_i
     replies = [_reply(good), _reply(good, examples=15), _reply(nan), _reply(wrong)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert strategy.last_round | {"rejections": None} == {
-        "sampled": 4, "valid": 2, "rejected": 2, "failed": 0, "rejections": None, "aggregated": True}  # fmt: skip
+        "sampled": 4, "valid": 2, "rejected": 2, "failed": 0, "rejections": None, "aggregated": True,
+        "failed_users": 0}  # fmt: skip
     result = {k: v.numpy() for k, v in arrays.items()}
     assert all(np.isfinite(v).all() for v in result.values())
     assert all(

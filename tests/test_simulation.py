@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from client_sdk.flower_client import make_client_app
 from server.checkpoint import load_server_checkpoint
 from server.strategy import make_strategy
 from shared_model.config import FederatedConfig
+from shared_model.data import load_dataset
+from shared_model.data.split import partition_users
+from simulations.cli import main as cli_main
 from simulations.simulate import run_simulation
 
 from .test_federated import make_events
@@ -64,6 +68,44 @@ def test_simulation_survives_crash_and_poison(tmp_path):
     assert json.loads((Path(cfg.out_dir) / "metrics.json").read_text())[-1]["round"] == 2
     assert "test" in history[-1]
     assert len(os.listdir(Path(cfg.out_dir) / "devices")) == 5  # the crashing device never saved
+
+
+def test_unreadable_stores_sit_out_with_one_line_and_are_kept(tmp_path, capfd, caplog):
+    """Corrupt stores: their users sit the rounds out (the store is left as it is, nothing lost), a device
+    none of whose users can train replies with a one-line error (no traceback), and every evaluation says how
+    many users it covered. When no round aggregates, ``tmepsr simulate`` exits 1 and publishes nothing."""
+    data = make_events(tmp_path / "events.csv", users=6)
+    log = load_dataset(str(data))
+    cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=1.0, users_per_node=3,
+                          min_reply_fraction=0.5, eval_every=1, out_dir=str(tmp_path / "run"))  # fmt: skip
+    first, second = partition_users(log.num_users, 2, cfg.seed)
+    corrupt = [first[0], *second]  # one user of the first device, every user of the second
+    stores = Path(cfg.out_dir) / "devices"
+    stores.mkdir(parents=True)
+    for user in corrupt:
+        (stores / f"user-{log.user_ids[user]}.store").write_bytes(b"TMEPSR-STORE\0 not a store")
+    history = run_simulation(cfg, num_cpus=2)["history"]
+    for row in history:
+        assert row["sampled"] == 2 and row["valid"] == 1 and row["failed"] == 1 and row["aggregated"]
+        assert row["failed_users"] == 1 and row["evaluated_users"] == 2
+        assert row["eval_failed"] == 1 and row["eval_failed_users"] == 1
+    for user in corrupt:
+        assert (stores / f"user-{log.user_ids[user]}.store").read_bytes() == b"TMEPSR-STORE\0 not a store"
+    err = capfd.readouterr()
+    assert "Traceback" not in err.out + err.err + caplog.text
+    assert "failed: DeviceError: no user of this device can train: user" in caplog.text
+    assert "over 2 users" in err.out and "1 users with unreadable stores sat training out" in err.out
+
+    for user in first[1:]:  # now every store is unreadable: no round aggregates
+        (stores / f"user-{log.user_ids[user]}.store").write_bytes(b"garbage")
+    out = tmp_path / "all-corrupt"
+    shutil.copytree(stores, out / "devices")
+    argv = ["simulate", "--dataset", str(data), "--max-len", "16", "--d-model", "16", "--num-rounds", "1",
+            "--fraction-train", "1", "--users-per-node", "3", "--out-dir", str(out), "--cpus", "2"]  # fmt: skip
+    assert cli_main(argv) == 1
+    err = capfd.readouterr()
+    assert "no round aggregated an update" in err.err and "Traceback" not in err.out + err.err
+    assert not (out / "bundle").exists()
 
 
 def _cohort(seed: int, rnd: int, node_ids: list[int], users: int, fraction: float) -> list[int]:
