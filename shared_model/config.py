@@ -166,12 +166,12 @@ class FederatedConfig:
         "sgd", "sgd (plain SGD: its change follows the gradient) | adamw (a fresh AdamW each round)"
     )
     adapt_epochs: int = _opt(
-        20,
+        5,
         "local adaptation: before evaluating or serving, a device trains its own copy of the split's adapted"
         " parts (population split: time encoder and interest heads) this many epochs from the population"
         " values, the rest frozen, and keeps it only if it beats them on its held-out recent events",
     )
-    adapt_lr: float = _opt(1e-3, "learning rate of the local adaptation (AdamW)")
+    adapt_lr: float = _opt(4e-3, "learning rate of the local adaptation (AdamW)")
     gate_events: int = _opt(
         5, "recent training events a device holds out to decide whether its adaptation beats the population"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,13 @@ FLOWER_ENV = {
 }
 
 
+class _RunSimulationNotice(logging.Filter):
+    """Drops Flower's deprecation notice for ``flwr.simulation.run_simulation`` (see :func:`run_simulation`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def run_simulation(
     cfg: FederatedConfig,
     num_cpus: int | None = None,
@@ -36,9 +44,17 @@ def run_simulation(
     """Run the federated simulation with Flower's simulation engine (Ray backend); returns the history.
     ``client_app`` replaces the standard ClientApp (tests inject faulty devices this way)."""
     os.environ.update(FLOWER_ENV)
-    if not verbose:  # our own per-round lines are the progress display
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    from flwr.common.logger import update_console_handler
     from flwr.simulation import run_simulation as flwr_run_simulation
+
+    # our own per-round lines are the progress display: Flower's console shows warnings only (unless verbose),
+    # without colour codes when stderr is not a terminal, and not the notice that its Python entry point is
+    # deprecated in favour of `flwr run` (which runs the same ServerApp/ClientApp: README, "Flower-native")
+    update_console_handler(level=logging.INFO if verbose else logging.WARNING, colored=sys.stderr.isatty())
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if _RunSimulationNotice not in map(type, flwr_logger.filters):
+        flwr_logger.addFilter(_RunSimulationNotice())
 
     from client_sdk.device import cached_log
     from client_sdk.flower_client import make_client_app
