@@ -125,8 +125,12 @@ def make_client_app() -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """The node's partition id: its stable identity, which the server samples cohorts by."""
-        partition = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+        """The node's partition id (its stable identity, which the server samples cohorts by) and the number of
+        partitions (the federation's size, which the server waits for)."""
+        node = context.node_config
+        partition = MetricRecord(
+            {"partition-id": int(node["partition-id"]), "num-partitions": int(node["num-partitions"])}
+        )
         return Message(RecordDict({"node": partition}), reply_to=msg)
 
     @app.evaluate()

@@ -33,17 +33,35 @@ def initial_shared(cfg: FederatedConfig, log: InteractionLog | None = None) -> d
 
 
 def wait_for_nodes(grid: Grid, cfg: FederatedConfig, num_users: int) -> int:
-    """Wait until every node of the federation is connected: one per group of ``users_per_node`` users.
-    Sampling before then would size the cohort from the few nodes that happened to be up."""
-    expected = math.ceil(num_users / cfg.users_per_node)
+    """Wait until every node of the federation is connected; returns their number. The federation's size is
+    what its first node reports (``num-partitions`` of its node config: ``tmepsr simulate`` starts one node per
+    ``users_per_node`` users, ``flwr run`` as many as its federation has, each hosting its share of the users),
+    else one node per ``users_per_node`` users. Sampling before then would size the cohort from the few nodes
+    that happened to be up."""
+    expected: int | None = None
     deadline = time.monotonic() + cfg.round_timeout
-    while (connected := len(list(grid.get_node_ids()))) < expected:
+    while True:
+        nodes = list(grid.get_node_ids())
+        if nodes and expected is None:
+            expected = _federation_size(grid, nodes[0], cfg.round_timeout)
+            expected = expected or math.ceil(num_users / cfg.users_per_node)
+        if expected is not None and len(nodes) >= expected:
+            return len(nodes)
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"only {connected} of {expected} nodes connected within {cfg.round_timeout:.0f}s"
+                f"only {len(nodes)} of {expected or 'the'} nodes connected within {cfg.round_timeout:.0f}s"
             )
         time.sleep(0.5)
-    return connected
+
+
+def _federation_size(grid: Grid, node: int, timeout: float) -> int | None:
+    """The ``num-partitions`` a node reports (None if it does not say)."""
+    query = Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=node)
+    for reply in grid.send_and_receive([query], timeout=timeout):
+        if not reply.has_error() and "node" in reply.content.metric_records:
+            size = reply.content.metric_records["node"].get("num-partitions")
+            return int(size) if size else None
+    return None
 
 
 def node_partitions(grid: Grid, timeout: float) -> dict[int, int]:

@@ -325,21 +325,25 @@ def _finite(value: Any) -> bool:
 
 
 def _run_to_completion(
-    dep: LocalDeployment, app_dir: Path, overrides: dict[str, Any], deadline: float
+    dep: LocalDeployment,
+    app_dir: Path,
+    overrides: dict[str, Any],
+    deadline: float,
+    connection: str = CONNECTION,
 ) -> dict[str, Any]:
     """Submit the app with ``flwr run`` and wait until the run finished; fail with its log unless completed."""
-    started = dep.cli_json("run", str(app_dir), CONNECTION, "--run-config", _toml_pairs(overrides))
+    started = dep.cli_json("run", str(app_dir), connection, "--run-config", _toml_pairs(overrides))
     assert started.get("success") and started.get("run-id"), started
     run_id = started["run-id"]
 
     def finished() -> dict[str, Any] | None:
-        runs = dep.cli_json("ls", CONNECTION, "--run-id", run_id).get("runs", [])
+        runs = dep.cli_json("ls", connection, "--run-id", run_id).get("runs", [])
         run = next((r for r in runs if r.get("run-id") == run_id), None)
         return run if run and str(run.get("status", "")).startswith("finished") else None
 
     run = _poll(f"run {run_id} to finish", deadline, finished, dep, every=5.0)
     if run["status"] != "finished:completed":
-        logs = dep.cli("log", run_id, CONNECTION, "--show", timeout=60).stdout
+        logs = dep.cli("log", run_id, connection, "--show", timeout=60).stdout
         pytest.fail(f"run {run_id} ended {run['status']} ({run.get('status-details')}):\n"
                     f"{logs[-4000:]}\n{dep.report()}")  # fmt: skip
     return run
@@ -400,6 +404,38 @@ def test_deployment_engine_runs_two_rounds(tmp_path):
         leftover = dep.stop_all()
         if leftover:
             print("processes left running after cleanup:\n" + "\n".join(leftover), file=sys.stderr)
+    assert not leftover, leftover
+
+
+def test_flwr_run_on_the_local_simulation_federation(tmp_path):
+    """`flwr run .` as the README says, from a fresh Flower home: the local SuperLink that `flwr` starts runs
+    Flower's simulation runtime with its default federation (2 SuperNodes, each hosting half the users). The
+    app bundle carries no data (Flower packs code and configuration only), so the embedded dataset comes from
+    the installed package; the ServerApp waits for the federation's own size; nothing is installed at run
+    time (FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1: the app runs in this environment)."""
+    deadline = time.monotonic() + DEADLINE_S
+    out_dir = tmp_path / "server-out"
+    overrides = {"num-rounds": 1, "eval-every": 1, "adapt-epochs": 0, "max-len": 16, "d-model": 16,
+                 "out-dir": str(out_dir)}  # fmt: skip
+    app_dir = _copy_app(tmp_path / "app")
+    assert not list(app_dir.rglob("*.csv"))  # the app itself holds no data
+    dep = LocalDeployment(tmp_path / "deployment")
+    (dep.cli_home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+    try:
+        _run_to_completion(dep, app_dir, overrides, deadline, connection="local")
+        history = json.loads((out_dir / "metrics.json").read_text())
+        assert [row["round"] for row in history] == [1]
+        row = history[0]
+        assert row["aggregated"] and row["failed"] == 0 and row["evaluated_users"] == 610, row
+        assert _finite(row["val"]) and _finite(row["test"]), row
+        home_bytes = sum(f.stat().st_size for f in dep.cli_home.rglob("*") if f.is_file())
+        assert home_bytes < 100 * 2**20, (
+            f"{home_bytes / 2**20:.0f} MB under FLWR_HOME: a runtime environment?"
+        )
+    finally:
+        leftover = dep.stop_all()
     assert not leftover, leftover
 
 
