@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from .errors import DeviceRuntimeError
 from .store import _atomic_write
 
 FORMAT_VERSION = 1
@@ -52,7 +53,7 @@ _SHORT_HASH_RE = re.compile(r"[0-9a-f]{12}")
 _CHUNK = 2**20
 
 
-class BundleError(Exception):
+class BundleError(DeviceRuntimeError):
     """Base class of every error verifying or installing a bundle."""
 
 

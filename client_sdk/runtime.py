@@ -47,12 +47,13 @@ from shared_model.data.readers import MAX_TIMESTAMP
 from shared_model.graph_io import encoder_inputs, exclude_mask, personalize, run_session, session
 
 from .bundle import Manifest, load_public_key, verify_bundle
+from .errors import DeviceRuntimeError
 from .store import DeviceRecord, EncryptedStore, StoreError, WriterLock
 
 CATALOGUE = "catalogue.json.gz"  # gzip-compressed JSON (older bundles: "catalogue.json")
 
 
-class RuntimeInputError(ValueError):
+class RuntimeInputError(DeviceRuntimeError, ValueError):
     """An event or request the runtime refuses; nothing was changed."""
 
 

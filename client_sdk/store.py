@@ -34,6 +34,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from .errors import DeviceRuntimeError
+
 MAGIC = b"TMEPSR-STORE\0"
 KDF_RAW, KDF_SCRYPT = 0, 1
 KEY_SIZE, SALT_SIZE, NONCE_SIZE, TAG_SIZE = 32, 16, 12, 16
@@ -41,7 +43,7 @@ _HEADER = struct.Struct(f">{len(MAGIC)}sHB{SALT_SIZE}s{NONCE_SIZE}s")
 _NO_SALT = bytes(SALT_SIZE)
 
 
-class StoreError(Exception):
+class StoreError(DeviceRuntimeError):
     """Base class of every error reading a store file."""
 
 

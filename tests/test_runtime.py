@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from client_sdk.bundle import BundleError, BundleSignatureError, BundleTampered
+from client_sdk.errors import DeviceRuntimeError
 from client_sdk.runtime import IncompatibleStore, OutOfOrderEvent, Recommender, RuntimeInputError, UnknownItem
 from client_sdk.store import DeviceRecord, EncryptedStore, StoreError, StoreInUse, _write_v1
 from server.publish import build_bundle
@@ -221,6 +222,31 @@ def test_a_store_has_one_writer_and_no_event_is_lost(env, tmp_path):
         second.record(items[2], 3_000)
     with _open(env, tmp_path) as third:
         assert len(third.history) == 3
+
+
+def test_one_error_type_covers_bundle_store_and_input_refusals(env, tmp_path):
+    """An app catches DeviceRuntimeError for each kind of refusal (the kinds stay distinguishable)."""
+    refusals = []
+    with _open(env, tmp_path) as rec:
+        for attempt in (lambda: rec.record("no-such-item", 1), lambda: rec.recommend(0)):
+            with pytest.raises(DeviceRuntimeError) as caught:
+                attempt()
+            refusals.append(caught.value)
+        with pytest.raises(DeviceRuntimeError) as caught:
+            _open(env, tmp_path)  # the store is in use
+        refusals.append(caught.value)
+    (tmp_path / "u.store").write_bytes(b"not a store")
+    with pytest.raises(DeviceRuntimeError) as caught:
+        _open(env, tmp_path)
+    refusals.append(caught.value)
+    with pytest.raises(DeviceRuntimeError) as caught:
+        Recommender.open(
+            tmp_path, env["public"], EncryptedStore(tmp_path / "x.store", key=KEY)
+        )  # not a bundle
+    refusals.append(caught.value)
+    kinds = [UnknownItem, RuntimeInputError, StoreInUse, StoreError, BundleError]
+    assert [isinstance(e, k) for e, k in zip(refusals, kinds, strict=True)] == [True] * 5
+    assert isinstance(refusals[0], ValueError)  # input errors stay ValueErrors too
 
 
 @pytest.mark.parametrize("module", ["client_sdk.runtime", "client_sdk.bundle", "client_sdk.store"])
