@@ -171,3 +171,31 @@ def test_csv_and_parquet_event_tables(tmp_path):
     csv.write_text("user,item,timestamp\n1,10,soon\n")
     with pytest.raises(DataFormatError, match=r"events.csv, line 2: timestamp is not a number"):
         load_event_table(csv)
+
+
+def test_event_table_edge_cases(tmp_path, caplog):
+    """BOM, header-only, missing file, millisecond timestamps, exact repeats, a Parquet list column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv = tmp_path / "events.csv"
+    csv.write_bytes("\ufeffuser,item,timestamp\n1,10,5\n1,11,6\n".encode())  # a spreadsheet's BOM
+    assert load_event_table(csv).num_events == 2
+    csv.write_text("user,item,timestamp\n")
+    with pytest.raises(DataFormatError, match=r"events.csv: no events \(a header and no rows\)"):
+        load_event_table(csv)
+    for missing in (tmp_path / "nope.csv", tmp_path / "nope.parquet"):
+        with pytest.raises(DataFormatError, match="file not found"):
+            load_event_table(missing)
+    csv.write_text("user,item,timestamp\n1,10,1700000000000\n")
+    with pytest.raises(DataFormatError, match=r"line 2: timestamp out of range .*milliseconds\?"):
+        load_event_table(csv)
+    csv.write_text("user,item,timestamp,explanation\n1,10,5,a\n1,10,5,b\n1,10,6,c\n2,10,5,d\n")
+    log = load_event_table(csv)  # the repeat of (1, 10, 5) counts once: its first row is kept
+    assert log.num_events == 3 and "1 repeated events" in caplog.text
+    assert [log.vocab.texts[k] for e in range(3) for k in log.explanations.row(e)] == ["a", "c", "d"]
+    rows = {"user": [1, 1], "item": [10, 11], "timestamp": [5, 6], "explanation": [["cheap", "fast"], []]}
+    pq.write_table(pa.table(rows), tmp_path / "lists.parquet")
+    log = load_event_table(tmp_path / "lists.parquet")
+    assert log.vocab.texts == ("cheap", "fast") and log.explanations.row(0).tolist() == [0, 1]
+    assert log.explanations.row(1).tolist() == []

@@ -32,7 +32,7 @@ def read_text_lines(path: Path) -> list[str]:
     except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataFormatError(path, f"cannot read compressed data ({exc})") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (spreadsheet exports) is not part of the header
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
     return text.splitlines()
@@ -76,7 +76,12 @@ def parse_timestamp(value: str, path: Path, line: int | None) -> int:
     except (ValueError, AttributeError):
         raise DataFormatError(path, f"timestamp is not a number: {value!r}", line=line) from None
     if not (0 <= ts < MAX_TIMESTAMP):
-        raise DataFormatError(path, f"timestamp out of range: {value!r}", line=line)
+        hint = (
+            " (milliseconds? timestamps are unix seconds)"
+            if MAX_TIMESTAMP <= ts < 1000 * MAX_TIMESTAMP
+            else ""
+        )
+        raise DataFormatError(path, f"timestamp out of range [0, 2**40): {value!r}{hint}", line=line)
     return int(ts)
 
 
