@@ -143,6 +143,8 @@ class LocalDeployment:
         env[TAG_VAR] = self.tag
         # The SuperLink/SuperNode start `flower-superexec` and the apps by name: use this environment's.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # Ray workers started by `ray start` import test-defined ClientApps from the `tests` package
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         return env
 
     def spawn(self, name: str, args: list[str], *, may_exit: bool = False) -> subprocess.Popen[bytes]:
@@ -434,6 +436,65 @@ def test_flwr_run_on_the_local_simulation_federation(tmp_path):
         assert home_bytes < 100 * 2**20, (
             f"{home_bytes / 2**20:.0f} MB under FLWR_HOME: a runtime environment?"
         )
+    finally:
+        leftover = dep.stop_all()
+    assert not leftover, leftover
+
+
+def ray_node_recording_app(record_dir: Path):
+    """The real ClientApp, recording the Ray node each message runs on (one file per node id)."""
+    from flwr.clientapp import ClientApp
+
+    from client_sdk.flower_client import make_client_app
+
+    real = make_client_app()
+    app = ClientApp()
+
+    def handle(msg, context):
+        import ray
+
+        (record_dir / ray.get_runtime_context().get_node_id()).touch()
+        return real(msg, context)
+
+    app.train()(handle)
+    app.evaluate()(handle)
+    app.query()(handle)
+    return app
+
+
+def test_simulation_on_a_two_node_ray_cluster(tmp_path):
+    """`tmepsr simulate --ray-address` (run_simulation's ray_address) on a Ray cluster of two nodes started
+    as separate processes with `ray start` on 127.0.0.1 (a head and a worker, one CPU each): the run
+    completes and its devices ran on both nodes."""
+    from simulations.simulate import run_simulation
+
+    deadline = time.monotonic() + DEADLINE_S
+    dep = LocalDeployment(tmp_path / "deployment")
+    port, client_port = _free_ports(2)
+    ray = _executable("ray")
+    common = ["--num-cpus", "1", "--object-store-memory", str(100 * 2**20), "--node-ip-address", "127.0.0.1",
+              "--disable-usage-stats"]  # fmt: skip
+    records = tmp_path / "ray-nodes"
+    records.mkdir()
+    try:
+        dep.spawn("ray-head", [ray, "start", "--head", "--port", str(port), "--ray-client-server-port",
+                               str(client_port), "--include-dashboard", "false", *common], may_exit=True)  # fmt: skip
+        _poll("the Ray head", deadline, lambda: dep.procs["ray-head"].poll() is not None, dep, every=1.0)
+        assert dep.procs["ray-head"].returncode == 0, _tail(dep.logs["ray-head"])
+        dep.spawn("ray-worker", [ray, "start", "--address", f"127.0.0.1:{port}", *common], may_exit=True)
+        _poll("the Ray worker", deadline, lambda: dep.procs["ray-worker"].poll() is not None, dep, every=1.0)
+        assert dep.procs["ray-worker"].returncode == 0, _tail(dep.logs["ray-worker"])
+
+        data = make_events(tmp_path / "events.csv", users=8)
+        cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=1.0,
+                              users_per_node=1, eval_every=2, out_dir=str(tmp_path / "run"))  # fmt: skip
+        history = run_simulation(
+            cfg, ray_address=f"127.0.0.1:{port}", client_app=ray_node_recording_app(records)
+        )["history"]
+        assert [row["round"] for row in history] == [1, 2]
+        assert all(row["valid"] == 8 and row["aggregated"] for row in history), history
+        assert history[-1]["evaluated_users"] == 8
+        assert len(list(records.iterdir())) == 2, "the devices ran on one Ray node only"
     finally:
         leftover = dep.stop_all()
     assert not leftover, leftover
