@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from functools import cache
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from .data.log import TimeUnit
 
 ModelKind = Literal["tmepsr", "sasrec", "gru4rec"]
 # federated splits of the parameters (the table itself: shared_model/partition.py)
-SPLITS = ("population", "card", "heads-prior")
+Split = Literal["population", "card", "heads-prior"]
+SPLITS: tuple[str, ...] = get_args(Split)
+LocalOptimizer = Literal["sgd", "adamw"]
+ServerOptimizer = Literal["fedadam", "fedavg"]
+Upload = Literal["dense", "sparse"]
+Compress = Literal["none", "int8"]
+Privacy = Literal["plain", "dp", "secagg"]
+Aggregation = Literal["mean", "trimmed-mean", "median"]
+RobustScope = Literal["all", "item-tables"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +33,7 @@ class ModelConfig:
     num_items: int
     num_explanations: int = 0
     kind: ModelKind = "tmepsr"
-    time_unit: str = "seconds"
+    time_unit: TimeUnit = "seconds"
     d_model: int = 64
     num_heads: int = 4  # interest heads (1 = a plain LRU, as LRURec)
     num_blocks: int = 2
@@ -57,8 +68,6 @@ class ModelConfig:
             raise ValueError(
                 "use_explanations needs a dataset with an explanation vocabulary (num_explanations >= 1)"
             )
-        if self.time_unit not in ("seconds", "days", "order"):
-            raise ValueError(f"unknown time_unit {self.time_unit!r}")
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,11 @@ class TrainConfig:
 
 
 def _check_types(cfg: Any) -> None:
-    """Every scalar field holds its declared type (an int where a float is declared is fine)."""
+    """Every scalar field holds its declared type (an int where a float is declared is fine) and every
+    ``Literal`` field one of its values."""
+    for name, allowed in choices(type(cfg)).items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
     for f in fields(cfg):
         value, kind = getattr(cfg, f.name), str(f.type)
         expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(kind.split(" ")[0])
@@ -100,6 +113,13 @@ def _check_types(cfg: Any) -> None:
             continue
         if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             raise ValueError(f"{f.name} must be {kind}, got {value!r}")
+
+
+@cache
+def choices(cls: type) -> dict[str, tuple[str, ...]]:
+    """The allowed values of each ``Literal`` field of a config dataclass (what the CLI offers as choices)."""
+    hints = get_type_hints(cls)
+    return {f.name: get_args(hints[f.name]) for f in fields(cls) if get_origin(hints[f.name]) is Literal}
 
 
 def to_json(cfg: ModelConfig | TrainConfig) -> str:
@@ -151,7 +171,7 @@ class FederatedConfig:
     )
     max_len: int = _opt(50, "events per training window and per input")
     d_model: int = _opt(64, "embedding and state width")
-    split: str = _opt(
+    split: Split = _opt(
         "population",
         "which parameters stay personal (shared_model/partition.py): population | card | heads-prior",
     )
@@ -162,7 +182,7 @@ class FederatedConfig:
     )
     local_epochs: int = _opt(1, "local passes over the device's own events per round (one window each)")
     local_lr: float = _opt(0.1, "device learning rate")
-    local_optimizer: str = _opt(
+    local_optimizer: LocalOptimizer = _opt(
         "sgd", "sgd (plain SGD: its change follows the gradient) | adamw (a fresh AdamW each round)"
     )
     adapt_epochs: int = _opt(
@@ -180,7 +200,7 @@ class FederatedConfig:
         "the adaptation is kept only if its held-out cross-entropy is lower than the population's by more than"
         " gate_z standard errors (paired over the held-out events; 0 = any improvement)",
     )
-    server_optimizer: str = _opt(
+    server_optimizer: ServerOptimizer = _opt(
         "fedadam", "fedadam (a server Adam step on the averaged update, state kept across rounds) | fedavg"
     )
     server_lr: float = _opt(2e-3, "FedAdam's server learning rate (eta)")
@@ -192,11 +212,13 @@ class FederatedConfig:
     server_tau: float = _opt(
         1e-8, "FedAdam's adaptivity (tau, added to sqrt(v)): small values follow small updates"
     )
-    upload: str = _opt("dense", "dense | sparse (only the item rows a device touched)")
+    upload: Upload = _opt("dense", "dense | sparse (only the item rows a device touched)")
     decoy_rows: int = _opt(0, "sparse upload: extra random item rows that hide which items were touched")
-    compress: str = _opt("none", "none | int8 (per-row int8 changes with stochastic rounding, ~4x smaller)")
+    compress: Compress = _opt(
+        "none", "none | int8 (per-row int8 changes with stochastic rounding, ~4x smaller)"
+    )
     norm_bound: float = _opt(50.0, "reject an update whose L2 distance to the sent arrays is larger")
-    privacy: str = _opt(
+    privacy: Privacy = _opt(
         "plain",
         "plain | dp (central DP: clipped updates + Gaussian noise) | secagg (Flower SecAgg+, >= 3 nodes)",
     )
@@ -208,9 +230,11 @@ class FederatedConfig:
         2, "secagg: shares needed to reconstruct (devices that may drop out = shares - this)"
     )
     secagg_clip: float = _opt(8.0, "secagg: values are clipped to [-clip, clip] before quantization")
-    aggregation: str = _opt("mean", "mean | trimmed-mean (coordinate-wise) | median (coordinate-wise)")
+    aggregation: Aggregation = _opt(
+        "mean", "mean | trimmed-mean (coordinate-wise) | median (coordinate-wise)"
+    )
     trim_fraction: float = _opt(0.1, "trimmed-mean: share of updates cut at each end, per coordinate")
-    robust_scope: str = _opt(
+    robust_scope: RobustScope = _opt(
         "all",
         "fedadam with a robust aggregation: all arrays, or item-tables (the item embedding and bias robust,"
         " every other array on the example-weighted mean)",
@@ -233,30 +257,15 @@ class FederatedConfig:
     out_dir: str = _opt("runs/simulate", "checkpoints, metrics and the device stores")
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"unknown split {self.split!r}; known: {', '.join(SPLITS)}")
+        _check_types(self)
         if self.adapt_epochs < 0 or self.gate_events < 1 or not self.adapt_lr > 0 or not self.gate_z >= 0:
             raise ValueError("adapt_epochs must be >= 0, gate_events >= 1, adapt_lr > 0 and gate_z >= 0")
         if self.preset not in MODEL_PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(MODEL_PRESETS)}")
-        if self.server_optimizer not in ("fedavg", "fedadam"):
-            raise ValueError(f"server_optimizer must be fedavg or fedadam, got {self.server_optimizer!r}")
-        if self.local_optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"local_optimizer must be adamw or sgd, got {self.local_optimizer!r}")
         if not self.server_tau > 0 or self.server_tau_items < 0:
             raise ValueError(
                 f"server_tau must be > 0 and server_tau_items >= 0, got {self.server_tau}, {self.server_tau_items}"
             )
-        if self.upload not in ("dense", "sparse"):
-            raise ValueError(f"upload must be dense or sparse, got {self.upload!r}")
-        if self.compress not in ("none", "int8"):
-            raise ValueError(f"compress must be none or int8, got {self.compress!r}")
-        if self.privacy not in ("plain", "dp", "secagg"):
-            raise ValueError(f"privacy must be plain, dp or secagg, got {self.privacy!r}")
-        if self.aggregation not in ("mean", "trimmed-mean", "median"):
-            raise ValueError(f"aggregation must be mean, trimmed-mean or median, got {self.aggregation!r}")
-        if self.robust_scope not in ("all", "item-tables"):
-            raise ValueError(f"robust_scope must be all or item-tables, got {self.robust_scope!r}")
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError("trim_fraction must lie in [0, 0.5)")
         if min(self.dp_noise, self.dp_clip, self.clip_norm, self.row_clip) < 0 or not 0 < self.dp_delta < 1:
@@ -321,5 +330,8 @@ class FederatedConfig:
             name = key.replace("-", "_")
             if not hasattr(defaults, name):
                 raise ValueError(f"unknown run config key {key!r}")
-            values[name] = type(getattr(defaults, name))(value)  # Flower may hand ints for floats
+            default = getattr(defaults, name)
+            exact_int = isinstance(value, int) and not isinstance(value, bool)
+            # Flower hands `round-timeout=120` as an int; any other mismatch is the typed check's to report
+            values[name] = float(value) if isinstance(default, float) and exact_int else value
         return cls(**values)

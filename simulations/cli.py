@@ -318,16 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_rec.add_argument("--data-dir", help="shared data folder (default: $TMEPSR_DATA_DIR or ../shared/data)")
     p_rec.set_defaults(func=_cmd_recommend)
 
-    from shared_model.config import FederatedConfig
+    from shared_model.config import FederatedConfig, choices
 
     p_sim = sub.add_parser("simulate", help="federated simulation with Flower, then a sample recommendation")
     defaults = FederatedConfig()
     for f in fields(FederatedConfig):
         default = getattr(defaults, f.name)
-        kind = type(default)
         p_sim.add_argument(
             f"--{f.name.replace('_', '-')}",
-            type=kind,
+            type=type(default),
+            choices=choices(FederatedConfig).get(f.name),
             default=None,
             help=f"{f.metadata['help']} (default: {default!r})",
         )

@@ -66,7 +66,8 @@ def run_simulation(
     nodes = math.ceil(log.num_users / cfg.users_per_node)
     cpus = num_cpus or os.cpu_count() or 1
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
-    init_args |= {"address": ray_address} if ray_address else {"num_cpus": cpus}  # a cluster sizes itself
+    # a cluster sizes itself; without one, a new local Ray instance (never one a `ray start` left behind)
+    init_args |= {"address": ray_address} if ray_address else {"address": "local", "num_cpus": cpus}
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     flwr_run_simulation(

@@ -36,6 +36,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -497,6 +498,10 @@ def test_simulation_on_a_two_node_ray_cluster(tmp_path):
         assert len(list(records.iterdir())) == 2, "the devices ran on one Ray node only"
     finally:
         leftover = dep.stop_all()
+        # `ray start` recorded this cluster as the machine's current one; drop that record with it
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
     assert not leftover, leftover
 
 

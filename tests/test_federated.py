@@ -3,6 +3,7 @@ ClientApp called directly, virtual users == one user per node, server checkpoint
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -297,6 +298,21 @@ def test_flower_app_config_in_pyproject_matches_defaults():
     app = pyproject["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client_sdk.flower_client:app"}
     assert FederatedConfig.from_run_config(app["config"]) == FederatedConfig()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"split": "bogus"}, "split must be one of population, card, heads-prior; got 'bogus'"),
+        ({"privacy": "DP"}, "privacy must be one of plain, dp, secagg; got 'DP'"),
+        ({"num-rounds": "5"}, "num_rounds must be int, got '5'"),
+    ],
+)
+def test_flower_run_config_is_checked_like_the_cli(settings, message):
+    """`flwr run --run-config` bypasses argparse: the config's own typed check names the setting and its
+    allowed values."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FederatedConfig.from_run_config(FederatedConfig().to_run_config() | settings)
 
 
 def _reply(shared: dict, examples: float = 5) -> Message:
