@@ -19,6 +19,7 @@ def test_rounds_to_reach_reads_the_first_round_past_each_share():
     assert rounds_to_reach(curve, 0.2, "val") == {"80%": None, "90%": None, "95%": None}
 
 
+@pytest.mark.slow
 def test_benchmark_records_converged_centralized_curves_and_paired_personalization(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_federated, "RESULTS", tmp_path / "results")
     data = make_events(tmp_path / "events.csv", users=12)

@@ -42,6 +42,7 @@ def test_own_file_and_errors(tmp_path, capsys):
     assert "unknown dataset 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_simulate_export_recommend_end_to_end(tmp_path, capfd, monkeypatch):
     """The main job's shape on a small file: simulate (Flower) -> signed bundle -> on-device recommendation;
     then the release path: tmepsr keys -> tmepsr export of the run -> tmepsr recommend through the runtime."""

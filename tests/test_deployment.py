@@ -67,9 +67,10 @@ FLOWER_ENV = {
 TAG_VAR = "TMEPSR_DEPLOYMENT_TEST_TAG"
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux", reason="finds the processes it started through /proc"
-)
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="finds the processes it started through /proc"),
+    pytest.mark.slow,
+]
 
 
 def _executable(name: str) -> str:

@@ -178,6 +178,7 @@ def test_dp_config_checks():
         FederatedConfig(privacy="dp", dp_noise=0.0)
 
 
+@pytest.mark.slow
 def test_simulation_with_dp_reports_increasing_epsilon(tmp_path):
     data = make_events(tmp_path / "events.csv", users=3)
     cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, local_epochs=1,

@@ -154,6 +154,7 @@ def dropping_client_app(drops: dict[int, set[int]], spy_dir: Path) -> ClientApp:
     return app
 
 
+@pytest.mark.slow
 def test_default_fedadam_steps_on_the_unmasked_mean(tmp_path):
     """The default server optimizer behind SecAgg+: one round, then FedAdam's first step from zero moments,
     which moves a coordinate by at most eta's bias-corrected value times (1 - beta_1) / sqrt(1 - beta_2), and
@@ -172,6 +173,7 @@ def test_default_fedadam_steps_on_the_unmasked_mean(tmp_path):
     assert full > 0.5 * sum(v.size for v in sent.values())
 
 
+@pytest.mark.slow
 def test_simulation_survives_a_dropout_with_the_survivors_weighted_mean(tmp_path):
     """Round 1: one of 4 devices drops out (shares 3 - threshold 2 = 1 may): the survivors' weighted mean.
     Round 2: two drop out, more than the threshold allows: the round completes without aggregating."""

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -52,6 +53,7 @@ def faulty_client_app() -> ClientApp:
     return app
 
 
+@pytest.mark.slow
 def test_simulation_survives_crash_and_poison(tmp_path):
     data = make_events(tmp_path / "events.csv", users=6)
     cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=1.0, users_per_node=1,
@@ -70,6 +72,7 @@ def test_simulation_survives_crash_and_poison(tmp_path):
     assert len(os.listdir(Path(cfg.out_dir) / "devices")) == 5  # the crashing device never saved
 
 
+@pytest.mark.slow
 def test_unreadable_stores_sit_out_with_one_line_and_are_kept(tmp_path, capfd, caplog):
     """Corrupt stores: their users sit the rounds out (the store is left as it is, nothing lost), a device
     none of whose users can train replies with a one-line error (no traceback), and every evaluation says how
@@ -126,6 +129,7 @@ def test_seeded_cohorts_depend_on_partitions_not_node_ids():
     assert [_cohort(1, r, ids, 100, 0.1) for r in (1, 2, 3)] != first
 
 
+@pytest.mark.slow
 def test_simulation_samples_the_seeded_cohorts(tmp_path):
     """Nodes say their partition ids through a Flower query; each round trains the seeded cohort."""
     data = make_events(tmp_path / "events.csv", users=8)
