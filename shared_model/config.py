@@ -86,7 +86,6 @@ class TrainConfig:
     max_minutes: float | None = None  # compute budget; training stops (and says so) when it runs out
     seed: int = 0
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_types(self)

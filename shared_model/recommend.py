@@ -3,6 +3,7 @@ the on-device runtime computes the same from the exported graphs)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,12 @@ from .data.split import LeaveOneOutSplit
 from .explanation import attested_top
 from .graph_io import exclude_mask
 from .recommender import SequenceRecommender
+
+
+@lru_cache(maxsize=2)
+def _attested_candidates(log: InteractionLog) -> torch.Tensor:
+    """Per item, the explanation ids attested in the log's training events (computed once per log)."""
+    return torch.as_tensor(LeaveOneOutSplit(log).explanation_candidates)
 
 
 @torch.no_grad()
@@ -39,7 +46,7 @@ def recommend(
     if (
         explanations and model.explanation is not None and len(log.vocab)
     ):  # among the ids attested for each item
-        candidates = torch.as_tensor(LeaveOneOutSplit(log).explanation_candidates)[items]
+        candidates = _attested_candidates(log)[items]
         n = min(explanations, candidates.shape[1])
         expl = attested_top(model.explanation_scores(state.expand(k, -1), items), candidates, n)
     titles = log.item_meta.titles
