@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,17 +154,17 @@ def test_train_resume_continues_and_refuses_to_overwrite(tmp_path, capsys):
         ("train", ["--device", "cuda"], "no CUDA device; use --device cpu"),
     ],
 )
-def test_bad_settings_are_refused_before_anything_runs(tmp_path, capsys, command, option, message):
-    """A setting no run can use is an error at once (exit 2, one line), not failed rounds, an untrained model
-    or a traceback."""
+def test_bad_settings_are_refused_before_anything_runs(tmp_path, command, option, message):
+    """A setting no run can use is an error at once (exit 2, one error line, no traceback), not failed rounds,
+    an untrained model or a traceback; nothing is written. Through the installed `tmepsr` command."""
     if option[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    try:
-        code = main([command, *option, "--out", str(tmp_path / "run")])
-    except SystemExit as exc:  # argparse's own refusal (a value outside a setting's choices)
-        code = exc.code
-    assert code == 2
-    assert message in capsys.readouterr().err
+    tmepsr = Path(sys.executable).parent / "tmepsr"
+    done = subprocess.run([str(tmepsr), command, *option, "--out", str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "run").exists()
 
 
