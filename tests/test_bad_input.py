@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from shared_model.data import DataFormatError, load_event_table, load_recbole_inter
+from shared_model.data import DataFormatError, load_dataset, load_event_table, load_recbole_inter
 from shared_model.data.amazon import load_amazon_musical_instruments
 from shared_model.data.locate import embedded_dir
 from shared_model.data.lrurec import load_lrurec_pickle
@@ -184,9 +184,9 @@ def test_event_table_edge_cases(tmp_path, caplog):
     csv.write_text("user,item,timestamp\n")
     with pytest.raises(DataFormatError, match=r"events.csv: no events \(a header and no rows\)"):
         load_event_table(csv)
-    for missing in (tmp_path / "nope.csv", tmp_path / "nope.parquet"):
+    for missing in (tmp_path / "nope.csv", tmp_path / "nope.parquet", tmp_path / "nope.inter"):
         with pytest.raises(DataFormatError, match="file not found"):
-            load_event_table(missing)
+            load_dataset(str(missing))  # a path, not "unknown dataset"
     csv.write_text("user,item,timestamp\n1,10,1700000000000\n")
     with pytest.raises(DataFormatError, match=r"line 2: timestamp out of range .*milliseconds\?"):
         load_event_table(csv)

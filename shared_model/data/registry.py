@@ -88,7 +88,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> InteractionLo
     """Load a known dataset by name (see ``tmepsr data list``), or a user's own ``.inter`` / ``.csv`` /
     ``.parquet`` file by path, into an :class:`InteractionLog`."""
     path = Path(name)
-    if name not in DATASETS and path.is_file():
+    own_file = path.suffix in (".inter", ".csv", ".parquet", ".gz") or path.parent != Path(".")
+    if name not in DATASETS and (path.is_file() or own_file):  # a path: a missing file says so
         return load_recbole_inter(path) if path.suffix == ".inter" else load_event_table(path)
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
