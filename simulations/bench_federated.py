@@ -139,8 +139,9 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
             device = Device(cfg, 0, 1, Path(cfg.out_dir) / "personalization-devices")  # every user, one node
             row: dict[str, dict[str, float]] = {}
             for name, value in device.evaluate(shared, "val,test", last_round).metrics.items():
-                prefix, metric = name.split("/", 1)
-                row.setdefault(prefix, {})[metric] = value
+                if "/" in name:  # "<stage>/<metric>" (not the count of users with unreadable stores)
+                    prefix, metric = name.split("/", 1)
+                    row.setdefault(prefix, {})[metric] = value
             record("personalization", key=key, round=last_round, gate_z=cfg.gate_z, gate_events=cfg.gate_events,
                    adapt_epochs=cfg.adapt_epochs, personalization=_personalization(row))  # fmt: skip
     for upload, decoys, compress in UPLOADS if "bytes" in args.parts else ():
