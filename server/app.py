@@ -54,32 +54,33 @@ def wait_for_nodes(grid: Grid, cfg: FederatedConfig, num_users: int) -> int:
         time.sleep(0.5)
 
 
+def _ask_nodes(grid: Grid, nodes: list[int], timeout: float) -> dict[int, MetricRecord | None]:
+    """Each node's answer to the query (its ``partition-id`` and ``num-partitions``; None where it gave none)."""
+    messages = [Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+    return {
+        reply.metadata.src_node_id: None
+        if reply.has_error() or "node" not in reply.content.metric_records
+        else reply.content.metric_records["node"]
+        for reply in grid.send_and_receive(messages, timeout=timeout)
+    }
+
+
 def _federation_size(grid: Grid, node: int, timeout: float) -> int | None:
     """The ``num-partitions`` a node reports (None if it does not say)."""
-    query = Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=node)
-    for reply in grid.send_and_receive([query], timeout=timeout):
-        if not reply.has_error() and "node" in reply.content.metric_records:
-            size = reply.content.metric_records["node"].get("num-partitions")
-            return int(size) if size else None
-    return None
+    answer = next(iter(_ask_nodes(grid, [node], timeout).values()), None)
+    size = answer.get("num-partitions") if answer is not None else None
+    return int(size) if size else None
 
 
 def node_partitions(grid: Grid, timeout: float) -> dict[int, int]:
     """Ask every node for its partition id (its stable identity; node ids are random per run). Empty, with a
     warning, if a node does not answer: cohorts are then Flower's own, unseeded sample."""
-    messages = [
-        Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=node)
-        for node in grid.get_node_ids()
-    ]
-    partitions = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error() or "node" not in reply.content.metric_records:
-            log.warning(
-                "node %s did not say its partition id: cohorts are not seeded", reply.metadata.src_node_id
-            )
-            return {}
-        partitions[reply.metadata.src_node_id] = int(reply.content.metric_records["node"]["partition-id"])
-    return partitions
+    answers = _ask_nodes(grid, list(grid.get_node_ids()), timeout)
+    silent = [node for node, answer in answers.items() if answer is None]
+    if silent:
+        log.warning("node %s did not say its partition id: cohorts are not seeded", silent[0])
+        return {}
+    return {node: int(answer["partition-id"]) for node, answer in answers.items()}
 
 
 def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str, Any]:
