@@ -212,7 +212,7 @@ class Device:
         users = [u for u in self.users if train_end[u] - self.log.user_ptr[u] >= 2]
         if not users:
             raise DeviceError(f"device hosts no user with training events ({len(self.users)} users)")
-        users, failures = self._readable(users, "train")
+        users, failures = self._readable(users, "train")  # user -> personal weights, each store read once
         rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
         rows = None
         if self.cfg.upload == "sparse":
@@ -223,7 +223,7 @@ class Device:
             n = int(train_end[user] - self.log.user_ptr[user])
             losses += self._fit(
                 user,
-                (shared, self.personal_weights(user)),
+                (shared, users[user]),
                 server_round,
                 self.cfg.local_epochs,
                 item_rows=rows,
@@ -273,7 +273,7 @@ class Device:
         )
         for user in users:
             if not paired:
-                load_parts(self.model, shared, self.personal_weights(user))
+                load_parts(self.model, shared, users[user])
                 add("", scores(user))
                 continue
             adaptation = self.adapt(user, shared, server_round)
@@ -294,17 +294,18 @@ class Device:
         metrics = {k: v / max(len(users), 1) for k, v in sums.items()}
         return RoundResult({}, len(users), metrics | {"failed-users": len(failures)})
 
-    def _readable(self, users: np.ndarray | list[int], task: str) -> tuple[list[int], list[str]]:
-        """The users whose stores can be read, and one line per user whose store cannot (such a user sits the
-        round out and its store is left as it is); :class:`DeviceError` if there were users and none can."""
-        readable, failures = [], []
+    def _readable(
+        self, users: np.ndarray | list[int], task: str
+    ) -> tuple[dict[int, dict[str, np.ndarray]], list[str]]:
+        """The personal weights of the users whose stores can be read, and one line per user whose store
+        cannot (such a user sits the round out and its store is left as it is); :class:`DeviceError` if there
+        were users and none can."""
+        readable, failures = {}, []
         for user in users:
             try:
-                self.personal_weights(int(user))
+                readable[int(user)] = self.personal_weights(int(user))
             except StoreError as exc:
                 failures.append(f"user {self.log.user_ids[user]}: {type(exc).__name__}: {exc}")
-            else:
-                readable.append(int(user))
         if failures and not readable:
             more = f" (and {len(failures) - 2} more)" if len(failures) > 2 else ""
             raise DeviceError(f"no user of this device can {task}: {'; '.join(failures[:2])}{more}")

@@ -43,7 +43,7 @@ import numpy as np
 import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared_model.data.readers import MAX_TIMESTAMP
+from shared_model.data.readers import MAX_TIMESTAMP, milliseconds_hint
 from shared_model.graph_io import encoder_inputs, exclude_mask, personalize, run_session, session
 
 from .bundle import Manifest, load_public_key, verify_bundle
@@ -62,9 +62,8 @@ def _unix_seconds(timestamp: object) -> int:
     if isinstance(timestamp, bool) or not isinstance(timestamp, int | float | np.integer | np.floating):
         raise RuntimeInputError(f"timestamp must be a number of unix seconds, got {timestamp!r}")
     if not (math.isfinite(timestamp) and float(timestamp).is_integer() and 0 <= timestamp < MAX_TIMESTAMP):
-        hint = " (milliseconds? divide by 1000)" if MAX_TIMESTAMP <= timestamp < 1000 * MAX_TIMESTAMP else ""
         raise RuntimeInputError(
-            f"timestamp must be whole unix seconds in [0, 2**40), got {timestamp!r}{hint}"
+            f"timestamp must be whole unix seconds in [0, 2**40), got {timestamp!r}{milliseconds_hint(timestamp)}"
         )
     return int(timestamp)
 

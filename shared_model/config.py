@@ -128,9 +128,8 @@ def to_json(cfg: ModelConfig | TrainConfig) -> str:
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """Rebuild a :class:`ModelConfig`; unknown keys are an error (a checkpoint from another version)."""
     known = {f.name for f in fields(ModelConfig)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"unknown model config keys {sorted(unknown)}")
+    if unknown := sorted(set(data) - known):
+        raise ValueError(f"unknown model settings {unknown}; known: {', '.join(sorted(known))}")
     return ModelConfig(**data)
 
 

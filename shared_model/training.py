@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -278,13 +278,10 @@ def load_checkpoint(path: str | Path) -> tuple[SequenceRecommender, dict[str, An
 def model_config_for(log: InteractionLog, **overrides: Any) -> ModelConfig:
     """A :class:`ModelConfig` sized for ``log`` (items, explanation vocabulary, time unit); an override that is
     not a ModelConfig field is an error naming the known ones."""
-    known = {f.name for f in fields(ModelConfig)}
-    if unknown := sorted(set(overrides) - known):
-        raise ValueError(f"unknown model settings {unknown}; known: {', '.join(sorted(known))}")
     base = {"num_items": log.num_items, "num_explanations": len(log.vocab), "time_unit": log.time_unit}
     if not len(log.vocab):
         base["use_explanations"] = False
-    return ModelConfig(**(base | overrides))
+    return model_config_from_dict(base | overrides)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -69,6 +69,15 @@ def parse_int(value: str, path: Path, line: int | None, what: str) -> int:
 MAX_TIMESTAMP = 2**40  # unix seconds accepted (year 36,812); millisecond timestamps of today exceed it
 
 
+def milliseconds_hint(value: float) -> str:
+    """A hint when an out-of-range timestamp looks like milliseconds ('' otherwise)."""
+    return (
+        " (milliseconds? timestamps are unix seconds)"
+        if MAX_TIMESTAMP <= value < 1000 * MAX_TIMESTAMP
+        else ""
+    )
+
+
 def parse_timestamp(value: str, path: Path, line: int | None) -> int:
     """Unix seconds from an integer or float string; negative or non-finite values are rejected."""
     try:
@@ -76,12 +85,9 @@ def parse_timestamp(value: str, path: Path, line: int | None) -> int:
     except (ValueError, AttributeError):
         raise DataFormatError(path, f"timestamp is not a number: {value!r}", line=line) from None
     if not (0 <= ts < MAX_TIMESTAMP):
-        hint = (
-            " (milliseconds? timestamps are unix seconds)"
-            if MAX_TIMESTAMP <= ts < 1000 * MAX_TIMESTAMP
-            else ""
+        raise DataFormatError(
+            path, f"timestamp out of range [0, 2**40): {value!r}{milliseconds_hint(ts)}", line=line
         )
-        raise DataFormatError(path, f"timestamp out of range [0, 2**40): {value!r}{hint}", line=line)
     return int(ts)
 
 
