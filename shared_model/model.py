@@ -12,7 +12,9 @@ match it (per-item routing, as multi-interest recommenders such as ComiRec/MIND 
 ``s_i = log sum_h exp(<v_h, e_i> + c_h) + b_i``: the best-matching head dominates, so the head that drove a
 recommendation is the one with the largest term, and different items come from different heads. Training is
 exact full-softmax cross-entropy over these routed scores
-(:func:`~shared_model.softmax_ce.routed_softmax_cross_entropy`: H dot products per item, chunked).
+(:func:`~shared_model.softmax_ce.routed_softmax_cross_entropy`, chunked), each head scored in its own
+``d / H`` coordinates: ``<v_h, e_i> = <slice_h, proj_h e_i>``, so routing over all heads costs the
+multiply-adds of one d-wide dot product per item.
 
 Loss: ``CE_items + alpha * CE_explanations + beta * L_MI + gamma * L_reg + head_balance * L_bal``; ``L_reg``
 penalises the squared cosine similarity between different heads' sub-interest vectors, ``L_bal`` is the mean KL
@@ -49,6 +51,23 @@ class InterestHeads(nn.Module):
 
     def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``y`` (..., d) -> sub-interests ``v`` (..., H, d) and log-priors ``c = log a`` (..., H)."""
+        _, v, scale, prior = self._parts(y)
+        return v * scale, prior
+
+    def coordinates(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``y`` (..., d) -> each sub-interest in its head's coordinates (..., H, d_head), with
+        ``v_h = coordinates_h @ proj_h``; the sub-interests ``v`` (..., H, d); log-priors (..., H)."""
+        slices, v, scale, prior = self._parts(y)
+        return slices * scale, v * scale, prior
+
+    def item_tables(self, table: Tensor) -> Tensor:
+        """Every item in each head's coordinates, (H, V, d_head): ``coordinates_h . item_tables[h, i]`` is
+        ``v_h . table[i]``, at d_head instead of d multiply-adds."""
+        return torch.einsum("vd,hkd->hvk", table, self.proj)
+
+    def _parts(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Head slices (..., H, d_head), unscaled sub-interests (..., H, d), the equal-norm scale (..., H, 1)
+        and log-priors (..., H)."""
         slices = y.unflatten(-1, (self.num_heads, -1)).movedim(-2, 0)  # (H, ..., d_head)
         # v_h = slices_h @ proj_h as one batched matmul over heads: what einsum("...hk,hkd->...hd") computes
         # (bit for bit), but an ONNX MatMul instead of the slower Einsum kernel
@@ -56,7 +75,8 @@ class InterestHeads(nn.Module):
         # equal norms across a state's heads (their mean norm): heads compete by direction and prior, so one
         # large-norm head cannot own every top item
         norms = v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        return v * (norms.mean(-2, keepdim=True) / norms), torch.log_softmax(self.gate(y), dim=-1)
+        scale = norms.mean(-2, keepdim=True) / norms
+        return slices.movedim(0, -2), v, scale, torch.log_softmax(self.gate(y), dim=-1)
 
 
 class TMEPSR(SequenceRecommender):
@@ -152,8 +172,10 @@ class TMEPSR(SequenceRecommender):
         assert batch.targets is not None, "training batches carry targets"
         states = self.encode(batch)
         has_target = batch.targets > 0
-        v, prior = self.interests(states[has_target])  # once, for the item loss and the head regulariser
-        ce_items = self.item_loss(v, prior, batch.targets[has_target] - 1)
+        # once, for the item loss and the head regulariser
+        a, v, prior = self.interests.coordinates(states[has_target])
+        tables = self.interests.item_tables(self.item_emb.weight[1:])
+        ce_items = self.item_loss(a, prior, tables, batch.targets[has_target] - 1)
         total = ce_items
         parts = {"ce_items": ce_items.item()}
         if self.cfg.num_heads > 1 and self.cfg.gamma > 0:

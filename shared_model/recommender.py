@@ -42,6 +42,13 @@ class SequenceRecommender(nn.Module):
         u = self.user_vector(states)
         return u.unsqueeze(-2), u.new_zeros(*u.shape[:-1], 1)
 
+    def interest_coordinates(self, states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What the item loss scores: each interest in its own head's coordinates ``a`` (N, H, k), log-priors
+        (N, H), and every item in each head's coordinates (H, num_items, k), with ``a_h . tables[h, i]`` the
+        interest's dot product with item ``i`` (one interest: the user vector against the item table)."""
+        v, prior = self.interests_of(states)
+        return v, prior, self.item_emb.weight[1:].expand(v.shape[-2], -1, -1)
+
     def item_scores(self, states: Tensor) -> Tensor:
         """Scores of every item (..., num_items): column ``i`` is dense item ``i`` (padding dropped), scored by
         the interests that match it, ``logsumexp_h (v_h . e_i + c_h) + b_i``."""
@@ -51,17 +58,17 @@ class SequenceRecommender(nn.Module):
         logits = torch.matmul(v, self.item_emb.weight[1:].T) + prior.unsqueeze(-1)
         return torch.logsumexp(logits, dim=-2) + self.item_bias[1:]
 
-    def item_loss(self, interests: Tensor, prior: Tensor, targets: Tensor) -> Tensor:
-        """Full-softmax next-item cross-entropy of the routed scores of interests (N, H, d) with log-priors
-        (N, H) against dense item ids (N,)."""
-        table, bias = self.item_emb.weight[1:], self.item_bias[1:]
-        return routed_softmax_cross_entropy(interests, prior, table, bias, targets)
+    def item_loss(self, a: Tensor, prior: Tensor, tables: Tensor, targets: Tensor) -> Tensor:
+        """Full-softmax next-item cross-entropy of the routed scores (:meth:`interest_coordinates`) against
+        dense item ids (N,)."""
+        return routed_softmax_cross_entropy(a, prior, tables, self.item_bias[1:], targets)
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Training loss and its parts (plain next-item cross-entropy over every position with a target)."""
         assert batch.targets is not None, "training batches carry targets"
         has_target = batch.targets > 0
-        ce = self.item_loss(*self.interests_of(self.encode(batch)[has_target]), batch.targets[has_target] - 1)
+        states = self.encode(batch)[has_target]
+        ce = self.item_loss(*self.interest_coordinates(states), batch.targets[has_target] - 1)
         return ce, {"ce_items": ce.item(), "loss": ce.item()}
 
 

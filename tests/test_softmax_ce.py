@@ -61,23 +61,25 @@ def test_no_rows_is_an_error():
         )
 
 
-def _routed_reference(v, prior, weight, bias, target):
-    return F.cross_entropy((v @ weight.T + prior[..., None]).logsumexp(1) + bias, target)
+def _routed_reference(a, prior, tables, bias, target):
+    terms = torch.einsum("nhk,hvk->nhv", a, tables) + prior[..., None]
+    return F.cross_entropy(terms.logsumexp(1) + bias, target)
 
 
-@pytest.mark.parametrize(("rows", "heads", "chunk"), [(1, 2, None), (7, 3, 2), (300, 4, None), (65, 4, 16)])
-def test_routed_equals_reference_in_float64(rows: int, heads: int, chunk: int | None):
-    """Each item scored by its best interest: values, and gradients routed to the winning interest."""
+@pytest.mark.parametrize(("rows", "heads", "chunk"), [(1, 2, 256), (7, 3, 2), (300, 4, 256), (65, 4, 16)])
+def test_routed_equals_reference_in_float64(rows: int, heads: int, chunk: int):
+    """Each item scored by its best interest, each head in its own coordinates (its own item table): values,
+    and gradients routed to the winning interest."""
     torch.manual_seed(rows)
-    v = torch.randn(rows, heads, 8, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(rows, heads, 4, dtype=torch.float64, requires_grad=True)
     prior = torch.randn(rows, heads, dtype=torch.float64).log_softmax(-1).requires_grad_()
-    weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    tables = torch.randn(heads, 50, 4, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(50, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 50, (rows,))
-    fused = routed_softmax_cross_entropy(v, prior, weight, bias, target, chunk=chunk)
-    reference = _routed_reference(v, prior, weight, bias, target)
+    fused = routed_softmax_cross_entropy(a, prior, tables, bias, target, chunk=chunk)
+    reference = _routed_reference(a, prior, tables, bias, target)
     torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
-    inputs = (v, prior, weight, bias)
+    inputs = (a, prior, tables, bias)
     for g, g_ref in zip(
         torch.autograd.grad(2.0 * fused, inputs), torch.autograd.grad(2.0 * reference, inputs), strict=True
     ):
@@ -86,11 +88,11 @@ def test_routed_equals_reference_in_float64(rows: int, heads: int, chunk: int | 
 
 def test_routed_gradcheck():
     torch.manual_seed(0)
-    v = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
     prior = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    tables = torch.randn(3, 6, 2, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 5, 2, 2, 1])
     assert torch.autograd.gradcheck(
-        lambda v, c, w, b: routed_softmax_cross_entropy(v, c, w, b, target, chunk=2), (v, prior, weight, bias)
+        lambda a, c, u, b: routed_softmax_cross_entropy(a, c, u, b, target, chunk=2), (a, prior, tables, bias)
     )
