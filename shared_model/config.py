@@ -48,6 +48,7 @@ class ModelConfig:
     beta: float = 0.1  # weight of the mutual-information terms
     gamma: float = 0.01  # weight of the head-diversity regulariser
     head_balance: float = 0.1  # weight of the mean KL(each state's head prior || uniform)
+    responsibility_balance: float = 0.1  # weight of KL(heads' mean responsibility for the targets || uniform)
     mi_temperature: float = 0.2
 
     def __post_init__(self) -> None:
@@ -56,7 +57,10 @@ class ModelConfig:
             raise ValueError("num_items must be >= 1")
         if min(self.max_len, self.d_model, self.num_heads, self.num_blocks) < 1:
             raise ValueError("max_len, d_model, num_heads and num_blocks must be >= 1")
-        if not 0 <= self.dropout < 1 or min(self.alpha, self.beta, self.gamma, self.head_balance) < 0:
+        if (
+            not 0 <= self.dropout < 1
+            or min(self.alpha, self.beta, self.gamma, self.head_balance, self.responsibility_balance) < 0
+        ):
             raise ValueError("dropout must lie in [0, 1) and the loss weights must be >= 0")
         if not self.mi_temperature > 0:
             raise ValueError("mi_temperature must be > 0")

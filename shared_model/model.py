@@ -16,10 +16,15 @@ exact full-softmax cross-entropy over these routed scores
 ``d / H`` coordinates: ``<v_h, e_i> = <slice_h, proj_h e_i>``, so routing over all heads costs the
 multiply-adds of one d-wide dot product per item.
 
-Loss: ``CE_items + alpha * CE_explanations + beta * L_MI + gamma * L_reg + head_balance * L_bal``; ``L_reg``
-penalises the squared cosine similarity between different heads' sub-interest vectors, ``L_bal`` is the mean KL
-divergence of each state's head prior from uniform (no state hands every item to one head): without them and
-the equal norms one head took every top item (measured on ML-100k: 99% of the top-10 items of 300 users).
+Loss: ``CE_items + alpha * CE_explanations + beta * L_MI + gamma * L_reg + head_balance * L_bal +
+responsibility_balance * L_resp``; ``L_reg`` penalises the squared cosine similarity between different heads'
+sub-interest vectors, ``L_bal`` is the mean KL divergence of each state's head prior from uniform (no state hands
+every item to one head), ``L_resp`` the KL divergence from uniform of the heads' mean responsibility for the
+batch's target items (each head's softmax share of its target's score), so every head serves some of the
+items users go on to choose. Without the first two and the equal norms one head took every top item (measured
+on ML-100k: 99% of the top-10 items of 300 users); with them but without ``L_resp`` one of four heads drove 0.1%
+of the shown items (ML-100k seed 0, all 943 users' top-10s: 5% / 24% / 71% / 0.1%); with ``L_resp`` (0.1)
+17% / 24% / 48% / 11% at the same validation NDCG@10 (0.1233 vs 0.1245).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from .dropout import Dropout
 from .explanation import ExplanationBranch
 from .lru import LRUEncoder
 from .recommender import SequenceRecommender
+from .softmax_ce import target_terms
 from .time_encoder import DualViewGatedTimeEncoder
 
 
@@ -189,6 +195,14 @@ class TMEPSR(SequenceRecommender):
             balance = (prior.exp() * (prior + math.log(self.cfg.num_heads))).sum(-1).mean()
             total = total + self.cfg.head_balance * balance
             parts["balance_heads"] = balance.item()
+        if (
+            self.cfg.num_heads > 1 and self.cfg.responsibility_balance > 0
+        ):  # KL(mean responsibility || uniform)
+            at_target = target_terms(a, prior, tables, batch.targets[has_target] - 1)
+            share = at_target.softmax(-1).mean(0)  # each head's share of the batch's targets
+            spread = (share * (share * self.cfg.num_heads).clamp_min(1e-9).log()).sum()
+            total = total + self.cfg.responsibility_balance * spread
+            parts["balance_responsibility"] = spread.item()
         if self.explanation is not None and batch.expl_pos is not None and len(batch.expl_pos):
             positions, slot = torch.unique(batch.expl_pos, return_inverse=True)
             flat_states = states.reshape(-1, states.shape[-1])[positions]

@@ -59,6 +59,14 @@ def row_logsumexp(x: Tensor, weight: Tensor, bias: Tensor, chunk: int = CE_CHUNK
     return _RowLogSumExp.apply(x.contiguous(), weight, bias, chunk)
 
 
+def target_terms(a: Tensor, prior: Tensor, tables: Tensor, target: Tensor) -> Tensor:
+    """Each head's term at each row's target item, ``a[n, h] . tables[h, target[n]] + prior[n, h]`` (N, H):
+    their softmax over heads is each head's responsibility for the target."""
+    # index_select, not tables[:, target]: its backward (index_add) is deterministic on CPU, advanced
+    # indexing's accumulating index_put is not, and runs must repeat bit for bit (resumed training)
+    return (a * tables.index_select(1, target).transpose(0, 1)).sum(-1) + prior
+
+
 def routed_softmax_cross_entropy(
     a: Tensor, prior: Tensor, tables: Tensor, bias: Tensor, target: Tensor, chunk: int = CE_CHUNK_ROWS
 ) -> Tensor:
@@ -67,9 +75,7 @@ def routed_softmax_cross_entropy(
     int64 in [0, V). Same value and gradients as the unfused form."""
     if len(a) == 0:
         raise ValueError("routed_softmax_cross_entropy needs at least one row")
-    # index_select, not tables[:, target]: its backward (index_add) is deterministic on CPU, advanced
-    # indexing's accumulating index_put is not, and runs must repeat bit for bit (resumed training)
-    at_target = (a * tables.index_select(1, target).transpose(0, 1)).sum(-1) + prior  # (N, H)
+    at_target = target_terms(a, prior, tables, target)
     picked = torch.logsumexp(at_target, dim=1) + bias.index_select(0, target)
     log_z = torch.stack([row_logsumexp(a[:, h], tables[h], bias, chunk) for h in range(a.shape[1])], dim=1)
     return (torch.logsumexp(prior + log_z, dim=1) - picked).mean()

@@ -83,6 +83,8 @@ def test_every_ablation_trains_from_one_code_path(log, switches):
         opt.step()
     assert loss.item() < first.item()
     assert ("ce_expl" in parts) == (model.explanation is not None)
+    multi = model.cfg.kind == "tmepsr" and model.cfg.num_heads > 1
+    assert ("balance_responsibility" in parts) == multi
     assert (model.explanation is not None) == model.cfg.use_explanations
 
 
@@ -162,3 +164,23 @@ def test_fit_improves_over_random_and_evaluates_explanations(log):
     # among the item's attested ids: a label the item never had in training is a miss there, never a hit
     assert 0 < result.test["expl_attested_recall@10"] <= 1
     assert len(result.history) == 2
+
+
+def test_responsibility_balance_is_the_kl_of_the_heads_target_shares_from_uniform(log):
+    """L_resp = KL(mean over targets of softmax_h(term at the target) || uniform)."""
+    from shared_model.softmax_ce import target_terms
+
+    torch.manual_seed(0)
+    model = TMEPSR(_small(log, max_len=50, gamma=0.0, head_balance=0.0, use_explanations=False)).eval()
+    split = LeaveOneOutSplit(log)
+    starts, ends = training_windows(log.user_ptr, train_end_per_user(log, split), np.arange(16), 50,
+                                    np.random.default_rng(0))  # fmt: skip
+    batch = training_batch(log, starts, ends, 50)
+    _, parts = model.loss(batch)
+    has_target = batch.targets > 0
+    a, _, prior = model.interests.coordinates(model.encode(batch)[has_target])
+    tables = model.interests.item_tables(model.item_emb.weight[1:])
+    share = target_terms(a, prior, tables, batch.targets[has_target] - 1).softmax(-1).mean(0)
+    expected = float((share * (share * 4).log()).sum())
+    assert parts["balance_responsibility"] == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert parts["loss"] == pytest.approx(parts["ce_items"] + 0.1 * expected, rel=1e-5)
