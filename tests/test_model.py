@@ -181,6 +181,15 @@ def test_responsibility_balance_is_the_kl_of_the_heads_target_shares_from_unifor
     a, _, prior = model.interests.coordinates(model.encode(batch)[has_target])
     tables = model.interests.item_tables(model.item_emb.weight[1:])
     share = target_terms(a, prior, tables, batch.targets[has_target] - 1).softmax(-1).mean(0)
-    expected = float((share * (share * 4).log()).sum())
+    expected = float((share * (share * 4).log()).sum().detach())
     assert parts["balance_responsibility"] == pytest.approx(expected, rel=1e-5) and expected > 0
     assert parts["loss"] == pytest.approx(parts["ce_items"] + 0.1 * expected, rel=1e-5)
+
+
+def test_federated_runs_train_without_the_batch_level_responsibility_balance(log):
+    """A device's batch is one user's window: the federated model leaves that batch statistic out."""
+    from shared_model.config import FederatedConfig
+    from shared_model.training import model_for_run
+
+    assert ModelConfig(num_items=5).responsibility_balance > 0
+    assert model_for_run(FederatedConfig(d_model=32), log).cfg.responsibility_balance == 0
