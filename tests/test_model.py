@@ -191,5 +191,5 @@ def test_federated_runs_train_without_the_batch_level_responsibility_balance(log
     from shared_model.config import FederatedConfig
     from shared_model.training import model_for_run
 
-    assert ModelConfig(num_items=5).responsibility_balance > 0
+    assert ModelConfig(num_items=5, use_explanations=False).responsibility_balance > 0
     assert model_for_run(FederatedConfig(d_model=32), log).cfg.responsibility_balance == 0
