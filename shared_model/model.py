@@ -195,9 +195,8 @@ class TMEPSR(SequenceRecommender):
             balance = (prior.exp() * (prior + math.log(self.cfg.num_heads))).sum(-1).mean()
             total = total + self.cfg.head_balance * balance
             parts["balance_heads"] = balance.item()
-        if (
-            self.cfg.num_heads > 1 and self.cfg.responsibility_balance > 0
-        ):  # KL(mean responsibility || uniform)
+        if self.cfg.num_heads > 1 and self.cfg.responsibility_balance > 0:
+            # KL(the heads' mean responsibility for the batch's targets || uniform)
             at_target = target_terms(a, prior, tables, batch.targets[has_target] - 1)
             share = at_target.softmax(-1).mean(0)  # each head's share of the batch's targets
             spread = (share * (share * self.cfg.num_heads).clamp_min(1e-9).log()).sum()
