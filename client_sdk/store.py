@@ -5,9 +5,11 @@ File layout (integers big-endian)::
     MAGIC b"TMEPSR-STORE\\0" | u16 format version | u8 kdf (0 raw key, 1 scrypt) | 16-byte salt | 12-byte nonce
     AES-256-GCM ciphertext of the payload, with the whole header as associated data
 
-The payload is an ``np.savez`` archive (never pickle) holding ``items``, ``times``, ``state/<name>``,
-``weights/<name>`` and ``meta`` (a JSON string). Format 1 is the same without the state arrays; it is read (with an
-empty state) and the next save writes the current format. Imports neither torch nor flwr.
+The payload (format 3) is UTF-8 JSON, readable from any language: ``items`` and ``times`` (integer lists),
+``state`` and ``weights`` (name -> ``{"dtype", "shape", "data"}``, data the base64 of the row-major little-endian
+bytes) and ``meta`` (an object); ``docs/BUNDLE.md`` (section 6) specifies it for other clients. Formats 1 and 2
+held an ``np.savez`` archive (never pickle; format 1 without the state arrays); they are still read (format 1 with
+an empty state) and the next save writes format 3. Imports neither torch nor flwr.
 
 One writer at a time: :meth:`EncryptedStore.writer_lock` takes an exclusive advisory lock on ``<store>.lock``
 (``flock`` on POSIX, ``msvcrt.locking`` on Windows; per open file, so a second writer in the same process is
@@ -17,6 +19,7 @@ loaded would silently drop the other's events.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -92,7 +95,7 @@ class _Header(NamedTuple):
 class EncryptedStore:
     """One AES-256-GCM encrypted file, keyed by a raw 32-byte key or by a passphrase (scrypt, salt in header)."""
 
-    FORMAT_VERSION = 2
+    FORMAT_VERSION = 3
 
     def __init__(self, path: str | Path, key: bytes | None = None, passphrase: str | None = None):
         if (key is None) == (passphrase is None):
@@ -125,7 +128,7 @@ class EncryptedStore:
 
     def save(self, record: DeviceRecord) -> None:
         """Validate, encrypt and atomically replace the file; nothing is written if validation fails."""
-        payload = _encode_payload(record, include_state=True)
+        payload = _encode_payload(record)
         kdf, salt = (KDF_RAW, _NO_SALT) if self._passphrase is None else (KDF_SCRYPT, self._salt_for_save())
         header = _Header(self.FORMAT_VERSION, kdf, salt, os.urandom(NONCE_SIZE))
         _atomic_write(self.path, _seal(header, self._key_for(header), payload))
@@ -248,24 +251,88 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.close(dir_fd)
 
 
-def _encode_payload(record: DeviceRecord, *, include_state: bool) -> bytes:
+ARRAY_DTYPES = ("float32", "float64", "int32", "int64", "bool")  # what a format-3 payload may hold
+_PAYLOAD_KEYS = {"items", "times", "state", "weights", "meta"}
+
+
+def _encode_payload(record: DeviceRecord) -> bytes:
+    """The format-3 payload: UTF-8 JSON (``docs/BUNDLE.md``, section 6)."""
     items = _int64_vector("items", record.items)
     times = _int64_vector("times", record.times)
     if len(items) != len(times):
         raise ValueError(f"items ({len(items)}) and times ({len(times)}) differ in length")
-    arrays = {"items": items, "times": times, "meta": np.array(_meta_json(record.meta))}
-    groups = {"state": record.state, "weights": record.weights}
-    if not include_state:
-        del groups["state"]
-    for group, tensors in groups.items():
-        for name, value in tensors.items():
-            arrays[f"{group}/{name}"] = _finite_array(group, name, value)
-    buf = io.BytesIO()
-    np.savez(buf, allow_pickle=False, **arrays)
-    return buf.getvalue()
+    payload = {"items": items.tolist(), "times": times.tolist(), "meta": json.loads(_meta_json(record.meta))}
+    for group in ("state", "weights"):
+        payload[group] = {
+            name: _array_json(_finite_array(group, name, value))
+            for name, value in getattr(record, group).items()
+        }
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _array_json(arr: np.ndarray) -> dict[str, Any]:
+    little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    data = base64.b64encode(np.ascontiguousarray(little).tobytes()).decode("ascii")
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": data}
 
 
 def _decode_payload(payload: bytes, version: int, path: Path) -> DeviceRecord:
+    if version < 3:
+        return _decode_npz_payload(payload, version, path)
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptStore(f"{path}: unreadable payload ({exc})") from None
+    if not isinstance(data, dict) or set(data) != _PAYLOAD_KEYS:
+        raise CorruptStore(f"{path}: the payload must be an object with exactly {sorted(_PAYLOAD_KEYS)}")
+    items, times = (_json_int_vector(data[key], key, path) for key in ("items", "times"))
+    if items.shape != times.shape:
+        raise CorruptStore(f"{path}: items/times are not two int64 vectors of the same length")
+    if not isinstance(data["meta"], dict):
+        raise CorruptStore(f"{path}: meta is not a JSON object")
+    groups = {}
+    for group in ("state", "weights"):
+        if not isinstance(data[group], dict):
+            raise CorruptStore(f"{path}: {group} is not a JSON object")
+        groups[group] = {
+            name: _json_array(value, f"{group}[{name!r}]", path) for name, value in data[group].items()
+        }
+    return DeviceRecord(items, times, groups["state"], groups["weights"], data["meta"])
+
+
+def _json_int_vector(values: Any, name: str, path: Path) -> np.ndarray:
+    if not isinstance(values, list) or not all(type(v) is int and -(2**63) <= v < 2**63 for v in values):
+        raise CorruptStore(f"{path}: {name} is not a list of int64 integers")
+    return np.array(values, dtype=np.int64)
+
+
+def _json_array(value: Any, label: str, path: Path) -> np.ndarray:
+    """One ``{"dtype", "shape", "data"}`` entry as an array; CorruptStore unless well-formed and finite."""
+    valid = (
+        isinstance(value, dict)
+        and set(value) == {"dtype", "shape", "data"}
+        and value["dtype"] in ARRAY_DTYPES
+        and isinstance(value["shape"], list)
+        and all(type(n) is int and n >= 0 for n in value["shape"])
+        and isinstance(value["data"], str)
+    )
+    if not valid:
+        raise CorruptStore(f"{path}: {label} is not a {{dtype in {ARRAY_DTYPES}, shape, data}} array")
+    try:
+        raw = base64.b64decode(value["data"], validate=True)
+    except ValueError:
+        raise CorruptStore(f"{path}: {label} data is not base64") from None
+    dtype = np.dtype(value["dtype"]).newbyteorder("<")
+    if len(raw) != dtype.itemsize * int(np.prod(value["shape"], dtype=np.int64)):
+        raise CorruptStore(f"{path}: {label} has {len(raw)} bytes of data, not what its shape needs")
+    arr = np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="), copy=True).reshape(value["shape"])
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise CorruptStore(f"{path}: {label} contains NaN or Inf")
+    return arr
+
+
+def _decode_npz_payload(payload: bytes, version: int, path: Path) -> DeviceRecord:
+    """Formats 1 and 2: an ``np.savez`` archive (format 1 without state arrays)."""
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -310,8 +377,8 @@ def _finite_array(group: str, name: Any, value: Any) -> np.ndarray:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{label}: names must be non-empty strings")
     arr = np.asarray(value)
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise ValueError(f"{label} must be numeric, got dtype {arr.dtype}")
+    if arr.dtype.name not in ARRAY_DTYPES:
+        raise ValueError(f"{label} must have a dtype in {ARRAY_DTYPES}, got {arr.dtype}")
     if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
         raise ValueError(f"{label} contains NaN or Inf")
     return arr
@@ -329,5 +396,10 @@ def _meta_json(meta: Mapping[str, Any]) -> str:
 
 def _write_v1(path: str | Path, record: DeviceRecord, key: bytes) -> None:
     """Write ``record`` (without its state) as a format-1 file with a raw key: fixtures for upgrade tests."""
+    arrays = {f"weights/{name}": np.asarray(value) for name, value in record.weights.items()}
+    arrays["items"], arrays["times"] = record.items, record.times
+    arrays["meta"] = np.array(_meta_json(record.meta))
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **arrays)
     header = _Header(1, KDF_RAW, _NO_SALT, os.urandom(NONCE_SIZE))
-    _atomic_write(Path(path), _seal(header, key, _encode_payload(record, include_state=False)))
+    _atomic_write(Path(path), _seal(header, key, buf.getvalue()))

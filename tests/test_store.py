@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,14 +36,15 @@ def make_record(n: int = 50) -> DeviceRecord:
         items=rng.integers(0, 10_000, n, dtype=np.int64),
         times=np.sort(rng.integers(1_600_000_000, 1_700_000_000, n, dtype=np.int64)),
         state={
-            "lru": (rng.normal(size=(2, 4, 8)) + 1j * rng.normal(size=(2, 4, 8))).astype(np.complex64),
+            "lru": rng.normal(size=(2, 4, 8, 2)).astype(np.float32),
             "time": rng.normal(size=16).astype(np.float32),
         },
         weights={
             "user.embedding": rng.normal(size=(3, 5)),
-            "head/bias": np.array(-0.0, dtype=np.float16),
+            "head/bias": np.array(-0.0, dtype=np.float32),
             "gate": np.array([True, False]),
-            "quantized": rng.integers(-128, 127, (4,), dtype=np.int8),
+            "quantized": rng.integers(-128, 127, (4,), dtype=np.int32),
+            "counts": rng.integers(0, 2**40, (2, 2), dtype=np.int64),
             "empty": np.zeros((0, 3), dtype=np.float32),
         },
         meta={"user_id": "u-42", "bundle_version": 3, "round": 7, "tags": ["a", "b"], "lr": 0.01},
@@ -212,7 +216,7 @@ def test_newer_version_is_unsupported(tmp_path: Path, original: bytes) -> None:
     path.write_bytes(
         MAGIC + (EncryptedStore.FORMAT_VERSION + 1).to_bytes(2, "big") + original[len(MAGIC) + 2 :]
     )
-    with pytest.raises(UnsupportedStoreVersion, match="format version 3"):
+    with pytest.raises(UnsupportedStoreVersion, match="format version 4"):
         EncryptedStore(path, key=KEY).load()
 
 
@@ -227,7 +231,7 @@ def test_v1_file_loads_without_state_and_is_upgraded_on_save(tmp_path: Path) -> 
     assert_same(old, record, state=False)
     old.state = record.state
     store.save(old)
-    assert int.from_bytes(path.read_bytes()[len(MAGIC) : len(MAGIC) + 2], "big") == 2
+    assert int.from_bytes(path.read_bytes()[len(MAGIC) : len(MAGIC) + 2], "big") == 3
     assert_same(store.load(), record)
 
 
@@ -263,7 +267,9 @@ def test_crash_mid_write_keeps_previous_file(
     [
         (lambda r: r.weights.__setitem__("user.embedding", np.array([1.0, np.nan])), "user.embedding.*NaN"),
         (lambda r: r.state.__setitem__("lru", np.array([np.inf], np.float32)), "lru.*Inf"),
-        (lambda r: r.weights.__setitem__("names", np.array(["a", "b"])), "names.*numeric"),
+        (lambda r: r.weights.__setitem__("names", np.array(["a", "b"])), "names.*dtype in"),
+        (lambda r: r.weights.__setitem__("half", np.zeros(2, np.float16)), "half.*dtype in"),
+        (lambda r: r.state.__setitem__("lru", np.zeros(2, np.complex64)), "lru.*dtype in"),
         (lambda r: setattr(r, "times", r.times[:-1]), "differ in length"),
         (lambda r: setattr(r, "items", r.items.astype(np.float64) + 0.5), "items.*whole numbers"),
         (lambda r: setattr(r, "items", np.full(len(r.times), np.nan)), "items.*whole numbers"),
@@ -311,3 +317,55 @@ def test_update_loads_modifies_and_saves(tmp_path: Path) -> None:
 def test_store_errors_share_a_base() -> None:
     for error in (WrongKeyOrTampered, CorruptStore, UnsupportedStoreVersion):
         assert issubclass(error, StoreError)
+
+
+def test_payload_is_portable_json(tmp_path: Path) -> None:
+    """A reader in another language needs only AES-GCM, JSON and base64 (docs/BUNDLE.md, section 6)."""
+    record = make_record()
+    blob = saved(tmp_path, record).path.read_bytes()
+    header, ciphertext = blob[:HEADER_SIZE], blob[HEADER_SIZE:]
+    payload = json.loads(AESGCM(KEY).decrypt(header[-12:], ciphertext, header))
+    assert payload["items"] == record.items.tolist() and payload["times"] == record.times.tolist()
+    assert payload["meta"] == record.meta
+    lru = payload["state"]["lru"]
+    assert lru["dtype"] == "float32" and lru["shape"] == [2, 4, 8, 2]
+    decoded = np.frombuffer(base64.b64decode(lru["data"]), "<f4").reshape(lru["shape"])
+    assert np.array_equal(decoded, record.state["lru"])
+
+
+def _seal_payload(path: Path, payload: bytes) -> None:
+    header = MAGIC + (3).to_bytes(2, "big") + bytes(1 + 16) + os.urandom(12)
+    path.write_bytes(header + AESGCM(KEY).encrypt(header[-12:], payload, header))
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\xff not utf-8", "unreadable payload"),
+        (b"[1, 2]", "exactly"),
+        (b'{"items": [1], "times": [], "state": {}, "weights": {}, "meta": {}}', "same length"),
+        (b'{"items": [1.5], "times": [1], "state": {}, "weights": {}, "meta": {}}', "int64"),
+        (b'{"items": [], "times": [], "state": {}, "weights": {}, "meta": []}', "meta"),
+        (
+            b'{"items": [], "times": [], "state": {"s": {"dtype": "float16", "shape": [1], "data": "AAA="}},'
+            b' "weights": {}, "meta": {}}',
+            "dtype in",
+        ),
+        (
+            b'{"items": [], "times": [], "state": {"s": {"dtype": "float32", "shape": [2], "data": "AAAAAA=="}},'
+            b' "weights": {}, "meta": {}}',
+            "bytes of data",
+        ),
+        (
+            b'{"items": [], "times": [], "state": {"s": {"dtype": "float32", "shape": [1], "data": "AADAfw=="}},'
+            b' "weights": {}, "meta": {}}',
+            "NaN",
+        ),
+    ],
+)
+def test_malformed_payload_is_corrupt(tmp_path: Path, payload: bytes, message: str) -> None:
+    """Authentic (right key) but malformed payloads, as a buggy client in another language could write."""
+    path = tmp_path / "foreign.store"
+    _seal_payload(path, payload)
+    with pytest.raises(CorruptStore, match=message):
+        EncryptedStore(path, key=KEY).load()
