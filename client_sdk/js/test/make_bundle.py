@@ -46,11 +46,15 @@ def main() -> None:
     log = load_dataset("movielens-latest-small")
     private, public = generate_keys(out / "keys", "pw")
     key = load_private_key(private, "pw")
-    build_bundle(model_for(log, args.seed), log, out / "v1", key, model_version="v1", top_k=args.top_k, check=False)
+    build_bundle(
+        model_for(log, args.seed), log, out / "v1", key, model_version="v1", top_k=args.top_k, check=False
+    )
     users = []
     for user in range(args.users):
         lo, hi = int(log.user_ptr[user]), int(log.user_ptr[user + 1])
-        users.append([[str(log.item_ids[i]), int(t)] for i, t in zip(log.item[lo:hi], log.time[lo:hi], strict=True)])
+        users.append(
+            [[str(log.item_ids[i]), int(t)] for i, t in zip(log.item[lo:hi], log.time[lo:hi], strict=True)]
+        )
     info = {  # paths relative to OUT_DIR (the folder may be moved)
         "public_key": public.relative_to(out).as_posix(),
         "private_key": private.relative_to(out).as_posix(),
