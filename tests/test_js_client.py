@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -132,10 +133,10 @@ def _python_store_view(env, path: Path, **key) -> tuple[list, dict, object]:
         rec.close()
 
 
-def _assert_same_recs(js: dict, py: dict) -> None:
+def _assert_same_recs(js: dict, py: dict, atol: float = 1e-5) -> None:
     assert js["items"] == py["items"] and js["heads"] == py["heads"]
     assert js["explanation_ids"] == py["explanation_ids"]
-    np.testing.assert_allclose(js["scores"], py["scores"], atol=1e-5)
+    np.testing.assert_allclose(js["scores"], py["scores"], atol=atol)
 
 
 @pytest.mark.parametrize(
@@ -170,3 +171,53 @@ def test_stores_written_by_one_client_are_read_by_the_other(env, tmp_path, key):
         np.testing.assert_array_equal(record.state[name].ravel(), np.array(array["data"], np.float32))
     assert record.meta == js["record"]["meta"]
     assert all(math.isfinite(s) for s in recs["scores"])
+
+
+def _chromium() -> str | None:
+    return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_demo_page_in_chromium_renders_what_the_python_runtime_recommends(env, tmp_path):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip(
+            "no Chromium binary ($CHROMIUM, chromium or chromium-browser on PATH) for the demo page check"
+        )
+    history = env["users"][5][:50]
+    request = {
+        "bundle": str(env["bundle"]),
+        "public_key": str(env["public"]),
+        "history": history,
+        "chromium": chromium,
+    }
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    page = _node(["bin/browser-check.mjs", str(tmp_path / "request.json")], timeout=240)
+
+    rec = Recommender.open(env["bundle"], env["public"], EncryptedStore(tmp_path / "u.store", key=KEY))
+    try:
+        rec.sync_history([tuple(e) for e in history])  # the page loads the history the same way
+        first = _view(rec.recommend(K, explanations=2))
+        item, t = page["clicked"]
+        assert item == page["first"][0]["item"]  # the click recorded the first recommendation
+        rec.record(item, t)
+        second = _view(rec.recommend(K, explanations=2))
+        titles = dict(zip(rec.catalogue_ids, rec.catalogue_titles, strict=True))
+    finally:
+        rec.close()
+    for shown, want in ((page["first"], first), (page["second"], second), (page["reloaded"], second)):
+        _assert_same_recs(
+            _shown(shown), want, atol=1e-4
+        )  # onnxruntime-web (wasm) against onnxruntime (native)
+        assert [r["title"] for r in shown] == [titles[i] for i in want["items"]]
+        assert all(r["head_text"] == f"interest {r['head']}" for r in shown)
+    assert any(r["why"].startswith("because: ") for r in page["first"])
+    assert "verified" in page["status"]
+
+
+def _shown(rows: list[dict]) -> dict:
+    return {
+        "items": [r["item"] for r in rows],
+        "scores": [r["score"] for r in rows],
+        "heads": [r["head"] for r in rows],
+        "explanation_ids": [r["explanation_ids"] for r in rows],
+    }
