@@ -6,7 +6,7 @@ A bundle is a directory::
     manifest.sig    the raw 64-byte Ed25519 signature of the exact bytes of manifest.json
     <files>         every other regular file (ONNX graphs, JSON side files...), subfolders allowed
 
-The manifest holds ``format_version`` (int, currently 1), ``model_version`` (str: letters, digits, ``._+-``),
+The manifest holds ``format_version`` (int, currently 3; ``docs/BUNDLE.md`` is the written contract), ``model_version`` (str: letters, digits, ``._+-``),
 ``opset`` (int), ``created`` (ISO-8601 UTC), ``files`` (``{posix relative name: {"sha256": hex, "bytes": int}}``
 for every file except manifest.json and manifest.sig) and any extra JSON fields of the release (item-id map,
 titles, explanation texts, graph spec...).
@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .errors import DeviceRuntimeError
 from .store import _atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3  # older bundles (1: self-contained graphs, 2: personal initializers) are refused
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 REQUIRED_FIELDS = ("format_version", "model_version", "opset", "created", "files")
 SIGNATURE_SIZE = 64
@@ -209,6 +209,11 @@ def _read_signed_manifest(root: Path, public_key: Ed25519PublicKey) -> bytes:
 def _check_format_version(version: Any, root: Path) -> None:
     if type(version) is not int or version < 1:
         raise BundleFormatError(f"{root}: format_version must be a positive integer, got {version!r}")
+    if version < FORMAT_VERSION:
+        raise BundleFormatError(
+            f"{root}: bundle format version {version} is older than this code reads ({FORMAT_VERSION}); "
+            "re-export the bundle with this SDK (tmepsr export)"
+        )
     if version > FORMAT_VERSION:
         raise BundleFormatError(
             f"{root}: bundle format version {version} is newer than this code reads ({FORMAT_VERSION}); "

@@ -44,13 +44,21 @@ import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared_model.data.readers import MAX_TIMESTAMP, milliseconds_hint
-from shared_model.graph_io import encoder_inputs, exclude_mask, personalize, run_session, session
+from shared_model.graph_io import (
+    SPEC_FORMAT,
+    encoder_inputs,
+    exclude_mask,
+    initial_personal,
+    personalize,
+    run_session,
+    session,
+)
 
-from .bundle import Manifest, load_public_key, verify_bundle
+from .bundle import BundleFormatError, Manifest, load_public_key, verify_bundle
 from .errors import DeviceRuntimeError
 from .store import DeviceRecord, EncryptedStore, StoreError, WriterLock
 
-CATALOGUE = "catalogue.json.gz"  # gzip-compressed JSON (older bundles: "catalogue.json")
+CATALOGUE = "catalogue.json.gz"  # gzip-compressed JSON
 
 
 class RuntimeInputError(DeviceRuntimeError, ValueError):
@@ -87,17 +95,18 @@ class Recommendation:
     score: float
     head: int  # the interest head that contributed most to the score
     explanations: list[str]  # explanation texts, most likely first
+    explanation_ids: list[int]  # their ids in the bundle catalogue's explanation vocabulary
 
 
 def _recommendation(
-    item: str, title: str, score: float, head: int, explanations: list[str]
+    item: str, title: str, score: float, head: int, explanations: list[str], explanation_ids: list[int]
 ) -> Recommendation:
     """``Recommendation(...)`` without the frozen dataclass's per-field ``object.__setattr__`` calls (a third of
     the cost of ``recommend(10)``'s Python): the same object, its fields written to its ``__dict__``."""
     rec = object.__new__(Recommendation)
     fields = rec.__dict__
     fields["item"], fields["title"], fields["score"], fields["head"] = item, title, score, head
-    fields["explanations"] = explanations
+    fields["explanations"], fields["explanation_ids"] = explanations, explanation_ids
     return rec
 
 
@@ -112,6 +121,7 @@ class _Loaded:
     explanations: list[str]
     index: dict[str, int]
     sessions: dict[str, Any]
+    personal: dict[str, dict[str, np.ndarray]]  # graph -> its personal inputs (personalize.onnx's outputs)
     step: _BoundStep  # the step session, bound; its inputs hold the seen mask and the recurrent states
 
     @property
@@ -128,14 +138,20 @@ class _BoundStep:
     and :meth:`run` neither converts nor allocates per event. ``outputs`` are overwritten by each run; the
     ``inputs`` of the recurrent ``states`` are the runtime's states.
 
-    The states and the ``state`` output are double-buffered: two bindings, each reading one set of state
+    The personal inputs are bound once. The states and the ``state`` output are double-buffered: two bindings, each reading one set of state
     arrays and writing the ``next_<state>`` outputs into the other set (and ``state`` into its own array), so
     that :meth:`advance` swaps the sets instead of copying, and the state vector a run wrote stays valid
     through the next run (which writes the other one)."""
 
-    def __init__(self, sess: ort.InferenceSession, graph: dict[str, Any], states: list[str]) -> None:
+    def __init__(
+        self,
+        sess: ort.InferenceSession,
+        graph: dict[str, Any],
+        states: list[str],
+        personal: dict[str, np.ndarray],
+    ) -> None:
         self._sess, self.states = sess, states
-        self.inputs = {v["name"]: _zeros(v) for v in graph["inputs"]}
+        self.inputs = {v["name"]: _zeros(v) for v in graph["inputs"] if v["name"] not in personal}
         self.outputs = {v["name"]: _zeros(v) for v in graph["outputs"]}
         sets = (
             {name: self.inputs[name] for name in states} | {"state": self.outputs["state"]},
@@ -146,7 +162,7 @@ class _BoundStep:
         self._bindings = []
         for current, following in (sets, sets[::-1]):
             binding = sess.io_binding()
-            inputs = self.inputs | {name: current[name] for name in states}
+            inputs = self.inputs | {name: current[name] for name in states} | personal
             outputs = self.outputs | {f"next_{name}": following[name] for name in states}
             outputs["state"] = current["state"]
             for arrays, bind in ((inputs, binding.bind_ortvalue_input),
@@ -179,33 +195,44 @@ def _ids_sha(ids: Sequence[str]) -> str:
 
 
 def _load(manifest: Manifest, personal: dict[str, np.ndarray], threads: int) -> _Loaded:
-    """Sessions of a verified bundle with the device's personal weights (the bundle's values for those the
-    store does not hold)."""
+    """Sessions of a verified bundle and the personal inputs for the device's personal weights (the bundle's
+    initial values for those the store does not hold)."""
     spec = manifest.data["spec"]
-    name = manifest.data.get("catalogue", "catalogue.json")
-    raw = manifest.read(name)
-    catalogue = json.loads(gzip.decompress(raw) if name.endswith(".gz") else raw)
-    expected = {i["name"]: tuple(i["shape"]) for i in spec["personalize"]["inputs"]}
-    wrong = sorted(set(personal) - set(expected)) or [k for k in personal if expected[k] != personal[k].shape]
+    if spec.get("format") != SPEC_FORMAT:
+        raise BundleFormatError(
+            f"{manifest.root}: graph spec format {spec.get('format')!r}, this SDK runs {SPEC_FORMAT}; "
+            "re-export the bundle (tmepsr export)"
+        )
+    name = manifest.data.get("catalogue", CATALOGUE)
+    catalogue = json.loads(gzip.decompress(manifest.read(name)))
+    initial = initial_personal(spec["personalize"], manifest.read(spec["personalize"]["initial"]))
+    wrong = sorted(set(personal) - set(initial)) or [
+        k for k in personal if initial[k].shape != personal[k].shape
+    ]
     if wrong:  # a subset is fine (e.g. only the adapted parts): the others keep the bundle's values
         raise IncompatibleStore(
             f"the store's personal weights do not fit this bundle's model (e.g. {wrong[:3]})"
         )
-    external = {spec["weights"]: manifest.read(spec["weights"])} if "weights" in spec else None  # format 2
-    values = personalize(manifest.read(spec["personalize"]["file"]), personal, external)
-    sessions = {
-        name: session(
-            manifest.read(g["file"]), {n: values[n] for n in g["personal"]}, threads, external, batch=1
-        )
-        for name, g in spec["graphs"].items()
-    }
+    external = {spec["weights"]: manifest.read(spec["weights"])}
+    values = personalize(manifest.read(spec["personalize"]["file"]), initial | personal, external)
+    graphs = spec["graphs"]
+    sessions = {g: session(manifest.read(v["file"]), threads, external, batch=1) for g, v in graphs.items()}
+    feeds = {g: {n: values[n] for n in v["personal"]} for g, v in graphs.items()}
     ids = [str(i) for i in catalogue["item_ids"]]
     if len(ids) != spec["num_items"]:
         raise IncompatibleStore(f"catalogue has {len(ids)} items, the graphs {spec['num_items']}")
-    titles = catalogue.get("titles") or ids
-    return _Loaded(manifest, spec, ids, titles, catalogue.get("explanations", []),
-                   {i: n for n, i in enumerate(ids)}, sessions,
-                   _BoundStep(sessions["step"], spec["graphs"]["step"], list(spec["states"])))  # fmt: skip
+    step = _BoundStep(sessions["step"], graphs["step"], list(spec["states"]), feeds["step"])
+    return _Loaded(
+        manifest,
+        spec,
+        ids,
+        catalogue.get("titles") or ids,
+        catalogue.get("explanations", []),
+        {i: n for n, i in enumerate(ids)},
+        sessions,
+        feeds,
+        step,
+    )
 
 
 class Recommender:
@@ -388,15 +415,15 @@ class Recommender:
         scores = ranking["top_scores"][0, :k].tolist()
         heads = ranking["top_heads"][0, :k].tolist()
         expl = ranking.get("top_explanations")
-        texts = (  # -1: the item has fewer attested explanations
+        why = (  # -1: the item has fewer attested explanations
             [[] for _ in range(k)]
             if expl is None
-            else [[b.explanations[e] for e in row if e >= 0] for row in expl[0, :k, :explanations].tolist()]
+            else [[e for e in row if e >= 0] for row in expl[0, :k, :explanations].tolist()]
         )
-        ids, titles = b.item_ids, b.titles
+        ids, titles, texts = b.item_ids, b.titles, b.explanations
         return [
-            _recommendation(ids[item], titles[item], score, head, why)
-            for item, score, head, why in zip(items, scores, heads, texts, strict=True)
+            _recommendation(ids[item], titles[item], score, head, [texts[e] for e in row], row)
+            for item, score, head, row in zip(items, scores, heads, why, strict=True)
             if score != -math.inf  # -inf: fewer than k unseen items (scores decrease)
         ]
 
@@ -444,7 +471,7 @@ class Recommender:
         return dense
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run_session(self._b.sessions[graph], feeds)
+        return run_session(self._b.sessions[graph], feeds | self._b.personal[graph])
 
     def _stored_state_fits(self) -> bool:
         state, spec = self._rec.state, self._b.spec

@@ -31,7 +31,9 @@ weights), equal to rolling the step graph over the events from the zero state: i
 (B, MAX_EVENTS) int64 and mask (B, MAX_EVENTS) bool, left-padded (see :func:`encoder_inputs`); outputs
 lru_state, time_state (the step graph's state inputs) and state (B, d).
 
-``personalize.onnx`` -- personal weights in, the personal initializers of the three graphs out (below).
+``personalize.onnx`` -- the device's personal weights in (by torch name, all required), every graph's personal
+inputs out (below). ``personal_init.bin`` -- the bundle's initial personal weights, float32 arrays back to back at
+the offsets listed in ``spec["personalize"]["inputs"]`` (:func:`~shared_model.graph_io.initial_personal`).
 
 ``weights.bin`` -- the graphs' tensors of at least ``EXTERNAL_MIN_BYTES`` bytes, as ONNX external data shared
 by the four files: each distinct tensor (the item table, read by three graphs) is stored once. A runtime loads
@@ -41,22 +43,18 @@ the graphs from bytes with the file's verified contents in memory
 A runtime, for ``record(item, t)`` + ``recommend(k)``: set ``exclude[item] = True``, run ``step`` on the
 stored states, keep ``next_*`` as the states and ``state``, answer from the first k ranking rows (one run;
 k up to ``step_top_k``). ``recommend(k)`` without a new event, or for more items, runs ``rank`` on the kept
-``state``. The recurrent states start as zeros of the shapes in ``spec["states"]``.
+``state``. The recurrent states start as zeros of the shapes in ``spec["states"]``. ``docs/BUNDLE.md`` is the
+written contract for runtimes in other languages.
 
-Personal weights are never baked in. onnxruntime folds constant subgraphs with the file's initializer values
-*before* it applies ``SessionOptions.add_initializer`` overrides (measured with onnxruntime 1.32), so
-overriding a personal parameter whose derived values get folded (the LRU step matrices, lambda powers, ...)
-would silently keep the exported values. The export therefore cuts every subgraph that depends only on
-personal parameters out of the three graphs into ``personalize.onnx``; what the graphs keep of the personal
-part are initializers read by non-constant nodes only: personal parameters used as they are
-(``model.<name>``) and derived values (``<graph>/<value>``), listed in :attr:`ExportedGraphs.overrides`. The
-runtime runs ``personalize.onnx`` once per set of weights (inputs: the personal parameters by torch name, as
-the device store keeps them; their defaults are the exported model's values, which the bundle thereby carries
-as initial values) and passes its outputs to each graph's session with ``SessionOptions.add_initializer``
-(:func:`personal_values`, :func:`ort_session`); onnxruntime can then fold and prepack everything else. Since
-the runtime always overrides them, the three graphs store their personal initializers as NaN (placeholders
-sharing one region of ``weights.bin``): the personal values a bundle carries are stored once, as the
-defaults of ``personalize.onnx``.
+Personal weights are plain graph inputs (bundle format 3), so every onnxruntime binding (Python, JavaScript,
+Java, Objective-C, C#) feeds them with an ordinary ``run()``. Computing a graph's values from its parameters
+per event would waste time (the LRU step matrices, lambda powers, ... depend on the personal parameters only),
+so the export cuts every subgraph that depends only on personal parameters out of the three graphs into
+``personalize.onnx``: what the graphs keep of the personal part are inputs read by non-constant nodes only,
+personal parameters used as they are (``model.<name>``) and derived values (``<graph>/<value>``), listed in
+:attr:`ExportedGraphs.personal`. A runtime runs ``personalize.onnx`` once per set of weights and feeds each
+graph's personal inputs with its outputs of the same name (the Python runtime binds them once,
+onnxruntime IOBinding). Nothing personal is baked into a graph: a run without the personal inputs is an error.
 """
 
 from __future__ import annotations
@@ -82,13 +80,21 @@ from torch import Tensor, nn
 
 from .data.log import InteractionLog
 from .explanation import attested_top
-from .graph_io import MAX_EVENTS, encoder_inputs, exclude_mask, personalize, run_session, session
+from .graph_io import (
+    MAX_EVENTS,
+    SPEC_FORMAT,
+    encoder_inputs,
+    exclude_mask,
+    initial_personal,
+    personalize,
+    run_session,
+    session,
+)
 from .model import TMEPSR
 from .partition import parameter_groups
 from .recommender import SequenceRecommender
 
 OPSET = 18
-SPEC_FORMAT = 2  # 2: tensors in the shared weights file (format 1 bundles have self-contained graphs)
 GRAPH_FILES = {
     "step": "step.onnx",
     "rank": "rank.onnx",
@@ -96,6 +102,7 @@ GRAPH_FILES = {
     "personalize": "personalize.onnx",
 }
 WEIGHTS_FILE = "weights.bin"
+PERSONAL_INIT_FILE = "personal_init.bin"
 STEP_TOP_K = 10  # default ranking width of the step graph: the items shown per event
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside their graph
 EXTERNAL_ALIGN = 64
@@ -110,16 +117,16 @@ class ExportError(RuntimeError):
 class ExportedGraphs:
     """The exported files and what a runtime needs to drive them.
 
-    ``overrides`` maps each runtime graph (``"step"``, ``"rank"``, ``"encoder"``) to the initializer names
-    that carry personal values: outputs of ``personalize.onnx`` of the same name. ``spec`` is
-    JSON-serialisable, for the bundle manifest: ``format``, ``opset``, ``num_items``, ``d_model``,
-    ``num_heads``, ``top_k``, ``step_top_k`` (absent in older bundles: ``top_k``), ``num_explanations_out``
-    (0 without an explanation branch), ``max_events``, ``int8_items``, ``weights`` (the shared external-data
-    file), ``states`` (name -> per-row ``shape``
-    and ``dtype``; zeros are the initial state; the step graph returns them as ``next_<name>``), ``graphs``
-    (name -> ``file``, ``inputs``, ``outputs``, each a list of ``{"name", "shape", "dtype"}`` with ``"batch"``
-    for the dynamic dimension, and ``personal``: its override names) and ``personalize`` (``file``,
-    ``inputs``: the personal parameters by torch name, ``outputs``).
+    ``personal`` maps each runtime graph (``"step"``, ``"rank"``, ``"encoder"``) to its personal inputs:
+    outputs of ``personalize.onnx`` of the same name. ``spec`` is JSON-serialisable, for the bundle manifest
+    (``docs/BUNDLE.md``, section 3): ``format``, ``opset``, ``num_items``, ``d_model``, ``num_heads``,
+    ``top_k``, ``step_top_k``, ``num_explanations_out`` (0 without an explanation branch), ``max_events``,
+    ``int8_items``, ``weights`` (the shared external-data file), ``states`` (name -> per-row ``shape`` and
+    ``dtype``; zeros are the initial state; the step graph returns them as ``next_<name>``), ``graphs`` (name ->
+    ``file``, ``inputs``, ``outputs``, each a list of ``{"name", "shape", "dtype"}`` with ``"batch"`` for the
+    dynamic dimension, and ``personal``: its personal input names) and ``personalize`` (``file``, ``inputs``: the
+    personal parameters by torch name, each with its ``offset`` in ``initial``, the initial-values file;
+    ``outputs``).
     """
 
     step_path: Path
@@ -127,7 +134,8 @@ class ExportedGraphs:
     encoder_path: Path
     personalize_path: Path
     weights_path: Path
-    overrides: dict[str, list[str]]
+    personal_init_path: Path
+    personal: dict[str, list[str]]
     spec: dict[str, Any]
 
     @property
@@ -137,8 +145,8 @@ class ExportedGraphs:
 
     @property
     def paths(self) -> list[Path]:
-        """Every exported file: the graphs and their shared weights file."""
-        return [*self.graph_paths, self.weights_path]
+        """Every exported file: the graphs, their shared weights file and the initial personal weights."""
+        return [*self.graph_paths, self.weights_path, self.personal_init_path]
 
     def path(self, graph: str) -> Path:
         return self.step_path.parent / self.spec["graphs"][graph]["file"]
@@ -404,13 +412,13 @@ def _detach_personal(graph: onnx.GraphProto, tag: str, personal: set[str]) -> tu
 
 def _personalize_model(parts: dict[str, _PersonalPart], values: dict[str, np.ndarray]) -> onnx.ModelProto:
     """One graph computing every graph's personal values from the personal parameters: inputs are the
-    parameters by torch name (defaults: ``values``), outputs the initializer names of the graphs
-    (``model.<parameter>`` for each parameter, ``<graph>/<value>`` for derived values). Output types are
-    left to :func:`_type_personalize`."""
+    parameters by torch name (shapes of ``values``; no defaults), outputs the personal input names of the
+    graphs (``model.<parameter>`` for each parameter, ``<graph>/<value>`` for derived values). Output types
+    are left to :func:`_type_personalize`."""
     helper = onnx.helper
     raw = {PARAM_PREFIX + p for p in values}
     nodes = [helper.make_node("Identity", [p], [PARAM_PREFIX + p], name=f"param/{p}") for p in values]
-    initializers = [onnx.numpy_helper.from_array(v, p) for p, v in values.items()]
+    initializers = []
     outputs = sorted(raw)
     for tag, part in parts.items():
         names = {v for n in part.nodes for v in (*n.input, *n.output)} | {t.name for t in part.initializers}
@@ -428,51 +436,58 @@ def _personalize_model(parts: dict[str, _PersonalPart], values: dict[str, np.nda
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
 
 
-def _type_personalize(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Give the personalize graph's outputs their exact types (from one run at the default weights); returns
-    that run's outputs: the exported model's personal values."""
-    values = personalize(model.SerializeToString())
+def _type_personalize(model: onnx.ModelProto, personal: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Give the personalize graph's outputs their exact types (from one run at the exported model's personal
+    weights ``personal``); returns that run's outputs: the exported model's personal values."""
+    values = personalize(model.SerializeToString(), personal)
     for output in model.graph.output:
         dtype = onnx.helper.np_dtype_to_tensor_dtype(values[output.name].dtype)
         output.CopyFrom(onnx.helper.make_tensor_value_info(output.name, dtype, values[output.name].shape))
     return values
 
 
-def _externalize(protos: dict[str, onnx.ModelProto], placeholders: dict[str, list[str]], path: Path) -> None:
+def _externalize(protos: dict[str, onnx.ModelProto], path: Path) -> None:
     """Move the initializers of at least ``EXTERNAL_MIN_BYTES`` into one weights file shared by ``protos``,
-    each distinct tensor (dtype, shape, bytes) stored once. The float32 initializers named in
-    ``placeholders`` (per graph: the personal values the runtime always overrides) become NaN, sharing one NaN
-    region: a run without its personal values gives NaN, never a plausible wrong answer. (Not zeros: onnxruntime
-    removes an Add of zeros or a Mul by ones before it applies the overrides.)"""
-    tensors = [
-        (t, t.name in placeholders.get(g, ()) and t.data_type == onnx.TensorProto.FLOAT)
-        for g, p in protos.items()
-        for t in p.graph.initializer
-    ]
-    arrays = [onnx.numpy_helper.to_array(t) for t, _ in tensors]
-    sizes = [a.nbytes for a in arrays]
-    region = max((n for (_, nan), n in zip(tensors, sizes, strict=True) if nan), default=0)
-    blob, offsets = bytearray(np.full(region // 4, np.nan, np.float32).tobytes()), {}
-    for (tensor, nan), array, size in zip(tensors, arrays, sizes, strict=True):
-        if nan:
-            array = np.full_like(array, np.nan)
-        if size < EXTERNAL_MIN_BYTES:
+    each distinct tensor (dtype, shape, bytes) stored once."""
+    blob, offsets = bytearray(), {}
+    for tensor in (t for p in protos.values() for t in p.graph.initializer):
+        array = onnx.numpy_helper.to_array(tensor)
+        if array.nbytes < EXTERNAL_MIN_BYTES:
             tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
             continue
-        offset = 0
-        if not nan:
-            key = (tensor.data_type, tuple(tensor.dims), array.tobytes())
-            if key not in offsets:
-                blob.extend(bytes(-len(blob) % EXTERNAL_ALIGN))
-                offsets[key] = len(blob)
-                blob.extend(key[2])
-            offset = offsets[key]
+        key = (tensor.data_type, tuple(tensor.dims), array.tobytes())
+        if key not in offsets:
+            blob.extend(bytes(-len(blob) % EXTERNAL_ALIGN))
+            offsets[key] = len(blob)
+            blob.extend(key[2])
         external = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         external.data_location = onnx.TensorProto.EXTERNAL
-        for k, v in (("location", path.name), ("offset", offset), ("length", size)):
+        for k, v in (("location", path.name), ("offset", offsets[key]), ("length", array.nbytes)):
             external.external_data.add(key=k, value=str(v))
         tensor.CopyFrom(external)
     path.write_bytes(bytes(blob))
+
+
+def _personal_inputs(graph: onnx.GraphProto, names: list[str], values: dict[str, np.ndarray]) -> None:
+    """Make each personal value ``names`` (an initializer, or a value cut out into the personalize graph) an
+    ordinary input of ``graph``, typed and shaped as in ``values``, after the graph's own inputs."""
+    kept = [t for t in graph.initializer if t.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for name in names:
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype)
+        graph.input.append(onnx.helper.make_tensor_value_info(name, dtype, values[name].shape))
+
+
+def _write_initial(values: dict[str, np.ndarray], path: Path) -> dict[str, int]:
+    """The initial personal weights as float32 arrays back to back (row-major, little-endian); returns each
+    array's byte offset."""
+    offsets, blob = {}, bytearray()
+    for name, value in values.items():
+        offsets[name] = len(blob)
+        blob.extend(np.ascontiguousarray(value, dtype="<f4").tobytes())
+    path.write_bytes(bytes(blob))
+    return offsets
 
 
 def _name_batch(graph: onnx.GraphProto) -> None:
@@ -598,23 +613,27 @@ def export_model(
     )
     protos, io = _export_graphs(model, top_k, step_top_k, num_expl, attested)
     _check_personal_read(protos, personal)
-    parts, overrides = {}, {}
+    parts, personal_inputs = {}, {}
     for name, proto in protos.items():
-        parts[name], overrides[name] = _detach_personal(
+        parts[name], personal_inputs[name] = _detach_personal(
             proto.graph, name, {PARAM_PREFIX + p for p in personal}
         )
     personalize = _personalize_model(parts, values)
-    derived = _type_personalize(personalize)
+    derived = _type_personalize(personalize, values)
     for name, proto in protos.items():
-        own = [v for v in overrides[name] if v.startswith(f"{name}/")]
-        proto.graph.initializer.extend(onnx.numpy_helper.from_array(derived[v], v) for v in own)
+        _personal_inputs(proto.graph, personal_inputs[name], derived)
         _prune(proto.graph)
         _name_batch(proto.graph)
+        io[name]["inputs"] = _io_spec(proto.graph.input)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / GRAPH_FILES[g] for g in GRAPH_FILES] + [out_dir / WEIGHTS_FILE]
+    paths = [out_dir / GRAPH_FILES[g] for g in GRAPH_FILES] + [
+        out_dir / WEIGHTS_FILE,
+        out_dir / PERSONAL_INIT_FILE,
+    ]
     files = protos | {"personalize": personalize}
-    _externalize(files, overrides, paths[-1])
+    _externalize(files, paths[-2])
+    offsets = _write_initial(values, paths[-1])
     for name, proto in files.items():
         onnx.save_model(proto, out_dir / GRAPH_FILES[name])
     states = {
@@ -635,15 +654,17 @@ def export_model(
         "weights": WEIGHTS_FILE,
         "states": states,
         "graphs": {
-            name: {"file": GRAPH_FILES[name], **io[name], "personal": overrides[name]} for name in protos
+            name: {"file": GRAPH_FILES[name], **io[name], "personal": personal_inputs[name]}
+            for name in protos
         },
         "personalize": {
             "file": GRAPH_FILES["personalize"],
-            "inputs": _io_spec(personalize.graph.input),
+            "inputs": [v | {"offset": offsets[v["name"]]} for v in _io_spec(personalize.graph.input)],
             "outputs": _io_spec(personalize.graph.output),
+            "initial": PERSONAL_INIT_FILE,
         },
     }
-    return ExportedGraphs(*paths, overrides, spec)
+    return ExportedGraphs(*paths, personal_inputs, spec)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -693,17 +714,23 @@ def check_graphs(paths: Sequence[str | Path]) -> None:
 def personal_values(
     graphs: ExportedGraphs, personal: dict[str, np.ndarray] | None = None
 ) -> dict[str, np.ndarray]:
-    """Run ``personalize.onnx`` (:func:`~shared_model.graph_io.personalize`) of exported graphs."""
-    return personalize(graphs.personalize_path, personal)
+    """Every graph's personal inputs for the personal weights ``personal`` (by torch name; the bundle's initial
+    values for the others): one run of ``personalize.onnx``."""
+    initial = initial_personal(graphs.spec["personalize"], graphs.personal_init_path.read_bytes())
+    return personalize(graphs.personalize_path, initial | (personal or {}))
 
 
-def ort_session(
-    graphs: ExportedGraphs, graph: str, values: dict[str, np.ndarray] | None = None
-) -> ort.InferenceSession:
-    """A single-threaded session of ``graph`` ("step", "rank" or "encoder"), its personal initializers
-    overridden from ``values`` (see :func:`personal_values`; None: the exported model's own values)."""
-    values = personal_values(graphs) if values is None else values
-    return session(graphs.path(graph), {name: values[name] for name in graphs.overrides[graph]})
+def ort_session(graphs: ExportedGraphs, graph: str) -> ort.InferenceSession:
+    """A single-threaded session of ``graph`` (``"step"``, ``"rank"`` or ``"encoder"``)."""
+    return session(graphs.path(graph))
+
+
+def run_graph(
+    graphs: ExportedGraphs, graph: str, feeds: dict[str, np.ndarray], values: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """One run of ``graph`` on ``feeds`` plus its personal inputs from ``values`` (:func:`personal_values`)."""
+    personal = {name: values[name] for name in graphs.personal[graph]}
+    return run_session(ort_session(graphs, graph), feeds | personal)
 
 
 def recommend_histories(
@@ -712,12 +739,12 @@ def recommend_histories(
     times: Sequence[np.ndarray],
     values: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Encoder graph then rank graph over histories (seen items excluded), personal initializers from
-    ``values`` (:func:`personal_values`): the encoder's and the rank graph's outputs by name."""
+    """Encoder graph then rank graph over histories (seen items excluded), personal inputs from ``values``
+    (:func:`personal_values`; None: the bundle's initial ones): the encoder's and the rank graph's outputs."""
     values = personal_values(graphs) if values is None else values  # personalize once for both graphs
-    out = run_session(ort_session(graphs, "encoder", values), encoder_inputs(items, times))
+    out = run_graph(graphs, "encoder", encoder_inputs(items, times), values)
     exclude = exclude_mask(items, graphs.spec["num_items"])
-    return out | run_session(ort_session(graphs, "rank", values), {"state": out["state"], "exclude": exclude})
+    return out | run_graph(graphs, "rank", {"state": out["state"], "exclude": exclude}, values)
 
 
 def int8_effect(

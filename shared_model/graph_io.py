@@ -1,5 +1,5 @@
-"""Running the exported graphs (numpy + onnxruntime only, no torch): sessions with personal-value overrides,
-the personalize graph, and the encoder/exclude inputs. Shared by the export checks (``shared_model.export``)
+"""Running the exported graphs (numpy + onnxruntime only, no torch): sessions, the personalize graph and the
+bundle's initial personal weights, and the encoder/exclude inputs. Shared by the export checks (``shared_model.export``)
 and the on-device runtime (``client_sdk.runtime``); the graph contract is documented in
 ``shared_model.export``."""
 
@@ -7,42 +7,36 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 MAX_EVENTS = 256  # events the sequence encoder graph takes
+SPEC_FORMAT = 3  # the graph contract (docs/BUNDLE.md): 3, personal values are ordinary graph inputs
 
 
 def session(
     model: str | Path | bytes,
-    overrides: Mapping[str, np.ndarray] | None = None,
     threads: int = 1,
     external: Mapping[str, bytes] | None = None,
     batch: int | None = None,
 ) -> ort.InferenceSession:
-    """An onnxruntime session of one graph (a path or the file's bytes) on ``threads`` threads, with the
-    initializers named in ``overrides`` replaced (the personal values from :func:`personalize`). A graph
-    given as bytes reads its external data from ``external`` (file name -> contents; a path finds the files
-    beside it). ``batch`` pins the dynamic batch dimension (the runtime's 1: onnxruntime then folds the
-    shape arithmetic away)."""
+    """An onnxruntime session of one graph (a path or the file's bytes) on ``threads`` threads. A graph given
+    as bytes reads its external data from ``external`` (file name -> contents; a path finds the files beside
+    it). ``batch`` pins the dynamic batch dimension (the runtime's 1: onnxruntime then folds the shape
+    arithmetic away)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only (not the optimizer's notes, nor defaulted-input warnings)
-    kept = []
-    for name, value in (overrides or {}).items():
-        kept.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
-        options.add_initializer(name, kept[-1])
+    options.log_severity_level = 3  # errors only (not the optimizer's notes)
     if batch is not None:
         options.add_free_dimension_override_by_name("batch", batch)
     if external:
         names, buffers = list(external), list(external.values())
         options.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
     source = model if isinstance(model, bytes) else str(model)
-    sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    sess.personal_values = kept  # onnxruntime does not copy overriding initializers: keep them alive
-    return sess
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def run_session(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,15 +45,26 @@ def run_session(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> 
     return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
 
 
+def initial_personal(spec: Mapping[str, Any], data: bytes) -> dict[str, np.ndarray]:
+    """The bundle's initial personal weights from the bytes of ``personal_init.bin``, laid out as the
+    personalize inputs of ``spec`` (``spec["personalize"]`` of a bundle) say: float32 at ``offset``."""
+    values = {}
+    for value in spec["inputs"]:
+        count = int(np.prod(value["shape"], dtype=np.int64))
+        array = np.frombuffer(data, "<f4", count, value["offset"])
+        values[value["name"]] = array.astype(np.float32).reshape(value["shape"])
+    return values
+
+
 def personalize(
     model: str | Path | bytes,
-    personal: Mapping[str, np.ndarray] | None = None,
+    personal: Mapping[str, np.ndarray],
     external: Mapping[str, bytes] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run ``personalize.onnx``: every graph's personal initializer values for the personal weights
-    ``personal`` (torch parameter name -> array, as the device store keeps them; names not given keep the
-    bundle's initial values; ``external`` as for :func:`session`). Once per set of weights, not per event."""
-    feeds = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in (personal or {}).items()}
+    """Run ``personalize.onnx``: every graph's personal inputs for the personal weights ``personal`` (torch
+    parameter name -> array, every input of the graph; ``external`` as for :func:`session`). Once per set of
+    weights, not per event."""
+    feeds = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in personal.items()}
     return run_session(session(model, external=external), feeds)
 
 

@@ -165,7 +165,7 @@ def test_load_public_key_accepts_pem_bytes_and_refuses_other_keys(tmp_path: Path
 
 def test_sign_and_verify_round_trip(bundle: Path) -> None:
     manifest = verify_bundle(bundle, KEY.public_key())
-    assert manifest.format_version == 1 and manifest.model_version == "v1" and manifest.opset == 18
+    assert manifest.format_version == 3 and manifest.model_version == "v1" and manifest.opset == 18
     assert manifest.created == CREATED
     assert (
         manifest.data["item_titles"] == EXTRA["item_titles"]
@@ -275,7 +275,12 @@ TAMPER_CASES = {
     "format version 99": (
         resigned(lambda d: d.update(format_version=99)),
         BundleFormatError,
-        "version 99 is newer than this code reads \\(1\\)",
+        "version 99 is newer than this code reads \\(3\\)",
+    ),
+    "format version 2 (personal initializers)": (
+        resigned(lambda d: d.update(format_version=2)),
+        BundleFormatError,
+        "version 2 is older than this code reads \\(3\\); re-export",
     ),
     "format version as string": (
         resigned(lambda d: d.update(format_version="1")),

@@ -1,6 +1,6 @@
 """ONNX export: on real histories the step graph (rolled event by event), the sequence encoder
-+ rank graphs and the torch model agree; personal weights are overridable initializers; the graphs pass the
-onnx / onnxruntime checks; the int8 item table keeps the top-10."""
++ rank graphs and the torch model agree; personal weights are plain graph inputs (bundle format 3); the graphs
+pass the onnx / onnxruntime checks; the int8 item table keeps the top-10."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from shared_model.export import (
     personal_values,
     recommend_histories,
     run_session,
-    session,
 )
+from shared_model.graph_io import initial_personal
 from shared_model.model import TMEPSR, InterestHeads
 from shared_model.partition import load_parts, parameter_groups, split_state
 from shared_model.recommender import build_model
@@ -102,7 +102,9 @@ def _roll_step(
 ) -> dict[str, np.ndarray]:
     """Feed histories event by event through the step graph (rows end together; a row's states stay at zero
     until its first event): the outputs of the last call and the final states."""
-    session = ort_session(graphs, "step", values)
+    values = personal_values(graphs) if values is None else values
+    personal = {name: values[name] for name in graphs.personal["step"]}
+    session = ort_session(graphs, "step")
     schedule = encoder_inputs(items, times)  # left-padded: column j is every row's j-th event from the end
     states = {n: np.zeros((len(items), *s["shape"]), np.float32) for n, s in graphs.spec["states"].items()}
     exclude = exclude_mask(items, graphs.spec["num_items"])
@@ -112,7 +114,7 @@ def _roll_step(
             "timestamp": schedule["timestamps"][:, j],
             "exclude": exclude,
         }
-        out = run_session(session, feeds | states)
+        out = run_session(session, feeds | states | personal)
         active = schedule["mask"][:, j]
         for name, value in states.items():
             states[name] = np.where(active.reshape(-1, *[1] * (value.ndim - 1)), out[f"next_{name}"], value)
@@ -181,15 +183,20 @@ def test_step_and_encoder_graphs_match_torch_on_real_histories(trained, graphs, 
         assert np.abs(rolled[name] - encoded[name]).max() <= TOL
 
 
-def test_personal_initializers_override_reproduces_another_users_model(trained, graphs, histories, log):
+def test_personal_inputs_reproduce_another_users_model(trained, graphs, histories, log):
     personal = parameter_groups(trained, "card")["personal"]
-    exported = personal_values(graphs)  # the defaults: the exported model's own personal weights
     params = dict(trained.named_parameters())
+    initial = initial_personal(graphs.spec["personalize"], graphs.personal_init_path.read_bytes())
+    assert list(initial) == personal  # the bundle carries the exported model's personal weights
+    assert all(np.array_equal(initial[p], params[p].detach().numpy()) for p in personal)
+    exported = personal_values(graphs)
     assert all(np.array_equal(exported[f"model.{p}"], params[p].detach().numpy()) for p in personal)
-    for name, overrides in graphs.overrides.items():
-        initializers = {t.name for t in onnx.load(graphs.path(name)).graph.initializer}
-        assert set(overrides) <= initializers
-        assert not ({f"model.{p}" for p in personal} & initializers) - set(overrides)
+    for name, inputs in graphs.personal.items():  # every personal value is an input, none a stored tensor
+        proto = onnx.load(graphs.path(name))
+        assert [i.name for i in proto.graph.input][-len(inputs) :] == inputs
+        assert not {t.name for t in proto.graph.initializer} & {*inputs, *(f"model.{p}" for p in personal)}
+    personalize_graph = onnx.load(graphs.personalize_path).graph
+    assert not {i.name for i in personalize_graph.input} & {t.name for t in personalize_graph.initializer}
     torch.manual_seed(1)
     _, weights = split_state(
         TMEPSR(trained.cfg), "card"
@@ -209,10 +216,13 @@ def test_graphs_pass_onnx_and_onnxruntime_checks(graphs):
     check_graphs(graphs.graph_paths)
     spec = json.loads(json.dumps(graphs.spec))
     for name, graph in spec["graphs"].items():
-        session = ort_session(graphs, name, personal_values(graphs))
+        session = ort_session(graphs, name)
         assert [i.name for i in session.get_inputs()] == [i["name"] for i in graph["inputs"]]
         assert [o.name for o in session.get_outputs()] == [o["name"] for o in graph["outputs"]]
-        assert all(i["shape"][0] == "batch" for i in graph["inputs"])
+        own = [i for i in graph["inputs"] if i["name"] not in graph["personal"]]
+        assert all(i["shape"][0] == "batch" for i in own)
+        personal = {o["name"]: o for o in spec["personalize"]["outputs"]}
+        assert all(i == personal[i["name"]] for i in graph["inputs"] if i["name"] in graph["personal"])
         assert set(graph["personal"]) <= {o["name"] for o in spec["personalize"]["outputs"]}
     assert spec["max_events"] == MAX_EVENTS and spec["top_k"] == 50 and spec["num_explanations_out"] == 3
 
@@ -313,22 +323,18 @@ def _external(path) -> dict[str, tuple[int, int]]:
     }
 
 
-def test_weights_file_stores_each_tensor_once_and_personal_placeholders_are_nan(graphs, histories, log):
+def test_weights_file_stores_each_tensor_once_and_personal_inputs_are_required(graphs, histories, log):
     table = "model.item_emb.weight"
-    where = {name: _external(graphs.path(name)) for name in graphs.overrides}
+    where = {name: _external(graphs.path(name)) for name in graphs.personal}
     assert len({where[name][table] for name in where}) == 1  # step, rank and encoder read the same bytes
     blob = graphs.weights_path.read_bytes()
-    for name, refs in where.items():
-        for tensor, (offset, length) in refs.items():
-            assert offset + length <= len(blob)
-            if tensor in graphs.overrides[name]:
-                assert np.isnan(np.frombuffer(blob[offset : offset + length], np.float32)).all()
+    assert all(offset + length <= len(blob) for refs in where.values() for offset, length in refs.values())
     distinct = {
         ref for refs in [*where.values(), _external(graphs.personalize_path)] for ref in refs.values()
     }
     assert len(blob) <= sum(length for _, length in distinct) + 64 * len(distinct)  # nothing stored twice
-    # a graph run without the personal values must fail loudly (NaN), never look plausible
+    # a run without the personal inputs is an error, never a plausible answer from baked-in values
     starts, ends = histories
     items, times = _events(log, starts[:3], ends[:3])
-    plain = session(graphs.path("encoder"))
-    assert np.isnan(run_session(plain, encoder_inputs(items, times))["state"]).all()
+    with pytest.raises(Exception, match="[Mm]issing|[Rr]equired"):
+        run_session(ort_session(graphs, "encoder"), encoder_inputs(items, times))

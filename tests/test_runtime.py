@@ -3,6 +3,7 @@ model, the store round trip, personal weights from the store, and the defined be
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from client_sdk.bundle import BundleError, BundleSignatureError, BundleTampered
+from client_sdk.bundle import BundleError, BundleFormatError, BundleSignatureError, BundleTampered
 from client_sdk.errors import DeviceRuntimeError
 from client_sdk.runtime import IncompatibleStore, OutOfOrderEvent, Recommender, RuntimeInputError, UnknownItem
 from client_sdk.store import DeviceRecord, EncryptedStore, StoreError, StoreInUse, _write_v1
 from server.publish import build_bundle
-from server.release import generate_keys, load_private_key
+from server.release import generate_keys, load_private_key, sign_bundle
 from shared_model.data import load_dataset
 from shared_model.partition import split_state
 from shared_model.recommend import recommend
@@ -71,6 +72,8 @@ def test_runtime_matches_the_torch_model_and_survives_a_restart(env, tmp_path):
     np.testing.assert_allclose([r.score for r in got], [w["score"] for w in want], atol=1e-4)
     assert [r.head for r in got] == [w["head"] for w in want]
     assert [r.explanations for r in got] == [w["explanations"] for w in want]
+    texts = rec._b.explanations  # the ids index the bundle catalogue's explanation vocabulary
+    assert all([texts[e] for e in r.explanation_ids] == r.explanations for r in got)
     wide = rec.recommend(15)  # wider than the step graph's ranking: from the rank graph
     assert [r.item for r in wide] == [w["item"] for w in recommend(model, log, 2, k=15)]
     assert [(r.item, r.head, r.explanations) for r in wide[:10]] == [
@@ -170,6 +173,14 @@ def test_tampered_or_foreign_bundles_are_refused_and_the_old_one_stays(env, tmp_
         rec.upgrade(env["root"] / "v1", other_public)
     with pytest.raises(BundleError):
         Recommender.open(bad, env["public"], EncryptedStore(tmp_path / "x.store", key=KEY))
+    old_spec = tmp_path / "old-spec"  # signed, but with a graph contract this SDK does not run
+    shutil.copytree(env["root"] / "v1", old_spec)
+    manifest = json.loads((old_spec / "manifest.json").read_text())
+    (old_spec / "manifest.json").unlink()
+    extra = {k: manifest[k] for k in ("catalogue", "dataset")} | {"spec": manifest["spec"] | {"format": 2}}
+    sign_bundle(old_spec, env["key"], model_version="v0", opset=18, extra=extra)
+    with pytest.raises(BundleFormatError, match="re-export"):
+        rec.upgrade(old_spec, env["public"])
     assert rec.recommend(5) == before
 
 
