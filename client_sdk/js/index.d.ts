@@ -148,6 +148,12 @@ export interface OpenOptions {
   executionProviders?: unknown[];
   /** Extra onnxruntime session options, merged last. */
   sessionOptions?: Record<string, unknown>;
+  /**
+   * Make one graph's session instead of `ort.InferenceSession.create(bytes, options)`: `file` is the graph's
+   * name in the bundle, `bytes` its verified bytes, `options` the session options (with externalData). For a
+   * binding without in-memory external data, create it from the verified bundle folder's path instead.
+   */
+  createSession?: (file: string, bytes: Uint8Array, options: Record<string, unknown>) => Promise<any>;
   /** gunzip for catalogue.json.gz where DecompressionStream is missing (React Native). */
   gunzip?: (bytes: Uint8Array) => Promise<Uint8Array>;
 }

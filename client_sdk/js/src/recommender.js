@@ -128,8 +128,10 @@ async function load(ort, manifest, personalWeights, options) {
   };
   if (sessionOptions.executionProviders === undefined) delete sessionOptions.executionProviders;
   const create = async (file, extra) => {
+    const opts = { ...sessionOptions, ...extra };
     try {
-      return await ort.InferenceSession.create(manifest.read(file), { ...sessionOptions, ...extra });
+      if (options.createSession) return await options.createSession(file, manifest.read(file), opts);
+      return await ort.InferenceSession.create(manifest.read(file), opts);
     } catch (err) {
       throw new BundleFormatError(`${where}: onnxruntime cannot load ${file} (${err.message})`);
     }
@@ -270,6 +272,7 @@ export class Recommender {
       executionProviders: o.executionProviders,
       sessionOptions: o.sessionOptions ?? {},
       gunzip: o.gunzip,
+      createSession: o.createSession,
     };
   }
 
