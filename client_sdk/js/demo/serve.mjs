@@ -75,7 +75,12 @@ export async function serve({ bundle, publicKey, history, port = 0 }) {
   });
   await new Promise((resolve) => server.listen(port, "127.0.0.1", resolve));
   const url = `http://127.0.0.1:${server.address().port}/demo/`;
-  return { url, close: () => new Promise((resolve) => server.close(() => resolve())) };
+  const close = () =>
+    new Promise((resolve) => {
+      server.close(() => resolve());
+      server.closeAllConnections(); // keep-alive connections would hold close() open
+    });
+  return { url, close };
 }
 
 function send(res, status, body, type = "text/plain; charset=utf-8") {
