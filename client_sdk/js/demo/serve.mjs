@@ -50,6 +50,10 @@ export async function serve({ bundle, publicKey, history, port = 0 }) {
       res.writeHead(302, { location: "/demo/" });
       return res.end();
     }
+    if (pathname === "/favicon.ico") {
+      res.writeHead(204);
+      return res.end();
+    }
     if (pathname === "/history.json") {
       const body = history ? fs.readFileSync(history) : "[]";
       return send(res, 200, body, "application/json");
