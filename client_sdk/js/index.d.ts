@@ -120,6 +120,11 @@ export class EncryptedStore {
 export const MAX_TIMESTAMP: number;
 export function unixSeconds(timestamp: unknown): number;
 export function idsSha(ids: string[]): Promise<string>;
+/** The initial personal weights from personal_init.bin (float32, or "int8-rows" with per-row scales). */
+export function initialPersonal(
+  personalize: { inputs: Array<{ name: string; shape: number[]; offset: number; encoding?: string; scales?: number }> },
+  bytes: Uint8Array,
+): Record<string, Float32Array>;
 
 export interface Recommendation {
   /** The catalogue's item id. */

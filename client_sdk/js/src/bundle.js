@@ -221,6 +221,10 @@ function checkSpec(spec, files, where) {
   values(p.outputs, "personalize.outputs");
   for (const v of p.inputs) {
     if (!isInt(v.offset) || v.offset < 0 || v.dtype !== "float32") throw bad(`personalize.inputs ${v.name}: needs a float32 dtype and a byte offset`);
+    const encoding = v.encoding ?? "float32";
+    if (encoding === "int8-rows" ? !(isInt(v.scales) && v.scales >= 0) : encoding !== "float32") {
+      throw bad(`personalize.inputs ${v.name}: encoding must be "float32", or "int8-rows" with a scales offset`);
+    }
   }
 }
 

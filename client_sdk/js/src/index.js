@@ -12,4 +12,4 @@ export {
   HEADER_SIZE,
   KEY_SIZE,
 } from "./store.js";
-export { Recommender, unixSeconds, idsSha, MAX_TIMESTAMP } from "./recommender.js";
+export { Recommender, unixSeconds, idsSha, initialPersonal, MAX_TIMESTAMP } from "./recommender.js";

@@ -58,6 +58,42 @@ function float32(data) {
 }
 
 /**
+ * The bundle's initial personal weights from the bytes of personal_init.bin, laid out as the personalize
+ * inputs of `personalize` (spec.personalize) say: float32 at `offset` (little-endian, row-major), or, for the
+ * "int8-rows" encoding, int8 at `offset` times a float32 scale per row (last axis) at `scales`.
+ * @param {{inputs: Array<{name: string, shape: number[], offset: number, encoding?: string, scales?: number}>}} personalize
+ * @param {Uint8Array} bytes
+ * @returns {Record<string, Float32Array>}
+ */
+export function initialPersonal(personalize, bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out = {};
+  for (const v of personalize.inputs) {
+    const count = size(v.shape);
+    const encoding = v.encoding ?? "float32";
+    const values = new Float32Array(count);
+    if (encoding === "float32") {
+      if (v.offset + 4 * count > bytes.length) throw new RangeError(`too short for ${v.name}`);
+      for (let i = 0; i < count; i++) values[i] = view.getFloat32(v.offset + 4 * i, true);
+    } else if (encoding === "int8-rows") {
+      const row = v.shape.length ? v.shape[v.shape.length - 1] : 1;
+      const rows = row ? count / row : 0;
+      if (!Number.isInteger(v.scales) || v.offset + count > bytes.length || v.scales + 4 * rows > bytes.length) {
+        throw new RangeError(`too short for ${v.name} (or no scales offset)`);
+      }
+      for (let r = 0; r < rows; r++) {
+        const scale = view.getFloat32(v.scales + 4 * r, true);
+        for (let j = 0; j < row; j++) values[r * row + j] = view.getInt8(v.offset + r * row + j) * scale; // float32 product
+      }
+    } else {
+      throw new RangeError(`unknown encoding ${JSON.stringify(encoding)} of ${v.name}`);
+    }
+    out[v.name] = values;
+  }
+  return out;
+}
+
+/**
  * One verified bundle, loaded: catalogue, sessions and the personal inputs of each graph.
  * @typedef {object} Loaded
  * @property {import("./bundle.js").VerifiedBundle} manifest
@@ -102,18 +138,16 @@ async function load(ort, manifest, personalWeights, options) {
   if (wrong.length) {
     throw new IncompatibleStore(`the store's personal weights do not fit this bundle's model (e.g. ${JSON.stringify(wrong.slice(0, 3))})`);
   }
+  let initial;
+  try {
+    initial = initialPersonal(spec.personalize, init);
+  } catch (err) {
+    throw new BundleFormatError(`${where}: ${spec.personalize.initial}: ${err.message}`);
+  }
   const feeds = {};
   for (const v of spec.personalize.inputs) {
     const stored = personalWeights[v.name];
-    let data;
-    if (stored) {
-      data = float32(stored.data);
-    } else {
-      const bytes = 4 * size(v.shape);
-      if (v.offset + bytes > init.length) throw new BundleFormatError(`${where}: ${spec.personalize.initial} is too short for ${v.name}`);
-      data = new Float32Array(init.slice(v.offset, v.offset + bytes).buffer); // a copy: aligned
-    }
-    feeds[v.name] = new ort.Tensor("float32", data, v.shape);
+    feeds[v.name] = new ort.Tensor("float32", stored ? float32(stored.data) : initial[v.name], v.shape);
   }
 
   const weights = manifest.read(spec.weights);

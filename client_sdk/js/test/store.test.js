@@ -153,3 +153,26 @@ test("the Web Storage adapter keeps the bytes as base64", async () => {
   assert.match(area.get("tmepsr"), /^[A-Za-z0-9+/]+=*$/);
   assert.deepEqual(await store.load(), record());
 });
+
+test("personal_init.bin: float32 arrays and int8 rows with a float32 scale per row", async () => {
+  const { initialPersonal } = await import("../src/node.js");
+  const bytes = new Uint8Array(4 * 2 + 6 + 2 * 4);
+  const view = new DataView(bytes.buffer);
+  view.setFloat32(0, 1.5, true);
+  view.setFloat32(4, -2.25, true);
+  Int8Array.from([1, -2, 127, -127, 0, 3]).forEach((q, i) => view.setInt8(8 + i, q));
+  view.setFloat32(14, 0.5, true);
+  view.setFloat32(18, 0.1, true);
+  const spec = {
+    inputs: [
+      { name: "a", shape: [2], offset: 0 },
+      { name: "b", shape: [2, 3], offset: 8, encoding: "int8-rows", scales: 14 },
+    ],
+  };
+  const got = initialPersonal(spec, bytes);
+  assert.deepEqual([...got.a], [1.5, -2.25]);
+  const s = Math.fround(0.1);
+  assert.deepEqual([...got.b], [0.5, -1, 63.5, -127 * s, 0, 3 * s].map(Math.fround));
+  assert.throws(() => initialPersonal({ inputs: [{ name: "c", shape: [9], offset: 0 }] }, bytes), /too short/);
+  assert.throws(() => initialPersonal({ inputs: [{ name: "c", shape: [1], offset: 0, encoding: "zip" }] }, bytes), /unknown encoding/);
+});
