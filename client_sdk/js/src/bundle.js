@@ -13,7 +13,7 @@ export const MAX_MANIFEST_BYTES = 256 * 2 ** 20;
 const MODEL_VERSION_RE = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$/;
 const SHA256_RE = /^[0-9a-f]{64}$/;
 const ISO_RE = /^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?)?$/;
-const REQUIRED = ["format_version", "model_version", "opset", "created", "files", "spec", "catalogue", "dataset"];
+const REQUIRED = ["format_version", "model_version", "opset", "created", "files", "spec", "catalogue"];
 
 /**
  * @typedef {{name: string, type: "file" | "dir" | "symlink" | "other"}} SourceEntry
@@ -156,7 +156,9 @@ export function parseManifest(raw, where) {
   if (typeof created !== "string" || !ISO_RE.test(created) || Number.isNaN(Date.parse(created.replace(" ", "T")))) {
     throw new BundleFormatError(`${where}: created is not an ISO-8601 time: ${JSON.stringify(created)}`);
   }
-  if (typeof dataset !== "string") throw new BundleFormatError(`${where}: dataset must be a string`);
+  if (dataset !== undefined && typeof dataset !== "string") {
+    throw new BundleFormatError(`${where}: dataset (informational) must be a string`);
+  }
   if (!isObject(files)) throw new BundleFormatError(`${where}: files must be an object of name -> {sha256, bytes}`);
   for (const [name, entry] of Object.entries(files)) {
     const parts = name.split("/");
