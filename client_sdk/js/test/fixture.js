@@ -72,9 +72,16 @@ export async function fixture() {
   };
 }
 
-/** A fresh temp folder. */
-export function tempDir(prefix = "tmepsr-js-") {
-  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+const made = [];
+process.on("exit", () => {
+  for (const dir of made) fs.rmSync(dir, { recursive: true, force: true });
+});
+
+/** A fresh temp folder, removed when the test process exits. */
+export function tempDir(prefix = "tmepsr-js-test-") {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  made.push(dir);
+  return dir;
 }
 
 /** Copy a bundle folder. */
