@@ -382,14 +382,15 @@ class Recommender:
 
     def sync_history(self, events: Iterable[tuple[str | int, int]]) -> None:
         """Replace the history (e.g. after a restore) with ``events`` (source item id, unix seconds), which
-        must be in time order and known to the catalogue; re-encode it and save. Nothing changes on error."""
+        must be known to the catalogue, whole unix seconds (as for :meth:`record`) and in time order; re-encode
+        it and save. Nothing changes on error."""
         dense, times = [], []
-        for item, t in events:
-            d = self._dense(item, strict=True)
-            if times and int(t) < times[-1]:
+        for item, timestamp in events:
+            d, t = self._dense(item, strict=True), _unix_seconds(timestamp)
+            if times and t < times[-1]:
                 raise OutOfOrderEvent(f"events are not in time order at ({item!r}, {t})")
             dense.append(d)
-            times.append(int(t))
+            times.append(t)
         self._items, self._times = dense, times
         self._seen[:] = exclude_mask([dense], self._b.num_items)
         self._reencode()

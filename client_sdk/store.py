@@ -252,6 +252,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 ARRAY_DTYPES = ("float32", "float64", "int32", "int64", "bool")  # what a format-3 payload may hold
+MAX_JSON_INT = 2**53  # items and times are below it: exact as a JavaScript number
 _PAYLOAD_KEYS = {"items", "times", "state", "weights", "meta"}
 
 
@@ -259,6 +260,9 @@ def _encode_payload(record: DeviceRecord) -> bytes:
     """The format-3 payload: UTF-8 JSON (``docs/BUNDLE.md``, section 6)."""
     items = _int64_vector("items", record.items)
     times = _int64_vector("times", record.times)
+    for name, values in (("items", items), ("times", times)):
+        if len(values) and not (values.min() >= 0 and values.max() < MAX_JSON_INT):
+            raise ValueError(f"{name} must be in [0, 2**53) (exact in every language's JSON numbers)")
     if len(items) != len(times):
         raise ValueError(f"items ({len(items)}) and times ({len(times)}) differ in length")
     payload = {"items": items.tolist(), "times": times.tolist(), "meta": json.loads(_meta_json(record.meta))}
@@ -301,8 +305,8 @@ def _decode_payload(payload: bytes, version: int, path: Path) -> DeviceRecord:
 
 
 def _json_int_vector(values: Any, name: str, path: Path) -> np.ndarray:
-    if not isinstance(values, list) or not all(type(v) is int and -(2**63) <= v < 2**63 for v in values):
-        raise CorruptStore(f"{path}: {name} is not a list of int64 integers")
+    if not isinstance(values, list) or not all(type(v) is int and 0 <= v < MAX_JSON_INT for v in values):
+        raise CorruptStore(f"{path}: {name} is not a list of integers in [0, 2**53)")
     return np.array(values, dtype=np.int64)
 
 

@@ -70,7 +70,7 @@ def build_bundle(
     private_key: Ed25519PrivateKey,
     *,
     model_version: str,
-    int8_items: bool = False,
+    int8: bool = False,
     top_k: int = 50,
     check: bool = True,
 ) -> Manifest:
@@ -82,9 +82,7 @@ def build_bundle(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".bundle-") as tmp:
         work = Path(tmp) / "bundle"
         candidates = LeaveOneOutSplit(log).explanation_candidates if len(log.vocab) else None
-        graphs = export_model(
-            model, work, top_k=top_k, explanation_candidates=candidates, int8_items=int8_items
-        )
+        graphs = export_model(model, work, top_k=top_k, explanation_candidates=candidates, int8=int8)
         if check:
             check_graphs(graphs.graph_paths)
         text = json.dumps(catalogue(log), ensure_ascii=False).encode()

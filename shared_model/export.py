@@ -75,7 +75,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.log import InteractionLog
@@ -106,6 +105,7 @@ PERSONAL_INIT_FILE = "personal_init.bin"
 STEP_TOP_K = 10  # default ranking width of the step graph: the items shown per event
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside their graph
 EXTERNAL_ALIGN = 64
+INT8_MIN_ELEMENTS = 1024  # an int8 bundle stores float matrices at least this large as int8 rows
 PARAM_PREFIX = "model."  # the graphs' initializer name of parameter p is PARAM_PREFIX + p
 
 
@@ -121,11 +121,12 @@ class ExportedGraphs:
     outputs of ``personalize.onnx`` of the same name. ``spec`` is JSON-serialisable, for the bundle manifest
     (``docs/BUNDLE.md``, section 3): ``format``, ``opset``, ``num_items``, ``d_model``, ``num_heads``,
     ``top_k``, ``step_top_k``, ``num_explanations_out`` (0 without an explanation branch), ``max_events``,
-    ``int8_items``, ``weights`` (the shared external-data file), ``states`` (name -> per-row ``shape`` and
+    ``int8``, ``weights`` (the shared external-data file), ``states`` (name -> per-row ``shape`` and
     ``dtype``; zeros are the initial state; the step graph returns them as ``next_<name>``), ``graphs`` (name ->
     ``file``, ``inputs``, ``outputs``, each a list of ``{"name", "shape", "dtype"}`` with ``"batch"`` for the
     dynamic dimension, and ``personal``: its personal input names) and ``personalize`` (``file``, ``inputs``: the
-    personal parameters by torch name, each with its ``offset`` in ``initial``, the initial-values file;
+    personal parameters by torch name, each with its layout in ``initial``, the initial-values file: ``offset``,
+    ``encoding`` and, for ``"int8-rows"``, the ``scales`` offset;
     ``outputs``).
     """
 
@@ -153,25 +154,6 @@ class ExportedGraphs:
 
 
 # ---------------------------------------------------------------------------------------------- graph modules
-class Int8Rows(nn.Module):
-    """An item table stored as int8 rows with a float32 scale per row (symmetric, ``max|w| / 127``); the
-    ``weight`` is dequantized in-graph, so the file holds one byte per entry."""
-
-    def __init__(self, weight: Tensor) -> None:
-        super().__init__()
-        scale = weight.abs().amax(dim=1) / 127
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        self.register_buffer("q", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale)
-
-    @property
-    def weight(self) -> Tensor:
-        return self.q.float() * self.scale[:, None]
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.weight)
-
-
 class AttestedTable(nn.Module):
     """The explanation ids attested for each item, stored compactly (CSR: ``ptr`` int32 (num_items + 1),
     ``ids`` int16/int32) and read back as a (N, M) table padded with -1 (M: the widest item)."""
@@ -479,15 +461,87 @@ def _personal_inputs(graph: onnx.GraphProto, names: list[str], values: dict[str,
         graph.input.append(onnx.helper.make_tensor_value_info(name, dtype, values[name].shape))
 
 
-def _write_initial(values: dict[str, np.ndarray], path: Path) -> dict[str, int]:
-    """The initial personal weights as float32 arrays back to back (row-major, little-endian); returns each
-    array's byte offset."""
-    offsets, blob = {}, bytearray()
+def _int8_rows(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row of the last axis: ``q`` (int8, the array's shape) and ``scale`` (float32, one per
+    row, ``max|row| / 127``, 1 for a zero row), ``array ~= q * scale[..., None]``."""
+    scale = np.abs(array).max(-1) / 127
+    scale = np.where(scale > 0, scale, 1).astype(np.float32)
+    return np.clip(np.round(array / scale[..., None]), -127, 127).astype(np.int8), scale
+
+
+def _quantizable(shape: Sequence[int]) -> bool:
+    return len(shape) >= 2 and int(np.prod(shape)) >= INT8_MIN_ELEMENTS
+
+
+def _int8_initializers(graph: onnx.GraphProto) -> None:
+    """Store each float32 initializer matrix of at least ``INT8_MIN_ELEMENTS`` as int8 rows (``<name>.q``) with
+    per-row scales (``<name>.scale``), rebuilt in-graph by Cast and Mul nodes under its old name; onnxruntime
+    folds them once per session, so a run costs what it did."""
+    rebuild, kept = [], []
+    for tensor in graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT or not _quantizable(tensor.dims):
+            kept.append(tensor)
+            continue
+        q, scale = _int8_rows(onnx.numpy_helper.to_array(tensor))
+        name = tensor.name
+        kept += [
+            onnx.numpy_helper.from_array(q, f"{name}.q"),
+            onnx.numpy_helper.from_array(scale[..., None], f"{name}.scale"),
+        ]
+        rebuild += [
+            onnx.helper.make_node("Cast", [f"{name}.q"], [f"{name}.f"], to=onnx.TensorProto.FLOAT),
+            onnx.helper.make_node("Mul", [f"{name}.f", f"{name}.scale"], [name]),
+        ]
+    nodes = [*rebuild, *graph.node]
+    del graph.initializer[:], graph.node[:]
+    graph.initializer.extend(kept)
+    graph.node.extend(nodes)
+
+
+def _write_initial(values: dict[str, np.ndarray], path: Path, int8: bool) -> dict[str, dict[str, Any]]:
+    """The initial personal weights back to back (row-major, little-endian): float32, or with ``int8`` each
+    matrix of at least ``INT8_MIN_ELEMENTS`` as int8 rows followed by its float32 scales. Returns each array's
+    layout: ``offset`` and ``encoding`` (``"float32"`` or ``"int8-rows"`` with the ``scales`` offset)."""
+    layout, blob = {}, bytearray()
     for name, value in values.items():
-        offsets[name] = len(blob)
-        blob.extend(np.ascontiguousarray(value, dtype="<f4").tobytes())
+        if int8 and _quantizable(value.shape):
+            q, scale = _int8_rows(value)
+            layout[name] = {"offset": len(blob), "encoding": "int8-rows"}
+            blob.extend(q.tobytes())
+            blob.extend(bytes(-len(blob) % 4))
+            layout[name]["scales"] = len(blob)
+            blob.extend(scale.astype("<f4").tobytes())
+        else:
+            layout[name] = {"offset": len(blob), "encoding": "float32"}
+            blob.extend(np.ascontiguousarray(value, dtype="<f4").tobytes())
     path.write_bytes(bytes(blob))
-    return offsets
+    return layout
+
+
+def _rename(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    """Rename values (node inputs and outputs, graph inputs and outputs, initializers) by ``mapping``."""
+    for node in graph.node:
+        node.input[:] = [mapping.get(v, v) for v in node.input]
+        node.output[:] = [mapping.get(v, v) for v in node.output]
+    for value in (*graph.input, *graph.output, *graph.initializer):
+        value.name = mapping.get(value.name, value.name)
+
+
+def _short_names(files: dict[str, onnx.ModelProto], personal: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Short names for what no runtime reads by name (a third of a graph file was the exporter's value and
+    node names): derived personal values become ``<graph>/p<k>`` (in the graph and in the personalize graph),
+    intermediate values ``t<k>``, node names empty. Returns the graphs' personal input names."""
+    derived = {v: f"{g}/p{k}" for g, names in personal.items() for k, v in enumerate(names) if "/" in v}
+    for proto in files.values():
+        _rename(proto.graph, derived)
+    for proto in files.values():
+        graph = proto.graph
+        public = {v.name for v in (*graph.input, *graph.output, *graph.initializer)}
+        inner = dict.fromkeys(o for n in graph.node for o in n.output if o and o not in public)
+        _rename(graph, {v: f"t{k}" for k, v in enumerate(inner)})
+        for node in graph.node:
+            node.name = ""
+    return {g: [derived.get(v, v) for v in names] for g, names in personal.items()}
 
 
 def _name_batch(graph: onnx.GraphProto) -> None:
@@ -577,16 +631,17 @@ def export_model(
     top_k: int = 50,
     explanation_candidates: np.ndarray | None = None,
     num_explanations_out: int = 3,
-    int8_items: bool = False,
+    int8: bool = False,
     step_top_k: int = STEP_TOP_K,
 ) -> ExportedGraphs:
     """Export ``model`` (a :class:`TMEPSR`, any preset) to ``step.onnx``, ``rank.onnx``, ``encoder.onnx`` and
-    ``personalize.onnx`` in ``out_dir``. ``top_k`` items (and ``num_explanations_out`` explanation ids for
-    each, among the ids attested for the item: ``explanation_candidates`` (num_items, M) int, -1 padded, as
-    :attr:`~shared_model.data.split.LeaveOneOutSplit.explanation_candidates`; required when the model
-    explains) are returned per rank call, the first ``step_top_k`` of them per step call (a narrower ranking
-    is a faster step); ``int8_items`` stores the item table as int8 rows with a per-row scale. The model is
-    not modified."""
+        ``personalize.onnx`` in ``out_dir``. ``top_k`` items (and ``num_explanations_out`` explanation ids for
+        each, among the ids attested for the item: ``explanation_candidates`` (num_items, M) int, -1 padded, as
+        :attr:`~shared_model.data.split.LeaveOneOutSplit.explanation_candidates`; required when the model
+        explains) are returned per rank call, the first ``step_top_k`` of them per step call (a narrower ranking
+        is a faster step); ``int8`` stores every float matrix of at least ``INT8_MIN_ELEMENTS`` (the item table, the
+    explanation branch, the initial personal weights) as int8 rows with a per-row scale. The model is
+        not modified."""
     if not isinstance(model, TMEPSR):
         raise ExportError(
             f"only LRU-based models (TME-PSR and its presets) export to the on-device graphs; "
@@ -596,8 +651,6 @@ def export_model(
     personal = parameter_groups(model, "card")["personal"]
     params = dict(model.named_parameters())
     values = {p: params[p].detach().numpy().copy() for p in personal}
-    if int8_items:
-        model.item_emb = Int8Rows(model.item_emb.weight.detach())
     top_k = min(top_k, model.cfg.num_items)
     step_top_k = min(step_top_k, top_k)
     attested = None
@@ -624,7 +677,8 @@ def export_model(
         _personal_inputs(proto.graph, personal_inputs[name], derived)
         _prune(proto.graph)
         _name_batch(proto.graph)
-        io[name]["inputs"] = _io_spec(proto.graph.input)
+        if int8:
+            _int8_initializers(proto.graph)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / GRAPH_FILES[g] for g in GRAPH_FILES] + [
@@ -632,8 +686,11 @@ def export_model(
         out_dir / PERSONAL_INIT_FILE,
     ]
     files = protos | {"personalize": personalize}
+    personal_inputs = _short_names(files, personal_inputs)
+    for name, proto in protos.items():
+        io[name]["inputs"] = _io_spec(proto.graph.input)
     _externalize(files, paths[-2])
-    offsets = _write_initial(values, paths[-1])
+    layout = _write_initial(values, paths[-1], int8)
     for name, proto in files.items():
         onnx.save_model(proto, out_dir / GRAPH_FILES[name])
     states = {
@@ -650,7 +707,7 @@ def export_model(
         "step_top_k": step_top_k,
         "num_explanations_out": num_expl,
         "max_events": MAX_EVENTS,
-        "int8_items": int8_items,
+        "int8": int8,
         "weights": WEIGHTS_FILE,
         "states": states,
         "graphs": {
@@ -659,7 +716,7 @@ def export_model(
         },
         "personalize": {
             "file": GRAPH_FILES["personalize"],
-            "inputs": [v | {"offset": offsets[v["name"]]} for v in _io_spec(personalize.graph.input)],
+            "inputs": [v | layout[v["name"]] for v in _io_spec(personalize.graph.input)],
             "outputs": _io_spec(personalize.graph.output),
             "initial": PERSONAL_INIT_FILE,
         },

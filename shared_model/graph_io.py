@@ -47,12 +47,20 @@ def run_session(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> 
 
 def initial_personal(spec: Mapping[str, Any], data: bytes) -> dict[str, np.ndarray]:
     """The bundle's initial personal weights from the bytes of ``personal_init.bin``, laid out as the
-    personalize inputs of ``spec`` (``spec["personalize"]`` of a bundle) say: float32 at ``offset``."""
+    personalize inputs of ``spec`` (``spec["personalize"]`` of a bundle) say: float32 at ``offset``, or for the
+    ``"int8-rows"`` encoding int8 at ``offset`` times a float32 scale per row (last axis) at ``scales``."""
     values = {}
     for value in spec["inputs"]:
-        count = int(np.prod(value["shape"], dtype=np.int64))
-        array = np.frombuffer(data, "<f4", count, value["offset"])
-        values[value["name"]] = array.astype(np.float32).reshape(value["shape"])
+        shape = value["shape"]
+        count = int(np.prod(shape, dtype=np.int64))
+        if value.get("encoding", "float32") == "int8-rows":
+            q = np.frombuffer(data, np.int8, count, value["offset"]).reshape(shape)
+            scale = np.frombuffer(data, "<f4", count // shape[-1], value["scales"]).reshape(*shape[:-1], 1)
+            values[value["name"]] = q.astype(np.float32) * scale
+        else:
+            values[value["name"]] = (
+                np.frombuffer(data, "<f4", count, value["offset"]).astype(np.float32).reshape(shape)
+            )
     return values
 
 

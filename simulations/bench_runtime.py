@@ -125,7 +125,7 @@ def run_catalogue(
     for kind in ("fp32", "int8"):
         bundle = work / f"{name}-{kind}"
         manifest = build_bundle(
-            model, log, bundle, private, model_version=f"bench-{kind}", int8_items=kind == "int8"
+            model, log, bundle, private, model_version=f"bench-{kind}", int8=kind == "int8"
         )
         row[f"bundle_bytes_{kind}"] = sum(f["bytes"] for f in manifest.files.values())
         out = subprocess.run(
@@ -141,7 +141,7 @@ def run_catalogue(
         with tempfile.TemporaryDirectory() as tmp:
             candidates = LeaveOneOutSplit(log).explanation_candidates
             fp32 = export_model(model, Path(tmp) / "fp32", explanation_candidates=candidates)
-            int8 = export_model(model, Path(tmp) / "int8", explanation_candidates=candidates, int8_items=True)
+            int8 = export_model(model, Path(tmp) / "int8", explanation_candidates=candidates, int8=True)
             row["int8_effect"] = int8_effect(fp32, int8, log, users)
     return row
 

@@ -168,9 +168,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     model, log, version = model_from_checkpoint(args.checkpoint, args.dataset, args.data_dir)
     key = load_private_key(args.key, _passphrase(args, confirm=False))
-    manifest = build_bundle(
-        model, log, args.out, key, model_version=args.version or version, int8_items=args.int8
-    )
+    manifest = build_bundle(model, log, args.out, key, model_version=args.version or version, int8=args.int8)
     size = sum(f["bytes"] for f in manifest.files.values())
     print(
         f"signed bundle {manifest.model_version} ({len(manifest.files)} files, {size / 1e3:.0f} KB) -> {args.out}"
@@ -299,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_export.add_argument("--passphrase-env", help="read the key's passphrase from this environment variable")
     p_export.add_argument("--out", required=True, help="new bundle folder")
-    p_export.add_argument("--int8", action="store_true", help="int8 item table (weight-only, per-row scales)")
+    p_export.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 weights (item table, explanation branch, initial personal weights; per-row scales)",
+    )
     p_export.add_argument("--version", help="model version label (default: preset and round)")
     p_export.add_argument("--dataset", help="dataset of the catalogue (default: the checkpoint's)")
     p_export.add_argument(

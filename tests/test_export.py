@@ -274,16 +274,27 @@ def test_encoder_limit_and_models_without_a_step_are_refused(log, tmp_path):
         export_model(sasrec, tmp_path)
 
 
-def test_int8_item_table_keeps_the_top10_and_shrinks_the_graphs(trained, graphs, log, tmp_path):
-    int8 = export_model(trained, tmp_path, explanation_candidates=_candidates(log), int8_items=True)
-    assert (
-        int8.spec["int8_items"] and int8.spec["personalize"]["inputs"] == graphs.spec["personalize"]["inputs"]
-    )
+def test_int8_weights_keep_the_top10_and_shrink_the_bundle(trained, graphs, log, tmp_path):
+    int8 = export_model(trained, tmp_path, explanation_candidates=_candidates(log), int8=True)
+    layout = {v["name"]: v for v in int8.spec["personalize"]["inputs"]}
+    assert int8.spec["int8"] and [(v["name"], v["shape"]) for v in layout.values()] == [
+        (v["name"], v["shape"]) for v in graphs.spec["personalize"]["inputs"]
+    ]
+    assert layout["encoder.blocks.0.ffn.0.weight"]["encoding"] == "int8-rows"
+    assert layout["interests.gate.bias"]["encoding"] == "float32"  # vectors stay float32
+    initial = {
+        name: initial_personal(g.spec["personalize"], g.personal_init_path.read_bytes())
+        for name, g in (("fp32", graphs), ("int8", int8))
+    }
+    for name, value in initial["fp32"].items():  # each row within half a quantization step
+        step = np.abs(value).max(-1, keepdims=True) / 127 if value.ndim >= 2 else 0
+        assert np.all(np.abs(initial["int8"][name] - value) <= step / 2 + 1e-7)
     effect = int8_effect(graphs, int8, log, LeaveOneOutSplit(log).eval_users)
     print(f"int8 vs fp32: {effect}")
     assert effect["top10_overlap"] >= 0.98
     table_bytes = trained.item_emb.weight[1:].numel() * 4
-    assert effect["bytes_fp32"] - effect["bytes_int8"] > 0.7 * table_bytes  # 1 byte per entry instead of 4
+    personal_bytes = sum(v.nbytes for v in initial["fp32"].values() if v.ndim >= 2 and v.size >= 1024)
+    assert effect["bytes_fp32"] - effect["bytes_int8"] > 0.7 * (table_bytes + personal_bytes)  # 1 byte, not 4
     assert abs(effect["recall@10_int8"] - effect["recall@10_fp32"]) <= 0.01
 
 

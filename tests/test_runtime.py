@@ -150,6 +150,9 @@ def test_bad_events_have_defined_behaviour(env, tmp_path):
     assert lenient.history[-1] == (str(log.item_ids[2]), 1_500)
     with pytest.raises(OutOfOrderEvent):
         lenient.sync_history([(log.item_ids[0], 5), (log.item_ids[1], 4)])
+    for bad in (1_500.9, -5, 1_700_000_000_000):  # the same timestamp rules as record()
+        with pytest.raises(RuntimeInputError, match="whole unix seconds"):
+            lenient.sync_history([(log.item_ids[0], 5), (log.item_ids[1], bad)])
     assert len(lenient.history) == 3  # nothing changed
 
 

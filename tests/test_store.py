@@ -274,6 +274,7 @@ def test_crash_mid_write_keeps_previous_file(
         (lambda r: setattr(r, "items", r.items.astype(np.float64) + 0.5), "items.*whole numbers"),
         (lambda r: setattr(r, "items", np.full(len(r.times), np.nan)), "items.*whole numbers"),
         (lambda r: setattr(r, "items", r.items.reshape(-1, 1)), "items must be 1-D"),
+        (lambda r: setattr(r, "items", -r.items), "items must be in \\[0, 2\\*\\*53\\)"),
         (lambda r: setattr(r, "times", np.array([2**64 - 1] * len(r.items), np.uint64)), "times.*int64"),
         (lambda r: r.meta.__setitem__("when", object()), "meta"),
         (lambda r: r.meta.__setitem__("pair", (1, 2)), "meta"),
@@ -344,7 +345,12 @@ def _seal_payload(path: Path, payload: bytes) -> None:
         (b"\xff not utf-8", "unreadable payload"),
         (b"[1, 2]", "exactly"),
         (b'{"items": [1], "times": [], "state": {}, "weights": {}, "meta": {}}', "same length"),
-        (b'{"items": [1.5], "times": [1], "state": {}, "weights": {}, "meta": {}}', "int64"),
+        (b'{"items": [1.5], "times": [1], "state": {}, "weights": {}, "meta": {}}', "integers in"),
+        (b'{"items": [-1], "times": [1], "state": {}, "weights": {}, "meta": {}}', "integers in"),
+        (
+            b'{"items": [1], "times": [9007199254740992], "state": {}, "weights": {}, "meta": {}}',
+            "integers in",
+        ),
         (b'{"items": [], "times": [], "state": {}, "weights": {}, "meta": []}', "meta"),
         (
             b'{"items": [], "times": [], "state": {"s": {"dtype": "float16", "shape": [1], "data": "AAA="}},'
