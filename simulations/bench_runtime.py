@@ -1,7 +1,9 @@
 """On-device runtime benchmark: single-thread onnxruntime latency of one ``record`` +
 ``recommend(10)`` through :class:`client_sdk.runtime.Recommender` (median and p99 over 1,000 real events, the
-store not written per event), torch eager doing the same work in the same run (the ratio), bundle size fp32 and
-int8, the int8 item table's effect (top-10 overlap, Recall@10) and the peak memory of the runtime process.
+store not written per event), the JavaScript client on onnxruntime-node on the same bundle and events
+(``client_sdk/js/bin/bench.mjs``, one thread; the ratio), torch eager doing the same work in the same run (the
+ratio), bundle size fp32 and int8, the int8 weights' effect (top-10 overlap, Recall@10) and the peak memory of the
+runtime process.
 
 Catalogues: ``movielens-1m-lrurec`` (3,416 items; a trained model when ``--checkpoint`` is given, e.g. the scale
 benchmark's run folder) and ``amazon-beauty-sasrec-lrurec`` (57,289 items; latency only, untrained weights).
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
+JS_CLIENT = Path(__file__).parents[1] / "client_sdk" / "js"
 CATALOGUES = ("movielens-1m-lrurec", "amazon-beauty-sasrec-lrurec")
 
 
@@ -74,6 +78,21 @@ def probe(bundle: str, public_key: str, events: str) -> None:
         import torch_free_check  # noqa: F401  (see main: a module that fails if torch or flwr were imported)
     print(json.dumps({**_percentiles(seconds), "open_s": open_s, "save_ms": save_s * 1e3,
                       "peak_rss_mb": _peak_rss_mb(), "rss_before_imports_mb": before}))  # fmt: skip
+
+
+def _js_probe(
+    bundle: Path, public: Path, log: Any, items: np.ndarray, times: np.ndarray, work: Path
+) -> dict[str, float] | None:
+    """The same events through the JavaScript client on onnxruntime-node (``client_sdk/js/bin/bench.mjs``, one
+    thread); None, with a note, when node or the package's node_modules are missing."""
+    if shutil.which("node") is None or not (JS_CLIENT / "node_modules").is_dir():
+        print("JavaScript client not measured: needs node and `npm ci` in client_sdk/js")
+        return None
+    events = work / "events.json"
+    events.write_text(json.dumps({"items": [str(log.item_ids[i]) for i in items], "times": times.tolist()}))
+    out = subprocess.run(["node", "bin/bench.mjs", str(bundle), str(public), str(events)],
+                         cwd=JS_CLIENT, check=True, capture_output=True, text=True)  # fmt: skip
+    return json.loads(out.stdout)
 
 
 def _torch_eager(model: Any, items: np.ndarray, times: np.ndarray) -> dict[str, float]:
@@ -134,6 +153,9 @@ def run_catalogue(
             check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(work)},
         )  # fmt: skip
         row[f"runtime_{kind}"] = json.loads(out.stdout.strip().splitlines()[-1])
+        row[f"js_{kind}"] = _js_probe(bundle, public, log, items, times, work)
+    if row["js_fp32"]:
+        row["js_vs_python"] = row["js_fp32"]["median_us"] / row["runtime_fp32"]["median_us"]
     row["torch_eager"] = _torch_eager(model, items, times)
     row["speedup_vs_torch"] = row["torch_eager"]["median_us"] / row["runtime_fp32"]["median_us"]
     if trained:
@@ -147,15 +169,18 @@ def run_catalogue(
 
 
 def summarise(rows: list[dict[str, Any]]) -> str:
-    lines = ["| catalogue | items | trained | runtime fp32 median / p99 (us) | int8 median (us) | torch eager median (us) "
-             "| x torch | bundle fp32 / int8 (KB) | int8 top-10 overlap | Recall@10 fp32 / int8 | runtime peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| catalogue | items | trained | runtime fp32 median / p99 (us) | int8 median (us) | JS (node) fp32 median (us) "
+             "| JS / Python | torch eager median (us) | x torch | bundle fp32 / int8 (KB) | int8 top-10 overlap "
+             "| Recall@10 fp32 / int8 | runtime peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         fx = r.get("int8_effect", {})
         lines.append(
             f"| {r['catalogue']} | {r['items']:,} | {'yes' if r['trained'] else 'no'} "
             f"| {r['runtime_fp32']['median_us']:.0f} / {r['runtime_fp32']['p99_us']:.0f} "
-            f"| {r['runtime_int8']['median_us']:.0f} | {r['torch_eager']['median_us']:.0f} "
+            f"| {r['runtime_int8']['median_us']:.0f} "
+            f"| {r['js_fp32']['median_us'] if r.get('js_fp32') else float('nan'):.0f} "
+            f"| {r.get('js_vs_python', float('nan')):.2f} | {r['torch_eager']['median_us']:.0f} "
             f"| {r['speedup_vs_torch']:.1f} | {r['bundle_bytes_fp32'] / 1e3:.0f} / {r['bundle_bytes_int8'] / 1e3:.0f} "
             f"| {fx.get('top10_overlap', float('nan')):.3f} "
             f"| {fx.get('recall@10_fp32', float('nan')):.4f} / {fx.get('recall@10_int8', float('nan')):.4f} "
