@@ -221,3 +221,20 @@ def _shown(rows: list[dict]) -> dict:
         "heads": [r["head"] for r in rows],
         "explanation_ids": [r["explanation_ids"] for r in rows],
     }
+
+
+def test_the_packages_own_node_test_suite_passes(tmp_path):
+    """``npm test`` (node's test runner: bundle tampering, the store, bad input, upgrades, the demo server), so
+    the README's one test command covers the JavaScript package too."""
+    if not (JS / "node_modules" / "onnxruntime-node").is_dir():
+        pytest.fail("client_sdk/js/node_modules is missing: run npm ci in client_sdk/js")
+    proc = subprocess.run(
+        [NODE, "--test"],
+        cwd=JS,
+        env={**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "# fail 0" in proc.stdout and "# skipped 0" in proc.stdout
