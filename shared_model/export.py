@@ -686,6 +686,8 @@ def export_model(
         out_dir / PERSONAL_INIT_FILE,
     ]
     files = protos | {"personalize": personalize}
+    if int8:  # the personalize graph reads shared tables too (e.g. the item table for the head tables)
+        _int8_initializers(personalize.graph)
     personal_inputs = _short_names(files, personal_inputs)
     for name, proto in protos.items():
         io[name]["inputs"] = _io_spec(proto.graph.input)

@@ -159,6 +159,22 @@ class TMEPSR(SequenceRecommender):
         (an exported graph then gathers from the table it scores against)."""
         return F.embedding(items, self.item_emb.weight[1:])
 
+    def item_scores(self, states: Tensor) -> Tensor:
+        """The base class's scores (``logsumexp_h (v_h . e_i + c_h) + b_i``), computed in each head's coordinates
+        (:meth:`InterestHeads.item_tables`: d_head instead of d multiply-adds per head and item; the tables
+        depend on the weights only, so an exported graph gets them once per set of weights) and with the
+        log-sum-exp by its maximum (Exp and ReduceSum in an exported graph: onnxruntime's ReduceLogSumExp
+        kernel is several times slower)."""
+        if self.cfg.num_heads == 1:
+            return super().item_scores(states)
+        a, _, prior = self.interests.coordinates(states)
+        tables = self.interests.item_tables(self.item_emb.weight[1:])  # (H, V, d_head)
+        flat = a.reshape(-1, *a.shape[-2:]).transpose(0, 1)  # (H, N, d_head)
+        logits = (flat @ tables.transpose(-1, -2)).unflatten(1, a.shape[:-2])  # (H, ..., V)
+        logits = logits + prior.movedim(-1, 0).unsqueeze(-1)
+        top = logits.amax(0)
+        return top + (logits - top).exp().sum(0).log() + self.item_bias[1:]
+
     def head_contributions(self, states: Tensor, items: Tensor) -> Tensor:
         """Each head's term ``<v_h, e_i> + c_h`` for dense ``items`` (N, K) given ``states`` (N, d):
         (N, K, H). Their log-sum-exp is the item's score without its bias; the largest term's head drove the
