@@ -9,6 +9,7 @@ example-weighted mean update, which is exactly what FedAvg would compute from th
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -130,12 +131,19 @@ class Device:
         epochs: int,
         trainable: set[str] | None = None,
         item_rows: np.ndarray | None = None,
-    ) -> list[float]:
+        head_share: Sequence[float] | None = None,
+    ) -> list[dict[str, float]]:
         """``epochs`` local epochs on ``user``'s training events from ``weights`` (left in ``self.model``): all
         parameters (a training round), or only ``trainable`` (local adaptation; the rest frozen, and the
         user's last ``gate_events`` training events held out). ``item_rows``: only these rows of the item
-        tables train (sparse upload)."""
+        tables train (sparse upload). ``head_share``: the population's head shares the server last estimated
+        (the responsibility balance steers toward the heads it under-uses; None: no steering). Returns each
+        epoch's mean loss parts."""
         load_parts(self.model, *weights)
+        heads = self.model.cfg.num_heads
+        share = np.full(heads, 1 / heads) if head_share is None else np.asarray(head_share, np.float32)
+        if hasattr(self.model, "population_share"):
+            self.model.population_share = torch.as_tensor(share, dtype=torch.float32)
         adapting = trainable is not None
         params = [p for name, p in self.model.named_parameters() if not adapting or name in trainable]
         for name, p in self.model.named_parameters():
@@ -165,15 +173,23 @@ class Device:
                 mask = keep.view((-1,) + (1,) * (named[name].dim() - 1))
                 hooks.append(named[name].register_hook(lambda g, m=mask: g * m))
         try:
-            return [train_epoch(self.model, optimizer, self.log, users, train_end, tcfg, rng)["loss"]
-                    for _ in range(epochs)]  # fmt: skip
+            return [
+                train_epoch(self.model, optimizer, self.log, users, train_end, tcfg, rng)
+                for _ in range(epochs)
+            ]
         finally:
             for hook in hooks:
                 hook.remove()
             for p in self.model.parameters():
                 p.requires_grad_(True)
 
-    def adapt(self, user: int, shared: dict[str, np.ndarray], server_round: int) -> Adaptation:
+    def adapt(
+        self,
+        user: int,
+        shared: dict[str, np.ndarray],
+        server_round: int,
+        head_share: Sequence[float] | None = None,
+    ) -> Adaptation:
         """The user's own adaptation of the split's adapted parts (time encoder and interest heads under
         ``population``), behind the device's validation gate; leaves the serving weights in ``self.model``.
 
@@ -192,7 +208,9 @@ class Device:
         held_out = np.arange(end - self.cfg.gate_events, end)
         load_parts(self.model, shared, personal)
         before = next_item_losses(self.model, self.log, start, held_out)
-        self._fit(user, (shared, personal), server_round, self.cfg.adapt_epochs, trainable=adapted)
+        self._fit(
+            user, (shared, personal), server_round, self.cfg.adapt_epochs, adapted, head_share=head_share
+        )
         after = next_item_losses(self.model, self.log, start, held_out)
         gain = before - after
         mean = float(gain.mean())
@@ -204,8 +222,12 @@ class Device:
         z = mean / se if se > 0 else float("nan")
         return Adaptation(kept, weights if kept else {}, float(before.mean()), float(after.mean()), z)
 
-    def train(self, shared: dict[str, np.ndarray], server_round: int) -> RoundResult:
-        """Local training of every hosted user; the example-weighted mean of their shared arrays."""
+    def train(
+        self, shared: dict[str, np.ndarray], server_round: int, head_share: Sequence[float] | None = None
+    ) -> RoundResult:
+        """Local training of every hosted user; the example-weighted mean of their shared arrays. The metrics
+        carry the users' mean head shares of their target items (``head-share-<h>``, with a responsibility
+        balance), from which the server estimates the population's ``head_share`` for the next rounds."""
         torch.set_num_threads(1)
         train_end = self.train_end
         total: dict[str, np.ndarray] = {}
@@ -218,16 +240,20 @@ class Device:
         if self.cfg.upload == "sparse":
             touched = np.concatenate([self.log.item[self.log.user_ptr[u] : train_end[u]] + 1 for u in users])
             rows = upload_rows(touched, self.cfg.decoy_rows, len(shared[ITEM_TABLES[0]]), rng)
-        examples, losses = 0, []
+        examples, losses, shares = 0, [], {}
         for user in users:
             n = int(train_end[user] - self.log.user_ptr[user])
-            losses += self._fit(
+            epochs = self._fit(
                 user,
                 (shared, users[user]),
                 server_round,
                 self.cfg.local_epochs,
                 item_rows=rows,
+                head_share=head_share,
             )
+            losses += [parts["loss"] for parts in epochs]
+            for key in (k for k in epochs[-1] if k.startswith("head_share_")):
+                shares[key] = shares.get(key, 0.0) + n * epochs[-1][key]
             new_shared, personal = split_state(self.model, self.cfg.split)
             self.save_personal(user, personal, server_round)
             # the server's per-update clips, applied per user: a simulated node's mean is then a mean of
@@ -241,12 +267,20 @@ class Device:
             update = encode_sparse(update, rows)
         if self.cfg.compress == "int8":
             update = compress_int8(update, shared, rng)
-        return RoundResult(
-            update, examples, {"train-loss": float(np.mean(losses)), "failed-users": len(failures)}
-        )
+        metrics = {"train-loss": float(np.mean(losses)), "failed-users": len(failures)}
+        if (
+            self.cfg.privacy == "plain"
+        ):  # DP and SecAgg+ rounds release nothing per device beyond their update
+            metrics |= {k.replace("_", "-"): v / examples for k, v in shares.items()}
+        return RoundResult(update, examples, metrics)
 
     def evaluate(
-        self, shared: dict[str, np.ndarray], stages: str, server_round: int = 0, adapt: bool = True
+        self,
+        shared: dict[str, np.ndarray],
+        stages: str,
+        server_round: int = 0,
+        adapt: bool = True,
+        head_share: Sequence[float] | None = None,
     ) -> RoundResult:
         """Each hosted user's own metrics for each of the comma-separated ``stages`` ("val", "test"), as
         ``<stage>/<metric>`` means over the hosted users, served as the device would serve them (after
@@ -276,7 +310,7 @@ class Device:
                 load_parts(self.model, shared, users[user])
                 add("", scores(user))
                 continue
-            adaptation = self.adapt(user, shared, server_round)
+            adaptation = self.adapt(user, shared, server_round, head_share)
             served = population = scores(user)
             add("", served)
             sums["gate/kept"] = sums.get("gate/kept", 0.0) + adaptation.kept

@@ -42,7 +42,7 @@ from shared_model.partition import group_of
 
 from .device import Device, DeviceError
 
-ROUND_KEYS = ("server-round", "stage", "adapt")
+ROUND_KEYS = ("server-round", "stage", "adapt", "head-share")
 
 
 def _device(config: Mapping[str, Any], context: Context) -> tuple[Device, FederatedConfig, dict[str, Any]]:
@@ -89,7 +89,7 @@ def _secagg_train(msg: Message, context: Context) -> Message:
     device, cfg, extra = _device(fitins.config, context)
     names = sorted(n for n, _ in device.model.named_parameters() if group_of(n, cfg.split) != "personal")
     shared = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
-    result = device.train(shared, int(extra.get("server-round", 0)))
+    result = device.train(shared, int(extra.get("server-round", 0)), extra.get("head-share"))
     update = clip_update(result.update, shared, cfg.clip_norm, cfg.row_clip).arrays  # the server cannot
     vector = secagg.encode(update, shared, result.metrics["train-loss"], cfg.secagg_clip)
     fitres = FitRes(
@@ -116,7 +116,7 @@ def make_client_app() -> ClientApp:
         if cfg.privacy == "secagg":
             raise ValueError("privacy='secagg': this device sends its update only masked, in a SecAgg+ round")
         try:
-            result = device.train(_shared(msg), int(extra.get("server-round", 0)))
+            result = device.train(_shared(msg), int(extra.get("server-round", 0)), extra.get("head-share"))
         except DeviceError as exc:
             return _refused(msg, exc)
         arrays = ArrayRecord({k: Array(v) for k, v in result.update.items()})
@@ -139,7 +139,7 @@ def make_client_app() -> ClientApp:
         try:
             result = device.evaluate(
                 _shared(msg), str(extra.get("stage", "val")), int(extra.get("server-round", 0)),
-                adapt=bool(extra.get("adapt", 1)),
+                adapt=bool(extra.get("adapt", 1)), head_share=extra.get("head-share"),
             )  # fmt: skip
         except DeviceError as exc:
             return _refused(msg, exc)

@@ -112,11 +112,14 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
             )  # partition ids: the same in a rerun with the same seed
         if train_metrics is not None:
             row["train_loss"] = float(train_metrics.get("train-loss", float("nan")))
+        if strategy.head_share is not None:  # the population estimate the next round steers by
+            row["head_share"] = [round(float(x), 4) for x in strategy.head_share]
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:
             # validation and test together (the test curve is reported, never used to choose anything); the
             # devices adapt to the final model only (what they will serve), earlier rounds score the population
             final, t_eval = int(rnd == cfg.num_rounds), time.perf_counter()
-            ecfg = ConfigRecord(dict(run_config) | {"stage": "val,test", "server-round": rnd, "adapt": final})
+            stage = {"stage": "val,test", "server-round": rnd, "adapt": final}
+            ecfg = ConfigRecord(dict(run_config) | stage | strategy.round_config())
             ereplies = list(grid.send_and_receive(
                 strategy.configure_evaluate(rnd, numpy_to_record(shared), ecfg, grid),
                 timeout=cfg.round_timeout,
@@ -141,7 +144,8 @@ def plain_round(
 ) -> tuple[dict[str, np.ndarray], MetricRecord | None, dict[str, float]]:
     """A plaintext training round: each sampled device's update reaches the strategy, which validates it.
     Returns the new shared arrays, the training metrics and the round's traffic (array payload bytes)."""
-    messages = strategy.configure_train(rnd, numpy_to_record(shared), ConfigRecord(cfg.to_run_config()), grid)
+    config = ConfigRecord(cfg.to_run_config() | strategy.round_config())
+    messages = strategy.configure_train(rnd, numpy_to_record(shared), config, grid)
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     upload = [
         r.content.array_records["arrays"].count_bytes()

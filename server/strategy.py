@@ -32,6 +32,10 @@ from .validation import UpdateRejected, validate_update
 
 log = logging.getLogger("tmepsr.server")
 WEIGHT_KEY = "num-examples"
+SHARE_KEY = "head-share"  # the devices' metrics head-share-<h>; the round config's population estimate
+SHARE_MEMORY = (
+    0.9  # the estimate keeps this much of the previous rounds' (a cohort is a tenth of the devices)
+)
 
 
 def record_to_numpy(record: ArrayRecord) -> dict:
@@ -58,6 +62,7 @@ class ValidatedAggregation:
         self.partitions: dict[int, int] = {}
         self.sampling_seed = 0
         self.sampled_partitions: list[int] = []  # partition ids of the last seeded cohort
+        self.head_share: np.ndarray | None = None  # the population's head shares of target items, estimated
 
     def setup_sampling(self, partitions: dict[int, int], seed: int) -> None:
         """Seeded cohorts. ``partitions`` maps each node id to its partition id, a node's stable identity
@@ -119,6 +124,7 @@ class ValidatedAggregation:
             clipped[1] += clip.rows_clipped
             msg.content = RecordDict({"arrays": numpy_to_record(clip.arrays), "metrics": metrics})
             valid.append(msg)
+        self._update_head_share(valid)
         needed = self.needed(self.sampled)
         self.last_round = {"sampled": self.sampled, "valid": len(valid), "rejected": len(rejected),
                            "failed": failed, "rejections": rejected, "aggregated": len(valid) >= needed,
@@ -135,18 +141,46 @@ class ValidatedAggregation:
             return None, None
         return self.server_step(server_round, valid)
 
+    def _update_head_share(self, valid: list[Message]) -> None:
+        """Fold the cohort's example-weighted mean head shares (the devices' ``head-share-<h>`` metrics) into
+        the population estimate. A report that is not a distribution (negative, NaN, not summing to 1) is
+        ignored, so a hostile device can shift the estimate by at most its example weight's share."""
+        reports, weights = [], []
+        for msg in valid:
+            metrics = msg.content["metrics"]
+            heads = sorted(k for k in metrics if k.startswith(SHARE_KEY + "-"))
+            share = np.array([float(metrics[k]) for k in heads])
+            if heads and np.all(np.isfinite(share)) and share.min() >= 0 and abs(share.sum() - 1) < 1e-3:
+                reports.append(share)
+                weights.append(float(metrics[WEIGHT_KEY]))
+        if not reports or len({len(r) for r in reports}) != 1 or sum(weights) <= 0:
+            return
+        cohort = np.average(np.stack(reports), axis=0, weights=weights)
+        if self.head_share is None or len(self.head_share) != len(cohort):
+            self.head_share = cohort
+        else:
+            self.head_share = SHARE_MEMORY * self.head_share + (1 - SHARE_MEMORY) * cohort
+
+    def round_config(self) -> dict[str, list[float]]:
+        """What every device's next round needs from the server beyond the run config: the population's head
+        shares, once estimated."""
+        return {} if self.head_share is None else {SHARE_KEY: [float(x) for x in self.head_share]}
+
     def server_state(self) -> dict[str, np.ndarray]:
-        """The server optimizer's state across rounds (FedAdam's first and second moments; {} for the
-        stateless aggregates), for the checkpoint."""
+        """The server's state across rounds for the checkpoint: the optimizer's (FedAdam's first and second
+        moments; none for the stateless aggregates) and the population's head shares."""
         moments = {"m_t": getattr(self, "m_t", None), "v_t": getattr(self, "v_t", None)}
-        return {f"{name}/{k}": v for name, m in moments.items() if m for k, v in m.items()}
+        state = {f"{name}/{k}": v for name, m in moments.items() if m for k, v in m.items()}
+        return state | ({} if self.head_share is None else {SHARE_KEY: self.head_share})
 
     def restore_server_state(self, state: dict[str, np.ndarray]) -> None:
-        """Inverse of :meth:`server_state` (a resumed run continues with the saved moments)."""
+        """Inverse of :meth:`server_state` (a resumed run continues with the saved moments and shares)."""
         for name in ("m_t", "v_t"):
             part = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(name + "/")}
             if part:
                 setattr(self, name, part)
+        if SHARE_KEY in state:
+            self.head_share = np.asarray(state[SHARE_KEY], np.float64)
 
     def needed(self, sampled: int) -> int:
         """Valid replies a round of ``sampled`` devices needs to aggregate (the minimum-reply rule)."""

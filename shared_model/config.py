@@ -48,7 +48,10 @@ class ModelConfig:
     beta: float = 0.1  # weight of the mutual-information terms
     gamma: float = 0.01  # weight of the head-diversity regulariser
     head_balance: float = 0.1  # weight of the mean KL(each state's head prior || uniform)
-    responsibility_balance: float = 0.1  # weight of KL(heads' mean responsibility for the targets || uniform)
+    responsibility_balance: float = (
+        0.1  # weight of KL(heads' mean responsibility for the targets || uniform);
+    )
+    # a federated device steers by the population's shares instead (TMEPSR.population_share)
     mi_temperature: float = 0.2
 
     def __post_init__(self) -> None:
@@ -155,13 +158,6 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "use_explanations": False,
     },
 }
-
-
-# What a federated run changes in a preset's model. A device trains on one user's window per step, so the
-# heads' responsibility balance (a batch statistic) would spread each user's own items over every head instead
-# of spreading the population's: measured on the README main job, test NDCG@10 0.0248 with it vs 0.0306
-# without (validation 0.0269 vs 0.0287), though it did use every head (shares 11/27/39/23% vs 42/0/24/34%).
-FEDERATED_MODEL_OVERRIDES: dict[str, Any] = {"responsibility_balance": 0.0}
 
 
 def _opt(default: Any, help_text: str) -> Any:

@@ -95,6 +95,10 @@ class TMEPSR(SequenceRecommender):
         self.encoder = LRUEncoder(d, cfg.num_heads, cfg.num_blocks, cfg.dropout, cfg.lru_state_expansion)
         self.embed_norm = nn.LayerNorm(d, bias=False) if cfg.embed_norm else None
         self.interests = InterestHeads(d, cfg.num_heads)
+        # the heads' shares of the whole population's target items (H,), when known: a federated device trains
+        # on one user, whose own items need not spread over the heads; the responsibility balance then steers
+        # toward the heads the population under-uses (uniform shares: no steering). None: the batch's own.
+        self.population_share: Tensor | None = None
         self.explanation = (
             ExplanationBranch(d, cfg.num_explanations, cfg.dynamic_mi, cfg.mi_temperature)
             if cfg.use_explanations
@@ -212,12 +216,16 @@ class TMEPSR(SequenceRecommender):
             total = total + self.cfg.head_balance * balance
             parts["balance_heads"] = balance.item()
         if self.cfg.num_heads > 1 and self.cfg.responsibility_balance > 0:
-            # KL(the heads' mean responsibility for the batch's targets || uniform)
             at_target = target_terms(a, prior, tables, batch.targets[has_target] - 1)
             share = at_target.softmax(-1).mean(0)  # each head's share of the batch's targets
-            spread = (share * (share * self.cfg.num_heads).clamp_min(1e-9).log()).sum()
+            if self.population_share is None:  # KL(the batch's shares || uniform)
+                spread = (share * (share * self.cfg.num_heads).clamp_min(1e-9).log()).sum()
+            else:  # that KL's gradient at the population's shares, applied to this batch's shares (floored
+                # at a tenth of uniform: the estimate lags the model, and an unused head's pull stays bounded)
+                spread = (share * (self.population_share * self.cfg.num_heads).clamp_min(0.1).log()).sum()
             total = total + self.cfg.responsibility_balance * spread
             parts["balance_responsibility"] = spread.item()
+            parts |= {f"head_share_{h}": float(x) for h, x in enumerate(share.tolist())}
         if self.explanation is not None and batch.expl_pos is not None and len(batch.expl_pos):
             positions, slot = torch.unique(batch.expl_pos, return_inverse=True)
             flat_states = states.reshape(-1, states.shape[-1])[positions]

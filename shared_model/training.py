@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from .batching import history_of, input_batch, training_batch, training_windows
 from .config import (
-    FEDERATED_MODEL_OVERRIDES,
     MODEL_PRESETS,
     FederatedConfig,
     ModelConfig,
@@ -300,7 +299,7 @@ def write_json(path: str | Path, data: Any) -> None:
 def model_for_run(fed: FederatedConfig, log: InteractionLog) -> SequenceRecommender:
     """The initial model of a federated run. Seeded, so the server and every device build identical initial
     weights (devices take their initial personal weights from it)."""
-    overrides = {"max_len": fed.max_len, "d_model": fed.d_model} | FEDERATED_MODEL_OVERRIDES
+    overrides = {"max_len": fed.max_len, "d_model": fed.d_model}
     cfg = model_config_for(log, **(MODEL_PRESETS[fed.preset] | overrides))
     torch.manual_seed(fed.seed)
     return build_model(cfg)

@@ -32,7 +32,7 @@ from typing import Any
 
 from client_sdk.device import Device
 from server.checkpoint import load_server_checkpoint
-from shared_model.config import FEDERATED_MODEL_OVERRIDES, FederatedConfig
+from shared_model.config import FederatedConfig
 from simulations.simulate import run_simulation
 from simulations.train import train_and_report
 
@@ -112,7 +112,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
             fh.write(json.dumps(row, default=float) + "\n")
 
     if f"{dataset}/centralized" not in done and "centralized" in args.parts:
-        same_model = {"max_len": base.max_len, "d_model": base.d_model} | FEDERATED_MODEL_OVERRIDES
+        same_model = {"max_len": base.max_len, "d_model": base.d_model}
         central = train_and_report(
             dataset, "tmepsr", out / "centralized", overrides=same_model,
             progress=False, seed=args.seed, batch_size=32, patience=20,  # past the popularity plateau (README)

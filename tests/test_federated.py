@@ -408,3 +408,22 @@ def test_fedadam_moments_survive_a_checkpoint(tmp_path, task_identity):
     expected = step(running, 2, after_1, steps[1])["item_bias"]
     np.testing.assert_array_equal(step(resumed, 2, after_1, steps[1])["item_bias"], expected)
     assert not np.array_equal(step(fresh, 2, after_1, steps[1])["item_bias"], expected)  # moments matter
+
+
+def test_devices_report_head_shares_and_train_toward_the_populations(cfg):
+    """A plain round's metrics carry the users' head shares of their target items (the server's population
+    estimate); the population's shares change the local step; DP devices report none."""
+    shared = initial_shared(cfg)
+    store = Path(cfg.out_dir) / "devices"
+    plain = Device(cfg, partition_id=0, num_partitions=3, store_dir=store).train(shared, server_round=1)
+    shares = [plain.metrics[f"head-share-{h}"] for h in range(4)]
+    assert sum(shares) == pytest.approx(1, abs=1e-5) and min(shares) >= 0
+    uniform = Device(cfg, 0, 3, store_dir=store).train(shared, 1, head_share=[0.25] * 4)
+    assert all(
+        np.array_equal(plain.update[k], uniform.update[k]) for k in plain.update
+    )  # uniform: no steering
+    steered = Device(cfg, 0, 3, store_dir=store).train(shared, 1, head_share=[0.97, 0.01, 0.01, 0.01])
+    assert any(not np.array_equal(plain.update[k], steered.update[k]) for k in plain.update)
+    dp = replace(cfg, privacy="dp", server_optimizer="fedavg", local_optimizer="sgd")
+    private = Device(dp, 0, 3, store_dir=Path(cfg.out_dir) / "dp").train(shared, 1)
+    assert not any(k.startswith("head-share") for k in private.metrics)

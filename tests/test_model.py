@@ -186,10 +186,27 @@ def test_responsibility_balance_is_the_kl_of_the_heads_target_shares_from_unifor
     assert parts["loss"] == pytest.approx(parts["ce_items"] + 0.1 * expected, rel=1e-5)
 
 
-def test_federated_runs_train_without_the_batch_level_responsibility_balance(log):
-    """A device's batch is one user's window: the federated model leaves that batch statistic out."""
-    from shared_model.config import FederatedConfig
-    from shared_model.training import model_for_run
-
-    assert ModelConfig(num_items=5, use_explanations=False).responsibility_balance > 0
-    assert model_for_run(FederatedConfig(d_model=32), log).cfg.responsibility_balance == 0
+def test_population_shares_steer_the_responsibility_balance_toward_unused_heads(log):
+    """With the population's head shares (a federated device's one-user batch), the balance term is the KL's
+    gradient there applied to the batch's shares: zero at uniform shares, and it rewards the heads the
+    population under-uses (floored at a tenth of uniform)."""
+    torch.manual_seed(0)
+    model = TMEPSR(_small(log, max_len=50, gamma=0.0, head_balance=0.0, use_explanations=False)).train()
+    split = LeaveOneOutSplit(log)
+    starts, ends = training_windows(log.user_ptr, train_end_per_user(log, split), np.arange(1), 50,
+                                    np.random.default_rng(0))  # fmt: skip
+    batch = training_batch(log, starts, ends, 50)
+    torch.manual_seed(1)
+    _, own = model.loss(batch)
+    share = torch.tensor([own[f"head_share_{h}"] for h in range(4)])
+    assert share.sum().item() == pytest.approx(1, abs=1e-5)
+    model.population_share = torch.full((4,), 0.25)
+    torch.manual_seed(1)
+    _, uniform = model.loss(batch)
+    assert uniform["balance_responsibility"] == 0
+    population = torch.tensor([0.7, 0.0, 0.2, 0.1])
+    model.population_share = population
+    torch.manual_seed(1)
+    _, steered = model.loss(batch)
+    expected = float((share * (population * 4).clamp_min(0.1).log()).sum())
+    assert steered["balance_responsibility"] == pytest.approx(expected, rel=1e-4)

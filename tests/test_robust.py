@@ -258,3 +258,37 @@ def test_every_hostile_update_is_rejected_in_a_round_with_good_ones(aggregation)
     kinds = ("wrong shape", "NaN", "Inf", "huge norm", "missing key", "extra key", "float64", "example weight",
              "sparse: row", "int8: negative scale", "int8: NaN scale", "no arrays")  # fmt: skip
     assert all(any(kind in name for name in hostile) for kind in kinds)
+
+
+def test_population_head_shares_come_from_well_formed_reports_only():
+    """The server's estimate of the population's head shares (sent to the devices for the responsibility
+    balance): example-weighted over the cohort, kept across rounds, ignoring reports that are no distribution,
+    saved with the server state."""
+    from server.strategy import SHARE_MEMORY, make_strategy
+    from simulations.bench_poisoning import reply
+
+    rng = np.random.default_rng(0)
+    sent = _sent(rng)
+    cfg = FederatedConfig(server_optimizer="fedavg", row_clip=0, norm_bound=1e4)
+    strategy = make_strategy(cfg, 4)
+    assert strategy.round_config() == {}  # nothing to steer by before the first reports
+
+    def round_of(shares: list[tuple[list[float], int]], server_round: int) -> None:
+        messages = []
+        for node, (share, examples) in enumerate(shares, 1):
+            msg = reply(_moved(sent, rng, 0.01), examples, node)
+            for h, x in enumerate(share):
+                msg.content["metrics"][f"head-share-{h}"] = x
+            messages.append(msg)
+        strategy.sent, strategy.sampled, strategy.current_arrays = sent, len(messages), dict(sent)
+        strategy.aggregate_train(server_round, messages)
+
+    hostile = [([float("nan"), 1, 0, 0], 100), ([2.0, -1.0, 0, 0], 100), ([0.9, 0.9, 0, 0], 100)]
+    round_of([([0.5, 0.5, 0, 0], 1), ([0, 0, 0.5, 0.5], 3), *hostile], 1)
+    np.testing.assert_allclose(strategy.head_share, [0.125, 0.125, 0.375, 0.375])
+    round_of([([1.0, 0, 0, 0], 2)], 2)
+    expected = SHARE_MEMORY * np.array([0.125, 0.125, 0.375, 0.375]) + (1 - SHARE_MEMORY) * np.eye(4)[0]
+    np.testing.assert_allclose(strategy.round_config()["head-share"], expected)
+    resumed = make_strategy(cfg, 4)
+    resumed.restore_server_state(strategy.server_state())
+    np.testing.assert_allclose(resumed.head_share, expected)
