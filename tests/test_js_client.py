@@ -50,13 +50,12 @@ def _node(args: list[str], payload: dict | None = None, timeout: float = 300) ->
     return json.loads(proc.stdout)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def _fixture(root: Path, users: int, *options: str) -> dict:
     if not (JS / "node_modules" / "onnxruntime-node").is_dir():
         pytest.fail("client_sdk/js/node_modules is missing: run npm ci in client_sdk/js")
-    root = tmp_path_factory.mktemp("js")
     subprocess.run(
-        [sys.executable, str(JS / "test" / "make_bundle.py"), str(root), "--users", str(USERS)], check=True
+        [sys.executable, str(JS / "test" / "make_bundle.py"), str(root), "--users", str(users), *options],
+        check=True,
     )
     info = json.loads((root / "fixture.json").read_text())
     users = [events[:EVENTS_PER_USER] for events in info["users"]]
@@ -66,6 +65,11 @@ def env(tmp_path_factory):
         "public": root / info["public_key"],
         "users": users,
     }
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return _fixture(tmp_path_factory.mktemp("js"), USERS)
 
 
 def _view(recs) -> dict:
@@ -95,6 +99,17 @@ def _python_replay(env, tmp_path, explanations: int) -> list[list[dict]]:
 
 
 def test_js_client_matches_the_python_runtime_event_by_event(env, tmp_path):
+    _assert_parity(env, tmp_path, min_events=4000)
+
+
+def test_js_client_matches_the_python_runtime_on_an_int8_bundle(tmp_path):
+    """int8 bundles: the JS client decodes the int8-rows initial personal weights as the Python runtime does."""
+    env = _fixture(tmp_path / "int8", 10, "--int8")
+    assert json.loads((env["bundle"] / "manifest.json").read_text())["spec"]["int8"]
+    _assert_parity(env, tmp_path, min_events=500)
+
+
+def _assert_parity(env, tmp_path, min_events: int) -> None:
     spec = json.loads((env["bundle"] / "manifest.json").read_text())["spec"]
     explanations = spec["num_explanations_out"]
     assert explanations > 0, "the fixture model must have an explanation branch"
@@ -102,7 +117,7 @@ def test_js_client_matches_the_python_runtime_event_by_event(env, tmp_path):
     request = {"command": "replay", "bundle": str(env["bundle"]), "public_key": str(env["public"]), "k": K,
                "explanations": explanations, "users": env["users"]}  # fmt: skip
     got = _node(["bin/replay.mjs"], request)["users"]
-    assert len(got) == len(want) == USERS
+    assert len(got) == len(want) == len(env["users"])
     events = agree = 0
     max_diff = 0.0
     mismatches = []
@@ -120,7 +135,7 @@ def test_js_client_matches_the_python_runtime_event_by_event(env, tmp_path):
     print(
         f"js/python parity: {agree}/{events} events with identical top-{K}, max |score diff| {max_diff:.3g}"
     )
-    assert events >= 4000
+    assert events >= min_events
     assert agree >= 0.999 * events, f"top-{K} differ on {events - agree} of {events} events: {mismatches[:3]}"
     assert max_diff <= 1e-4
 

@@ -2,7 +2,7 @@
 movielens-latest-small dataset (as tests/test_runtime.py's ``env`` fixture), its key pair, and a few users'
 events.
 
-    python client_sdk/js/test/make_bundle.py OUT_DIR [--seed 0] [--top-k 20] [--users 3]
+    python client_sdk/js/test/make_bundle.py OUT_DIR [--seed 0] [--top-k 20] [--users 3] [--int8]
 
 Writes OUT_DIR/keys/{private,public} key files (passphrase "pw"), OUT_DIR/v1 (the bundle) and
 OUT_DIR/fixture.json: {"public_key", "private_key", "passphrase", "bundle" (paths relative to OUT_DIR),
@@ -41,13 +41,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--users", type=int, default=3)
+    parser.add_argument("--int8", action="store_true", help="int8 weights (the int8-rows personal_init.bin)")
     args = parser.parse_args()
     out = args.out
     log = load_dataset("movielens-latest-small")
     private, public = generate_keys(out / "keys", "pw")
     key = load_private_key(private, "pw")
+    model = model_for(log, args.seed)
     build_bundle(
-        model_for(log, args.seed), log, out / "v1", key, model_version="v1", top_k=args.top_k, check=False
+        model, log, out / "v1", key, model_version="v1", top_k=args.top_k, int8=args.int8, check=False
     )
     users = []
     for user in range(args.users):
