@@ -253,3 +253,31 @@ def test_the_packages_own_node_test_suite_passes(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "# fail 0" in proc.stdout and "# skipped 0" in proc.stdout
+
+
+def test_readme_javascript_example_runs(env, tmp_path):
+    """The README's JavaScript example ("Integrate in an app") runs as written, on the fixture bundle (paths
+    and the device key filled in) from inside the package, as an app importing ``tme-psr-client`` would."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```js\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1, "README should have one JavaScript example"
+    item = env["users"][0][0][0]
+    code = (
+        blocks[0]
+        .replace('"bundles/v7"', json.dumps(str(env["bundle"])))
+        .replace('"bundle_signing_key.pub.pem"', json.dumps(str(env["public"])))
+        .replace('"user.store"', json.dumps(str(tmp_path / "user.store")))
+        .replace('"318"', json.dumps(item))
+    )
+    script = JS / "test" / f".readme-example-{os.getpid()}.mjs"  # inside the package: self-reference by name
+    script.write_text("const key = new Uint8Array(32).fill(7);\n" + code)
+    try:
+        proc = subprocess.run([NODE, str(script)], cwd=JS, capture_output=True, text=True, timeout=120)
+    finally:
+        script.unlink()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == K and all(len(line.split(" ")) >= 3 for line in lines)
+    assert (tmp_path / "user.store").exists()
