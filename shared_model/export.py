@@ -106,7 +106,7 @@ STEP_TOP_K = 10  # default ranking width of the step graph: the items shown per 
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside their graph
 EXTERNAL_ALIGN = 64
 INT8_MIN_ELEMENTS = 1024  # an int8 bundle stores float matrices at least this large as int8 rows
-PARAM_PREFIX = "model."  # the graphs' initializer name of parameter p is PARAM_PREFIX + p
+PARAM_PREFIX = "model."  # the graphs' name of parameter p is PARAM_PREFIX + p
 
 
 class ExportError(RuntimeError):
@@ -383,9 +383,10 @@ def _prune(graph: onnx.GraphProto) -> None:
 
 
 def _detach_personal(graph: onnx.GraphProto, tag: str, personal: set[str]) -> tuple[_PersonalPart, list[str]]:
-    """Cut the personal-derived subgraph out of ``graph``: each derived value it hands to the rest becomes an
-    initializer named ``<tag>/<value>`` (filled in later). Returns the cut part and the names the graph's
-    personal values now have (derived values and personal initializers read directly)."""
+    """Cut the personal-derived subgraph out of ``graph``: each derived value it hands to the rest is renamed
+    ``<tag>/<value>`` (made a graph input by :func:`_personal_inputs`, shortened by :func:`_short_names`).
+    Returns the cut part and the names the graph's personal values now have (derived values and personal
+    parameters read directly)."""
     part, derived_nodes = _split_personal(graph, personal)
     rename = {v: f"{tag}/{v}" for v in part.boundary if v not in personal}
     _replace_nodes(graph, [_copy_node(n, rename) for k, n in enumerate(graph.node) if k not in derived_nodes])
