@@ -88,8 +88,11 @@ def _js_probe(
     if shutil.which("node") is None or not (JS_CLIENT / "node_modules").is_dir():
         print("JavaScript client not measured: needs node and `npm ci` in client_sdk/js")
         return None
-    events = work / "events.json"
-    events.write_text(json.dumps({"items": [str(log.item_ids[i]) for i in items], "times": times.tolist()}))
+    events = work / f"{log.name}-events.json"
+    if not events.exists():  # once per catalogue: the fp32 and int8 bundles replay the same events
+        events.write_text(
+            json.dumps({"items": [str(log.item_ids[i]) for i in items], "times": times.tolist()})
+        )
     out = subprocess.run(["node", "bin/bench.mjs", str(bundle), str(public), str(events)],
                          cwd=JS_CLIENT, check=True, capture_output=True, text=True)  # fmt: skip
     return json.loads(out.stdout)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared_model.batching import input_batch, training_batch, training_windows
+from shared_model.batching import Batch, input_batch, training_batch, training_windows
 from shared_model.config import ModelConfig, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
@@ -166,17 +166,23 @@ def test_fit_improves_over_random_and_evaluates_explanations(log):
     assert len(result.history) == 2
 
 
+def _balance_setup(log, users: int) -> tuple[TMEPSR, Batch]:
+    """A seeded 4-head model with only the responsibility balance among the head terms, and one training window
+    for each of the first ``users`` users."""
+    torch.manual_seed(0)
+    model = TMEPSR(_small(log, max_len=50, gamma=0.0, head_balance=0.0, use_explanations=False))
+    split = LeaveOneOutSplit(log)
+    starts, ends = training_windows(log.user_ptr, train_end_per_user(log, split), np.arange(users), 50,
+                                    np.random.default_rng(0))  # fmt: skip
+    return model, training_batch(log, starts, ends, 50)
+
+
 def test_responsibility_balance_is_the_kl_of_the_heads_target_shares_from_uniform(log):
     """L_resp = KL(mean over targets of softmax_h(term at the target) || uniform)."""
     from shared_model.softmax_ce import target_terms
 
-    torch.manual_seed(0)
-    model = TMEPSR(_small(log, max_len=50, gamma=0.0, head_balance=0.0, use_explanations=False)).eval()
-    split = LeaveOneOutSplit(log)
-    starts, ends = training_windows(log.user_ptr, train_end_per_user(log, split), np.arange(16), 50,
-                                    np.random.default_rng(0))  # fmt: skip
-    batch = training_batch(log, starts, ends, 50)
-    _, parts = model.loss(batch)
+    model, batch = _balance_setup(log, users=16)
+    _, parts = model.eval().loss(batch)
     has_target = batch.targets > 0
     a, _, prior = model.interests.coordinates(model.encode(batch)[has_target])
     tables = model.interests.item_tables(model.item_emb.weight[1:])
@@ -190,12 +196,8 @@ def test_population_shares_steer_the_responsibility_balance_toward_unused_heads(
     """With the population's head shares (a federated device's one-user batch), the balance term is the KL's
     gradient there applied to the batch's shares: zero at uniform shares, and it rewards the heads the
     population under-uses (floored at a tenth of uniform)."""
-    torch.manual_seed(0)
-    model = TMEPSR(_small(log, max_len=50, gamma=0.0, head_balance=0.0, use_explanations=False)).train()
-    split = LeaveOneOutSplit(log)
-    starts, ends = training_windows(log.user_ptr, train_end_per_user(log, split), np.arange(1), 50,
-                                    np.random.default_rng(0))  # fmt: skip
-    batch = training_batch(log, starts, ends, 50)
+    model, batch = _balance_setup(log, users=1)
+    model.train()
     torch.manual_seed(1)
     _, own = model.loss(batch)
     share = torch.tensor([own[f"head_share_{h}"] for h in range(4)])
