@@ -10,11 +10,12 @@ against ``u_h = W P_h^T`` at k (not d) multiply-adds per term; with k = d / H, e
 costs the multiply-adds of a single d-wide head.
 
 The log-partition splits by head: ``log sum_i exp(s_ni) = logsumexp_h (c_nh + Z_nh)`` with
-``Z_nh = logsumexp_i (a_nh . u_hi + b_i)``, one :func:`row_logsumexp` per head: the log-sum-exp of
-``x . w_i + b_i`` over the whole table, computed row chunk by row chunk (forward: only the per-row result is
-kept; backward: each chunk's logits are recomputed and ``exp(logit - lse)`` is the softmax gradient), so nothing
-of size (rows, items) is ever stored: at 128 x 200 positions and 3,416 items one such tensor is 350 MB, and the
-unfused form keeps several.
+``Z_nh = logsumexp_i (a_nh . u_hi + b_i)``. :func:`mean_log_partition` computes its mean over the rows row
+chunk by row chunk and, in the same pass, its gradients: each chunk's logits are exponentiated once, summed
+into ``Z``, and the same buffer, scaled by each head's responsibility ``softmax_h (c + Z)``, is the softmax
+gradient. The output is a scalar, so the backward pass only scales the stored gradients: one exponential per
+logit (the dominant cost on a CPU) instead of two for a forward/backward pair that recomputes, and nothing of
+size (rows, items) outlives its chunk: at 128 x 200 positions and 3,416 items one such tensor is 350 MB.
 """
 
 from __future__ import annotations
@@ -22,41 +23,66 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-CE_CHUNK_ROWS = 256  # rows per chunk: 256 x 3,416 logits (3.5 MB) was fastest on 2 cores
+LOG2_E = 1.4426950408889634
+CE_CHUNK_LOGITS = (
+    1 << 20
+)  # logits per chunk (rows x heads x items): 4 MB of float32; 1 MB and 16 MB were slower
 
 
-class _RowLogSumExp(torch.autograd.Function):
-    """``logsumexp_i (x_n . w_i + b_i)`` per row, chunked; backward recomputes each chunk's softmax."""
+class _MeanLogPartition(torch.autograd.Function):
+    """``mean_n logsumexp_h (prior[n, h] + logsumexp_i (a[n, h] . tables[h, i] + bias[i]))``, gradients
+    computed in the forward pass (only when an input needs them) and scaled in the backward pass."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
-        lse = x.new_empty(len(x))
-        for s in range(0, len(x), chunk):
-            lse[s : s + chunk] = torch.logsumexp(torch.addmm(bias, x[s : s + chunk], weight.T), dim=1)
-        ctx.save_for_backward(x, weight, bias, lse)
-        ctx.chunk = chunk
-        return lse
+    def forward(ctx, a: Tensor, prior: Tensor, tables: Tensor, bias: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+        rows, heads, _ = a.shape
+        grads = any(ctx.needs_input_grad[:4])
+        total = a.new_zeros(())
+        grad_a = torch.empty_like(a) if grads else None
+        grad_prior = torch.empty_like(prior) if grads else None
+        grad_tables = torch.zeros(tables.shape, dtype=a.dtype) if grads else None
+        grad_bias = torch.zeros_like(bias) if grads else None
+        logits = a.new_empty(heads, min(chunk, rows), tables.shape[1])
+        for s in range(0, rows, chunk):
+            a_c = a[s : s + chunk]
+            n = len(a_c)
+            e = logits[:, :n]
+            a_h = a_c.transpose(0, 1)  # (H, n, k)
+            torch.baddbmm(bias, a_h, tables.transpose(1, 2), out=e)
+            peak = e.amax(dim=2, keepdim=True)
+            e.sub_(peak).mul_(LOG2_E).exp2_()  # exp(x) as 2 ** (x log2 e): exp2 is 3x faster on a CPU
+            mass = e.sum(dim=2, keepdim=True)
+            log_z = (peak + mass.log()).squeeze(2).T + prior[s : s + n]  # (n, H): c + Z
+            row = torch.logsumexp(log_z, dim=1)
+            total += row.sum()
+            if not grads:
+                continue
+            resp = (log_z - row[:, None]).exp_()  # (n, H): each head's share of the row's partition
+            grad_prior[s : s + n] = resp
+            e.mul_(resp.T[..., None] / mass)  # softmax gradient of every logit
+            grad_bias += e.sum(dim=(0, 1))
+            grad_a[s : s + n] = torch.bmm(e, tables).transpose(0, 1)
+            grad_tables.baddbmm_(e.transpose(1, 2), a_h)
+        ctx.save_for_backward(grad_a, grad_prior, grad_tables, grad_bias)
+        ctx.rows = rows
+        return total / rows
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, bias, lse = ctx.saved_tensors
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight)
-        grad_b = torch.zeros_like(bias)
-        for s in range(0, len(x), ctx.chunk):
-            xc = x[s : s + ctx.chunk]
-            p = torch.addmm(bias, xc, weight.T).sub_(lse[s : s + ctx.chunk, None]).exp_()
-            p.mul_(grad[s : s + ctx.chunk, None])
-            grad_b.add_(p.sum(0))
-            grad_x[s : s + ctx.chunk] = p @ weight
-            grad_w.addmm_(p.T, xc)
-        return grad_x, grad_w, grad_b, None
+        scale = grad / ctx.rows
+        needs = ctx.needs_input_grad[:4]
+        return (
+            *(g * scale if need else None for g, need in zip(ctx.saved_tensors, needs, strict=True)),
+            None,
+        )
 
 
-def row_logsumexp(x: Tensor, weight: Tensor, bias: Tensor, chunk: int = CE_CHUNK_ROWS) -> Tensor:
-    """``logsumexp(x @ weight.T + bias, dim=1)`` for x (N, k), weight (V, k), bias (V,) -> (N,), with the
-    same gradients, never materialising the (N, V) logits."""
-    return _RowLogSumExp.apply(x.contiguous(), weight, bias, chunk)
+def mean_log_partition(a: Tensor, prior: Tensor, tables: Tensor, bias: Tensor, chunk: int = 0) -> Tensor:
+    """Mean over the N rows of the routed log-partition ``log sum_i exp(s_ni)`` (module docstring), with its
+    gradients, never materialising the (N, H, V) logits; ``chunk``: rows per chunk (0: about
+    ``CE_CHUNK_LOGITS`` logits)."""
+    chunk = chunk or max(1, CE_CHUNK_LOGITS // (a.shape[1] * tables.shape[1]))
+    return _MeanLogPartition.apply(a.contiguous(), prior.contiguous(), tables, bias, chunk)
 
 
 def target_terms(a: Tensor, prior: Tensor, tables: Tensor, target: Tensor) -> Tensor:
@@ -68,7 +94,7 @@ def target_terms(a: Tensor, prior: Tensor, tables: Tensor, target: Tensor) -> Te
 
 
 def routed_softmax_cross_entropy(
-    a: Tensor, prior: Tensor, tables: Tensor, bias: Tensor, target: Tensor, chunk: int = CE_CHUNK_ROWS
+    a: Tensor, prior: Tensor, tables: Tensor, bias: Tensor, target: Tensor, chunk: int = 0
 ) -> Tensor:
     """Mean cross-entropy of the routed scores ``logsumexp_h (a[n, h] . tables[h, i] + prior[n, h]) + bias[i]``
     over the N rows; ``a`` (N, H, k), ``prior`` (N, H), ``tables`` (H, V, k), ``bias`` (V,), ``target`` (N,)
@@ -77,12 +103,11 @@ def routed_softmax_cross_entropy(
         raise ValueError("routed_softmax_cross_entropy needs at least one row")
     at_target = target_terms(a, prior, tables, target)
     picked = torch.logsumexp(at_target, dim=1) + bias.index_select(0, target)
-    log_z = torch.stack([row_logsumexp(a[:, h], tables[h], bias, chunk) for h in range(a.shape[1])], dim=1)
-    return (torch.logsumexp(prior + log_z, dim=1) - picked).mean()
+    return mean_log_partition(a, prior, tables, bias, chunk) - picked.mean()
 
 
 def full_softmax_cross_entropy(
-    x: Tensor, weight: Tensor, bias: Tensor, target: Tensor, chunk: int = CE_CHUNK_ROWS
+    x: Tensor, weight: Tensor, bias: Tensor, target: Tensor, chunk: int = 0
 ) -> Tensor:
     """Mean of ``cross_entropy(x @ weight.T + bias, target)`` over the N rows of ``x`` (N, d): the routed
     loss with one interest and no prior."""

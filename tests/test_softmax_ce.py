@@ -96,3 +96,23 @@ def test_routed_gradcheck():
     assert torch.autograd.gradcheck(
         lambda a, c, u, b: routed_softmax_cross_entropy(a, c, u, b, target, chunk=2), (a, prior, tables, bias)
     )
+
+
+def test_routed_without_gradients_and_default_chunks():
+    """Evaluation (no gradients wanted) gives the same value, and the default chunking (rows sized to the
+    heads x items of a chunk) the same value and gradients as small chunks."""
+    torch.manual_seed(3)
+    a = torch.randn(40, 4, 3, dtype=torch.float64, requires_grad=True)
+    prior = torch.randn(40, 4, dtype=torch.float64).log_softmax(-1)
+    tables = torch.randn(4, 30, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(30, dtype=torch.float64)
+    target = torch.randint(0, 30, (40,))
+    reference = _routed_reference(a, prior, tables, bias, target)
+    with torch.no_grad():
+        torch.testing.assert_close(routed_softmax_cross_entropy(a, prior, tables, bias, target), reference)
+    default = routed_softmax_cross_entropy(a, prior, tables, bias, target)
+    small = routed_softmax_cross_entropy(a, prior, tables, bias, target, chunk=7)
+    for g, g_ref in zip(
+        torch.autograd.grad(default, (a, tables)), torch.autograd.grad(small, (a, tables)), strict=True
+    ):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-14)
