@@ -29,6 +29,7 @@ of the shown items (ML-100k seed 0, all 943 users' top-10s: 5% / 24% / 71% / 0.1
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -167,8 +168,9 @@ class TMEPSR(SequenceRecommender):
         """The base class's scores (``logsumexp_h (v_h . e_i + c_h) + b_i``), computed in each head's coordinates
         (:meth:`InterestHeads.item_tables`: d_head instead of d multiply-adds per head and item; the tables
         depend on the weights only, so an exported graph gets them once per set of weights) and with the
-        log-sum-exp by its maximum (Exp and ReduceSum in an exported graph: onnxruntime's ReduceLogSumExp
-        kernel is several times slower)."""
+        log-sum-exp by its maximum, head by head (elementwise Max, Exp and Add in an exported graph: scoring and
+        top-10 of 3,416 items took 62 us against 73 us with ReduceMax/ReduceSum over the head axis, and
+        onnxruntime's ReduceLogSumExp kernel is several times slower)."""
         if self.cfg.num_heads == 1:
             return super().item_scores(states)
         a, _, prior = self.interests.coordinates(states)
@@ -176,8 +178,10 @@ class TMEPSR(SequenceRecommender):
         flat = a.reshape(-1, *a.shape[-2:]).transpose(0, 1)  # (H, N, d_head)
         logits = (flat @ tables.transpose(-1, -2)).unflatten(1, a.shape[:-2])  # (H, ..., V)
         logits = logits + prior.movedim(-1, 0).unsqueeze(-1)
-        top = logits.amax(0)
-        return top + (logits - top).exp().sum(0).log() + self.item_bias[1:]
+        top = functools.reduce(
+            torch.maximum, logits.unbind(0)
+        )  # elementwise: onnxruntime reduces axis 0 slowly
+        return top + functools.reduce(torch.add, (logits - top).exp().unbind(0)).log() + self.item_bias[1:]
 
     def head_contributions(self, states: Tensor, items: Tensor) -> Tensor:
         """Each head's term ``<v_h, e_i> + c_h`` for dense ``items`` (N, K) given ``states`` (N, d):
