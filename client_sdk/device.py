@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig, TrainConfig
 from shared_model.data import InteractionLog, load_dataset
 from shared_model.data.split import LeaveOneOutSplit, partition_users, user_data
 from shared_model.partition import load_parts, parameter_groups, split_state
-from shared_model.recommender import SequenceRecommender
+from shared_model.protocol.clipping import clip_update
+from shared_model.protocol.updates import ITEM_TABLES, compress_int8, encode_sparse, upload_rows
+from shared_model.sequence_model import SequenceModel
 from shared_model.training import (
     evaluate,
     model_for_run,
@@ -30,7 +31,6 @@ from shared_model.training import (
     train_end_per_user,
     train_epoch,
 )
-from shared_model.updates import ITEM_TABLES, compress_int8, encode_sparse, upload_rows
 
 from .store import DeviceRecord, EncryptedStore, StoreError
 
@@ -42,7 +42,7 @@ def cached_log(dataset: str, data_dir: str) -> InteractionLog:
 
 
 @lru_cache(maxsize=4)
-def _cached_model(cfg: FederatedConfig) -> tuple[SequenceRecommender, dict[str, np.ndarray]]:
+def _cached_model(cfg: FederatedConfig) -> tuple[SequenceModel, dict[str, np.ndarray]]:
     """One model (and its initial personal weights) per process and run config: a simulation process serves
     many nodes and rounds one message at a time, and every use loads its shared and personal weights afresh."""
     model = model_for_run(cfg, cached_log(cfg.dataset, cfg.data_dir))
@@ -118,9 +118,17 @@ class Device:
         """Write the user's history and personal weights to its encrypted store (atomically)."""
         own = user_data(self.log, user)
         record = DeviceRecord(
-            items=own.items, times=own.times, state={}, weights=personal,
-            meta={"user": str(self.log.user_ids[user]), "round": server_round, "split": self.cfg.split, **meta},
-        )  # fmt: skip
+            items=own.items,
+            times=own.times,
+            state={},
+            weights=personal,
+            meta={
+                "user": str(self.log.user_ids[user]),
+                "round": server_round,
+                "split": self.cfg.split,
+                **meta,
+            },
+        )
         self.store(user).save(record)
 
     def _fit(
@@ -293,9 +301,12 @@ class Device:
         sums: dict[str, float] = {}
 
         def scores(user: int) -> dict[tuple[str, str], float]:
-            return {(stage, k): v for stage in stages.split(",")
-                    for k, v in evaluate(self.model, self.log, self.split, stage, users=np.array([user])).items()
-                    if k != "users"}  # fmt: skip
+            return {
+                (stage, k): v
+                for stage in stages.split(",")
+                for k, v in evaluate(self.model, self.log, self.split, stage, users=np.array([user])).items()
+                if k != "users"
+            }
 
         def add(prefix: str, metrics: dict[tuple[str, str], float]) -> None:
             for (stage, k), v in metrics.items():

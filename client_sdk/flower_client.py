@@ -7,21 +7,21 @@ Replies carry only the shared arrays and metrics: personal weights never leave t
 SecAgg+ rounds (``privacy="secagg"``, see ``server.secagg``): the messages that carry SecAgg+ configs go through
 Flower's ``secaggplus_mod``, which answers the key stages itself and, in the collect stage, calls the train
 function with the legacy FitIns; the device trains as in any round and returns its clipped change
-(``shared_model.secagg.encode``) with its capped example weight as a legacy FitRes. On the way out,
+(``shared_model.protocol.secagg_vector.encode``) with its capped example weight as a legacy FitRes. On the way out,
 :func:`secagg_mod` sends the masked vector as uint32 (its values are already reduced modulo 2**32, which
 Flower would send as int64) and reports the weight as 0: the mod has used it inside the masked vector.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import (
     Code,
     FitRes,
@@ -35,10 +35,10 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
-from shared_model import secagg
-from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig
 from shared_model.partition import group_of
+from shared_model.protocol import secagg_vector
+from shared_model.protocol.clipping import clip_update
 
 from .device import Device, DeviceError
 
@@ -91,9 +91,9 @@ def _secagg_train(msg: Message, context: Context) -> Message:
     shared = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     result = device.train(shared, int(extra.get("server-round", 0)), extra.get("head-share"))
     update = clip_update(result.update, shared, cfg.clip_norm, cfg.row_clip).arrays  # the server cannot
-    vector = secagg.encode(update, shared, result.metrics["train-loss"], cfg.secagg_clip)
+    vector = secagg_vector.encode(update, shared, result.metrics["train-loss"], cfg.secagg_clip)
     fitres = FitRes(
-        Status(Code.OK, ""), ndarrays_to_parameters(vector), secagg.weight(result.num_examples), {}
+        Status(Code.OK, ""), ndarrays_to_parameters(vector), secagg_vector.weight(result.num_examples), {}
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
@@ -104,9 +104,10 @@ def _refused(msg: Message, exc: DeviceError) -> Message:
     return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
 
-def make_client_app() -> ClientApp:
-    """A ClientApp whose train/evaluate handlers run :class:`Device` rounds."""
-    app = ClientApp()
+def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp whose train/evaluate handlers run :class:`Device` rounds. ``mods``: Flower mods around every
+    handler (the tests and the poisoning benchmark tamper with replies this way)."""
+    app = ClientApp(mods=list(mods))
 
     @app.train(mods=[secagg_mod])
     def train(msg: Message, context: Context) -> Message:
@@ -138,9 +139,12 @@ def make_client_app() -> ClientApp:
         device, _, extra = _device(_config(msg), context)
         try:
             result = device.evaluate(
-                _shared(msg), str(extra.get("stage", "val")), int(extra.get("server-round", 0)),
-                adapt=bool(extra.get("adapt", 1)), head_share=extra.get("head-share"),
-            )  # fmt: skip
+                _shared(msg),
+                str(extra.get("stage", "val")),
+                int(extra.get("server-round", 0)),
+                adapt=bool(extra.get("adapt", 1)),
+                head_share=extra.get("head-share"),
+            )
         except DeviceError as exc:
             return _refused(msg, exc)
         metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})

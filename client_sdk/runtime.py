@@ -5,10 +5,11 @@
         for r in rec.recommend(10): print(r.title, r.head, r.explanations)
 
 The bundle is verified (signature over the manifest, then every file's sha256) before anything is loaded; a
-bundle that fails is refused with a :class:`~client_sdk.bundle.BundleError` and, for :meth:`Recommender.upgrade`,
-the bundle in use stays in use. The device's personal weights (time encoder, LRU blocks, interest heads) come
-from its encrypted store and override the bundle's initial values inside the onnxruntime sessions; history,
-recurrent state and weights are kept in the store.
+bundle that fails is refused with a :class:`~shared_model.protocol.bundle.BundleError` and, for
+:meth:`Recommender.upgrade`, the bundle in use stays in use. The device's personal weights (time encoder, LRU
+blocks, interest heads) come from its encrypted store (the bundle's initial values for those it does not hold)
+and reach the graphs as ordinary inputs, bound once; history, recurrent state and weights are kept in the
+store.
 
 Defined behaviour for awkward input:
 
@@ -53,12 +54,16 @@ from shared_model.graph_io import (
     run_session,
     session,
 )
+from shared_model.protocol.bundle import (
+    CATALOGUE,
+    BundleFormatError,
+    Manifest,
+    load_public_key,
+    verify_bundle,
+)
+from shared_model.protocol.errors import DeviceRuntimeError
 
-from .bundle import BundleFormatError, Manifest, load_public_key, verify_bundle
-from .errors import DeviceRuntimeError
 from .store import DeviceRecord, EncryptedStore, StoreError, WriterLock
-
-CATALOGUE = "catalogue.json.gz"  # gzip-compressed JSON
 
 
 class RuntimeInputError(DeviceRuntimeError, ValueError):
@@ -165,8 +170,10 @@ class _BoundStep:
             inputs = self.inputs | {name: current[name] for name in states} | personal
             outputs = self.outputs | {f"next_{name}": following[name] for name in states}
             outputs["state"] = current["state"]
-            for arrays, bind in ((inputs, binding.bind_ortvalue_input),
-                                 (outputs, binding.bind_ortvalue_output)):  # fmt: skip
+            for arrays, bind in (
+                (inputs, binding.bind_ortvalue_input),
+                (outputs, binding.bind_ortvalue_output),
+            ):
                 for name, array in arrays.items():
                     self._values.append(ort.OrtValue.ortvalue_from_numpy(array))
                     bind(name, self._values[-1])
@@ -253,10 +260,10 @@ class Recommender:
                 f"on_unknown must be 'error' or 'ignore' and on_backwards 'error' or 'clamp', "
                 f"got {on_unknown!r}, {on_backwards!r}"
             )
-        self._b = loaded
+        self._loaded = loaded
         self._store = store
         self._lock: WriterLock | None = lock  # the store's writer lock, held until close()
-        self._rec = record
+        self._stored = record
         self.on_unknown, self.on_backwards, self.threads = on_unknown, on_backwards, threads
         self._items, self._times = record.items.tolist(), record.times.tolist()  # appended in O(1)
         self._seen[:] = exclude_mask([record.items], loaded.num_items)
@@ -313,32 +320,32 @@ class Recommender:
         completely before the switch; on any error the bundle in use stays in use and nothing changes. The
         history is re-encoded with the new weights and the store saved."""
         loaded = _load(
-            verify_bundle(bundle_dir, load_public_key(public_key)), self._rec.weights, self.threads
+            verify_bundle(bundle_dir, load_public_key(public_key)), self._stored.weights, self.threads
         )
         _check_history(self._history_record(), loaded)
-        self._b = loaded
+        self._loaded = loaded
         self._seen[:] = exclude_mask([self._items], loaded.num_items)
         self._reencode()
         self.save()
 
     @property
     def manifest(self) -> Manifest:
-        return self._b.manifest
+        return self._loaded.manifest
 
     @property
     def catalogue_ids(self) -> list[str]:
         """The bundle catalogue's source item ids (what :meth:`record` accepts), in dense-id order."""
-        return self._b.item_ids
+        return self._loaded.item_ids
 
     @property
     def catalogue_titles(self) -> list[str]:
         """The catalogue's titles, in the order of :attr:`catalogue_ids`."""
-        return self._b.titles
+        return self._loaded.titles
 
     @property
     def history(self) -> list[tuple[str, int]]:
         """The recorded events as (source item id, unix seconds), oldest first."""
-        return [(self._b.item_ids[i], t) for i, t in zip(self._items, self._times, strict=True)]
+        return [(self._loaded.item_ids[i], t) for i, t in zip(self._items, self._times, strict=True)]
 
     # ------------------------------------------------------------------ events
     def record(self, item: str | int, timestamp: int, *, save: bool = True) -> bool:
@@ -359,7 +366,7 @@ class Recommender:
             t = times[-1]
         if items and items[-1] == dense and times[-1] == t:
             return False
-        step = self._b.step
+        step = self._loaded.step
         inputs, outputs = step.inputs, step.outputs
         seen = inputs["exclude"][0]
         was_seen = seen[dense]
@@ -392,7 +399,7 @@ class Recommender:
             dense.append(d)
             times.append(t)
         self._items, self._times = dense, times
-        self._seen[:] = exclude_mask([dense], self._b.num_items)
+        self._seen[:] = exclude_mask([dense], self._loaded.num_items)
         self._reencode()
         self.save()
 
@@ -402,7 +409,7 @@ class Recommender:
     ) -> list[Recommendation]:
         """The top-``k`` items for the current state, each with score, title, driving interest head and its
         top explanation texts."""
-        b = self._b
+        b = self._loaded
         top_k = b.spec["top_k"]
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= top_k:
             raise RuntimeInputError(f"k must be in 1..{top_k} (the bundle's top_k), got {k}")
@@ -433,30 +440,35 @@ class Recommender:
         """Write history, recurrent state and personal weights to the encrypted store (atomically)."""
         if self._lock is None:
             raise StoreError(f"{self._store.path}: this Recommender was closed; open the store again to save")
-        self._rec = self._history_record()
-        self._rec.state = {
+        self._stored = self._history_record()
+        self._stored.state = {
             **{k: v[0].copy() for k, v in self._states.items()},
             "state": self._state[0].copy(),
         }
-        self._rec.meta = {**self._rec.meta, "bundle": self._b.manifest.sha256,
-                          "catalogue_sha": self._b.catalogue_sha, "catalogue_size": self._b.num_items}  # fmt: skip
-        self._store.save(self._rec)
+        self._stored.meta = {
+            **self._stored.meta,
+            "bundle": self._loaded.manifest.sha256,
+            "catalogue_sha": self._loaded.catalogue_sha,
+            "catalogue_size": self._loaded.num_items,
+        }
+        self._store.save(self._stored)
 
     # ------------------------------------------------------------------ internals
     def _history_record(self) -> DeviceRecord:
-        rec = self._rec
-        return DeviceRecord(np.array(self._items, np.int64), np.array(self._times, np.int64), rec.state,
-                            rec.weights, rec.meta)  # fmt: skip
+        rec = self._stored
+        return DeviceRecord(
+            np.array(self._items, np.int64), np.array(self._times, np.int64), rec.state, rec.weights, rec.meta
+        )
 
     @property
     def _seen(self) -> np.ndarray:
         """The step graph's ``exclude`` input (1, num_items): True at the seen items."""
-        return self._b.step.inputs["exclude"]
+        return self._loaded.step.inputs["exclude"]
 
     @property
     def _states(self) -> dict[str, np.ndarray]:
         """The recurrent states (1, ...): the step graph's state inputs."""
-        return {k: self._b.step.inputs[k] for k in self._b.step.states}
+        return {k: self._loaded.step.inputs[k] for k in self._loaded.step.states}
 
     def _set_states(self, values: dict[str, np.ndarray]) -> None:
         """Copy the recurrent states and the state vector (``"state"``), per row or with the batch
@@ -466,25 +478,27 @@ class Recommender:
         self._state = np.array(values["state"], np.float32).reshape(1, -1)
 
     def _dense(self, item: str | int, strict: bool = False) -> int | None:
-        dense = self._b.index.get(str(item))
+        dense = self._loaded.index.get(str(item))
         if dense is None and (strict or self.on_unknown == "error"):
-            raise UnknownItem(f"item {item!r} is not in the bundle's catalogue ({self._b.num_items} items)")
+            raise UnknownItem(
+                f"item {item!r} is not in the bundle's catalogue ({self._loaded.num_items} items)"
+            )
         return dense
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run_session(self._b.sessions[graph], feeds | self._b.personal[graph])
+        return run_session(self._loaded.sessions[graph], feeds | self._loaded.personal[graph])
 
     def _stored_state_fits(self) -> bool:
-        state, spec = self._rec.state, self._b.spec
+        state, spec = self._stored.state, self._loaded.spec
         return (
-            self._rec.meta.get("bundle") == self._b.manifest.sha256
+            self._stored.meta.get("bundle") == self._loaded.manifest.sha256
             and set(state) == {*spec["states"], "state"}
             and all(tuple(state[k].shape) == tuple(s["shape"]) for k, s in spec["states"].items())
         )
 
     def _reencode(self) -> None:
         """Recurrent state from the history's last ``max_events`` events through the sequence encoder."""
-        spec = self._b.spec
+        spec = self._loaded.spec
         if not self._items:
             self._set_states({k: 0 for k in spec["states"]} | {"state": np.zeros(spec["d_model"])})
         else:

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import struct
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from .errors import DeviceRuntimeError
+from shared_model.files import atomic_write
+from shared_model.protocol.errors import DeviceRuntimeError
 
 MAGIC = b"TMEPSR-STORE\0"
 KDF_RAW, KDF_SCRYPT = 0, 1
@@ -131,7 +131,7 @@ class EncryptedStore:
         payload = _encode_payload(record)
         kdf, salt = (KDF_RAW, _NO_SALT) if self._passphrase is None else (KDF_SCRYPT, self._salt_for_save())
         header = _Header(self.FORMAT_VERSION, kdf, salt, os.urandom(NONCE_SIZE))
-        _atomic_write(self.path, _seal(header, self._key_for(header), payload))
+        atomic_write(self.path, _seal(header, self._key_for(header), payload))
 
     def writer_lock(self) -> WriterLock:
         """Take this store's writer lock (held until :meth:`WriterLock.release`); :class:`StoreInUse` if another
@@ -227,28 +227,6 @@ def _parse_header(blob: bytes, path: Path) -> _Header:
 def _seal(header: _Header, key: bytes, payload: bytes) -> bytes:
     head = header.pack()
     return head + AESGCM(key).encrypt(header.nonce, payload, head)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write a temp file in the same folder, fsync it, rename it over ``path`` and fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if os.name == "posix":  # Windows cannot open a folder to fsync it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 ARRAY_DTYPES = ("float32", "float64", "int32", "int64", "bool")  # what a format-3 payload may hold
@@ -406,4 +384,4 @@ def _write_v1(path: str | Path, record: DeviceRecord, key: bytes) -> None:
     buf = io.BytesIO()
     np.savez(buf, allow_pickle=False, **arrays)
     header = _Header(1, KDF_RAW, _NO_SALT, os.urandom(NONCE_SIZE))
-    _atomic_write(Path(path), _seal(header, key, buf.getvalue()))
+    atomic_write(Path(path), _seal(header, key, buf.getvalue()))

@@ -21,7 +21,8 @@ from shared_model.training import model_for_run
 
 from .checkpoint import load_server_state, resumable_checkpoint, save_server_checkpoint
 from .secagg import secagg_round
-from .strategy import ValidatedAggregation, make_strategy, numpy_to_record, record_to_numpy
+from .strategies import make_strategy
+from .strategy import ValidatedAggregation, numpy_to_record, record_to_numpy
 
 log = logging.getLogger("tmepsr.server")
 
@@ -104,8 +105,12 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
         t0 = time.perf_counter()
         shared, train_metrics, traffic = train_round(grid, strategy, rnd, shared, cfg)
         last = strategy.last_round  # a property under DP (the accountant runs on each read): read once
-        row: dict[str, Any] = {"round": rnd, **{k: v for k, v in last.items() if k != "rejections"},
-                               "rejections": last.get("rejections", [])[:5], **traffic}  # fmt: skip
+        row: dict[str, Any] = {
+            "round": rnd,
+            **{k: v for k, v in last.items() if k != "rejections"},
+            "rejections": last.get("rejections", [])[:5],
+            **traffic,
+        }
         if strategy.sampled_partitions:
             row["cohort"] = list(
                 strategy.sampled_partitions
@@ -120,10 +125,12 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
             final, t_eval = int(rnd == cfg.num_rounds), time.perf_counter()
             stage = {"stage": "val,test", "server-round": rnd, "adapt": final}
             ecfg = ConfigRecord(dict(run_config) | stage | strategy.round_config())
-            ereplies = list(grid.send_and_receive(
-                strategy.configure_evaluate(rnd, numpy_to_record(shared), ecfg, grid),
-                timeout=cfg.round_timeout,
-            ))  # fmt: skip
+            ereplies = list(
+                grid.send_and_receive(
+                    strategy.configure_evaluate(rnd, numpy_to_record(shared), ecfg, grid),
+                    timeout=cfg.round_timeout,
+                )
+            )
             row |= _evaluation_counts(rnd, ereplies)
             metrics = strategy.aggregate_evaluate(rnd, ereplies)
             for key, value in (metrics or {}).items():  # "val/ndcg@10" -> row["val"]["ndcg@10"]
@@ -155,8 +162,10 @@ def plain_round(
     arrays, train_metrics = strategy.aggregate_train(rnd, replies)
     if arrays is not None:
         shared = record_to_numpy(arrays)
-    traffic = {"upload_bytes_per_device": float(np.mean(upload)) if upload else 0.0,
-               "download_bytes_per_device": float(sum(v.nbytes for v in shared.values()))}  # fmt: skip
+    traffic = {
+        "upload_bytes_per_device": float(np.mean(upload)) if upload else 0.0,
+        "download_bytes_per_device": float(sum(v.nbytes for v in shared.values())),
+    }
     return shared, train_metrics, traffic
 
 
@@ -167,8 +176,12 @@ def _evaluation_counts(rnd: int, replies: list[Message]) -> dict[str, int]:
     for reply in replies:
         if reply.has_error():
             counts["eval_failed"] += 1
-            log.warning("round %d: device %s could not evaluate: %s", rnd, reply.metadata.src_node_id,
-                        reply.error.reason)  # fmt: skip
+            log.warning(
+                "round %d: device %s could not evaluate: %s",
+                rnd,
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
         elif "metrics" in reply.content.metric_records:
             metrics = reply.content.metric_records["metrics"]
             counts["evaluated_users"] += int(metrics.get("num-examples", 0))
@@ -177,9 +190,11 @@ def _evaluation_counts(rnd: int, replies: list[Message]) -> dict[str, int]:
 
 
 def _round_line(row: dict[str, Any], total: int) -> str:
-    line = (f"round {row['round']}/{total}: {row.get('valid', 0)}/{row.get('sampled', 0)} devices valid, "
-            f"{row.get('rejected', 0)} rejected, {row.get('failed', 0)} failed, "
-            f"upload {row['upload_bytes_per_device'] / 1024:.1f} KiB/device, {row['seconds']:.1f}s")  # fmt: skip
+    line = (
+        f"round {row['round']}/{total}: {row.get('valid', 0)}/{row.get('sampled', 0)} devices valid, "
+        f"{row.get('rejected', 0)} rejected, {row.get('failed', 0)} failed, "
+        f"upload {row['upload_bytes_per_device'] / 1024:.1f} KiB/device, {row['seconds']:.1f}s"
+    )
     if "epsilon" in row:
         line += f"; DP epsilon {row['epsilon']:.3g} at delta {row['dp_delta']:g}"
     for stage in ("val", "test") if row["round"] == total else ("val",):
@@ -192,9 +207,11 @@ def _round_line(row: dict[str, Any], total: int) -> str:
             if "expl_recall@10" in row[stage]:
                 line += f", expl R@10 {row[stage]['expl_recall@10']:.3f}"
     if row.get("failed_users") or row.get("eval_failed") or row.get("eval_failed_users"):
-        line += (f"; {row.get('failed_users', 0)} users with unreadable stores sat training out; not evaluated: "
-                 f"{row.get('eval_failed_users', 0)} users (unreadable stores), {row.get('eval_failed', 0)} devices"
-                 " (failed)")  # fmt: skip
+        line += (
+            f"; {row.get('failed_users', 0)} users with unreadable stores sat training out; not evaluated: "
+            f"{row.get('eval_failed_users', 0)} users (unreadable stores), {row.get('eval_failed', 0)} devices"
+            " (failed)"
+        )
     if "gate" in row:
         line += f"; adaptation kept by {row['gate']['kept']:.0%} of devices"
     return line

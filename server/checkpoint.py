@@ -81,8 +81,11 @@ def resumable_checkpoint(
     if saved is None:
         return None
     before = FederatedConfig.from_run_config(saved[3])
-    changed = [f.name for f in fields(cfg) if f.name not in RESUMABLE_CHANGES
-               and getattr(before, f.name) != getattr(cfg, f.name)]  # fmt: skip
+    changed = [
+        f.name
+        for f in fields(cfg)
+        if f.name not in RESUMABLE_CHANGES and getattr(before, f.name) != getattr(cfg, f.name)
+    ]
     if changed:
         diff = ", ".join(f"{n}: {getattr(before, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
         raise ValueError(

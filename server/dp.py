@@ -18,7 +18,7 @@ update is clipped wrong or crashes the round instead of being rejected), skips t
 failed (the project aggregates when ``min_reply_fraction`` replied), adds its noise to an example-weighted mean
 of however many replied, draws it from NumPy's global generator, and its accountant needs the optional
 ``dp-accounting`` package. Its noise formula (``compute_stdv``: ``z C / n``) is the one used here; clipping is
-:func:`shared_model.clipping.clip_update` (the poisoning defence's norm clip).
+:func:`shared_model.protocol.clipping.clip_update` (the poisoning defence's norm clip).
 
 The accountant (:class:`RdpAccountant`) composes the Renyi DP of the Poisson-subsampled Gaussian mechanism at
 integer orders (Mironov, Talwar & Zhang 2019, "Renyi Differential Privacy of the Sampled Gaussian Mechanism",
@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.differential_privacy import compute_stdv
 
-from shared_model.clipping import clip_update
+from shared_model.protocol.clipping import clip_update
 
 from .strategy import ValidatedAggregation, numpy_to_record, record_to_numpy
 
@@ -134,8 +134,11 @@ class DifferentialPrivacy(FedAvg):
     @property
     def last_round(self) -> dict:
         """The validation summary of the last round plus the privacy spent so far."""
-        return self._last_round | {"epsilon": self.accountant.epsilon(self.delta), "dp_delta": self.delta,
-                                   "dp_noise_std": self.noise_std}  # fmt: skip
+        return self._last_round | {
+            "epsilon": self.accountant.epsilon(self.delta),
+            "dp_delta": self.delta,
+            "dp_noise_std": self.noise_std,
+        }
 
     @last_round.setter
     def last_round(self, value: dict) -> None:

@@ -17,19 +17,18 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client_sdk.bundle import Manifest, verify_bundle
-from client_sdk.runtime import CATALOGUE
 from shared_model.data import InteractionLog, load_dataset
 from shared_model.data.split import LeaveOneOutSplit
 from shared_model.export import OPSET, check_graphs, export_model
-from shared_model.recommender import SequenceRecommender
+from shared_model.protocol.bundle import CATALOGUE, Manifest, verify_bundle
+from shared_model.sequence_model import SequenceModel
 
 from .release import sign_bundle
 
 
 def model_from_checkpoint(
     path: str | Path, dataset: str | None = None, data_dir: str | None = None
-) -> tuple[SequenceRecommender, InteractionLog, str]:
+) -> tuple[SequenceModel, InteractionLog, str]:
     """The model, its dataset's log and a version label from a checkpoint: a centralized ``model.pt`` or a
     federated run folder / ``server_checkpoint.npz``. ``dataset`` overrides the dataset the checkpoint names."""
     path = Path(path)
@@ -59,12 +58,15 @@ def model_from_checkpoint(
 def catalogue(log: InteractionLog) -> dict[str, Any]:
     """Item ids (as the app knows them), titles and explanation texts, by dense id."""
     ids = [str(i) for i in log.item_ids]
-    return {"item_ids": ids, "titles": list(log.item_meta.titles) if log.item_meta.titles else ids,
-            "explanations": list(log.vocab.texts)}  # fmt: skip
+    return {
+        "item_ids": ids,
+        "titles": list(log.item_meta.titles) if log.item_meta.titles else ids,
+        "explanations": list(log.vocab.texts),
+    }
 
 
 def build_bundle(
-    model: SequenceRecommender,
+    model: SequenceModel,
     log: InteractionLog,
     out_dir: str | Path,
     private_key: Ed25519PrivateKey,
@@ -87,8 +89,13 @@ def build_bundle(
             check_graphs(graphs.graph_paths)
         text = json.dumps(catalogue(log), ensure_ascii=False).encode()
         (work / CATALOGUE).write_bytes(gzip.compress(text, mtime=0))  # titles compress ~3x
-        sign_bundle(work, private_key, model_version=model_version, opset=OPSET,
-                    extra={"spec": graphs.spec, "catalogue": CATALOGUE, "dataset": log.name})  # fmt: skip
+        sign_bundle(
+            work,
+            private_key,
+            model_version=model_version,
+            opset=OPSET,
+            extra={"spec": graphs.spec, "catalogue": CATALOGUE, "dataset": log.name},
+        )
         if out.exists():
             out.rmdir()
         shutil.move(str(work), out)

@@ -1,6 +1,6 @@
 """Release signing: the server's Ed25519 key pair, and signing a bundle folder for devices.
 
-The bundle format and the device-side checks live in ``client_sdk.bundle``; ``sign_bundle`` verifies its own
+The bundle format and its checks live in ``shared_model.protocol.bundle``; ``sign_bundle`` verifies its own
 output with them, so a bundle it returns from is one a device accepts. Key files: ``bundle_signing_key.pem``
 (PKCS8, encrypted with a passphrase, mode 0600; stays on the release machine) and ``bundle_signing_key.pub.pem``
 (SubjectPublicKeyInfo; shipped with the app and pinned by devices).
@@ -18,7 +18,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client_sdk.bundle import (
+from shared_model.files import atomic_write
+from shared_model.protocol.bundle import (
     FORMAT_VERSION,
     MANIFEST,
     MODEL_VERSION_RE,
@@ -29,7 +30,6 @@ from client_sdk.bundle import (
     verify_bundle,
     walk_bundle,
 )
-from client_sdk.store import _atomic_write
 
 PRIVATE_KEY_FILE = "bundle_signing_key.pem"
 PUBLIC_KEY_FILE = "bundle_signing_key.pub.pem"
@@ -61,11 +61,11 @@ def generate_keys(out_dir: str | Path, passphrase: str, *, overwrite: bool = Fal
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _atomic_write(
+    atomic_write(
         private_path, private_pem
     )  # the temp file is created 0600, so the key is never readable by others
     os.chmod(private_path, 0o600)
-    _atomic_write(public_path, public_pem)
+    atomic_write(public_path, public_pem)
     os.chmod(public_path, 0o644)
     return private_path, public_path
 
@@ -112,8 +112,8 @@ def sign_bundle(
     }
     raw = _encode_manifest(manifest)
     (root / SIGNATURE).unlink(missing_ok=True)  # never leave a stale signature next to a new manifest
-    _atomic_write(root / MANIFEST, raw)
-    _atomic_write(root / SIGNATURE, private_key.sign(raw))
+    atomic_write(root / MANIFEST, raw)
+    atomic_write(root / SIGNATURE, private_key.sign(raw))
     return verify_bundle(root, private_key.public_key()).data
 
 

@@ -16,11 +16,11 @@ metrics), :func:`secagg_round` replaces only the train exchange of a ``run_round
 2. ``SecAggPlusWorkflow`` runs once on a ``LegacyContext`` holding the sent arrays (legacy ``Parameters``, in
    sorted key order) and :class:`_CohortStrategy`, a legacy strategy that hands the workflow that cohort with
    the round's FitIns and keeps the unmasked aggregate the workflow passes to ``aggregate_fit``;
-3. the aggregate is decoded (:mod:`shared_model.secagg`), validated and handed to the strategy's server step.
+3. the aggregate is decoded (:mod:`shared_model.protocol.secagg_vector`), validated and handed to the strategy's server step.
 
 Evaluation rounds stay Message-API rounds. On the device, ``client_sdk.flower_client`` runs ``secaggplus_mod``
 on the messages that carry SecAgg+ configs; inside the collect stage the device trains with the same
-``Device.train`` as a plaintext round and contributes its clipped change (``shared_model.secagg.encode``).
+``Device.train`` as a plaintext round and contributes its clipped change (``shared_model.protocol.secagg_vector.encode``).
 
 Quantization and weighting: each device's value is ``w * clip(delta, -secagg_clip, secagg_clip)`` with
 ``w = min(num_examples, MAX_WEIGHT) / MAX_WEIGHT``, quantized stochastically onto ``[0, T]``; the workflow
@@ -70,7 +70,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from shared_model.config import FederatedConfig
-from shared_model.secagg import MAX_WEIGHT, decode
+from shared_model.protocol.secagg_vector import MAX_WEIGHT, decode
 
 from .strategy import WEIGHT_KEY, ValidatedAggregation, numpy_to_record, record_to_numpy
 from .validation import UpdateRejected, validate_update
@@ -176,9 +176,14 @@ def secagg_round(
     parameters = ndarrays_to_parameters([shared[k] for k in sorted(shared)])
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(parameters, True)
     workflow = SecAggPlusWorkflow(
-        cfg.secagg_shares, cfg.secagg_threshold, max_weight=float(MAX_WEIGHT), clipping_range=cfg.secagg_clip,
-        quantization_range=quantization_range(len(cohort)), modulus_range=MOD_RANGE, timeout=cfg.round_timeout,
-    )  # fmt: skip
+        cfg.secagg_shares,
+        cfg.secagg_threshold,
+        max_weight=float(MAX_WEIGHT),
+        clipping_range=cfg.secagg_clip,
+        quantization_range=quantization_range(len(cohort)),
+        modulus_range=MOD_RANGE,
+        timeout=cfg.round_timeout,
+    )
     metered = _MeteredGrid(grid)
     workflow(metered, context)  # type: ignore[arg-type]  # the workflow only calls send_and_receive
 
@@ -201,16 +206,23 @@ def secagg_round(
     if aggregated:
         shared = _server_step(strategy, rnd, requests[0], aggregate, valid)
     strategy.last_round = {
-        "sampled": len(cohort), "valid": valid, "rejected": rejected, "failed": len(cohort) - valid - rejected,
-        "dropped": len(metered.dropped & set(cohort)), "rejections": rejections, "aggregated": aggregated,
-    }  # fmt: skip
+        "sampled": len(cohort),
+        "valid": valid,
+        "rejected": rejected,
+        "failed": len(cohort) - valid - rejected,
+        "dropped": len(metered.dropped & set(cohort)),
+        "rejections": rejections,
+        "aggregated": aggregated,
+    }
     finished = [n for n in cohort if n not in metered.dropped] or cohort
     stages = sorted({s for n in finished for s in metered.upload[n]})
     traffic = {
         "upload_bytes_per_device": float(np.mean([sum(metered.upload[n].values()) for n in finished])),
         "download_bytes_per_device": float(np.mean([metered.download[n] for n in finished])),
-        "upload_bytes_by_stage": {s: float(np.mean([metered.upload[n].get(s, 0) for n in finished])) for s in stages},
-    }  # fmt: skip
+        "upload_bytes_by_stage": {
+            s: float(np.mean([metered.upload[n].get(s, 0) for n in finished])) for s in stages
+        },
+    }
     return shared, metrics, traffic
 
 

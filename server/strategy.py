@@ -2,7 +2,7 @@
 
 :class:`ValidatedAggregation` sits in front of Flower's own strategies (flwr.serverapp.strategy):
 it densifies sparse updates, rejects invalid ones (logged, never averaged), clips the valid ones
-(``clip_norm``, ``row_clip``: :mod:`shared_model.clipping`) and skips aggregation when fewer than
+(``clip_norm``, ``row_clip``: :mod:`shared_model.protocol.clipping`) and skips aggregation when fewer than
 ``min_reply_fraction`` of the sampled devices replied validly (the round completes; the arrays stay).
 
 ``aggregation`` picks the aggregate: ``mean`` (FedAvg, example-weighted; or FedAdam's server step on it),
@@ -24,9 +24,8 @@ from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_a
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
-from shared_model.clipping import clip_update
-from shared_model.config import FederatedConfig
-from shared_model.updates import ITEM_TABLES
+from shared_model.protocol.clipping import clip_update
+from shared_model.protocol.updates import ITEM_TABLES
 
 from .validation import UpdateRejected, validate_update
 
@@ -126,9 +125,15 @@ class ValidatedAggregation:
             valid.append(msg)
         self._update_head_share(valid)
         needed = self.needed(self.sampled)
-        self.last_round = {"sampled": self.sampled, "valid": len(valid), "rejected": len(rejected),
-                           "failed": failed, "rejections": rejected, "aggregated": len(valid) >= needed,
-                           "failed_users": failed_users}  # fmt: skip
+        self.last_round = {
+            "sampled": self.sampled,
+            "valid": len(valid),
+            "rejected": len(rejected),
+            "failed": failed,
+            "rejections": rejected,
+            "aggregated": len(valid) >= needed,
+            "failed_users": failed_users,
+        }
         if self.clip_norm or self.row_clip:
             self.last_round |= {"norm_clipped": clipped[0], "rows_clipped": clipped[1]}
         if len(valid) < needed:
@@ -243,8 +248,11 @@ class ValidatedFedAdam(ValidatedAggregation, FedAdam):
         arrays = [record_to_numpy(m.content["arrays"]) for m in replies]
         keys = sorted(k for k in self.sent if self.robust_scope == "all" or k in ITEM_TABLES)
         results = [([a[k].astype(np.float64) for k in keys], 1) for a in arrays]  # float64: no rounding drift
-        agg = (aggregate_median(results) if self.robust == "median"
-               else aggregate_trimmed_avg(results, self.trim_fraction))  # fmt: skip
+        agg = (
+            aggregate_median(results)
+            if self.robust == "median"
+            else aggregate_trimmed_avg(results, self.trim_fraction)
+        )
         robust = dict(zip(keys, agg, strict=True))
         if len(keys) < len(self.sent):  # the other arrays: the example-weighted mean, as FedAdam takes it
             weights = np.array([float(m.content["metrics"][WEIGHT_KEY]) for m in replies])
@@ -269,32 +277,3 @@ class ValidatedFedTrimmedAvg(ValidatedAggregation, FedTrimmedAvg):
 
 class ValidatedFedMedian(ValidatedAggregation, FedMedian):
     """Coordinate-wise median (unweighted) over validated updates."""
-
-
-def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedAggregation:
-    """The strategy a config asks for; the minimum node counts follow the cohort (so a run never waits)."""
-    sample = max(1, round(cfg.fraction_train * num_nodes))
-    common = dict(
-        fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate, min_train_nodes=sample,
-        min_evaluate_nodes=1, min_available_nodes=num_nodes, weighted_by_key=WEIGHT_KEY,
-    )  # fmt: skip
-    from .dp import DPFedAdam, DPFedAvg  # dp.py builds on this module's classes
-
-    dp = cfg.privacy == "dp"
-    if cfg.server_optimizer == "fedadam":
-        strategy: ValidatedAggregation = (DPFedAdam if dp else ValidatedFedAdam)(
-            eta=cfg.server_lr, tau=cfg.server_tau, **common
-        )
-        if isinstance(strategy, ValidatedFedAdam):
-            strategy.robust, strategy.trim_fraction = cfg.aggregation, cfg.trim_fraction
-            strategy.robust_scope, strategy.tau_items = cfg.robust_scope, cfg.server_tau_items
-    elif cfg.aggregation == "trimmed-mean":
-        strategy = ValidatedFedTrimmedAvg(beta=cfg.trim_fraction, **common)
-    elif cfg.aggregation == "median":
-        strategy = ValidatedFedMedian(**common)
-    else:
-        strategy = (DPFedAvg if dp else ValidatedFedAvg)(**common)
-    strategy.setup_validation(cfg.norm_bound, cfg.min_reply_fraction, cfg.clip_norm, cfg.row_clip)
-    if dp:
-        strategy.setup_dp(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, sample, num_nodes)
-    return strategy

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from shared_model.updates import (
+from shared_model.protocol.updates import (
     ITEM_TABLES,
     Q8,
     ROWS,

@@ -91,7 +91,7 @@ from .graph_io import (
 )
 from .model import TMEPSR
 from .partition import parameter_groups
-from .recommender import SequenceRecommender
+from .sequence_model import SequenceModel
 
 OPSET = 18
 GRAPH_FILES = {
@@ -626,7 +626,7 @@ def _export_graphs(
 
 
 def export_model(
-    model: SequenceRecommender,
+    model: SequenceModel,
     out_dir: str | Path,
     *,
     top_k: int = 50,
@@ -659,8 +659,10 @@ def export_model(
         if explanation_candidates is None:
             raise ExportError("a model with an explanation branch needs explanation_candidates to export")
         if explanation_candidates.shape[0] != model.cfg.num_items:
-            raise ExportError(f"explanation_candidates has {explanation_candidates.shape[0]} rows, "
-                              f"the model {model.cfg.num_items} items")  # fmt: skip
+            raise ExportError(
+                f"explanation_candidates has {explanation_candidates.shape[0]} rows, "
+                f"the model {model.cfg.num_items} items"
+            )
         attested = AttestedTable(explanation_candidates)
     num_expl = (
         0 if attested is None else min(num_explanations_out, model.cfg.num_explanations, attested.width)

@@ -11,10 +11,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from .batching import Batch
 from .config import ModelConfig
 from .dropout import Dropout
-from .recommender import SequenceRecommender
+from .sequence_model import SequenceModel
 
 
-class GRU4Rec(SequenceRecommender):
+class GRU4Rec(SequenceModel):
     """``num_blocks`` GRU layers of width ``d_model``. Left-padded inputs are run as packed sequences, so
     padding never enters the recurrence."""
 

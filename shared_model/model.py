@@ -41,7 +41,7 @@ from .config import ModelConfig
 from .dropout import Dropout
 from .explanation import ExplanationBranch
 from .lru import LRUEncoder
-from .recommender import SequenceRecommender
+from .sequence_model import SequenceModel
 from .softmax_ce import target_terms
 from .time_encoder import DualViewGatedTimeEncoder
 
@@ -86,7 +86,7 @@ class InterestHeads(nn.Module):
         return slices.movedim(0, -2), v, scale, torch.log_softmax(self.gate(y), dim=-1)
 
 
-class TMEPSR(SequenceRecommender):
+class TMEPSR(SequenceModel):
     """TME-PSR sequence recommender; any module can be switched off through :class:`ModelConfig`."""
 
     def __init__(self, cfg: ModelConfig) -> None:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from .batching import Batch
 from .config import ModelConfig
 from .dropout import Dropout
-from .recommender import SequenceRecommender
+from .sequence_model import SequenceModel
 
 
 class _Block(nn.Module):
@@ -28,7 +28,7 @@ class _Block(nn.Module):
         return x + self.ffn(self.ln2(x))
 
 
-class SASRec(SequenceRecommender):
+class SASRec(SequenceModel):
     """Learned positions, ``num_blocks`` causal attention blocks; padding keys are masked out."""
 
     def __init__(self, cfg: ModelConfig) -> None:

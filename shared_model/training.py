@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import history_of, input_batch, training_batch, training_windows
+from .build import build_model
 from .config import (
     MODEL_PRESETS,
     FederatedConfig,
@@ -27,7 +28,7 @@ from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
 from .explanation import attested_only
 from .metrics import multilabel_metrics, ranking_metrics, target_ranks
-from .recommender import SequenceRecommender, build_model
+from .sequence_model import SequenceModel
 
 
 def train_end_per_user(log: InteractionLog, split: LeaveOneOutSplit) -> np.ndarray:
@@ -38,7 +39,7 @@ def train_end_per_user(log: InteractionLog, split: LeaveOneOutSplit) -> np.ndarr
 
 
 def train_epoch(
-    model: SequenceRecommender,
+    model: SequenceModel,
     optimizer: torch.optim.Optimizer,
     log: InteractionLog,
     users: np.ndarray,
@@ -72,7 +73,7 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: SequenceRecommender,
+    model: SequenceModel,
     log: InteractionLog,
     split: LeaveOneOutSplit,
     stage: Literal["val", "test"],
@@ -119,7 +120,7 @@ def evaluate(
 
 @torch.no_grad()
 def next_item_losses(
-    model: SequenceRecommender, log: InteractionLog, start: int, targets: np.ndarray
+    model: SequenceModel, log: InteractionLog, start: int, targets: np.ndarray
 ) -> np.ndarray:
     """Cross-entropy of the full softmax (what training minimises) of each event in ``targets``, predicted from
     the events of ``[start, target)`` before it (one user's held-out recent events)."""
@@ -160,9 +161,13 @@ class _Progress:
 
 
 def _save_progress(
-    path: Path, progress: _Progress, model: SequenceRecommender, optimizer: torch.optim.Optimizer,
-    rng: np.random.Generator, cfg: TrainConfig,
-) -> None:  # fmt: skip
+    path: Path,
+    progress: _Progress,
+    model: SequenceModel,
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    cfg: TrainConfig,
+) -> None:
     payload = {
         "model_config": asdict(model.cfg),
         "train_config": asdict(cfg),
@@ -179,9 +184,12 @@ def _save_progress(
 
 
 def _load_progress(
-    path: Path, model: SequenceRecommender, optimizer: torch.optim.Optimizer, rng: np.random.Generator,
+    path: Path,
+    model: SequenceModel,
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
     cfg: TrainConfig,
-) -> _Progress:  # fmt: skip
+) -> _Progress:
     payload = torch.load(path, map_location=cfg.device, weights_only=True)
     if model_config_from_dict(payload["model_config"]) != model.cfg:  # fields added since take their defaults
         raise ValueError(f"{path}: saved for another model config; train into another folder")
@@ -197,7 +205,7 @@ def _load_progress(
 
 
 def fit(
-    model: SequenceRecommender,
+    model: SequenceModel,
     log: InteractionLog,
     split: LeaveOneOutSplit,
     cfg: TrainConfig,
@@ -261,9 +269,7 @@ def fit(
     return FitResult(run.best_epoch, run.best_val, test, run.history, stopped, time.perf_counter() - start)
 
 
-def save_checkpoint(
-    path: str | Path, model: SequenceRecommender, extra: dict[str, Any] | None = None
-) -> None:
+def save_checkpoint(path: str | Path, model: SequenceModel, extra: dict[str, Any] | None = None) -> None:
     """Weights and the model config (JSON inside the file), so :func:`load_checkpoint` needs nothing else."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +279,7 @@ def save_checkpoint(
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path) -> tuple[SequenceRecommender, dict[str, Any]]:
+def load_checkpoint(path: str | Path) -> tuple[SequenceModel, dict[str, Any]]:
     """Rebuild the model of a checkpoint (weights load bit-identically) and return it with its extras."""
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     model = build_model(model_config_from_dict(payload["config"]))
@@ -296,7 +302,7 @@ def write_json(path: str | Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
 
 
-def model_for_run(fed: FederatedConfig, log: InteractionLog) -> SequenceRecommender:
+def model_for_run(fed: FederatedConfig, log: InteractionLog) -> SequenceModel:
     """The initial model of a federated run. Seeded, so the server and every device build identical initial
     weights (devices take their initial personal weights from it)."""
     overrides = {"max_len": fed.max_len, "d_model": fed.d_model}

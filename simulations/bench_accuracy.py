@@ -1,4 +1,4 @@
-"""Benchmarks 1 and 2 of the model issue, one harness, every model trained to early stopping:
+"""The accuracy benchmarks (backbone and time/explanation suites), one harness, every model trained to early stopping:
 
 * ``--suite time-explanations`` (default): full TME-PSR vs each ablation vs the LRURec-equivalent, SASRec,
   GRU4Rec and popularity on timestamped datasets with explanations, several seeds, same split;
@@ -36,10 +36,23 @@ RESULTS = Path(__file__).parent / "results"
 
 SUITES: dict[str, dict[str, Any]] = {
     "time-explanations": {
-        "datasets": ["movielens-100k", "amazon-musical-instruments-5core", "movielens-latest-small",
-                     "amazon-beauty-5core"],
-        "models": ["popularity", "tmepsr", "lrurec", "sasrec", "gru4rec", "tmepsr-no-time", "tmepsr-one-head",
-                   "tmepsr-no-explanations", "tmepsr-fixed-mi"],
+        "datasets": [
+            "movielens-100k",
+            "amazon-musical-instruments-5core",
+            "movielens-latest-small",
+            "amazon-beauty-5core",
+        ],
+        "models": [
+            "popularity",
+            "tmepsr",
+            "lrurec",
+            "sasrec",
+            "gru4rec",
+            "tmepsr-no-time",
+            "tmepsr-one-head",
+            "tmepsr-no-explanations",
+            "tmepsr-fixed-mi",
+        ],
         "seeds": [0, 1, 2],
     },
     "backbone": {
@@ -50,11 +63,18 @@ SUITES: dict[str, dict[str, Any]] = {
     "tuning": {
         "datasets": ["movielens-1m-lrurec"],
         # first LRURec's own architecture details: 2 complex states per channel, LayerNorm on the embeddings
-        "models": ["lrurec[lru_state_expansion=2,embed_norm=true]", "sasrec[lr=0.002]", "lrurec[lr=0.002]",
-                   "sasrec[dropout=0.1]", "lrurec[dropout=0.1]", "sasrec[num_blocks=3]", "lrurec[num_blocks=3]"],
+        "models": [
+            "lrurec[lru_state_expansion=2,embed_norm=true]",
+            "sasrec[lr=0.002]",
+            "lrurec[lr=0.002]",
+            "sasrec[dropout=0.1]",
+            "lrurec[dropout=0.1]",
+            "sasrec[num_blocks=3]",
+            "lrurec[num_blocks=3]",
+        ],
         "seeds": [0],
     },
-}  # fmt: skip
+}
 # Per-dataset settings. ML: LRURec's (max length 200, dropout 0.2); Amazon: max length 50, dropout 0.6.
 DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     "movielens-100k": {"model": {"max_len": 200, "dropout": 0.2}, "train": {"batch_size": 64}},
@@ -87,8 +107,18 @@ PUBLISHED = {
 }
 # expl_*: whole vocabulary given the true item (the paper's); expl_attested_*: among the ids attested for the
 # item (what is shown); item_expl_*: the item-aware popularity baseline (popularity rows)
-METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20", "mrr", "expl_recall@10", "expl_ndcg@10",
-           "expl_attested_recall@10", "expl_attested_ndcg@10", "item_expl_ndcg@10")  # fmt: skip
+METRICS = (
+    "ndcg@10",
+    "recall@10",
+    "ndcg@20",
+    "recall@20",
+    "mrr",
+    "expl_recall@10",
+    "expl_ndcg@10",
+    "expl_attested_recall@10",
+    "expl_attested_ndcg@10",
+    "item_expl_ndcg@10",
+)
 
 
 COUNTED_STOPS = ("patience", "n/a")  # early stopping (or nothing to train): the runs a mean may use
@@ -144,10 +174,15 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for dataset, model in keys:
         group = [r for r in runs if (r["dataset"], r["model"]) == (dataset, model)]
         counted = [r for r in group if r["stopped"] in COUNTED_STOPS]
-        row: dict[str, Any] = {"dataset": dataset, "model": model, "seeds": len(counted),
-                               "parameters": group[0]["parameters"],
-                               "epochs": [r["best_epoch"] for r in group], "stopped": [r["stopped"] for r in group],
-                               "minutes": float(np.mean([r["seconds"] for r in group]) / 60)}  # fmt: skip
+        row: dict[str, Any] = {
+            "dataset": dataset,
+            "model": model,
+            "seeds": len(counted),
+            "parameters": group[0]["parameters"],
+            "epochs": [r["best_epoch"] for r in group],
+            "stopped": [r["stopped"] for r in group],
+            "minutes": float(np.mean([r["seconds"] for r in group]) / 60),
+        }
         for m in METRICS:
             vals = [r["test"][m] for r in counted if m in r["test"]]
             if vals:
@@ -189,9 +224,14 @@ def _shown_explanations(r: dict[str, Any]) -> str:
 
 
 def _markdown(rows: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "", "| dataset | model | converged seeds | NDCG@10 | Recall@10 | x SASRec NDCG@10 | expl R@10 | "
-             "expl x popularity | shown expl NDCG@10 | x item popularity | published NDCG@10 (ratio) | params | "
-             "best epochs (stop) |", "|" + "---|" * 13]  # fmt: skip
+    lines = [
+        header,
+        "",
+        "| dataset | model | converged seeds | NDCG@10 | Recall@10 | x SASRec NDCG@10 | expl R@10 | "
+        "expl x popularity | shown expl NDCG@10 | x item popularity | published NDCG@10 (ratio) | params | "
+        "best epochs (stop) |",
+        "|" + "---|" * 13,
+    ]
 
     def cell(r: dict[str, Any], m: str) -> str:
         return f"{r[m]:.4f} ± {r[m + '_std']:.4f}" if m in r else "not converged"
@@ -276,9 +316,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--name", help="result file prefix (default: the suite name)")
     parser.add_argument(
-        "--state-dir", type=Path, default=RESULTS / "checkpoints",
+        "--state-dir",
+        type=Path,
+        default=RESULTS / "checkpoints",
         help="where unfinished runs keep their training state and locks (resumed from there)",
-    )  # fmt: skip
+    )
     parser.add_argument("--report", action="store_true", help="only rewrite the summary from the runs file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -300,10 +342,19 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 preset, model_over, train_over = parse_model(model)
                 result = train_and_report(
-                    dataset, preset, folder, overrides=settings["model"] | model_over, progress=True,
-                    seed=seed, device=args.device, max_epochs=args.max_epochs, patience=args.patience,
-                    max_minutes=args.max_minutes, resume=True, **(settings["train"] | train_over),
-                )  # fmt: skip
+                    dataset,
+                    preset,
+                    folder,
+                    overrides=settings["model"] | model_over,
+                    progress=True,
+                    seed=seed,
+                    device=args.device,
+                    max_epochs=args.max_epochs,
+                    patience=args.patience,
+                    max_minutes=args.max_minutes,
+                    resume=True,
+                    **(settings["train"] | train_over),
+                )
                 result |= {"model": model, "seed": seed}
                 with runs_path.open("a") as fh:
                     fh.write(json.dumps(result, default=float) + "\n")

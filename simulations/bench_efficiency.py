@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from shared_model.batching import Batch
+from shared_model.build import build_model
 from shared_model.config import MODEL_PRESETS, ModelConfig
-from shared_model.recommender import SequenceRecommender, build_model
+from shared_model.sequence_model import SequenceModel
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("tmepsr", "tmepsr-one-head", "multihead-lru", "lrurec", "sasrec", "gru4rec")
@@ -31,17 +32,22 @@ def _batch(num_items: int, batch: int, length: int, num_expl: int, rng: np.rando
     targets = torch.from_numpy(rng.integers(1, num_items + 1, size=(batch, length)))
     pos = torch.arange(batch * length)
     return Batch(
-        items, times, torch.ones(batch, length, dtype=torch.bool), targets,
-        pos, torch.from_numpy(rng.integers(0, num_expl, size=batch * length)), torch.ones(batch * length),
-    )  # fmt: skip
+        items,
+        times,
+        torch.ones(batch, length, dtype=torch.bool),
+        targets,
+        pos,
+        torch.from_numpy(rng.integers(0, num_expl, size=batch * length)),
+        torch.ones(batch * length),
+    )
 
 
-def _model(name: str, num_items: int, num_expl: int, d: int, length: int) -> SequenceRecommender:
+def _model(name: str, num_items: int, num_expl: int, d: int, length: int) -> SequenceModel:
     cfg = ModelConfig(num_items=num_items, num_explanations=num_expl, d_model=d, max_len=length)
     return build_model(ModelConfig(**({**cfg.__dict__} | MODEL_PRESETS[name])))
 
 
-def _activation_bytes(model: SequenceRecommender, batch: Batch) -> int:
+def _activation_bytes(model: SequenceModel, batch: Batch) -> int:
     """Bytes of tensors autograd keeps for the backward pass (each storage counted once), plus parameters,
     gradients and AdamW's two moments: the part of training memory that differs between models."""
     seen: dict[int, int] = {}
@@ -57,7 +63,7 @@ def _activation_bytes(model: SequenceRecommender, batch: Batch) -> int:
     return sum(seen.values()) + 4 * params
 
 
-def _train_step_seconds(model: SequenceRecommender, batch: Batch, opt: torch.optim.Optimizer) -> float:
+def _train_step_seconds(model: SequenceModel, batch: Batch, opt: torch.optim.Optimizer) -> float:
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     loss, _ = model.loss(batch)
@@ -67,9 +73,7 @@ def _train_step_seconds(model: SequenceRecommender, batch: Batch, opt: torch.opt
 
 
 @torch.no_grad()
-def _latency(
-    models: dict[str, SequenceRecommender], length: int, num_items: int, events: int
-) -> dict[str, float]:
+def _latency(models: dict[str, SequenceModel], length: int, num_items: int, events: int) -> dict[str, float]:
     """Median seconds to take one new event and produce item scores, batch 1."""
     rng = np.random.default_rng(0)
     out = {}
@@ -125,13 +129,19 @@ def main(argv: list[str] | None = None) -> None:
                     times[m].append(seconds)
         latency = _latency(models, length, args.items, events=200)
         for m in MODELS:
-            rows.append({
-                "model": m, "length": length, "d": args.d, "batch": args.batch, "items": args.items,
-                "train_seconds_per_step_median": float(np.median(times[m])),
-                "train_sequences_per_second": args.batch / float(np.median(times[m])),
-                "train_memory_bytes": _activation_bytes(models[m], batch),
-                "parameters": sum(p.numel() for p in models[m].parameters()),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": m,
+                    "length": length,
+                    "d": args.d,
+                    "batch": args.batch,
+                    "items": args.items,
+                    "train_seconds_per_step_median": float(np.median(times[m])),
+                    "train_sequences_per_second": args.batch / float(np.median(times[m])),
+                    "train_memory_bytes": _activation_bytes(models[m], batch),
+                    "parameters": sum(p.numel() for p in models[m].parameters()),
+                }
+            )
         by = {r["model"]: r for r in rows if r["length"] == length}
         for m in MODELS:
             by[m]["throughput_vs_sasrec"] = (

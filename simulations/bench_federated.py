@@ -43,14 +43,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "card": {"split": "card", "adapt_epochs": 0},
     "default, sparse int8 upload": {"upload": "sparse", "compress": "int8"},
     "previous default (card, fresh AdamW, FedAvg)": {
-        "split": "card", "adapt_epochs": 0, "local_optimizer": "adamw", "local_lr": 1e-2, "local_epochs": 5,
+        "split": "card",
+        "adapt_epochs": 0,
+        "local_optimizer": "adamw",
+        "local_lr": 1e-2,
+        "local_epochs": 5,
         "server_optimizer": "fedavg",
     },
-}  # fmt: skip
+}
 REACH = (0.8, 0.9, 0.95)
 PARTS = ("centralized", "federated", "personalization", "bytes", "throughput")
-UPLOADS = (("dense", 0, "none"), ("sparse", 0, "none"), ("sparse", 50, "none"), ("sparse", 0, "int8"),
-           ("sparse", 50, "int8"))  # fmt: skip
+UPLOADS = (
+    ("dense", 0, "none"),
+    ("sparse", 0, "none"),
+    ("sparse", 50, "none"),
+    ("sparse", 0, "int8"),
+    ("sparse", 50, "int8"),
+)
 
 
 def _folder(variant: str) -> str:
@@ -59,8 +68,15 @@ def _folder(variant: str) -> str:
 
 def _point(row: dict[str, Any]) -> dict[str, Any]:
     """One evaluation round of a curve: validation and test NDCG@10 / Recall@10 as served."""
-    return {"round": row["round"], **{f"{stage}/{m}": row[stage][m] for stage in ("val", "test")
-                                      for m in ("ndcg@10", "recall@10") if m in row.get(stage, {})}}  # fmt: skip
+    return {
+        "round": row["round"],
+        **{
+            f"{stage}/{m}": row[stage][m]
+            for stage in ("val", "test")
+            for m in ("ndcg@10", "recall@10")
+            if m in row.get(stage, {})
+        },
+    }
 
 
 def _seconds_per_round(history: list[dict[str, Any]]) -> float:
@@ -88,8 +104,12 @@ def _personalization(row: dict[str, Any]) -> dict[str, float]:
 
 def rounds_to_reach(curve: list[dict[str, Any]], reference: float, stage: str) -> dict[str, int | None]:
     """The first evaluated round whose ``stage`` NDCG@10 reaches each share of ``reference`` (None: never)."""
-    return {f"{share:.0%}": next((c["round"] for c in curve if c.get(f"{stage}/ndcg@10", -1) >= share * reference),
-                                 None) for share in REACH}  # fmt: skip
+    return {
+        f"{share:.0%}": next(
+            (c["round"] for c in curve if c.get(f"{stage}/ndcg@10", -1) >= share * reference), None
+        )
+        for share in REACH
+    }
 
 
 def _train_rounds_per_second(history: list[dict[str, Any]], users_per_node: int) -> float:
@@ -100,8 +120,9 @@ def _train_rounds_per_second(history: list[dict[str, Any]], users_per_node: int)
 
 def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str]) -> list[dict[str, Any]]:
     """All comparisons for one dataset; skips those already in ``done``."""
-    base = FederatedConfig(dataset=dataset, num_rounds=args.rounds, eval_every=args.eval_every,
-                           seed=args.seed)  # fmt: skip
+    base = FederatedConfig(
+        dataset=dataset, num_rounds=args.rounds, eval_every=args.eval_every, seed=args.seed
+    )
     rows = []
     out = out / Path(dataset).name.replace(".", "_")  # a dataset name or an event file path
 
@@ -114,12 +135,24 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
     if f"{dataset}/centralized" not in done and "centralized" in args.parts:
         same_model = {"max_len": base.max_len, "d_model": base.d_model}
         central = train_and_report(
-            dataset, "tmepsr", out / "centralized", overrides=same_model,
-            progress=False, seed=args.seed, batch_size=32, patience=20,  # past the popularity plateau (README)
+            dataset,
+            "tmepsr",
+            out / "centralized",
+            overrides=same_model,
+            progress=False,
+            seed=args.seed,
+            batch_size=32,
+            patience=20,  # past the popularity plateau (README)
             resume=(out / "centralized" / "train_state.pt").exists(),
-        )  # fmt: skip
-        record("centralized", key=f"{dataset}/centralized", test=central["test"], val=central["val"],
-               epochs=central["best_epoch"], stopped=central["stopped"])  # fmt: skip
+        )
+        record(
+            "centralized",
+            key=f"{dataset}/centralized",
+            test=central["test"],
+            val=central["val"],
+            epochs=central["best_epoch"],
+            stopped=central["stopped"],
+        )
     for variant in args.variants if "federated" in args.parts else ():
         key = f"{dataset}/federated/{variant.split(' (')[0]}"
         if key in done:
@@ -127,10 +160,18 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
         cfg = replace(base, **VARIANTS[variant], out_dir=str(out / _folder(variant)))
         history = run_simulation(cfg, num_cpus=args.cpus)["history"]
         evaluated = [h for h in history if "val" in h]
-        record("federated", key=key, variant=variant, config=asdict(cfg), test=evaluated[-1].get("test", {}),
-               val=evaluated[-1]["val"], curve=[_point(h) for h in evaluated],
-               seconds_per_round=_seconds_per_round(history), upload_bytes_per_device=history[0]["upload_bytes_per_device"],
-               personalization=_personalization(evaluated[-1]))  # fmt: skip
+        record(
+            "federated",
+            key=key,
+            variant=variant,
+            config=asdict(cfg),
+            test=evaluated[-1].get("test", {}),
+            val=evaluated[-1]["val"],
+            curve=[_point(h) for h in evaluated],
+            seconds_per_round=_seconds_per_round(history),
+            upload_bytes_per_device=history[0]["upload_bytes_per_device"],
+            personalization=_personalization(evaluated[-1]),
+        )
     if "personalization" in args.parts:
         cfg = replace(base, out_dir=str(out / _folder("default")))
         key = f"{dataset}/personalization/gate_z={cfg.gate_z},gate_events={cfg.gate_events}"
@@ -143,35 +184,66 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
                 if "/" in name:  # "<stage>/<metric>" (not the count of users with unreadable stores)
                     prefix, metric = name.split("/", 1)
                     row.setdefault(prefix, {})[metric] = value
-            record("personalization", key=key, round=last_round, gate_z=cfg.gate_z, gate_events=cfg.gate_events,
-                   adapt_epochs=cfg.adapt_epochs, personalization=_personalization(row))  # fmt: skip
+            record(
+                "personalization",
+                key=key,
+                round=last_round,
+                gate_z=cfg.gate_z,
+                gate_events=cfg.gate_events,
+                adapt_epochs=cfg.adapt_epochs,
+                personalization=_personalization(row),
+            )
     for upload, decoys, compress in UPLOADS if "bytes" in args.parts else ():
         key = f"{dataset}/bytes/{upload}/{decoys}" + ("" if compress == "none" else f"/{compress}")
         if key in done:
             continue
-        cfg = replace(base, upload=upload, decoy_rows=decoys, compress=compress, num_rounds=1,
-                      eval_every=10**6, out_dir=str(out / f"bytes-{upload}-{decoys}-{compress}"))  # fmt: skip
+        cfg = replace(
+            base,
+            upload=upload,
+            decoy_rows=decoys,
+            compress=compress,
+            num_rounds=1,
+            eval_every=10**6,
+            out_dir=str(out / f"bytes-{upload}-{decoys}-{compress}"),
+        )
         history = run_simulation(cfg, num_cpus=args.cpus)["history"]
-        record("bytes", key=key, upload=upload, decoy_rows=decoys, compress=compress,
-               upload_bytes_per_device=history[0]["upload_bytes_per_device"])  # fmt: skip
+        record(
+            "bytes",
+            key=key,
+            upload=upload,
+            decoy_rows=decoys,
+            compress=compress,
+            upload_bytes_per_device=history[0]["upload_bytes_per_device"],
+        )
     for per_node in (1, args.users_per_node) if "throughput" in args.parts else ():
         key = f"{dataset}/throughput/{per_node}"
         if key in done:
             continue
-        cfg = replace(base, users_per_node=per_node, num_rounds=3, eval_every=10**6,
-                      out_dir=str(out / f"throughput-{per_node}"))  # fmt: skip
+        cfg = replace(
+            base,
+            users_per_node=per_node,
+            num_rounds=3,
+            eval_every=10**6,
+            out_dir=str(out / f"throughput-{per_node}"),
+        )
         history = run_simulation(cfg, num_cpus=args.cpus)["history"]
-        record("throughput", key=key, users_per_node=per_node,
-               updates_per_second=_train_rounds_per_second(history[1:], per_node))  # fmt: skip
+        record(
+            "throughput",
+            key=key,
+            users_per_node=per_node,
+            updates_per_second=_train_rounds_per_second(history[1:], per_node),
+        )
     return rows
 
 
 def summarise(runs: list[dict[str, Any]]) -> str:
     """The markdown table: test NDCG@10 as a share of centralized, rounds to 80/90/95% of it (validation and
     test), the paired personalization result, upload size and speed."""
-    lines = ["| dataset | run | rounds | val NDCG@10 | test NDCG@10 | x centralized (test) | rounds to 80/90/95% val | rounds to 80/90/95% test "
-             "| adaptation kept | served / population NDCG@10 (test; kept users) | upload KB/device | s/round |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| dataset | run | rounds | val NDCG@10 | test NDCG@10 | x centralized (test) | rounds to 80/90/95% val | rounds to 80/90/95% test "
+        "| adaptation kept | served / population NDCG@10 (test; kept users) | upload KB/device | s/round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for dataset in sorted({r["dataset"] for r in runs}):
         sub = [r for r in runs if r["dataset"] == dataset]
         central = next((r for r in sub if r["kind"] == "centralized"), None)
@@ -194,8 +266,10 @@ def summarise(runs: list[dict[str, Any]]) -> str:
                 kb = r.get("upload_bytes_per_device")
                 cells[8:10] = [None if kb is None else kb / 1000, r.get("seconds_per_round")]
             elif r["kind"] == "personalization":
-                name = (f"default's final model, gate z {r['gate_z']} on {r['gate_events']} events"
-                        f" (round {r['round']}, re-evaluated)")  # fmt: skip
+                name = (
+                    f"default's final model, gate z {r['gate_z']} on {r['gate_events']} events"
+                    f" (round {r['round']}, re-evaluated)"
+                )
                 cells[6:8] = _personalization_cells(r["personalization"])
             elif r["kind"] == "bytes":
                 name = f"upload {r['upload']} + {r['decoy_rows']} decoys" + (
@@ -213,8 +287,11 @@ def _personalization_cells(pers: dict[str, float]) -> list[Any]:
     if not pers:
         return [None, None]
     ratio = pers["test/served"] / pers["test/population"]
-    kept = (pers["test/kept-served"] / pers["test/kept-population"]
-            if pers.get("test/kept-population") else float("nan"))  # fmt: skip
+    kept = (
+        pers["test/kept-served"] / pers["test/kept-population"]
+        if pers.get("test/kept-population")
+        else float("nan")
+    )
     return [f"{pers['kept']:.0%}", f"{ratio:.3f}x; {kept:.3f}x"]
 
 

@@ -60,12 +60,20 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for fmt, path in write_events(Path(tmp), args.rows).items():
-            out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True,
-                                 check=True)  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, check=True
+            )
             result = json.loads(out.stdout.strip().splitlines()[-1])
             size = path.stat().st_size
-            rows.append({"format": fmt, "rows": args.rows, "file_bytes": size, **result,
-                         "peak_vs_file": result["peak_bytes"] / size})  # fmt: skip
+            rows.append(
+                {
+                    "format": fmt,
+                    "rows": args.rows,
+                    "file_bytes": size,
+                    **result,
+                    "peak_vs_file": result["peak_bytes"] / size,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_loader.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
@@ -73,8 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         "| format | events | file MB | load s | peak memory MB | x file size |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['format']} | {r['events']:,} | {r['file_bytes'] / 2**20:.1f} | {r['seconds']:.1f} | "
-              f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_vs_file']:.1f} |" for r in rows]  # fmt: skip
+    lines += [
+        f"| {r['format']} | {r['events']:,} | {r['file_bytes'] / 2**20:.1f} | {r['seconds']:.1f} | "
+        f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_vs_file']:.1f} |"
+        for r in rows
+    ]
     (RESULTS / "bench_loader.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,4 +1,4 @@
-"""Attack evaluations 2 and 3 of issue 6: model poisoning and hostile updates.
+"""Attack evaluations (THREAT_MODEL.md): model poisoning (devices promoting a cold item) and hostile updates.
 
 **Poisoning** (real Flower simulations): ``ATTACK_SHARE`` of the nodes (simulated devices; with virtual
 users, a node and the users it hosts) run an item-promotion attack. Each round an attacking node trains a copy of the model on fabricated profiles whose sequences keep returning to a
@@ -7,7 +7,7 @@ item's rows (its embedding and bias), and boosts it to ``BOOST`` times the serve
 update validation lets through, all of it on the target (explicit boosting, Bhagoji et al. 2019, aimed at one
 item as in federated-recommender poisoning). Its reply reports the example weight of the users it hosts. After
 the last round, for every honest user, the device's serving weights (final shared arrays + its gated
-adaptation) give the top-10 (``shared_model.recommend``, history masked) and the test NDCG@10.
+adaptation) give the top-10 (``shared_model.top_k``, history masked) and the test NDCG@10.
 Reported per run: the target's exposure (share of honest users with it in their top-10), test NDCG@10 with its
 standard error and the paired change against the run without attack under the same defence, and how many
 attackers each round sampled (cohorts are seeded: the runs sample the same nodes).
@@ -40,13 +40,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import DEFAULT_TTL, Array, ArrayRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    DEFAULT_TTL,
+    Array,
+    ArrayRecord,
+    Context,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from shared_model.config import FederatedConfig, TrainConfig
 from shared_model.data.log import InteractionLog, Ragged
 from shared_model.data.split import partition_users
-from shared_model.updates import ITEM_TABLES, compress_int8, encode_sparse
+from shared_model.protocol.updates import ITEM_TABLES, compress_int8, encode_sparse
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "poisoning"
@@ -125,9 +135,14 @@ def fabricated_log(log: InteractionLog, target: int, length: int, seed: int) -> 
     n = items.size
     start = int(np.median(log.time))
     times = start + 86_400 * np.tile(np.arange(length, dtype=np.int64), FAKE_PROFILES)
-    return replace(log, user=np.repeat(np.arange(FAKE_PROFILES, dtype=np.int64), length), item=items.ravel(),
-                   time=times, user_ids=np.array([f"fake-{i}" for i in range(FAKE_PROFILES)]),
-                   explanations=Ragged.empty(n))  # fmt: skip
+    return replace(
+        log,
+        user=np.repeat(np.arange(FAKE_PROFILES, dtype=np.int64), length),
+        item=items.ravel(),
+        time=times,
+        user_ids=np.array([f"fake-{i}" for i in range(FAKE_PROFILES)]),
+        explanations=Ragged.empty(n),
+    )
 
 
 @lru_cache(maxsize=2)
@@ -174,31 +189,24 @@ def attacking_client_app(attacking: np.ndarray) -> ClientApp:
     from client_sdk.flower_client import ROUND_KEYS, _config, _shared, make_client_app
     from server.strategy import numpy_to_record
 
-    real = make_client_app()
-    app = ClientApp()
     bad = {int(p) for p in attacking}
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        reply = real(msg, context)  # an honest round first: its metrics make the reply look ordinary
-        if int(context.node_config["partition-id"]) not in bad:
+    def attack(msg: Message, context: Context, call_next) -> Message:
+        reply = call_next(msg, context)  # an honest round first: its metrics make the reply look ordinary
+        pid = int(context.node_config["partition-id"])
+        if msg.metadata.message_type != MessageType.TRAIN or pid not in bad:
             return reply
         config = dict(_config(msg))
         rnd = int(config.get("server-round", 0))
         cfg = FederatedConfig.from_run_config({k: v for k, v in config.items() if k not in ROUND_KEYS})
-        shared = _shared(msg)
-        update = promotion_update(cfg, shared, rnd)
+        update = promotion_update(cfg, _shared(msg), rnd)
         metrics = reply.content.metric_records["metrics"]
         reply.content = RecordDict({"arrays": numpy_to_record(update), "metrics": metrics})
         with (Path(cfg.out_dir) / "attacks.jsonl").open("a") as fh:
-            fh.write(json.dumps({"round": rnd, "partition": int(context.node_config["partition-id"])}) + "\n")
+            fh.write(json.dumps({"round": rnd, "partition": pid}) + "\n")
         return reply
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return real(msg, context)
-
-    return app
+    return make_client_app([attack])
 
 
 def exposure_and_ndcg(
@@ -207,7 +215,7 @@ def exposure_and_ndcg(
     """For every honest evaluation user, with the serving weights of their device: is the target in the top-10
     (history masked), and the test NDCG@10. Returns the exposure and the per-user NDCG@10 values."""
     from client_sdk.device import Device
-    from shared_model.recommend import recommend
+    from shared_model.top_k import recommend
     from shared_model.training import evaluate
 
     device = Device(cfg, 0, 1, Path(cfg.out_dir) / "devices")
@@ -260,12 +268,21 @@ def run_poisoning(variant: str, base: FederatedConfig, root: Path, num_cpus: int
     history = result["history"]
     np.save(out / "ndcg_per_user.npy", np.stack([ev["user_ids"], ev["ndcg"]]))
     return {
-        "attacked": attacked, "defence": defence, "overrides": DEFENCES[defence], "target_item": str(log.item_ids[target]),
-        "attackers": len(bad), "attackers_per_round": per_round, "exposure": ev["exposure"], "users": ev["users"],
-        "test_ndcg@10": float(ev["ndcg"].mean()), "test_ndcg@10_se": float(ev["ndcg"].std(ddof=1) / math.sqrt(len(ev["ndcg"]))),
-        "rejected": sum(h.get("rejected", 0) for h in history), "norm_clipped": sum(h.get("norm_clipped", 0) for h in history),
-        "rows_clipped": sum(h.get("rows_clipped", 0) for h in history), "minutes": (time.perf_counter() - t0) / 60,
-    }  # fmt: skip
+        "attacked": attacked,
+        "defence": defence,
+        "overrides": DEFENCES[defence],
+        "target_item": str(log.item_ids[target]),
+        "attackers": len(bad),
+        "attackers_per_round": per_round,
+        "exposure": ev["exposure"],
+        "users": ev["users"],
+        "test_ndcg@10": float(ev["ndcg"].mean()),
+        "test_ndcg@10_se": float(ev["ndcg"].std(ddof=1) / math.sqrt(len(ev["ndcg"]))),
+        "rejected": sum(h.get("rejected", 0) for h in history),
+        "norm_clipped": sum(h.get("norm_clipped", 0) for h in history),
+        "rows_clipped": sum(h.get("rows_clipped", 0) for h in history),
+        "minutes": (time.perf_counter() - t0) / 60,
+    }
 
 
 def reference_run(name: str, run: dict[str, Any], runs: dict[str, Any]) -> str | None:
@@ -323,7 +340,7 @@ def run_continuation(
 
     from client_sdk.device import Device, cached_log
     from server.checkpoint import load_server_checkpoint, load_server_state
-    from server.strategy import make_strategy
+    from server.strategies import make_strategy
     from shared_model.partition import load_parts
     from shared_model.training import evaluate
 
@@ -366,10 +383,20 @@ def run_continuation(
             print(f"  {variant}: round {r}/{rounds}, exposure {curve[-1]['exposure']:.4f}", flush=True)
     load_parts(devices[0].model, shared)
     ndcg = evaluate(devices[0].model, log, devices[0].split, "test", users=honest)["ndcg@10"]
-    return {"attacked": attacked, "defence": defence, "overrides": DEFENCES[defence], "from_round": start_round,
-            "rounds": rounds, "attacks": attacks, "exposure": curve[-1]["exposure"],
-            "max_exposure": max(c["exposure"] for c in curve), "curve": curve, "users": len(honest),
-            "test_ndcg@10": ndcg, "minutes": (time.perf_counter() - t0) / 60}  # fmt: skip
+    return {
+        "attacked": attacked,
+        "defence": defence,
+        "overrides": DEFENCES[defence],
+        "from_round": start_round,
+        "rounds": rounds,
+        "attacks": attacks,
+        "exposure": curve[-1]["exposure"],
+        "max_exposure": max(c["exposure"] for c in curve),
+        "curve": curve,
+        "users": len(honest),
+        "test_ndcg@10": ndcg,
+        "minutes": (time.perf_counter() - t0) / 60,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- hostile updates
@@ -424,13 +451,16 @@ def hostile_updates(
         "sparse: rows differ between tables": (edit(f"{bias}@rows", rows[::-1].copy(), sparse), n),
         "sparse: float row ids": (edit(f"{emb}@rows", rows.astype(np.float64), sparse), n),
         "sparse: values shape": (edit(f"{emb}@values", sparse[f"{emb}@values"][:-1], sparse), n),
-        "sparse: NaN values": (edit(f"{bias}@values", np.full_like(sparse[f"{bias}@values"], np.nan), sparse), n),
+        "sparse: NaN values": (
+            edit(f"{bias}@values", np.full_like(sparse[f"{bias}@values"], np.nan), sparse),
+            n,
+        ),
         "int8: negative scale": (edit(scale_key, -np.abs(packed[scale_key]) - 1, packed), n),
         "int8: NaN scale": (edit(scale_key, np.full_like(packed[scale_key], np.nan), packed), n),
         "int8: huge scale": (edit(scale_key, np.full_like(packed[scale_key], 1e6), packed), n),
         "int8: scale shape": (edit(scale_key, packed[scale_key][:-1], packed), n),
         "int8: int16 values": (edit(f"{emb}@q8", packed[f"{emb}@q8"].astype(np.int16), packed), n),
-    }  # fmt: skip
+    }
 
 
 def reply(arrays: dict[str, np.ndarray] | None, examples: Any, node: int = 1) -> Message:
@@ -439,8 +469,17 @@ def reply(arrays: dict[str, np.ndarray] | None, examples: Any, node: int = 1) ->
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
         content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="",
-                    group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type="train")  # fmt: skip
+    meta = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=DEFAULT_TTL,
+        message_type="train",
+    )
     return Message(content, metadata=meta)
 
 
@@ -449,7 +488,7 @@ def aggregate_round(
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
     """One training round's aggregation of ``replies`` ((arrays, example weight) pairs, see :func:`reply`) by
     the strategy ``cfg`` asks for: the new arrays (None when it did not aggregate) and its round statistics."""
-    from server.strategy import make_strategy
+    from server.strategies import make_strategy
 
     return strategy_round(make_strategy(cfg, len(replies)), 1, sent, replies)
 
@@ -479,11 +518,16 @@ def hostile_round(
     reasons = stats["rejections"]
     same = mixed is not None and alone is not None and all(np.array_equal(mixed[k], alone[k]) for k in sent)
     return {
-        "aggregation": cfg.aggregation, "good": len(goods), "hostile": len(hostile), "rejected": stats["rejected"],
-        "valid": stats["valid"], "round_completed": bool(stats["aggregated"]), "aggregate_equals_good_only": same,
+        "aggregation": cfg.aggregation,
+        "good": len(goods),
+        "hostile": len(hostile),
+        "rejected": stats["rejected"],
+        "valid": stats["valid"],
+        "round_completed": bool(stats["aggregated"]),
+        "aggregate_equals_good_only": same,
         "float32": mixed is not None and all(v.dtype == sent[k].dtype for k, v in mixed.items()),
         "reasons": dict(zip(hostile, reasons, strict=False)) if len(reasons) == len(hostile) else reasons,
-    }  # fmt: skip
+    }
 
 
 def run_hostile(base: FederatedConfig) -> list[dict[str, Any]]:
@@ -510,16 +554,21 @@ def run_hostile(base: FederatedConfig) -> list[dict[str, Any]]:
 def write_report(results: dict[str, Any], root: Path) -> None:
     (RESULTS / f"{NAME}.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     runs = results.get("poisoning", {})
-    lines = ["# Poisoning (item promotion) and hostile updates", "",
-             f"Setup: {results['setup']}.", "",
-             "Exposure: share of the honest users (those hosted by attacking nodes left out of every run) with the"
-             " target item in their top-10 from their device's serving weights; NDCG@10 on the same users' test"
-             " events. Each round samples the same nodes in every run (seeded cohorts); an attacked run differs"
-             " only in the attacking nodes' replies. Each attacked run is compared with the run without attack"
-             " under the same defence.", "",
-             "| run | exposure of the target (top-10) | x no attack | test NDCG@10 (+-SE) | NDCG@10 change vs no attack"
-             " (paired, +-SE) | attackers sampled per round | norm-clipped / rows clipped | minutes |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Poisoning (item promotion) and hostile updates",
+        "",
+        f"Setup: {results['setup']}.",
+        "",
+        "Exposure: share of the honest users (those hosted by attacking nodes left out of every run) with the"
+        " target item in their top-10 from their device's serving weights; NDCG@10 on the same users' test"
+        " events. Each round samples the same nodes in every run (seeded cohorts); an attacked run differs"
+        " only in the attacking nodes' replies. Each attacked run is compared with the run without attack"
+        " under the same defence.",
+        "",
+        "| run | exposure of the target (top-10) | x no attack | test NDCG@10 (+-SE) | NDCG@10 change vs no attack"
+        " (paired, +-SE) | attackers sampled per round | norm-clipped / rows clipped | minutes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in runs.items():
         ref = reference_run(name, r, runs)
         base = runs[ref]["exposure"] if ref else None
@@ -530,34 +579,50 @@ def write_report(results: dict[str, Any], root: Path) -> None:
             if change is None
             else f"{change[0]:+.4f} +- {change[1]:.4f} ({100 * change[0] / runs[ref]['test_ndcg@10']:+.1f}%)"
         )
-        lines.append(f"| {name} | {r['exposure']:.4f} ({round(r['exposure'] * r['users'])}/{r['users']}) | {ratio} | "
-                     f"{r['test_ndcg@10']:.4f} +- {r['test_ndcg@10_se']:.4f} | {delta} | "
-                     f"{r['attackers_per_round'] if r['attacked'] else '-'} | {r['norm_clipped']} / {r['rows_clipped']} | "
-                     f"{r['minutes']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['exposure']:.4f} ({round(r['exposure'] * r['users'])}/{r['users']}) | {ratio} | "
+            f"{r['test_ndcg@10']:.4f} +- {r['test_ndcg@10_se']:.4f} | {delta} | "
+            f"{r['attackers_per_round'] if r['attacked'] else '-'} | {r['norm_clipped']} / {r['rows_clipped']} | "
+            f"{r['minutes']:.1f} |"
+        )
     cont = {k: v for k, v in results.get("continuation", {}).items() if not k.startswith("_")}
     if cont:
         trained, rounds = results["continuation"]["_from"]
-        lines += ["", f"## Attacking a trained federation ({trained}, {rounds} more rounds, in-process)", "",
-                  "The trained run's arrays and FedAdam moments continue through the product's strategy; exposure"
-                  " of the target in the population model's top-10 (honest users' test events, history masked).", "",
-                  "| run | exposure at the end | highest exposure (every 10 rounds) | x no attack | attacks | test NDCG@10 |"
-                  " minutes |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## Attacking a trained federation ({trained}, {rounds} more rounds, in-process)",
+            "",
+            "The trained run's arrays and FedAdam moments continue through the product's strategy; exposure"
+            " of the target in the population model's top-10 (honest users' test events, history masked).",
+            "",
+            "| run | exposure at the end | highest exposure (every 10 rounds) | x no attack | attacks | test NDCG@10 |"
+            " minutes |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, r in cont.items():
             ref = reference_run(name, r, cont)
             base = cont[ref]["exposure"] if ref else None
             ratio = (
                 f"{r['exposure'] / base:.2f}" if base else ("-" if base is None else "n/a (0 without attack)")
             )
-            lines.append(f"| {name} | {r['exposure']:.4f} | {r['max_exposure']:.4f} | {ratio} | {r['attacks']} | "
-                         f"{r['test_ndcg@10']:.4f} | {r['minutes']:.1f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {r['exposure']:.4f} | {r['max_exposure']:.4f} | {ratio} | {r['attacks']} | "
+                f"{r['test_ndcg@10']:.4f} | {r['minutes']:.1f} |"
+            )
     hostile = results.get("hostile", [])
     if hostile:
-        lines += ["", "## Hostile updates in one round with good ones (through the strategy)", "",
-                  "| aggregation | good | hostile | rejected | valid | round completed | aggregate == good only | float32 |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Hostile updates in one round with good ones (through the strategy)",
+            "",
+            "| aggregation | good | hostile | rejected | valid | round completed | aggregate == good only | float32 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for h in hostile:
-            lines.append(f"| {h['aggregation']} | {h['good']} | {h['hostile']} | {h['rejected']} | {h['valid']} | "
-                         f"{h['round_completed']} | {h['aggregate_equals_good_only']} | {h['float32']} |")  # fmt: skip
+            lines.append(
+                f"| {h['aggregation']} | {h['good']} | {h['hostile']} | {h['rejected']} | {h['valid']} | "
+                f"{h['round_completed']} | {h['aggregate_equals_good_only']} | {h['float32']} |"
+            )
         lines += ["", "| hostile update | rejection reason |", "|---|---|"]
         reasons = hostile[0]["reasons"]
         for name, reason in reasons.items() if isinstance(reasons, dict) else ():
@@ -571,10 +636,12 @@ def setup_line(base: FederatedConfig) -> str:
     log = cached_log(base.dataset, base.data_dir)
     target = cold_target(log, base.seed)
     nodes = math.ceil(log.num_users / base.users_per_node)
-    return (f"{base.dataset}, {base.num_rounds} rounds, fraction_train {base.fraction_train}, "
-            f"{len(attackers(nodes, base.seed))} of {nodes} nodes ({100 * ATTACK_SHARE:.0f}%; {base.users_per_node} users each) "
-            f"attack, boosting to {BOOST} x norm_bound {base.norm_bound}; target item {log.item_ids[target]} "
-            f"(events in the log: {int(np.sum(log.item == target))}); seed {base.seed}")  # fmt: skip
+    return (
+        f"{base.dataset}, {base.num_rounds} rounds, fraction_train {base.fraction_train}, "
+        f"{len(attackers(nodes, base.seed))} of {nodes} nodes ({100 * ATTACK_SHARE:.0f}%; {base.users_per_node} users each) "
+        f"attack, boosting to {BOOST} x norm_bound {base.norm_bound}; target item {log.item_ids[target]} "
+        f"(events in the log: {int(np.sum(log.item == target))}); seed {base.seed}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -591,9 +658,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/bench_poisoning")
     args = p.parse_args(argv)
     root = Path(args.out)
-    base = FederatedConfig(dataset=args.dataset, num_rounds=args.rounds, fraction_train=args.fraction,
-                           eval_every=args.rounds, fraction_evaluate=0.05, seed=args.seed, out_dir=str(root),
-                           **NO_DEFENCE)  # no defence unless a variant adds one  # fmt: skip
+    base = FederatedConfig(
+        dataset=args.dataset,
+        num_rounds=args.rounds,
+        fraction_train=args.fraction,
+        eval_every=args.rounds,
+        fraction_evaluate=0.05,
+        seed=args.seed,
+        out_dir=str(root),
+        **NO_DEFENCE,
+    )  # no defence unless a variant adds one
     path = RESULTS / f"{NAME}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     saved = results.get("config")  # fields added since take today's defaults
@@ -615,8 +689,11 @@ def main(argv: list[str] | None = None) -> None:
         results.setdefault("poisoning", {})[variant] = run_poisoning(variant, base, root, args.num_cpus)
         write_report(results, root)
         r = results["poisoning"][variant]
-        print(f"{variant}: exposure {r['exposure']:.4f}, test NDCG@10 {r['test_ndcg@10']:.4f}, "
-              f"{r['minutes']:.1f} min", flush=True)  # fmt: skip
+        print(
+            f"{variant}: exposure {r['exposure']:.4f}, test NDCG@10 {r['test_ndcg@10']:.4f}, "
+            f"{r['minutes']:.1f} min",
+            flush=True,
+        )
 
 
 if (

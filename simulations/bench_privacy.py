@@ -1,4 +1,4 @@
-"""Interaction-inference benchmark (issue 6, attack 1): how well an honest-but-curious server tells which items
+"""Interaction-inference benchmark (attack 1 of THREAT_MODEL.md): how well an honest-but-curious server tells which items
 a device interacted with from what it receives, per upload and privacy mode, and what each mode costs in
 NDCG@10.
 
@@ -56,7 +56,7 @@ from server.dp import RdpAccountant
 from server.validation import validate_update
 from shared_model.config import FederatedConfig
 from shared_model.data import InteractionLog
-from shared_model.updates import ITEM_TABLES, ROWS
+from shared_model.protocol.updates import ITEM_TABLES, ROWS
 from simulations.simulate import run_simulation
 
 RESULTS = Path(__file__).parent / "results"
@@ -116,9 +116,12 @@ def attack_scores(
     e, b = emb[rows].astype(np.float64), bias[rows].astype(np.float64)
     mean = e.mean(axis=0)
     norms = np.linalg.norm(e, axis=1)
-    raw = {"norm": np.sqrt(norms**2 + b**2), "bias": b,
-           "direction": -(e @ mean) / np.maximum(norms * np.linalg.norm(mean), 1e-30),
-           "outlier": np.linalg.norm(e - mean, axis=1)}  # fmt: skip
+    raw = {
+        "norm": np.sqrt(norms**2 + b**2),
+        "bias": b,
+        "direction": -(e @ mean) / np.maximum(norms * np.linalg.norm(mean), 1e-30),
+        "outlier": np.linalg.norm(e - mean, axis=1),
+    }
     out = {}
     for name, score in raw.items():
         full = np.full(len(bias), -np.inf)
@@ -196,10 +199,15 @@ def _summary(aucs: dict[str, list[float]]) -> dict[str, Any]:
         best([a for a in mean if "/" not in a]),
         best([a for a in mean if a.endswith("/matched")]),
     )
-    return {"auc": mean, "auc_sd": {a: float(np.std(v)) for a, v in aucs.items()}, "best_attack": plain,
-            "best_auc": max(mean[plain], 1 - mean[plain]), "best_matched_attack": matched,
-            "best_matched_auc": max(mean[matched], 1 - mean[matched]),
-            "targets": len(next(iter(aucs.values())))}  # fmt: skip
+    return {
+        "auc": mean,
+        "auc_sd": {a: float(np.std(v)) for a, v in aucs.items()},
+        "best_attack": plain,
+        "best_auc": max(mean[plain], 1 - mean[plain]),
+        "best_matched_attack": matched,
+        "best_matched_auc": max(mean[matched], 1 - mean[matched]),
+        "targets": len(next(iter(aucs.values()))),
+    }
 
 
 def attack_views(base: FederatedConfig, args: argparse.Namespace, done: set[str], record) -> None:
@@ -217,13 +225,26 @@ def attack_views(base: FederatedConfig, args: argparse.Namespace, done: set[str]
             cfg = replace(base, upload="sparse", decoy_rows=decoys)
             ups = UserUpdates(cfg, pids[targets], nodes, sent, store)
             view = "sparse upload" + (f" + {decoys} decoy rows" if decoys else "")
-            record(kind="attack", key=key, view=view, sees="each device's touched (and decoy) rows",
-                   run="sparse" if decoys == 0 else f"sparse + {decoys} decoys", **_summary(ups.individual_auc()))  # fmt: skip
+            record(
+                kind="attack",
+                key=key,
+                view=view,
+                sees="each device's touched (and decoy) rows",
+                run="sparse" if decoys == 0 else f"sparse + {decoys} decoys",
+                **_summary(ups.individual_auc()),
+            )
     if all(k in done for k in _dense_keys()):
         return
     dense = UserUpdates(base, pids, nodes, sent, store)
-    record(kind="attack", key="attack/dense", view="dense upload", sees="each device's full update", run="dense",
-           median_update_norm=float(np.median(dense.norm)), **_summary(dense.individual_auc()))  # fmt: skip
+    record(
+        kind="attack",
+        key="attack/dense",
+        view="dense upload",
+        sees="each device's full update",
+        run="dense",
+        median_update_norm=float(np.median(dense.norm)),
+        **_summary(dense.individual_auc()),
+    )
     for z in (None, *DP_NOISE):
         in_cohort, without = _empty(), _empty()
         noise = np.random.default_rng([base.seed, 7, int(1000 * (z or 0))])
@@ -248,25 +269,49 @@ def attack_views(base: FederatedConfig, args: argparse.Namespace, done: set[str]
         record(
             kind="attack", key=f"attack/{tag}", view=view, sees=sees, run=run, **extra, **_summary(in_cohort)
         )
-        record(kind="attack", key=f"attack/{tag}/without-target", view=view + ", target not in the cohort",
-               sees=sees, run=run, **extra, **_summary(without))  # fmt: skip
+        record(
+            kind="attack",
+            key=f"attack/{tag}/without-target",
+            view=view + ", target not in the cohort",
+            sees=sees,
+            run=run,
+            **extra,
+            **_summary(without),
+        )
     clipped = _empty()  # the DP server's view: each clipped update (same AUC as dense)
     for i in range(len(pids)):
         f = min(1.0, args.dp_clip / dense.norm[i])
         dense.score(i, attack_scores(f * dense.emb[i], f * dense.bias[i]), clipped)
-    record(kind="attack", key="attack/dp/server", view=f"central DP (C={args.dp_clip:g}), server view",
-           sees="each device's clipped update", run="dp z=1", **_summary(clipped))  # fmt: skip
+    record(
+        kind="attack",
+        key="attack/dp/server",
+        view=f"central DP (C={args.dp_clip:g}), server view",
+        sees="each device's clipped update",
+        run="dp z=1",
+        **_summary(clipped),
+    )
     prior = _empty(("popularity",))
     for i, user in enumerate(dense.users):  # popularity among the other users
         dense.score(i, {"popularity": popularity_strata(log, user)[0]}, prior)
-    record(kind="attack", key="attack/none", view="no observation (item popularity)", sees="nothing", run="dense",
-           **_summary(prior))  # fmt: skip
+    record(
+        kind="attack",
+        key="attack/none",
+        view="no observation (item popularity)",
+        sees="nothing",
+        run="dense",
+        **_summary(prior),
+    )
 
 
 def _dense_keys() -> list[str]:
     tags = ["secagg", *(f"dp/{z:g}" for z in DP_NOISE)]
-    return ["attack/dense", "attack/dp/server", "attack/none", *(f"attack/{t}" for t in tags),
-            *(f"attack/{t}/without-target" for t in tags)]  # fmt: skip
+    return [
+        "attack/dense",
+        "attack/dp/server",
+        "attack/none",
+        *(f"attack/{t}" for t in tags),
+        *(f"attack/{t}/without-target" for t in tags),
+    ]
 
 
 def accuracy_runs(base: FederatedConfig, args: argparse.Namespace, done: set[str], record) -> None:
@@ -279,10 +324,17 @@ def accuracy_runs(base: FederatedConfig, args: argparse.Namespace, done: set[str
         cfg = replace(base, **ACCURACY_RUNS[name], out_dir=str(out))
         history = run_simulation(cfg, num_cpus=args.cpus)["history"]
         last = history[-1]
-        record(kind="accuracy", key=key, run=name, config=asdict(cfg), test=last.get("test", {}),
-               val=last.get("val", {}), epsilon=last.get("epsilon"),
-               upload_bytes_per_device=history[0]["upload_bytes_per_device"],
-               seconds=sum(h["seconds"] for h in history))  # fmt: skip
+        record(
+            kind="accuracy",
+            key=key,
+            run=name,
+            config=asdict(cfg),
+            test=last.get("test", {}),
+            val=last.get("val", {}),
+            epsilon=last.get("epsilon"),
+            upload_bytes_per_device=history[0]["upload_bytes_per_device"],
+            seconds=sum(h["seconds"] for h in history),
+        )
 
 
 def _cell(value: float | None, fmt: str = ".3f") -> str:
@@ -297,30 +349,49 @@ def summarise(rows: list[dict[str, Any]]) -> str:
         value = acc.get(run, {}).get("test", {}).get("ndcg@10")
         return value, None if value is None or not base else 100 * (base - value) / base
 
-    lines = ["AUC per attack: plain / popularity-matched.", "",
-             "| view | the server sees | " + " | ".join(ATTACKS) + " | best AUC | best popularity-matched AUC | "
-             "targets | epsilon | run | NDCG@10 | NDCG@10 cost vs dense |", "|---" * (len(ATTACKS) + 10) + "|"]  # fmt: skip
+    lines = [
+        "AUC per attack: plain / popularity-matched.",
+        "",
+        "| view | the server sees | " + " | ".join(ATTACKS) + " | best AUC | best popularity-matched AUC | "
+        "targets | epsilon | run | NDCG@10 | NDCG@10 cost vs dense |",
+        "|---" * (len(ATTACKS) + 10) + "|",
+    ]
     for r in rows:
         if r["kind"] != "attack":
             continue
         value, cost = ndcg(r["run"])
         pair = [f"{_cell(r['auc'].get(a))} / {_cell(r['auc'].get(a + '/matched'))}" for a in ATTACKS]
-        cells = pair + [_cell(r["best_auc"]), _cell(r.get("best_matched_auc")), str(r["targets"]),
-                 _cell(r.get("epsilon"), ".3g"), r["run"], _cell(value, ".4f"), _cell(cost, "+.1f") + ("%" if cost is not None else "")]  # fmt: skip
+        cells = pair + [
+            _cell(r["best_auc"]),
+            _cell(r.get("best_matched_auc")),
+            str(r["targets"]),
+            _cell(r.get("epsilon"), ".3g"),
+            r["run"],
+            _cell(value, ".4f"),
+            _cell(cost, "+.1f") + ("%" if cost is not None else ""),
+        ]
         lines.append(f"| {r['view']} | {r['sees']} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | test NDCG@10 | Recall@10 | NDCG@10 cost vs dense | epsilon | upload KB/device | seconds |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| run | test NDCG@10 | Recall@10 | NDCG@10 cost vs dense | epsilon | upload KB/device | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in acc.items():
         value, cost = ndcg(name)
-        cells = (_cell(value, ".4f"), _cell(r["test"].get("recall@10"), ".4f"),
-                 _cell(cost, "+.1f") + ("%" if cost is not None else ""), _cell(r.get("epsilon"), ".3g"),
-                 _cell(r["upload_bytes_per_device"] / 1000, ".1f"), _cell(r["seconds"], ".0f"))  # fmt: skip
+        cells = (
+            _cell(value, ".4f"),
+            _cell(r["test"].get("recall@10"), ".4f"),
+            _cell(cost, "+.1f") + ("%" if cost is not None else ""),
+            _cell(r.get("epsilon"), ".3g"),
+            _cell(r["upload_bytes_per_device"] / 1000, ".1f"),
+            _cell(r["seconds"], ".0f"),
+        )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines + _targets(rows, ndcg)) + "\n"
 
 
 def _targets(rows: list[dict[str, Any]], ndcg) -> list[str]:
-    """The issue's targets (AUC <= 0.55 under SecAgg+ and with decoys, at <= 1% NDCG@10 cost), as measured."""
+    """The privacy targets (AUC <= 0.55 under SecAgg+ and with decoys, at <= 1% NDCG@10 cost), as measured."""
     attack = {r["key"]: r for r in rows if r["kind"] == "attack"}
     out = [
         "",
@@ -332,14 +403,18 @@ def _targets(rows: list[dict[str, Any]], ndcg) -> list[str]:
             cost = ndcg(r["run"])[1]
             met = r["best_matched_auc"] <= 0.55 and cost is not None and cost <= 1
             cost_text = "not run" if cost is None else f"{cost:+.1f}%"
-            out.append(f"- {r['view']}: popularity-matched AUC {r['best_matched_auc']:.3f} "
-                       f"({r['best_matched_auc'] - 0.55:+.3f} vs 0.55; plain {r['best_auc']:.3f}), "
-                       f"NDCG@10 cost {cost_text}: {'met' if met else 'not met'}")  # fmt: skip
+            out.append(
+                f"- {r['view']}: popularity-matched AUC {r['best_matched_auc']:.3f} "
+                f"({r['best_matched_auc'] - 0.55:+.3f} vs 0.55; plain {r['best_auc']:.3f}), "
+                f"NDCG@10 cost {cost_text}: {'met' if met else 'not met'}"
+            )
     refs = [attack.get(k) for k in ("attack/secagg/without-target", "attack/none")]
     if all(refs):
-        out.append(f"- references: the same attack on a cohort sum without the target {refs[0]['best_matched_auc']:.3f}"
-                   f" matched ({refs[0]['best_auc']:.3f} plain); item popularity alone "
-                   f"{refs[1]['best_matched_auc']:.3f} matched ({refs[1]['best_auc']:.3f} plain)")  # fmt: skip
+        out.append(
+            f"- references: the same attack on a cohort sum without the target {refs[0]['best_matched_auc']:.3f}"
+            f" matched ({refs[0]['best_auc']:.3f} plain); item popularity alone "
+            f"{refs[1]['best_matched_auc']:.3f} matched ({refs[1]['best_auc']:.3f} plain)"
+        )
     return out
 
 
@@ -356,9 +431,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="privacy")
     parser.add_argument("--out", default="runs/bench_privacy", help="simulation outputs and device stores")
     args = parser.parse_args(argv)
-    base = FederatedConfig(dataset=args.dataset, num_rounds=args.rounds, fraction_train=args.fraction,
-                           eval_every=args.rounds, seed=args.seed, dp_clip=args.dp_clip,
-                           row_clip=0.0)  # the poisoning defence is measured in bench_poisoning  # fmt: skip
+    base = FederatedConfig(
+        dataset=args.dataset,
+        num_rounds=args.rounds,
+        fraction_train=args.fraction,
+        eval_every=args.rounds,
+        seed=args.seed,
+        dp_clip=args.dp_clip,
+        row_clip=0.0,
+    )  # the poisoning defence is measured in bench_poisoning
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{args.name}.json"
     rows = json.loads(path.read_text()) if path.exists() else []

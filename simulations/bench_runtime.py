@@ -76,8 +76,17 @@ def probe(bundle: str, public_key: str, events: str) -> None:
         rec.save()
         save_s = time.perf_counter() - t0
         import torch_free_check  # noqa: F401  (see main: a module that fails if torch or flwr were imported)
-    print(json.dumps({**_percentiles(seconds), "open_s": open_s, "save_ms": save_s * 1e3,
-                      "peak_rss_mb": _peak_rss_mb(), "rss_before_imports_mb": before}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                **_percentiles(seconds),
+                "open_s": open_s,
+                "save_ms": save_s * 1e3,
+                "peak_rss_mb": _peak_rss_mb(),
+                "rss_before_imports_mb": before,
+            }
+        )
+    )
 
 
 def _js_probe(
@@ -93,8 +102,13 @@ def _js_probe(
         events.write_text(
             json.dumps({"items": [str(log.item_ids[i]) for i in items], "times": times.tolist()})
         )
-    out = subprocess.run(["node", "bin/bench.mjs", str(bundle), str(public), str(events)],
-                         cwd=JS_CLIENT, check=True, capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        ["node", "bin/bench.mjs", str(bundle), str(public), str(events)],
+        cwd=JS_CLIENT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -124,10 +138,10 @@ def run_catalogue(
     name: str, args: argparse.Namespace, work: Path, private: Any, public: Path
 ) -> dict[str, Any]:
     from server.publish import build_bundle, model_from_checkpoint
+    from shared_model.build import build_model
     from shared_model.data import load_dataset
     from shared_model.data.split import LeaveOneOutSplit
     from shared_model.export import export_model, int8_effect
-    from shared_model.recommender import build_model
     from shared_model.training import model_config_for
 
     if args.checkpoint and name == "movielens-1m-lrurec":
@@ -151,10 +165,20 @@ def run_catalogue(
         )
         row[f"bundle_bytes_{kind}"] = sum(f["bytes"] for f in manifest.files.values())
         out = subprocess.run(
-            [sys.executable, "-m", "simulations.bench_runtime", "--probe", str(bundle), str(public),
-             str(work / f"{name}-events.npz")],
-            check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(work)},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "simulations.bench_runtime",
+                "--probe",
+                str(bundle),
+                str(public),
+                str(work / f"{name}-events.npz"),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(work)},
+        )
         row[f"runtime_{kind}"] = json.loads(out.stdout.strip().splitlines()[-1])
         row[f"js_{kind}"] = _js_probe(bundle, public, log, items, times, work)
     if row["js_fp32"]:
@@ -172,10 +196,12 @@ def run_catalogue(
 
 
 def summarise(rows: list[dict[str, Any]]) -> str:
-    lines = ["| catalogue | items | trained | runtime fp32 median / p99 (us) | int8 median (us) | JS (node) fp32 median (us) "
-             "| JS / Python | torch eager median (us) | x torch | bundle fp32 / int8 (KB) | int8 top-10 overlap "
-             "| Recall@10 fp32 / int8 | runtime peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| catalogue | items | trained | runtime fp32 median / p99 (us) | int8 median (us) | JS (node) fp32 median (us) "
+        "| JS / Python | torch eager median (us) | x torch | bundle fp32 / int8 (KB) | int8 top-10 overlap "
+        "| Recall@10 fp32 / int8 | runtime peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         fx = r.get("int8_effect", {})
         lines.append(

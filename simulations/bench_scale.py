@@ -1,4 +1,4 @@
-"""Scale benchmark (issue target): simulate every user of ``movielens-1m-lrurec`` (6,040 devices), 100 sampled
+"""Scale benchmark: simulate every user of ``movielens-1m-lrurec`` (6,040 devices), 100 sampled
 per round, 50 rounds, through Flower's simulation engine on this machine, with virtual users per node.
 
 Records the wall time of the whole run (Ray start, every round, the final federated evaluation of all users),
@@ -43,27 +43,41 @@ def main(argv: list[str] | None = None) -> None:
     nodes = math.ceil(num_users / args.users_per_node)
     per_round_nodes = args.users_per_round / args.users_per_node
     cfg = FederatedConfig(
-        dataset=args.dataset, num_rounds=args.rounds, fraction_train=(per_round_nodes + 0.5) / nodes,
-        users_per_node=args.users_per_node, local_epochs=args.local_epochs, eval_every=args.rounds,
+        dataset=args.dataset,
+        num_rounds=args.rounds,
+        fraction_train=(per_round_nodes + 0.5) / nodes,
+        users_per_node=args.users_per_node,
+        local_epochs=args.local_epochs,
+        eval_every=args.rounds,
         out_dir=args.out,
-    )  # fmt: skip
+    )
     t0 = time.perf_counter()
     history = run_simulation(cfg)["history"]
     wall = time.perf_counter() - t0
     train_rounds = [h for h in history if "val" not in h]
     last = history[-1]
     result = {
-        "dataset": args.dataset, "users": num_users, "nodes": nodes, "users_per_node": args.users_per_node,
-        "users_per_round": last["sampled"] * args.users_per_node, "rounds": len(history), "cpus": os.cpu_count(),
-        "wall_seconds": wall, "budget_seconds": args.budget_minutes * 60, "within_budget": wall <= args.budget_minutes * 60,
-        "median_train_round_seconds": statistics.median(h["seconds"] for h in train_rounds) if train_rounds else None,
+        "dataset": args.dataset,
+        "users": num_users,
+        "nodes": nodes,
+        "users_per_node": args.users_per_node,
+        "users_per_round": last["sampled"] * args.users_per_node,
+        "rounds": len(history),
+        "cpus": os.cpu_count(),
+        "wall_seconds": wall,
+        "budget_seconds": args.budget_minutes * 60,
+        "within_budget": wall <= args.budget_minutes * 60,
+        "median_train_round_seconds": statistics.median(h["seconds"] for h in train_rounds)
+        if train_rounds
+        else None,
         "final_round_seconds_with_evaluation": last["seconds"],
         "device_updates_per_second": sum(h["valid"] * args.users_per_node for h in history) / wall,
         "upload_bytes_per_node": last["upload_bytes_per_device"],
-        "val": last.get("val", {}), "test": last.get("test", {}),
+        "val": last.get("val", {}),
+        "test": last.get("test", {}),
         "peak_rss_mb_driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "config": asdict(cfg),
-    }  # fmt: skip
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     table = (

@@ -1,4 +1,4 @@
-"""SecAgg+ overhead benchmark (issue 6 target: SecAgg+ upload per device <= 2x plaintext dense bytes).
+"""SecAgg+ overhead benchmark (target: SecAgg+ upload per device <= 2x plaintext dense bytes).
 
 For each model width, the same federated run through Flower's simulation engine twice, ``privacy="plain"``
 (dense upload) and ``privacy="secagg"``: upload bytes per device per round (plain: the dense arrays' payload,
@@ -36,14 +36,15 @@ def run_mode(base: FederatedConfig, privacy: str, out: Path) -> dict[str, Any]:
     timed = [h["seconds"] for h in history[1:] if "val" not in h]
     last = history[-1]
     return {
-        "sampled": last["sampled"], "valid": last["valid"],
+        "sampled": last["sampled"],
+        "valid": last["valid"],
         "upload_bytes_per_device": statistics.mean(h["upload_bytes_per_device"] for h in history),
         "download_bytes_per_device": statistics.mean(h["download_bytes_per_device"] for h in history),
         "upload_bytes_by_stage": last.get("upload_bytes_by_stage", {}),
         "median_train_round_seconds": statistics.median(timed) if timed else None,
         "train_loss": [h.get("train_loss") for h in history],
         "test": last.get("test", {}),
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,23 +70,40 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for d_model in args.d_models:
         base = FederatedConfig(
-            dataset=args.dataset, d_model=d_model, num_rounds=args.rounds, local_epochs=1,
-            fraction_train=(args.users_per_round + 0.5) / users, fraction_evaluate=0.05, eval_every=args.rounds,
-        )  # fmt: skip
+            dataset=args.dataset,
+            d_model=d_model,
+            num_rounds=args.rounds,
+            local_epochs=1,
+            fraction_train=(args.users_per_round + 0.5) / users,
+            fraction_evaluate=0.05,
+            eval_every=args.rounds,
+        )
         out = Path(args.out) / f"d{d_model}"
         plain, secure = run_mode(base, "plain", out), run_mode(base, "secagg", out)
         params = sum(v.size for v in initial_shared(base).values())
         collect = secure["upload_bytes_by_stage"]["collect_masked_vectors"]
         int64_upload = secure["upload_bytes_per_device"] + 4 * (params + 2)  # weight factor + loss + params
-        rows.append({
-            "d_model": d_model, "shared_parameters": params, "plain": plain, "secagg": secure,
-            "upload_ratio": secure["upload_bytes_per_device"] / plain["upload_bytes_per_device"],
-            "upload_ratio_flower_int64": int64_upload / plain["upload_bytes_per_device"],
-            "collect_stage_ratio": collect / plain["upload_bytes_per_device"],
-            "round_time_ratio": secure["median_train_round_seconds"] / plain["median_train_round_seconds"],
-        })  # fmt: skip
-    result = {"dataset": args.dataset, "users": users, "users_per_round": args.users_per_round,
-              "rounds": args.rounds, "cpus": os.cpu_count(), "runs": rows}  # fmt: skip
+        rows.append(
+            {
+                "d_model": d_model,
+                "shared_parameters": params,
+                "plain": plain,
+                "secagg": secure,
+                "upload_ratio": secure["upload_bytes_per_device"] / plain["upload_bytes_per_device"],
+                "upload_ratio_flower_int64": int64_upload / plain["upload_bytes_per_device"],
+                "collect_stage_ratio": collect / plain["upload_bytes_per_device"],
+                "round_time_ratio": secure["median_train_round_seconds"]
+                / plain["median_train_round_seconds"],
+            }
+        )
+    result = {
+        "dataset": args.dataset,
+        "users": users,
+        "users_per_round": args.users_per_round,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "runs": rows,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     lines = [

@@ -9,7 +9,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client_sdk.bundle import BundleError
 from client_sdk.store import StoreError
 from shared_model.data import (
     DATASETS,
@@ -18,6 +17,7 @@ from shared_model.data import (
 )
 from shared_model.data.locate import data_root
 from shared_model.data.stats import log_stats
+from shared_model.protocol.bundle import BundleError
 
 if TYPE_CHECKING:
     from client_sdk.runtime import Recommender
@@ -46,13 +46,18 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
         ("dataset", stats["name"]),
         ("users / items / events", f"{stats['users']:,} / {stats['items']:,} / {stats['events']:,}"),
         ("time", f"{stats['time']}: {span}"),
-        ("sequence length", f"min {seq['min']}, mean {seq['mean']}, median {seq['median']:g}, "
-                            f"p90 {seq['p90']:g}, max {seq['max']}"),
+        (
+            "sequence length",
+            f"min {seq['min']}, mean {seq['mean']}, median {seq['median']:g}, "
+            f"p90 {seq['p90']:g}, max {seq['max']}",
+        ),
         ("users with val+test events", f"{stats['eval_users']:,}"),
-        ("explanation vocabulary", f"{stats['explanation_vocab']:,} ids, "
-                                   f"{stats['explanation_coverage']:.1%} of events labelled"),
+        (
+            "explanation vocabulary",
+            f"{stats['explanation_vocab']:,} ids, {stats['explanation_coverage']:.1%} of events labelled",
+        ),
         ("explanation rule", stats["explanation_rule"]),
-    ]  # fmt: skip
+    ]
     if "eval_users_last_two_tied" in stats:
         rows.append(
             ("last two events tied", f"{stats['eval_users_last_two_tied']:,} users (broken by item id)")
@@ -67,10 +72,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = json.loads(args.set) if args.set else {}
     result = train_and_report(
-        args.dataset, args.model, args.out, args.data_dir, seed=args.seed, device=args.device,
-        max_epochs=args.epochs, patience=args.patience, max_minutes=args.max_minutes, overrides=overrides,
+        args.dataset,
+        args.model,
+        args.out,
+        args.data_dir,
+        seed=args.seed,
+        device=args.device,
+        max_epochs=args.epochs,
+        patience=args.patience,
+        max_minutes=args.max_minutes,
+        overrides=overrides,
         resume=args.resume,
-    )  # fmt: skip
+    )
     print(
         json.dumps(
             {"best_epoch": result["best_epoch"], "stopped": result["stopped"], "test": result["test"]},
@@ -91,15 +104,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         if getattr(args, f.name, None) is not None
     }
     cfg = FederatedConfig(**values)
-    print(f"Federated simulation of {cfg.preset} on {cfg.dataset}: {cfg.num_rounds} rounds, "
-          f"{cfg.fraction_train:.0%} of devices per round, split '{cfg.split}', {cfg.upload} upload -> {cfg.out_dir}")  # fmt: skip
+    print(
+        f"Federated simulation of {cfg.preset} on {cfg.dataset}: {cfg.num_rounds} rounds, "
+        f"{cfg.fraction_train:.0%} of devices per round, split '{cfg.split}', {cfg.upload} upload -> {cfg.out_dir}"
+    )
     result = run_simulation(cfg, num_cpus=args.cpus, verbose=args.verbose, ray_address=args.ray_address)
     out = Path(cfg.out_dir)
     if not any(row.get("aggregated") for row in result["history"]):
         failed = sum(row.get("failed", 0) for row in result["history"])
         rejected = sum(row.get("rejected", 0) for row in result["history"])
-        print(f"error: no round aggregated an update ({failed} device replies failed, {rejected} were rejected; "
-              f"see the warnings above and {out / 'metrics.json'}): nothing was published", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: no round aggregated an update ({failed} device replies failed, {rejected} were rejected; "
+            f"see the warnings above and {out / 'metrics.json'}): nothing was published",
+            file=sys.stderr,
+        )
         return 1
     plot_convergence(result["history"], out / "convergence.png")
     checkpoint = load_server_checkpoint(out)
@@ -157,8 +175,10 @@ def _cmd_credentials(args: argparse.Namespace) -> int:
         nodes = add_node_keys(args.dir, args.names)
         ca = Path(args.dir) / CA_CERT
     for node in nodes:
-        print(f"{node.name}: register with `flwr supernode register {node.public_key} CONNECTION`; run "
-              f"flower-supernode {' '.join(supernode_args(ca, node))} --superlink HOST:9093 ...")  # fmt: skip
+        print(
+            f"{node.name}: register with `flwr supernode register {node.public_key} CONNECTION`; run "
+            f"flower-supernode {' '.join(supernode_args(ca, node))} --superlink HOST:9093 ..."
+        )
     return 0
 
 
@@ -186,9 +206,11 @@ def _check_same_catalogue(log: InteractionLog, rec: Recommender) -> None:
     differ = [(i, title, theirs[i]) for i, title in mine.items() if i in theirs and title != theirs[i]]
     if differ:
         i, a, b = differ[0]
-        raise ValueError(f"{log.name} is not the catalogue of this bundle ({rec.manifest.data.get('dataset')}): "
-                         f"{len(differ)} shared item ids name other items (e.g. {i}: {a!r} here, {b!r} in the "
-                         "bundle)")  # fmt: skip
+        raise ValueError(
+            f"{log.name} is not the catalogue of this bundle ({rec.manifest.data.get('dataset')}): "
+            f"{len(differ)} shared item ids name other items (e.g. {i}: {a!r} here, {b!r} in the "
+            "bundle)"
+        )
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
@@ -198,7 +220,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
     from client_sdk.runtime import Recommender
     from client_sdk.store import EncryptedStore
-    from shared_model.recommend import format_recommendations, recent_titles
+    from shared_model.top_k import format_recommendations, recent_titles
 
     with tempfile.TemporaryDirectory() as tmp:
         store = EncryptedStore(Path(tmp) / "device.store", key=os.urandom(32))
@@ -216,9 +238,11 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
             rec.record(log.item_ids[i], int(t), save=False)
             for i, t in zip(log.item[lo:hi], log.time[lo:hi], strict=True)
         )
-        print(f"user {args.user}: {known} of {hi - lo} events replayed through the on-device runtime "
-              f"(bundle {rec.manifest.model_version}, its initial personal weights); "
-              f"most recent: {recent_titles(log, user)}")  # fmt: skip
+        print(
+            f"user {args.user}: {known} of {hi - lo} events replayed through the on-device runtime "
+            f"(bundle {rec.manifest.model_version}, its initial personal weights); "
+            f"most recent: {recent_titles(log, user)}"
+        )
         print(format_recommendations([asdict(r) for r in rec.recommend(args.k)]))
     return 0
 
@@ -338,9 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address", help="join a running Ray cluster (e.g. 'auto'); see docs/DEPLOYMENT.md"
     )
     p_sim.add_argument(
-        "--sample-user", type=int, default=None,
+        "--sample-user",
+        type=int,
+        default=None,
         help="dense index of the user to recommend for (default: the first user whose device trained)",
-    )  # fmt: skip
+    )
     p_sim.add_argument("--verbose", action="store_true", help="Flower's and Ray's full logs")
     p_sim.set_defaults(func=_cmd_simulate)
     return parser

@@ -71,9 +71,12 @@ def run_simulation(
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     flwr_run_simulation(
-        server_app=make_server_app(cfg), client_app=client_app or make_client_app(), num_supernodes=nodes,
-        backend_config=backend, verbose_logging=verbose,
-    )  # fmt: skip
+        server_app=make_server_app(cfg),
+        client_app=client_app or make_client_app(),
+        num_supernodes=nodes,
+        backend_config=backend,
+        verbose_logging=verbose,
+    )
     import json
 
     return {"history": json.loads((Path(cfg.out_dir) / "metrics.json").read_text()), "nodes": nodes}
@@ -124,7 +127,7 @@ def sample_recommendation(
     from client_sdk.runtime import Recommender
     from server.publish import build_bundle
     from shared_model.partition import load_parts
-    from shared_model.recommend import format_recommendations, head_usage, recent_titles
+    from shared_model.top_k import format_recommendations, head_usage, recent_titles
 
     out = Path(cfg.out_dir)
     device = Device(cfg, 0, 1, out / "devices")
@@ -133,13 +136,23 @@ def sample_recommendation(
     trained = device.store(user).exists()
     adaptation = device.adapt(user, shared, cfg.num_rounds)
     if adaptation.kept:  # the device keeps its adaptation (never uploaded) next to its personal weights
-        device.save_personal(user, device.personal_weights(user) | adaptation.weights, cfg.num_rounds,
-                             adapted_round=cfg.num_rounds)  # fmt: skip
+        device.save_personal(
+            user,
+            device.personal_weights(user) | adaptation.weights,
+            cfg.num_rounds,
+            adapted_round=cfg.num_rounds,
+        )
     load_parts(device.model, shared, device.initial_personal)
     key = Ed25519PrivateKey.generate()
     shutil.rmtree(out / "bundle", ignore_errors=True)
-    manifest = build_bundle(device.model, device.log, out / "bundle", key,
-                            model_version=f"{cfg.preset}-round{cfg.num_rounds}", check=False)  # fmt: skip
+    manifest = build_bundle(
+        device.model,
+        device.log,
+        out / "bundle",
+        key,
+        model_version=f"{cfg.preset}-round{cfg.num_rounds}",
+        check=False,
+    )
     public = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -151,22 +164,30 @@ def sample_recommendation(
     if not trained:
         weights = "the initial personal weights: its device never trained"
     elif adaptation.kept:
-        weights = (f"its own adaptation of {', '.join(sorted({k.split('.')[0] for k in adaptation.weights}))}, kept"
-                   f" by its validation gate: held-out loss {adaptation.adapted_loss:.3f} vs population"
-                   f" {adaptation.population_loss:.3f}, {adaptation.z:.1f} standard errors better")  # fmt: skip
+        weights = (
+            f"its own adaptation of {', '.join(sorted({k.split('.')[0] for k in adaptation.weights}))}, kept"
+            f" by its validation gate: held-out loss {adaptation.adapted_loss:.3f} vs population"
+            f" {adaptation.population_loss:.3f}, {adaptation.z:.1f} standard errors better"
+        )
     elif cfg.adapt_epochs and cfg.split == "population":
-        weights = (f"the population model: its own adaptation did not beat it clearly on its recent events"
-                   f" (held-out loss {adaptation.adapted_loss:.3f} vs {adaptation.population_loss:.3f},"
-                   f" {adaptation.z:.1f} standard errors; the gate needs {cfg.gate_z})")  # fmt: skip
+        weights = (
+            f"the population model: its own adaptation did not beat it clearly on its recent events"
+            f" (held-out loss {adaptation.adapted_loss:.3f} vs {adaptation.population_loss:.3f},"
+            f" {adaptation.z:.1f} standard errors; the gate needs {cfg.gate_z})"
+        )
     else:
         weights = "its own personal weights" if cfg.split != "population" else "the population model"
-    head = (f"Signed on-device bundle: {out / 'bundle'} ({size:.1f} MB). Sample user {log.user_ids[user]} on the "
-            f"on-device runtime (onnxruntime, {weights}; {len(rec.history)} stored events; most recent: {recent})")  # fmt: skip
+    head = (
+        f"Signed on-device bundle: {out / 'bundle'} ({size:.1f} MB). Sample user {log.user_ids[user]} on the "
+        f"on-device runtime (onnxruntime, {weights}; {len(rec.history)} stored events; most recent: {recent})"
+    )
     lines = [head, format_recommendations([asdict(r) for r in rec.recommend(k)])]
     if device.model.cfg.num_heads > 1:
         usage = head_usage(device.model, log, device.split.eval_users[:HEAD_USAGE_USERS], k)
         shares = " / ".join(f"{x:.0%}" for x in usage["head_shares"])
-        lines.append(f"Interest heads over the top-{k}s of {usage['users']} users (population model): "
-                     f"{usage['multi_head_users']:.0%} of the lists draw on 2+ heads; heads' shares of the "
-                     f"shown items {shares}")  # fmt: skip
+        lines.append(
+            f"Interest heads over the top-{k}s of {usage['users']} users (population model): "
+            f"{usage['multi_head_users']:.0%} of the lists draw on 2+ heads; heads' shares of the "
+            f"shown items {shares}"
+        )
     return "\n".join(lines)

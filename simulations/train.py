@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from shared_model.baselines import popularity_explanation_metrics, popularity_item_metrics
+from shared_model.build import build_model
 from shared_model.config import MODEL_PRESETS, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
-from shared_model.recommender import build_model
 from shared_model.training import fit, model_config_for, save_checkpoint, write_json
 
 STATE_FILE = "train_state.pt"
@@ -43,9 +43,16 @@ def train_and_report(
         test = popularity_item_metrics(log, split, "test")
         if len(log.vocab):
             test |= popularity_explanation_metrics(log, split, "test")
-        result = {"dataset": log.name, "model": model, "best_epoch": 0, "stopped": "n/a", "test": test,
-                  "val": popularity_item_metrics(log, split, "val"), "parameters": 0,
-                  "seconds": time.perf_counter() - start}  # fmt: skip
+        result = {
+            "dataset": log.name,
+            "model": model,
+            "best_epoch": 0,
+            "stopped": "n/a",
+            "test": test,
+            "val": popularity_item_metrics(log, split, "val"),
+            "parameters": 0,
+            "seconds": time.perf_counter() - start,
+        }
         write_json(out / "results.json", result)
         return result
     if model not in MODEL_PRESETS:

@@ -21,16 +21,28 @@ def test_parse_model_splits_model_and_training_overrides():
 
 
 def _run(model, seed, ndcg, val, stopped="patience"):
-    return {"dataset": "d", "model": model, "seed": seed, "parameters": 1, "best_epoch": 3, "stopped": stopped,
-            "seconds": 60.0, "test": {"ndcg@10": ndcg}, "val": {"ndcg@10": val}}  # fmt: skip
+    return {
+        "dataset": "d",
+        "model": model,
+        "seed": seed,
+        "parameters": 1,
+        "best_epoch": 3,
+        "stopped": stopped,
+        "seconds": 60.0,
+        "test": {"ndcg@10": ndcg},
+        "val": {"ndcg@10": val},
+    }
 
 
 def test_summary_averages_converged_runs_only_and_compares_with_the_tuned_sasrec():
     runs = [
-        _run("tmepsr", 0, 0.10, 0.2), _run("tmepsr", 1, 0.12, 0.2), _run("tmepsr", 2, 0.50, 0.9, "budget"),
-        _run("sasrec", 0, 0.05, 0.1), _run("sasrec[lr=0.002]", 0, 0.08, 0.15),
+        _run("tmepsr", 0, 0.10, 0.2),
+        _run("tmepsr", 1, 0.12, 0.2),
+        _run("tmepsr", 2, 0.50, 0.9, "budget"),
+        _run("sasrec", 0, 0.05, 0.1),
+        _run("sasrec[lr=0.002]", 0, 0.08, 0.15),
         _run("gru4rec", 0, 0.04, 0.1, "max_epochs"),
-    ]  # fmt: skip
+    ]
     rows = {r["model"]: r for r in summarise(runs)}
     assert rows["tmepsr"]["seeds"] == 2 and rows["tmepsr"]["ndcg@10"] == pytest.approx(0.11)
     assert rows["sasrec[lr=0.002]"]["tuned"] and not rows["sasrec"]["tuned"]

@@ -9,12 +9,15 @@ import pytest
 from simulations import bench_federated
 from simulations.bench_federated import rounds_to_reach
 
-from .test_federated import make_events
+from .helpers import make_events
 
 
 def test_rounds_to_reach_reads_the_first_round_past_each_share():
-    curve = [{"round": 10, "val/ndcg@10": 0.05}, {"round": 20, "val/ndcg@10": 0.091},
-             {"round": 30, "val/ndcg@10": 0.0955}]  # fmt: skip
+    curve = [
+        {"round": 10, "val/ndcg@10": 0.05},
+        {"round": 20, "val/ndcg@10": 0.091},
+        {"round": 30, "val/ndcg@10": 0.0955},
+    ]
     assert rounds_to_reach(curve, 0.1, "val") == {"80%": 20, "90%": 20, "95%": 30}
     assert rounds_to_reach(curve, 0.2, "val") == {"80%": None, "90%": None, "95%": None}
 
@@ -23,8 +26,25 @@ def test_rounds_to_reach_reads_the_first_round_past_each_share():
 def test_benchmark_records_converged_centralized_curves_and_paired_personalization(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_federated, "RESULTS", tmp_path / "results")
     data = make_events(tmp_path / "events.csv", users=12)
-    args = ["--datasets", str(data), "--rounds", "2", "--eval-every", "1", "--variants", "default",
-            "--parts", "centralized", "federated", "--name", "tiny", "--out", str(tmp_path / "runs"), "--cpus", "2"]  # fmt: skip
+    args = [
+        "--datasets",
+        str(data),
+        "--rounds",
+        "2",
+        "--eval-every",
+        "1",
+        "--variants",
+        "default",
+        "--parts",
+        "centralized",
+        "federated",
+        "--name",
+        "tiny",
+        "--out",
+        str(tmp_path / "runs"),
+        "--cpus",
+        "2",
+    ]
     bench_federated.main(args)
     rows = [json.loads(line) for line in (tmp_path / "results" / "tiny_runs.jsonl").read_text().splitlines()]
     central, federated = rows

@@ -19,24 +19,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import client_sdk.bundle as bundle_module
-from client_sdk.bundle import (
-    MANIFEST,
-    SIGNATURE,
-    BundleError,
-    BundleFormatError,
-    BundleSignatureError,
-    BundleSlot,
-    BundleTampered,
-    load_public_key,
-    verify_bundle,
-)
+import client_sdk.bundle_slot as bundle_module
+from client_sdk.bundle_slot import BundleSlot
 from server.release import (
     KeyFileError,
     WrongPassphrase,
     generate_keys,
     load_private_key,
     sign_bundle,
+)
+from shared_model.protocol.bundle import (
+    MANIFEST,
+    SIGNATURE,
+    BundleError,
+    BundleFormatError,
+    BundleSignatureError,
+    BundleTampered,
+    load_public_key,
+    verify_bundle,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -49,15 +49,36 @@ def test_own_file_and_errors(tmp_path, capsys):
 def test_simulate_export_recommend_end_to_end(tmp_path, capfd, monkeypatch):
     """The main job's shape on a small file: simulate (Flower) -> signed bundle -> on-device recommendation;
     then the release path: tmepsr keys -> tmepsr export of the run -> tmepsr recommend through the runtime."""
-    from client_sdk.bundle import load_public_key, verify_bundle
+    from shared_model.protocol.bundle import load_public_key, verify_bundle
 
-    from .test_federated import make_events
+    from .helpers import make_events
 
     data = make_events(tmp_path / "events.csv", users=4)
     run = tmp_path / "run"
-    assert main(["simulate", "--dataset", str(data), "--num-rounds", "1", "--fraction-train", "1.0",
-                 "--max-len", "16", "--d-model", "16", "--local-epochs", "1", "--out-dir", str(run),
-                 "--cpus", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "simulate",
+                "--dataset",
+                str(data),
+                "--num-rounds",
+                "1",
+                "--fraction-train",
+                "1.0",
+                "--max-len",
+                "16",
+                "--d-model",
+                "16",
+                "--local-epochs",
+                "1",
+                "--out-dir",
+                str(run),
+                "--cpus",
+                "2",
+            ]
+        )
+        == 0
+    )
     out, err = capfd.readouterr()
     # quiet logs: our per-round lines, no Flower INFO lines, colour codes or deprecation notice off a terminal
     assert "round 1/1:" in out and not any(
@@ -82,23 +103,82 @@ def test_simulate_export_recommend_end_to_end(tmp_path, capfd, monkeypatch):
     )  # no overwrite
     assert "already exist" in capfd.readouterr().err
     bundle = tmp_path / "bundle"
-    assert main(["export", "--checkpoint", str(run), "--key", str(keys / "bundle_signing_key.pem"),
-                 "--passphrase-env", "TMEPSR_TEST_PASSPHRASE", "--out", str(bundle), "--int8"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(run),
+                "--key",
+                str(keys / "bundle_signing_key.pem"),
+                "--passphrase-env",
+                "TMEPSR_TEST_PASSPHRASE",
+                "--out",
+                str(bundle),
+                "--int8",
+            ]
+        )
+        == 0
+    )
     assert "signed bundle tmepsr-round1" in capfd.readouterr().out
     monkeypatch.setenv("TMEPSR_TEST_PASSPHRASE", "wrong")
-    assert main(["export", "--checkpoint", str(run), "--key", str(keys / "bundle_signing_key.pem"),
-                 "--passphrase-env", "TMEPSR_TEST_PASSPHRASE", "--out", str(tmp_path / "b2")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(run),
+                "--key",
+                str(keys / "bundle_signing_key.pem"),
+                "--passphrase-env",
+                "TMEPSR_TEST_PASSPHRASE",
+                "--out",
+                str(tmp_path / "b2"),
+            ]
+        )
+        == 2
+    )
     assert "wrong passphrase" in capfd.readouterr().err
-    assert main(["recommend", "--bundle", str(bundle), "--public-key", str(keys / "bundle_signing_key.pub.pem"),
-                 "--user", "u1", "--dataset", str(data), "--k", "5"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "recommend",
+                "--bundle",
+                str(bundle),
+                "--public-key",
+                str(keys / "bundle_signing_key.pub.pem"),
+                "--user",
+                "u1",
+                "--dataset",
+                str(data),
+                "--k",
+                "5",
+            ]
+        )
+        == 0
+    )
     out = capfd.readouterr().out
     assert (
         "user u1: 14 of 14 events replayed through the on-device runtime" in out
         and " 5. " in out
         and "because: " in out
     )
-    assert main(["recommend", "--bundle", str(bundle), "--public-key", str(run / "bundle_signing_key.pub.pem"),
-                 "--user", "u1", "--dataset", str(data)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "recommend",
+                "--bundle",
+                str(bundle),
+                "--public-key",
+                str(run / "bundle_signing_key.pub.pem"),
+                "--user",
+                "u1",
+                "--dataset",
+                str(data),
+            ]
+        )
+        == 2
+    )
     assert "signature" in capfd.readouterr().err
 
 
@@ -110,7 +190,7 @@ def test_every_help_text_renders(command, capsys):
 
 
 def test_train_resume_continues_and_refuses_to_overwrite(tmp_path, capsys):
-    from .test_federated import make_events
+    from .helpers import make_events
 
     data = make_events(tmp_path / "events.csv", users=6)
     out = tmp_path / "run"
@@ -160,8 +240,13 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, command, option
     if option[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
     tmepsr = Path(sys.executable).parent / "tmepsr"
-    done = subprocess.run([str(tmepsr), command, *option, "--out", str(tmp_path / "run")], capture_output=True,
-                          text=True, timeout=120, check=False)  # fmt: skip
+    done = subprocess.run(
+        [str(tmepsr), command, *option, "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr, done.stderr
@@ -182,10 +267,14 @@ def test_recommend_refuses_a_dataset_whose_ids_name_other_items():
     from shared_model.data import InteractionLog, ItemMeta
     from simulations.cli import _check_same_catalogue
 
-    log = InteractionLog.from_events("ml-other", [0, 0], ["1", "2"], [1, 2], "seconds",
-                                     item_meta=ItemMeta(titles=("Toy Story", "Jumanji")))  # fmt: skip
-    bundle = SimpleNamespace(manifest=SimpleNamespace(data={"dataset": "mine"}), catalogue_ids=["1", "2", "3"],
-                             catalogue_titles=["Toy Story", "GoldenEye", "Heat"])  # fmt: skip
+    log = InteractionLog.from_events(
+        "ml-other", [0, 0], ["1", "2"], [1, 2], "seconds", item_meta=ItemMeta(titles=("Toy Story", "Jumanji"))
+    )
+    bundle = SimpleNamespace(
+        manifest=SimpleNamespace(data={"dataset": "mine"}),
+        catalogue_ids=["1", "2", "3"],
+        catalogue_titles=["Toy Story", "GoldenEye", "Heat"],
+    )
     with pytest.raises(ValueError, match="1 shared item ids name other items .*'Jumanji' here, 'GoldenEye'"):
         _check_same_catalogue(log, bundle)
     bundle.catalogue_titles[1] = "Jumanji"

@@ -9,11 +9,11 @@ from flwr.app import Error, Message, RecordDict
 
 from server.app import _round_line
 from server.dp import DPFedAvg, RdpAccountant, rdp_sampled_gaussian
-from server.strategy import make_strategy
+from server.strategies import make_strategy
 from shared_model.config import FederatedConfig
 from simulations.simulate import run_simulation
 
-from .test_federated import _reply, make_events
+from .helpers import make_events, train_reply
 
 # (q, noise multiplier, releases, delta, epsilon): epsilon from Google's dp-accounting 0.6.0 (installed in a
 # throwaway venv, not a project dependency), computed as
@@ -33,11 +33,21 @@ DP_ACCOUNTING_EPSILONS = [
 # dp_accounting.rdp.rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian(q, z, orders)
 ORDERS = [2, 3, 8, 32, 256]
 DP_ACCOUNTING_RDP = {
-    (0.1, 1.0): [0.017036863236176605, 0.03171230030337645, 1.3783614113481268, 13.623137968522595,
-                 125.68838516154322],
-    (0.01, 2.0): [2.8402138324228282e-05, 4.273444810135939e-05, 0.00011575614792991869,
-                  0.0005028946468627525, 27.376770323086465],
-}  # fmt: skip
+    (0.1, 1.0): [
+        0.017036863236176605,
+        0.03171230030337645,
+        1.3783614113481268,
+        13.623137968522595,
+        125.68838516154322,
+    ],
+    (0.01, 2.0): [
+        2.8402138324228282e-05,
+        4.273444810135939e-05,
+        0.00011575614792991869,
+        0.0005028946468627525,
+        27.376770323086465,
+    ],
+}
 
 
 @pytest.mark.parametrize(("q", "z", "releases", "delta", "want"), DP_ACCOUNTING_EPSILONS)
@@ -68,8 +78,16 @@ def test_epsilon_is_monotone():
 
 
 def _dp_strategy(noise: float, clip: float, cohort: int = 4, nodes: int = 8) -> DPFedAvg:
-    cfg = FederatedConfig(server_optimizer="fedavg", row_clip=0, privacy="dp", dp_noise=noise, dp_clip=clip, fraction_train=cohort / nodes,
-                          norm_bound=1e6, min_reply_fraction=0.25)  # fmt: skip
+    cfg = FederatedConfig(
+        server_optimizer="fedavg",
+        row_clip=0,
+        privacy="dp",
+        dp_noise=noise,
+        dp_clip=clip,
+        fraction_train=cohort / nodes,
+        norm_bound=1e6,
+        min_reply_fraction=0.25,
+    )
     strategy = make_strategy(cfg, nodes)
     assert isinstance(strategy, DPFedAvg) and strategy.cohort == cohort
     return strategy
@@ -93,8 +111,10 @@ def _norm(a: dict, b: dict) -> float:
 
 def test_clipping_bounds_every_device_contribution(task_identity):
     rng = np.random.default_rng(0)
-    sent = {"item_bias": rng.standard_normal(50).astype(np.float32),
-            "explanation.w": rng.standard_normal((6, 5)).astype(np.float32)}  # fmt: skip
+    sent = {
+        "item_bias": rng.standard_normal(50).astype(np.float32),
+        "explanation.w": rng.standard_normal((6, 5)).astype(np.float32),
+    }
     clip, cohort = 1.0, 4
     strategy = _dp_strategy(noise=1e-9, clip=clip, cohort=cohort)  # noise ~1e-10: the clipped mean shows
     sizes = [0.3, 3.0, 80.0, 4e4]  # norms of the four devices' changes; 4e4 is far beyond any bound
@@ -103,17 +123,17 @@ def test_clipping_bounds_every_device_contribution(task_identity):
         direction = {k: rng.standard_normal(v.shape) for k, v in sent.items()}
         length = np.sqrt(sum(np.sum(d**2) for d in direction.values()))
         updates.append({k: (sent[k] + size / length * d).astype(np.float32) for k, d in direction.items()})
-    full = _aggregate(strategy, sent, [_reply(u, examples=10**i) for i, u in enumerate(updates)])
+    full = _aggregate(strategy, sent, [train_reply(u, examples=10**i) for i, u in enumerate(updates)])
     want = {
         k: sent[k]
         + sum(min(1, clip / s) * (u[k] - sent[k]) for s, u in zip(sizes, updates, strict=True)) / cohort
         for k in sent
-    }  # fmt: skip  (uniform weights whatever the example counts)
+    }  # (uniform weights whatever the example counts)
     assert _norm(full, want) < 1e-5
     assert strategy.last_round["dp_clipped"] == 3 and strategy.last_round["valid"] == cohort
     for i in range(cohort):  # neighbouring cohorts: device i present or dropped out
         without = _aggregate(
-            strategy, sent, [_reply(u) if j != i else _failed() for j, u in enumerate(updates)]
+            strategy, sent, [train_reply(u) if j != i else _failed() for j, u in enumerate(updates)]
         )
         assert _norm(full, without) <= clip / cohort * (1 + 1e-5)
         assert strategy.last_round["failed"] == 1
@@ -125,7 +145,7 @@ def test_noise_std_matches_formula(task_identity):
     strategy = _dp_strategy(noise=noise, clip=clip, cohort=cohort)
     update = {"item_emb.weight": np.full((400, 50), 0.01, np.float32), "item_bias": np.zeros(400, np.float32)}
     # two of the four sampled devices reply: the step halves, the noise does not shrink
-    released = _aggregate(strategy, sent, [_reply(update), _reply(update), _failed(), _failed()])
+    released = _aggregate(strategy, sent, [train_reply(update), train_reply(update), _failed(), _failed()])
     change = np.concatenate([(released[k] - sent[k]).ravel() for k in sent])
     clipped = min(1.0, clip / np.sqrt(400 * 50 * 0.01**2)) * 0.01  # update norm 1.41 < clip: unclipped
     signal = np.concatenate([np.full(400 * 50, 2 * clipped / cohort), np.zeros(400)])
@@ -144,7 +164,11 @@ def test_invalid_updates_are_rejected_before_dp(task_identity):
     nan = {**good, "item_bias": np.full(4, np.nan, np.float32)}
     wrong_shape = {**good, "item_bias": np.zeros(5, np.float32)}
     extra_key = {**good, "evil": np.zeros(1, np.float32)}
-    released = _aggregate(strategy, sent, [_reply(good), _reply(nan), _reply(wrong_shape), _reply(extra_key)])
+    released = _aggregate(
+        strategy,
+        sent,
+        [train_reply(good), train_reply(nan), train_reply(wrong_shape), train_reply(extra_key)],
+    )
     row = strategy.last_round
     assert row["valid"] == 1 and row["rejected"] == 3 and row["aggregated"]
     assert all(np.isfinite(v).all() for v in released.values())
@@ -166,7 +190,7 @@ def test_fedadam_steps_on_the_noisy_mean(task_identity):
     sent = {"item_bias": np.zeros(3, np.float32)}
     strategy.sent, strategy.sampled, strategy.current_arrays = sent, 2, dict(sent)
     up = {"item_bias": np.full(3, 5.0, np.float32)}  # clipped to norm 1: +0.577 per coordinate
-    arrays, _ = strategy.aggregate_train(1, [_reply(up), _reply(up)])
+    arrays, _ = strategy.aggregate_train(1, [train_reply(up), train_reply(up)])
     result = arrays["item_bias"].numpy()
     assert result.dtype == np.float32 and (result > 0).all() and strategy.last_round["epsilon"] > 0
 
@@ -181,9 +205,20 @@ def test_dp_config_checks():
 @pytest.mark.slow
 def test_simulation_with_dp_reports_increasing_epsilon(tmp_path):
     data = make_events(tmp_path / "events.csv", users=3)
-    cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, local_epochs=1,
-                          fraction_train=2 / 3, privacy="dp", dp_noise=1.0, dp_clip=0.5, eval_every=2, users_per_node=1,
-                          out_dir=str(tmp_path / "run"))  # fmt: skip
+    cfg = FederatedConfig(
+        dataset=str(data),
+        max_len=16,
+        d_model=16,
+        num_rounds=2,
+        local_epochs=1,
+        fraction_train=2 / 3,
+        privacy="dp",
+        dp_noise=1.0,
+        dp_clip=0.5,
+        eval_every=2,
+        users_per_node=1,
+        out_dir=str(tmp_path / "run"),
+    )
     history = run_simulation(cfg, num_cpus=2)["history"]
     eps = [row["epsilon"] for row in history]
     want = RdpAccountant(2 / 3, 1.0)

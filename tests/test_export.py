@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from shared_model.batching import input_batch
+from shared_model.build import build_model
 from shared_model.config import MODEL_PRESETS, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
@@ -35,7 +36,6 @@ from shared_model.export import (
 from shared_model.graph_io import initial_personal
 from shared_model.model import TMEPSR, InterestHeads
 from shared_model.partition import load_parts, parameter_groups, split_state
-from shared_model.recommender import build_model
 from shared_model.training import model_config_for, train_end_per_user, train_epoch
 
 TOL = 1e-4
@@ -274,6 +274,7 @@ def test_encoder_limit_and_models_without_a_step_are_refused(log, tmp_path):
         export_model(sasrec, tmp_path)
 
 
+@pytest.mark.slow
 def test_int8_weights_keep_the_top10_and_shrink_the_bundle(trained, graphs, log, tmp_path):
     int8 = export_model(trained, tmp_path, explanation_candidates=_candidates(log), int8=True)
     layout = {v["name"]: v for v in int8.spec["personalize"]["inputs"]}

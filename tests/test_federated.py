@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client_sdk.device import Device
 from client_sdk.flower_client import make_client_app
@@ -18,34 +18,39 @@ from server.checkpoint import load_server_checkpoint, save_server_checkpoint
 from server.validation import UpdateRejected, validate_update
 from shared_model.config import FederatedConfig
 from shared_model.partition import split_state
-from shared_model.updates import ITEM_TABLES, compress_int8, decompress, densify, encode_sparse, upload_rows
+from shared_model.protocol.updates import (
+    ITEM_TABLES,
+    compress_int8,
+    decompress,
+    densify,
+    encode_sparse,
+    upload_rows,
+)
 
-
-def make_events(path: Path, users: int = 9, events: int = 14, items: int = 40, seed: int = 0) -> Path:
-    """A small CSV event log (users x events) with explanation texts, for fast federated tests."""
-    rng = np.random.default_rng(seed)
-    rows = ["user,item,timestamp,explanation"]
-    for u in range(users):
-        t = 1_600_000_000 + int(rng.integers(0, 10_000))
-        for _ in range(events):
-            t += int(rng.integers(60, 86_400))
-            item = int(rng.integers(0, items))
-            rows.append(f"u{u},i{item},{t},{'cheap' if item % 2 else 'fast'}|{'red' if item % 3 else 'blue'}")
-    path.write_text("\n".join(rows) + "\n")
-    return path
+from .helpers import make_events, request_message, train_reply
 
 
 @pytest.fixture()
 def cfg(tmp_path) -> FederatedConfig:
     data = make_events(tmp_path / "events.csv")
-    return FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, local_epochs=2,
-                           out_dir=str(tmp_path / "run"), fraction_train=1.0)  # fmt: skip
+    return FederatedConfig(
+        dataset=str(data),
+        max_len=16,
+        d_model=16,
+        num_rounds=2,
+        local_epochs=2,
+        out_dir=str(tmp_path / "run"),
+        fraction_train=1.0,
+    )
 
 
 def test_sparse_codec_roundtrip_and_decoys():
     rng = np.random.default_rng(0)
-    ref = {"item_emb.weight": rng.standard_normal((50, 4)).astype(np.float32),
-           "item_bias": rng.standard_normal(50).astype(np.float32), "explanation.bias": np.zeros(3, np.float32)}  # fmt: skip
+    ref = {
+        "item_emb.weight": rng.standard_normal((50, 4)).astype(np.float32),
+        "item_bias": rng.standard_normal(50).astype(np.float32),
+        "explanation.bias": np.zeros(3, np.float32),
+    }
     new = {k: v + 1 for k, v in ref.items()}
     sparse = encode_sparse(new, upload_rows(np.array([3, 7, 7]), decoys=5, num_rows=50, rng=rng))
     assert len(sparse["item_emb.weight@rows"]) == 7 and {3, 7} <= set(sparse["item_emb.weight@rows"].tolist())
@@ -60,9 +65,11 @@ def test_sparse_codec_roundtrip_and_decoys():
 @pytest.mark.parametrize("sparse", [False, True])
 def test_int8_codec_is_unbiased_small_and_validated(sparse):
     rng = np.random.default_rng(1)
-    ref = {"item_emb.weight": rng.standard_normal((200, 16)).astype(np.float32),
-           "item_bias": rng.standard_normal(200).astype(np.float32),
-           "explanation.w": rng.standard_normal((8, 16)).astype(np.float32)}  # fmt: skip
+    ref = {
+        "item_emb.weight": rng.standard_normal((200, 16)).astype(np.float32),
+        "item_bias": rng.standard_normal(200).astype(np.float32),
+        "explanation.w": rng.standard_normal((8, 16)).astype(np.float32),
+    }
     new = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in ref.items()}
     new["explanation.w"][3] = ref["explanation.w"][3]  # an unchanged row: scale 0, decoded exactly
     update = encode_sparse(new, np.arange(0, 200, 7)) if sparse else new
@@ -76,19 +83,28 @@ def test_int8_codec_is_unbiased_small_and_validated(sparse):
         step = (delta.max(axis=1, keepdims=True) if delta.ndim == 2 else delta.max()) / 127
         assert (np.abs(dense[k] - want[k]) <= step * 1.001 + 1e-7).all(), k
     np.testing.assert_array_equal(dense["explanation.w"][3], ref["explanation.w"][3])
-    draws = np.mean([densify(decompress(compress_int8(update, ref, rng), ref), ref)["explanation.w"]
-                     for _ in range(400)], axis=0)  # fmt: skip
+    draws = np.mean(
+        [densify(decompress(compress_int8(update, ref, rng), ref), ref)["explanation.w"] for _ in range(400)],
+        axis=0,
+    )
     step = np.abs(want["explanation.w"] - ref["explanation.w"]).max() / 127
     assert np.abs(draws - want["explanation.w"]).max() < 0.2 * step  # stochastic rounding: unbiased
-    for key, bad in [("explanation.w@q8", np.zeros((8, 16), np.int16)), ("explanation.w@scale", np.full((8, 1), -1, np.float32)),
-                     ("explanation.w@scale", np.full((8, 1), np.nan, np.float32)), ("item_bias@scale", np.zeros((2,), np.float32))]:  # fmt: skip
+    for key, bad in [
+        ("explanation.w@q8", np.zeros((8, 16), np.int16)),
+        ("explanation.w@scale", np.full((8, 1), -1, np.float32)),
+        ("explanation.w@scale", np.full((8, 1), np.nan, np.float32)),
+        ("item_bias@scale", np.zeros((2,), np.float32)),
+    ]:
         with pytest.raises(UpdateRejected):
             validate_update({**packed, key: bad}, ref, 1, 10)
 
 
 def _ref():
-    return {"item_emb.weight": np.zeros((10, 4), np.float32), "item_bias": np.zeros(10, np.float32),
-            "explanation.bias": np.zeros(3, np.float32)}  # fmt: skip
+    return {
+        "item_emb.weight": np.zeros((10, 4), np.float32),
+        "item_bias": np.zeros(10, np.float32),
+        "explanation.bias": np.zeros(3, np.float32),
+    }
 
 
 @pytest.mark.parametrize(
@@ -121,8 +137,12 @@ def test_hostile_sparse_updates_are_rejected():
     ref = _ref()
     good = encode_sparse(ref, np.array([1, 2]))
     validate_update(good, ref, 1, 10)
-    for key, bad in [("item_emb.weight@rows", np.array([1, 99])), ("item_emb.weight@rows", np.array([1, 1])),
-                     ("item_bias@rows", np.array([1, 3])), ("item_emb.weight@values", np.zeros((3, 4), np.float32))]:  # fmt: skip
+    for key, bad in [
+        ("item_emb.weight@rows", np.array([1, 99])),
+        ("item_emb.weight@rows", np.array([1, 1])),
+        ("item_bias@rows", np.array([1, 3])),
+        ("item_emb.weight@values", np.zeros((3, 4), np.float32)),
+    ]:
         with pytest.raises(UpdateRejected):
             validate_update({**good, key: bad}, ref, 1, 10)
 
@@ -154,8 +174,11 @@ def test_local_sgd_barely_moves_unseen_items_where_a_fresh_adamw_moves_every_row
         run = replace(cfg, local_optimizer=optimizer, local_epochs=1, local_lr=0.1)
         device = Device(run, partition_id=0, num_partitions=9, store_dir=Path(cfg.out_dir) / optimizer)
         result = device.train(shared, server_round=1)
-        seen = np.unique(np.concatenate([device.log.item[device.log.user_ptr[u] : device.train_end[u]]
-                                         for u in device.users]))  # fmt: skip
+        seen = np.unique(
+            np.concatenate(
+                [device.log.item[device.log.user_ptr[u] : device.train_end[u]] for u in device.users]
+            )
+        )
         unseen = np.setdiff1d(np.arange(device.log.num_items), seen) + 1  # table rows (0 = padding)
         moved[optimizer] = np.median(np.abs(result.update["item_bias"] - shared["item_bias"])[unseen])
     assert moved["adamw"] > 0.5 * 0.1 and moved["sgd"] < 0.1 * moved["adamw"]  # here 0.1 vs 0.0025
@@ -237,7 +260,12 @@ def test_virtual_users_equal_one_user_per_node(cfg, row_clip):
         singles.append(d.train(shared, 1))
     grouped = group.train(shared, 1)
     for single in singles:
-        moved = np.sqrt(sum(np.sum((single.update[k].astype(np.float64) - shared[k]).reshape(len(shared[k]), -1) ** 2, 1) for k in ITEM_TABLES))  # fmt: skip
+        moved = np.sqrt(
+            sum(
+                np.sum((single.update[k].astype(np.float64) - shared[k]).reshape(len(shared[k]), -1) ** 2, 1)
+                for k in ITEM_TABLES
+            )
+        )
         assert moved.max() <= row_clip * (1 + 1e-4)
     assert row_clip > 0.1 or moved.max() > row_clip * 0.99  # the tight clip did bind
     total = sum(s.num_examples for s in singles)
@@ -247,23 +275,24 @@ def test_virtual_users_equal_one_user_per_node(cfg, row_clip):
         np.testing.assert_allclose(grouped.update[key], mean, rtol=1e-5, atol=1e-6)
 
 
-def _message(cfg: FederatedConfig, shared: dict, kind: str, **extra) -> Message:
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
-                          "config": ConfigRecord(cfg.to_run_config() | {"server-round": 1, **extra})})  # fmt: skip
-    return Message(content, dst_node_id=1, message_type=kind)
-
-
 def test_client_app_called_directly(cfg, task_identity):
     shared = initial_shared(cfg)
     app = make_client_app()
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 9,
-                      "store-dir": str(Path(cfg.out_dir) / "devices")}, state=RecordDict(), run_config={})  # fmt: skip
-    reply = app(_message(cfg, shared, "train"), context)
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 2, "num-partitions": 9, "store-dir": str(Path(cfg.out_dir) / "devices")},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = app(request_message(cfg, shared, "train"), context)
     arrays = reply.content.array_records["arrays"]
     assert set(arrays.keys()) == set(shared)
     metrics = reply.content.metric_records["metrics"]
     assert metrics["num-examples"] == 12 and np.isfinite(metrics["train-loss"])
-    ev = app(_message(cfg, shared, "evaluate", stage="val,test"), context).content.metric_records["metrics"]
+    ev = app(request_message(cfg, shared, "evaluate", stage="val,test"), context).content.metric_records[
+        "metrics"
+    ]
     assert ev["num-examples"] == 1 and 0 <= ev["val/ndcg@10"] <= 1 and "test/expl_recall@10" in ev
 
 
@@ -315,18 +344,9 @@ def test_flower_run_config_is_checked_like_the_cli(settings, message):
         FederatedConfig.from_run_config(FederatedConfig().to_run_config() | settings)
 
 
-def _reply(shared: dict, examples: float = 5) -> Message:
-    from flwr.app import MetricRecord
-
-    request = Message(RecordDict(), dst_node_id=1, message_type="train")
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
-                          "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})})  # fmt: skip
-    return Message(content, reply_to=request)
-
-
 @pytest.mark.parametrize("optimizer", ["fedavg", "fedadam"])
 def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, task_identity):
-    from server.strategy import make_strategy
+    from server.strategies import make_strategy
 
     sent = {"item_bias": np.zeros(4, np.float32), "explanation.bias": np.zeros(2, np.float32)}
     good = {"item_bias": np.full(4, 0.5, np.float32), "explanation.bias": np.full(2, -0.5, np.float32)}
@@ -338,11 +358,17 @@ def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, task_i
         strategy.current_arrays = dict(sent)
     nan = {**good, "item_bias": np.full(4, np.nan, np.float32)}
     wrong = {**good, "item_bias": np.zeros(5, np.float32)}
-    replies = [_reply(good), _reply(good, examples=15), _reply(nan), _reply(wrong)]
+    replies = [train_reply(good), train_reply(good, examples=15), train_reply(nan), train_reply(wrong)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert strategy.last_round | {"rejections": None} == {
-        "sampled": 4, "valid": 2, "rejected": 2, "failed": 0, "rejections": None, "aggregated": True,
-        "failed_users": 0}  # fmt: skip
+        "sampled": 4,
+        "valid": 2,
+        "rejected": 2,
+        "failed": 0,
+        "rejections": None,
+        "aggregated": True,
+        "failed_users": 0,
+    }
     result = {k: v.numpy() for k, v in arrays.items()}
     assert all(np.isfinite(v).all() for v in result.values())
     assert all(
@@ -354,14 +380,14 @@ def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, task_i
         assert (result["item_bias"] > 0).all() and (result["explanation.bias"] < 0).all()
     # only one valid reply out of 4 sampled (< 50%): the round completes without changing the arrays
     strategy.sent = sent
-    assert strategy.aggregate_train(2, [_reply(good), _reply(nan)]) == (None, None)
+    assert strategy.aggregate_train(2, [train_reply(good), train_reply(nan)]) == (None, None)
     assert strategy.last_round["aggregated"] is False
 
 
 @pytest.mark.parametrize("optimizer", ["fedavg", "fedadam"])
 def test_seeded_cohort_keeps_the_flower_strategy_state(optimizer, task_identity):
     """Seeded cohorts re-address the Flower strategy's own messages: FedAdam still remembers the sent arrays."""
-    from server.strategy import make_strategy
+    from server.strategies import make_strategy
 
     class Grid:
         def get_node_ids(self):
@@ -370,8 +396,9 @@ def test_seeded_cohort_keeps_the_flower_strategy_state(optimizer, task_identity)
     strategy = make_strategy(FederatedConfig(server_optimizer=optimizer, fraction_train=0.5, seed=5), 4)
     strategy.setup_sampling({11: 0, 22: 1, 33: 2, 44: 3}, seed=5)
     sent = {"item_bias": np.zeros(4, np.float32)}
-    messages = strategy.configure_train(3, ArrayRecord({k: Array(v) for k, v in sent.items()}),
-                                        ConfigRecord({}), Grid())  # fmt: skip
+    messages = strategy.configure_train(
+        3, ArrayRecord({k: Array(v) for k, v in sent.items()}), ConfigRecord({}), Grid()
+    )
     expected = strategy.sample_nodes(3, {11, 22, 33, 44})
     assert [m.metadata.dst_node_id for m in messages] == expected and len(expected) == 2
     assert strategy.sampled == 2 and strategy.sampled_partitions == sorted(
@@ -385,17 +412,19 @@ def test_seeded_cohort_keeps_the_flower_strategy_state(optimizer, task_identity)
 def test_fedadam_moments_survive_a_checkpoint(tmp_path, task_identity):
     """A resumed FedAdam server takes the same step as one that never stopped."""
     from server.checkpoint import load_server_state, save_server_checkpoint
-    from server.strategy import make_strategy
+    from server.strategies import make_strategy
 
     cfg = FederatedConfig(row_clip=0, server_optimizer="fedadam", server_tau=1e-8, norm_bound=5)
     sent = {"item_bias": np.zeros(4, np.float32)}
-    steps = [{"item_bias": np.array([0.5, -0.2, 0.1, 0.0], np.float32)},
-             {"item_bias": np.array([0.1, 0.3, -0.4, 0.2], np.float32)}]  # fmt: skip
+    steps = [
+        {"item_bias": np.array([0.5, -0.2, 0.1, 0.0], np.float32)},
+        {"item_bias": np.array([0.1, 0.3, -0.4, 0.2], np.float32)},
+    ]
 
     def step(strategy, rnd, arrays, update):
         strategy.sent, strategy.sampled = arrays, 1
         strategy.current_arrays = dict(arrays)
-        out, _ = strategy.aggregate_train(rnd, [_reply({k: arrays[k] + update[k] for k in arrays})])
+        out, _ = strategy.aggregate_train(rnd, [train_reply({k: arrays[k] + update[k] for k in arrays})])
         return {k: v.numpy() for k, v in out.items()}
 
     running = make_strategy(cfg, 4)

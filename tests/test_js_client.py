@@ -30,9 +30,10 @@ KEY = bytes(range(32))
 USERS, EVENTS_PER_USER = 80, 60  # ~4,500 events: 80 users' first 60 events
 K = 10
 
-pytestmark = pytest.mark.skipif(
-    NODE is None, reason="node is not on PATH (the JavaScript client needs Node >= 20)"
-)
+pytestmark = [
+    pytest.mark.slow,  # each builds or replays a bundle through node (10-30 s)
+    pytest.mark.skipif(NODE is None, reason="node is not on PATH (the JavaScript client needs Node >= 20)"),
+]
 
 
 def _node(args: list[str], payload: dict | None = None, timeout: float = 300) -> dict:
@@ -114,8 +115,14 @@ def _assert_parity(env, tmp_path, min_events: int) -> None:
     explanations = spec["num_explanations_out"]
     assert explanations > 0, "the fixture model must have an explanation branch"
     want = _python_replay(env, tmp_path, explanations)
-    request = {"command": "replay", "bundle": str(env["bundle"]), "public_key": str(env["public"]), "k": K,
-               "explanations": explanations, "users": env["users"]}  # fmt: skip
+    request = {
+        "command": "replay",
+        "bundle": str(env["bundle"]),
+        "public_key": str(env["public"]),
+        "k": K,
+        "explanations": explanations,
+        "users": env["users"],
+    }
     got = _node(["bin/replay.mjs"], request)["users"]
     assert len(got) == len(want) == len(env["users"])
     events = agree = 0
@@ -168,8 +175,15 @@ def test_stores_written_by_one_client_are_read_by_the_other(env, tmp_path, key):
     rec.close()
 
     js_key = {"key": KEY.hex()} if "key" in key else key
-    request = {"command": "store", "bundle": str(env["bundle"]), "public_key": str(env["public"]),
-               "store": str(path), "events": events[30:40], "explanations": 3, **js_key}  # fmt: skip
+    request = {
+        "command": "store",
+        "bundle": str(env["bundle"]),
+        "public_key": str(env["public"]),
+        "store": str(path),
+        "events": events[30:40],
+        "explanations": 3,
+        **js_key,
+    }
     js = _node(["bin/replay.mjs"], request)
     # the JS client read the Python store: same history, same recommendations (from the stored state)
     assert [tuple(e) for e in js["opened"]["history"]] == [tuple(e) for e in py_history]

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from shared_model.batching import Batch, input_batch, training_batch, training_windows
+from shared_model.build import build_model
 from shared_model.config import ModelConfig, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
 from shared_model.model import TMEPSR
 from shared_model.partition import SPLITS, parameter_groups
-from shared_model.recommend import head_usage
-from shared_model.recommender import build_model
+from shared_model.top_k import head_usage
 from shared_model.training import (
     evaluate,
     fit,
@@ -172,8 +172,9 @@ def _balance_setup(log, users: int) -> tuple[TMEPSR, Batch]:
     torch.manual_seed(0)
     model = TMEPSR(_small(log, max_len=50, gamma=0.0, head_balance=0.0, use_explanations=False))
     split = LeaveOneOutSplit(log)
-    starts, ends = training_windows(log.user_ptr, train_end_per_user(log, split), np.arange(users), 50,
-                                    np.random.default_rng(0))  # fmt: skip
+    starts, ends = training_windows(
+        log.user_ptr, train_end_per_user(log, split), np.arange(users), 50, np.random.default_rng(0)
+    )
     return model, training_batch(log, starts, ends, 50)
 
 

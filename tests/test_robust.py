@@ -1,4 +1,4 @@
-"""Robust aggregation (shared_model.clipping, the strategies of server.strategy): update and item-row clipping, the
+"""Robust aggregation (shared_model.protocol.clipping, the strategies of server.strategy): update and item-row clipping, the
 coordinate-wise trimmed mean and median, their interplay with validation, and the hostile-update suite of the
 poisoning benchmark sent in one round together with good updates."""
 
@@ -7,16 +7,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig
-from shared_model.updates import compress_int8, encode_sparse
+from shared_model.protocol.clipping import clip_update
+from shared_model.protocol.updates import compress_int8, encode_sparse
 from simulations.bench_poisoning import aggregate_round, hostile_round, hostile_updates
 
 
 def _sent(rng: np.random.Generator, rows: int = 12) -> dict[str, np.ndarray]:
-    return {"item_emb.weight": rng.standard_normal((rows, 4)).astype(np.float32),
-            "item_bias": rng.standard_normal(rows).astype(np.float32),
-            "explanation.bias": rng.standard_normal(3).astype(np.float32)}  # fmt: skip
+    return {
+        "item_emb.weight": rng.standard_normal((rows, 4)).astype(np.float32),
+        "item_bias": rng.standard_normal(rows).astype(np.float32),
+        "explanation.bias": rng.standard_normal(3).astype(np.float32),
+    }
 
 
 def _moved(sent: dict, rng: np.random.Generator, size: float = 0.1) -> dict[str, np.ndarray]:
@@ -113,8 +115,12 @@ def test_clipping_comes_after_validation():
     cfg = FederatedConfig(
         server_optimizer="fedavg", row_clip=0, norm_bound=3 * size, clip_norm=size / 2, min_reply_fraction=0.5
     )
-    replies = [(_constant(sent, 1.0), 1), (_constant(sent, 2.0), 1), (_constant(sent, 4.0), 1),
-               (_constant(sent, np.nan), 1)]  # fmt: skip
+    replies = [
+        (_constant(sent, 1.0), 1),
+        (_constant(sent, 2.0), 1),
+        (_constant(sent, 4.0), 1),
+        (_constant(sent, np.nan), 1),
+    ]
     arrays, stats = aggregate_round(cfg, sent, replies)
     assert stats["valid"] == 2 and stats["rejected"] == 2 and stats["norm_clipped"] == 2
     assert any("norm" in r for r in stats["rejections"]) and any(
@@ -236,12 +242,16 @@ def test_item_tables_own_adam_epsilon_damps_tiny_consistent_pushes():
 
 @pytest.mark.parametrize("aggregation", ["mean", "trimmed-mean", "median"])
 def test_every_hostile_update_is_rejected_in_a_round_with_good_ones(aggregation):
-    """Attack 3 of issue 6: the whole hostile suite plus dense, sparse and int8 good updates in ONE round."""
+    """The hostile-update attack (THREAT_MODEL.md): the whole hostile suite plus dense, sparse and int8 good updates in ONE round."""
     rng = np.random.default_rng(7)
     sent = _sent(rng, rows=30)
-    goods = [(_moved(sent, rng), 3), (_moved(sent, rng), 5), (_moved(sent, rng), 2),
-             (encode_sparse(_moved(sent, rng), np.array([2, 9, 11])), 4),
-             (compress_int8(_moved(sent, rng), sent, rng), 6)]  # fmt: skip
+    goods = [
+        (_moved(sent, rng), 3),
+        (_moved(sent, rng), 5),
+        (_moved(sent, rng), 2),
+        (encode_sparse(_moved(sent, rng), np.array([2, 9, 11])), 4),
+        (compress_int8(_moved(sent, rng), sent, rng), 6),
+    ]
     cfg = FederatedConfig(
         server_optimizer="fedavg",
         row_clip=0,
@@ -255,8 +265,20 @@ def test_every_hostile_update_is_rejected_in_a_round_with_good_ones(aggregation)
     assert result["hostile"] == len(hostile) and result["rejected"] == len(hostile) and result["valid"] == 5
     assert result["round_completed"] and result["aggregate_equals_good_only"] and result["float32"]
     assert set(result["reasons"]) == set(hostile) and all(result["reasons"].values())  # each with a reason
-    kinds = ("wrong shape", "NaN", "Inf", "huge norm", "missing key", "extra key", "float64", "example weight",
-             "sparse: row", "int8: negative scale", "int8: NaN scale", "no arrays")  # fmt: skip
+    kinds = (
+        "wrong shape",
+        "NaN",
+        "Inf",
+        "huge norm",
+        "missing key",
+        "extra key",
+        "float64",
+        "example weight",
+        "sparse: row",
+        "int8: negative scale",
+        "int8: NaN scale",
+        "no arrays",
+    )
     assert all(any(kind in name for name in hostile) for kind in kinds)
 
 
@@ -264,7 +286,8 @@ def test_population_head_shares_come_from_well_formed_reports_only():
     """The server's estimate of the population's head shares (sent to the devices for the responsibility
     balance): example-weighted over the cohort, kept across rounds, ignoring reports that are no distribution,
     saved with the server state."""
-    from server.strategy import SHARE_MEMORY, make_strategy
+    from server.strategies import make_strategy
+    from server.strategy import SHARE_MEMORY
     from simulations.bench_poisoning import reply
 
     rng = np.random.default_rng(0)

@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from client_sdk.bundle import BundleError, BundleFormatError, BundleSignatureError, BundleTampered
 from client_sdk.errors import DeviceRuntimeError
 from client_sdk.runtime import IncompatibleStore, OutOfOrderEvent, Recommender, RuntimeInputError, UnknownItem
 from client_sdk.store import DeviceRecord, EncryptedStore, StoreError, StoreInUse, _write_v1
 from server.publish import build_bundle
 from server.release import generate_keys, load_private_key, sign_bundle
+from shared_model.build import build_model
 from shared_model.data import load_dataset
 from shared_model.partition import split_state
-from shared_model.recommend import recommend
-from shared_model.recommender import build_model
+from shared_model.protocol.bundle import BundleError, BundleFormatError, BundleSignatureError, BundleTampered
+from shared_model.top_k import recommend
 from shared_model.training import model_config_for
 
-from .test_federated import make_events
+from .helpers import make_events
 
 KEY = bytes(range(32))
 
@@ -72,7 +72,7 @@ def test_runtime_matches_the_torch_model_and_survives_a_restart(env, tmp_path):
     np.testing.assert_allclose([r.score for r in got], [w["score"] for w in want], atol=1e-4)
     assert [r.head for r in got] == [w["head"] for w in want]
     assert [r.explanations for r in got] == [w["explanations"] for w in want]
-    texts = rec._b.explanations  # the ids index the bundle catalogue's explanation vocabulary
+    texts = rec._loaded.explanations  # the ids index the bundle catalogue's explanation vocabulary
     assert all([texts[e] for e in r.explanation_ids] == r.explanations for r in got)
     wide = rec.recommend(15)  # wider than the step graph's ranking: from the rank graph
     assert [r.item for r in wide] == [w["item"] for w in recommend(model, log, 2, k=15)]
@@ -135,8 +135,14 @@ def test_bad_events_have_defined_behaviour(env, tmp_path):
     with pytest.raises(RuntimeInputError, match="k must be"):
         rec.recommend("5")
     second = log.item_ids[1]
-    for bad, message in [(1_700_000_000_000, "milliseconds"), (-5, r"\[0, 2\*\*40\)"), (2**62, r"2\*\*40"),
-                         (float("nan"), "nan"), (1_500.5, "whole"), ("1500", "number of unix seconds")]:  # fmt: skip
+    for bad, message in [
+        (1_700_000_000_000, "milliseconds"),
+        (-5, r"\[0, 2\*\*40\)"),
+        (2**62, r"2\*\*40"),
+        (float("nan"), "nan"),
+        (1_500.5, "whole"),
+        ("1500", "number of unix seconds"),
+    ]:
         with pytest.raises(RuntimeInputError, match=message):
             rec.record(second, bad)
     assert rec.history == [(str(first), 1_000)]  # nothing recorded
@@ -187,6 +193,7 @@ def test_tampered_or_foreign_bundles_are_refused_and_the_old_one_stays(env, tmp_
     assert rec.recommend(5) == before
 
 
+@pytest.mark.slow
 def test_upgrade_to_a_grown_catalogue_keeps_the_history(env, tmp_path):
     root = env["root"]
     grown_csv = root / "grown.csv"
@@ -263,7 +270,7 @@ def test_one_error_type_covers_bundle_store_and_input_refusals(env, tmp_path):
     assert isinstance(refusals[0], ValueError)  # input errors stay ValueErrors too
 
 
-@pytest.mark.parametrize("module", ["client_sdk.runtime", "client_sdk.bundle", "client_sdk.store"])
+@pytest.mark.parametrize("module", ["client_sdk.runtime", "client_sdk.bundle_slot", "client_sdk.store"])
 def test_device_modules_import_neither_torch_nor_flwr(module):
     code = (
         "import sys\n"

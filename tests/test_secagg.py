@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -25,23 +25,23 @@ from server.checkpoint import load_server_checkpoint
 from server.secagg import MOD_RANGE, _check_aggregate, quantization_range
 from server.strategy import numpy_to_record
 from server.validation import UpdateRejected
-from shared_model import secagg
-from shared_model.clipping import clip_update
 from shared_model.config import FederatedConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import partition_users
+from shared_model.protocol import secagg_vector
+from shared_model.protocol.clipping import clip_update
 from simulations.simulate import run_simulation
 
-from .test_deployment import (
+from .helpers import make_events, request_message
+from .local_deployment import (
     DEADLINE_S,
     LocalDeployment,
-    _copy_app,
-    _free_ports,
-    _run_to_completion,
+    copy_app,
+    free_ports,
+    run_to_completion,
     start_federation,
 )
-from .test_deployment import NODES as DEPLOYED
-from .test_federated import _message, make_events
+from .local_deployment import NODES as DEPLOYED
 
 NODES, USERS_PER_NODE = 4, 2
 FLOAT_SLACK = 2e-5
@@ -49,8 +49,19 @@ FLOAT_SLACK = 2e-5
 
 def _cfg(tmp_path: Path, users: int, **overrides) -> FederatedConfig:
     data = make_events(tmp_path / "events.csv", users=users)
-    base = dict(dataset=str(data), max_len=16, d_model=16, num_rounds=1, local_epochs=2, fraction_train=1.0,
-                eval_every=1, privacy="secagg", users_per_node=1, server_optimizer="fedavg", out_dir=str(tmp_path / "run"))  # fmt: skip
+    base = dict(
+        dataset=str(data),
+        max_len=16,
+        d_model=16,
+        num_rounds=1,
+        local_epochs=2,
+        fraction_train=1.0,
+        eval_every=1,
+        privacy="secagg",
+        users_per_node=1,
+        server_optimizer="fedavg",
+        out_dir=str(tmp_path / "run"),
+    )
     return FederatedConfig(**(base | overrides))
 
 
@@ -89,16 +100,16 @@ def test_encode_clips_changes_and_decode_inverts():
         "a": rng.standard_normal((3, 2)).astype(np.float32),
     }
     update = {k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in sent.items()}
-    vector = secagg.encode(update, sent, loss=3.5, clip=0.5)
+    vector = secagg_vector.encode(update, sent, loss=3.5, clip=0.5)
     assert [v.shape for v in vector] == [(3, 2), (5,), (1,)]  # sorted keys, then the loss
-    deltas, loss = secagg.decode(vector, sent, clip=0.5)
+    deltas, loss = secagg_vector.decode(vector, sent, clip=0.5)
     for k in sent:
         np.testing.assert_allclose(deltas[k], np.clip(update[k] - sent[k].astype(np.float64), -0.5, 0.5))
-    assert loss == pytest.approx(3.5) and secagg.weight(5000) == secagg.MAX_WEIGHT
+    assert loss == pytest.approx(3.5) and secagg_vector.weight(5000) == secagg_vector.MAX_WEIGHT
     with pytest.raises(ValueError, match="non-finite"):
-        secagg.encode({**update, "a": np.full((3, 2), np.nan, np.float32)}, sent, 1.0, 0.5)
+        secagg_vector.encode({**update, "a": np.full((3, 2), np.nan, np.float32)}, sent, 1.0, 0.5)
     with pytest.raises(ValueError, match="shapes"):
-        secagg.decode(vector[1:], sent, 0.5)
+        secagg_vector.decode(vector[1:], sent, 0.5)
 
 
 def test_unmasked_aggregate_is_validated():
@@ -122,7 +133,7 @@ def test_device_never_sends_a_plaintext_update_in_a_secagg_run(tmp_path, task_id
     node = {"partition-id": 0, "num-partitions": 3, "store-dir": str(tmp_path / "store")}
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="only masked"):
-        make_client_app()(_message(cfg, initial_shared(cfg), "train"), context)
+        make_client_app()(request_message(cfg, initial_shared(cfg), "train"), context)
     assert not (tmp_path / "store").exists()  # refused before training
 
 
@@ -130,28 +141,26 @@ def dropping_client_app(drops: dict[int, set[int]], spy_dir: Path) -> ClientApp:
     """The real ClientApp, except that in round r the partitions ``drops[r]`` go offline in the collect stage
     (after they shared their keys); in round 1 every other node saves the reply it sends in that stage under
     ``spy_dir``."""
-    real = make_client_app()
-    app = ClientApp()
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def drop_and_spy(msg: Message, context: Context, call_next) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
         pid, rnd = int(context.node_config["partition-id"]), int(msg.metadata.group_id)
         collect = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] == Stage.COLLECT_MASKED_VECTORS
         if collect and pid in drops[rnd]:
             raise RuntimeError("device went offline after sharing its keys")
-        reply = real(msg, context)
+        reply = call_next(msg, context)
         if collect and rnd == 1:
             masked = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-            np.savez(spy_dir / f"collect-{pid}.npz", *[bytes_to_ndarray(b) for b in masked],
-                     arrays=len(reply.content.array_records["fitres.parameters"]),
-                     weight=reply.content.metric_records["fitres.num_examples"]["num_examples"])  # fmt: skip
+            np.savez(
+                spy_dir / f"collect-{pid}.npz",
+                *[bytes_to_ndarray(b) for b in masked],
+                arrays=len(reply.content.array_records["fitres.parameters"]),
+                weight=reply.content.metric_records["fitres.num_examples"]["num_examples"],
+            )
         return reply
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return real(msg, context)
-
-    return app
+    return make_client_app([drop_and_spy])
 
 
 @pytest.mark.slow
@@ -207,19 +216,21 @@ def test_simulation_survives_a_dropout_with_the_survivors_weighted_mean(tmp_path
     # each survivor's stochastic rounding errs by < 1 step of 2 * clip / T in its weighted value; float32
     # local training repeated in this process agrees with the Ray workers' only up to BLAS summation order
     # (observed up to 4e-6 after two AdamW epochs), hence FLOAT_SLACK
-    steps = sum(round(w / secagg.MAX_WEIGHT * quantization_range(NODES)) for w in weights)
+    steps = sum(round(w / secagg_vector.MAX_WEIGHT * quantization_range(NODES)) for w in weights)
     quantum = len(results) * 2 * cfg.secagg_clip / steps
     for key, value in sent.items():
-        changes = np.stack([np.clip(u[key] - value.astype(np.float64), -cfg.secagg_clip, cfg.secagg_clip)
-                            for u in updates])  # fmt: skip
+        changes = np.stack(
+            [np.clip(u[key] - value.astype(np.float64), -cfg.secagg_clip, cfg.secagg_clip) for u in updates]
+        )
         weighted = value + np.tensordot(weights / weights.sum(), changes, axes=1)
         np.testing.assert_allclose(shared[key], weighted, rtol=0, atol=quantum + FLOAT_SLACK, err_msg=key)
-    unweighted = sent["item_emb.weight"] + np.mean([u["item_emb.weight"] - sent["item_emb.weight"]
-                                                    for u in updates], axis=0)  # fmt: skip
+    unweighted = sent["item_emb.weight"] + np.mean(
+        [u["item_emb.weight"] - sent["item_emb.weight"] for u in updates], axis=0
+    )
     assert np.abs(shared["item_emb.weight"] - unweighted).max() > 10 * (quantum + FLOAT_SLACK)
     loss = np.average([r.metrics["train-loss"] for r in results], weights=weights)
     assert row["train_loss"] == pytest.approx(
-        loss, abs=quantum * secagg.LOSS_BOUND / cfg.secagg_clip + FLOAT_SLACK
+        loss, abs=quantum * secagg_vector.LOSS_BOUND / cfg.secagg_clip + FLOAT_SLACK
     )
 
     # What left each surviving device in the collect stage: no arrays, no weight, a uniformly masked vector.
@@ -232,6 +243,7 @@ def test_simulation_survives_a_dropout_with_the_survivors_weighted_mean(tmp_path
         assert abs(masked.mean() / 2**32 - 0.5) < 0.03 and masked.max() > 2**31
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the deployment helpers find processes through /proc")
 def test_deployment_engine_runs_a_secagg_round(tmp_path):
     # a round is five exchanges per node (four SecAgg+ stages, evaluation), each a poll and a ClientApp process
@@ -239,13 +251,13 @@ def test_deployment_engine_runs_a_secagg_round(tmp_path):
     cfg = _cfg(tmp_path, users=DEPLOYED, round_timeout=120.0, out_dir=str(tmp_path / "server-out"))
     defaults = FederatedConfig().to_run_config()
     overrides = {k: v for k, v in cfg.to_run_config().items() if v != defaults[k]}
-    app_dir = _copy_app(tmp_path / "app")
-    link_port, *node_ports = _free_ports(1 + DEPLOYED)
+    app_dir = copy_app(tmp_path / "app")
+    link_port, *node_ports = free_ports(1 + DEPLOYED)
     dep = LocalDeployment(tmp_path / "deployment")
     dep.write_cli_config(link_port)
     try:
         start_federation(dep, link_port, node_ports, deadline)
-        _run_to_completion(dep, app_dir, overrides, deadline)
+        run_to_completion(dep, app_dir, overrides, deadline)
         row = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())[0]
         assert (row["sampled"], row["valid"], row["failed"], row["dropped"]) == (DEPLOYED, DEPLOYED, 0, 0), (
             row

@@ -10,55 +10,55 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
 
 from client_sdk.flower_client import make_client_app
 from server.checkpoint import load_server_checkpoint
-from server.strategy import make_strategy
+from server.strategies import make_strategy
 from shared_model.config import FederatedConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import partition_users
 from simulations.cli import main as cli_main
 from simulations.simulate import run_simulation
 
-from .test_federated import make_events
+from .helpers import make_events
 
 CRASHING, POISONING = 0, 1
 
 
-def faulty_client_app() -> ClientApp:
-    """The real ClientApp, except that partition 0 crashes and partition 1 returns NaN arrays."""
-    real = make_client_app()
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        if pid == CRASHING:
-            raise RuntimeError("device crashed mid-round")
-        reply = real(msg, context)
-        if pid == POISONING:
-            arrays = reply.content.array_records["arrays"]
-            poisoned = {k: np.full_like(v.numpy(), np.nan) for k, v in arrays.items()}
-            metrics = reply.content.metric_records["metrics"]
-            reply.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in poisoned.items()}),
-                                        "metrics": metrics})  # fmt: skip
-        return reply
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return real(msg, context)
-
-    return app
+def faults(msg: Message, context: Context, call_next) -> Message:
+    """A mod: in training rounds partition 0 crashes and partition 1 returns NaN arrays."""
+    pid = int(context.node_config["partition-id"])
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    if pid == CRASHING:
+        raise RuntimeError("device crashed mid-round")
+    reply = call_next(msg, context)
+    if pid == POISONING:
+        arrays = reply.content.array_records["arrays"]
+        poisoned = {k: np.full_like(v.numpy(), np.nan) for k, v in arrays.items()}
+        metrics = reply.content.metric_records["metrics"]
+        reply.content = RecordDict(
+            {"arrays": ArrayRecord({k: Array(v) for k, v in poisoned.items()}), "metrics": metrics}
+        )
+    return reply
 
 
 @pytest.mark.slow
 def test_simulation_survives_crash_and_poison(tmp_path):
     data = make_events(tmp_path / "events.csv", users=6)
-    cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=1.0, users_per_node=1,
-                          min_reply_fraction=0.5, eval_every=1, out_dir=str(tmp_path / "run"))  # fmt: skip
-    result = run_simulation(cfg, num_cpus=2, client_app=faulty_client_app())
+    cfg = FederatedConfig(
+        dataset=str(data),
+        max_len=16,
+        d_model=16,
+        num_rounds=2,
+        fraction_train=1.0,
+        users_per_node=1,
+        min_reply_fraction=0.5,
+        eval_every=1,
+        out_dir=str(tmp_path / "run"),
+    )
+    result = run_simulation(cfg, num_cpus=2, client_app=make_client_app([faults]))
     history = result["history"]
     assert [h["round"] for h in history] == [1, 2]
     for row in history:
@@ -79,8 +79,17 @@ def test_unreadable_stores_sit_out_with_one_line_and_are_kept(tmp_path, capfd, c
     many users it covered. When no round aggregates, ``tmepsr simulate`` exits 1 and publishes nothing."""
     data = make_events(tmp_path / "events.csv", users=6)
     log = load_dataset(str(data))
-    cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=1.0, users_per_node=3,
-                          min_reply_fraction=0.5, eval_every=1, out_dir=str(tmp_path / "run"))  # fmt: skip
+    cfg = FederatedConfig(
+        dataset=str(data),
+        max_len=16,
+        d_model=16,
+        num_rounds=2,
+        fraction_train=1.0,
+        users_per_node=3,
+        min_reply_fraction=0.5,
+        eval_every=1,
+        out_dir=str(tmp_path / "run"),
+    )
     first, second = partition_users(log.num_users, 2, cfg.seed)
     corrupt = [first[0], *second]  # one user of the first device, every user of the second
     stores = Path(cfg.out_dir) / "devices"
@@ -103,8 +112,25 @@ def test_unreadable_stores_sit_out_with_one_line_and_are_kept(tmp_path, capfd, c
         (stores / f"user-{log.user_ids[user]}.store").write_bytes(b"garbage")
     out = tmp_path / "all-corrupt"
     shutil.copytree(stores, out / "devices")
-    argv = ["simulate", "--dataset", str(data), "--max-len", "16", "--d-model", "16", "--num-rounds", "1",
-            "--fraction-train", "1", "--users-per-node", "3", "--out-dir", str(out), "--cpus", "2"]  # fmt: skip
+    argv = [
+        "simulate",
+        "--dataset",
+        str(data),
+        "--max-len",
+        "16",
+        "--d-model",
+        "16",
+        "--num-rounds",
+        "1",
+        "--fraction-train",
+        "1",
+        "--users-per-node",
+        "3",
+        "--out-dir",
+        str(out),
+        "--cpus",
+        "2",
+    ]
     assert cli_main(argv) == 1
     err = capfd.readouterr()
     assert "no round aggregated an update" in err.err and "Traceback" not in err.out + err.err
@@ -133,8 +159,18 @@ def test_seeded_cohorts_depend_on_partitions_not_node_ids():
 def test_simulation_samples_the_seeded_cohorts(tmp_path):
     """Nodes say their partition ids through a Flower query; each round trains the seeded cohort."""
     data = make_events(tmp_path / "events.csv", users=8)
-    cfg = FederatedConfig(dataset=str(data), max_len=16, d_model=16, num_rounds=2, fraction_train=0.5, users_per_node=1,
-                          local_epochs=1, eval_every=2, seed=3, out_dir=str(tmp_path / "run"))  # fmt: skip
+    cfg = FederatedConfig(
+        dataset=str(data),
+        max_len=16,
+        d_model=16,
+        num_rounds=2,
+        fraction_train=0.5,
+        users_per_node=1,
+        local_epochs=1,
+        eval_every=2,
+        seed=3,
+        out_dir=str(tmp_path / "run"),
+    )
     history = run_simulation(cfg, num_cpus=2)["history"]
     assert [row["cohort"] for row in history] == [_cohort(3, r, list(range(8)), 8, 0.5) for r in (1, 2)]
     assert all(row["sampled"] == row["valid"] == 4 for row in history)

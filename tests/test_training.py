@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shared_model.build import build_model
 from shared_model.config import TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
-from shared_model.recommender import build_model
 from shared_model.training import fit, model_config_for
 
 

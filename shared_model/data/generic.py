@@ -121,8 +121,10 @@ def _timestamps(column: Any, path: Path, first_line: int) -> np.ndarray:
     try:
         values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
     except pa.ArrowInvalid:  # some value is not a number as Arrow reads them: the readers' rule, line by line
-        return np.array([parse_timestamp(str(v), path, k + first_line)
-                         for k, v in enumerate(column.to_pylist())], dtype=np.int64)  # fmt: skip
+        return np.array(
+            [parse_timestamp(str(v), path, k + first_line) for k, v in enumerate(column.to_pylist())],
+            dtype=np.int64,
+        )
     bad = ~((values >= 0) & (values < MAX_TIMESTAMP))  # NaN is bad too
     if bad.any():
         k = int(np.flatnonzero(bad)[0])
@@ -166,6 +168,7 @@ def _first_occurrences(
     _, first = np.unique(np.stack([users, items, times]), axis=1, return_index=True)
     if len(first) == len(times):
         return None
-    log.warning("%s: %d repeated events (same user, item and timestamp) counted once", path,
-                len(times) - len(first))  # fmt: skip
+    log.warning(
+        "%s: %d repeated events (same user, item and timestamp) counted once", path, len(times) - len(first)
+    )
     return np.sort(first)

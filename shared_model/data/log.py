@@ -184,6 +184,14 @@ class InteractionLog:
         if len(explanations.ids) and explanations.ids.max() >= len(vocab):
             raise ValueError("explanation ids outside the vocabulary")
         return InteractionLog(
-            self.name, self.user, self.item, self.time, self.time_unit,
-            self.user_ids, self.item_ids, explanations, vocab, self.item_meta,
-        )  # fmt: skip
+            self.name,
+            self.user,
+            self.item,
+            self.time,
+            self.time_unit,
+            self.user_ids,
+            self.item_ids,
+            explanations,
+            vocab,
+            self.item_meta,
+        )

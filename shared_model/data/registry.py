@@ -80,7 +80,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "order",
             "none",
         ),
-    )  # fmt: skip
+    )
 }
 
 

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository r
 
 from server.publish import build_bundle  # noqa: E402
 from server.release import generate_keys, load_private_key  # noqa: E402
+from shared_model.build import build_model  # noqa: E402
 from shared_model.data import load_dataset  # noqa: E402
-from shared_model.recommender import build_model  # noqa: E402
 from shared_model.training import model_config_for  # noqa: E402
 
 

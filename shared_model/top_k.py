@@ -14,7 +14,7 @@ from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
 from .explanation import attested_top
 from .graph_io import exclude_mask
-from .recommender import SequenceRecommender
+from .sequence_model import SequenceModel
 
 
 @lru_cache(maxsize=2)
@@ -25,7 +25,7 @@ def _attested_candidates(log: InteractionLog) -> torch.Tensor:
 
 @torch.no_grad()
 def recommend(
-    model: SequenceRecommender, log: InteractionLog, user: int, k: int = 10, explanations: int = 2
+    model: SequenceModel, log: InteractionLog, user: int, k: int = 10, explanations: int = 2
 ) -> list[dict[str, Any]]:
     """Top-``k`` unseen items for ``user`` given their whole history, each with score, title, the interest
     head that scored it (TME-PSR) and its top attested explanation texts (when the model explains)."""
@@ -52,20 +52,22 @@ def recommend(
     titles = log.item_meta.titles
     out = []
     for r, item in enumerate(items.tolist()):
-        out.append({
-            "item": str(log.item_ids[item]),
-            "title": titles[item] if titles else str(log.item_ids[item]),
-            "score": float(top.values[r]),
-            "head": None if heads is None else int(heads[r]),
-            "explanations": [] if expl is None else [log.vocab.texts[e] for e in expl[r].tolist() if e >= 0],
-        })  # fmt: skip
+        out.append(
+            {
+                "item": str(log.item_ids[item]),
+                "title": titles[item] if titles else str(log.item_ids[item]),
+                "score": float(top.values[r]),
+                "head": None if heads is None else int(heads[r]),
+                "explanations": []
+                if expl is None
+                else [log.vocab.texts[e] for e in expl[r].tolist() if e >= 0],
+            }
+        )
     return out
 
 
 @torch.no_grad()
-def head_usage(
-    model: SequenceRecommender, log: InteractionLog, users: np.ndarray, k: int = 10
-) -> dict[str, Any]:
+def head_usage(model: SequenceModel, log: InteractionLog, users: np.ndarray, k: int = 10) -> dict[str, Any]:
     """How the interest heads share the top-``k`` unseen items of ``users`` (each user's whole history): the
     share of users whose list draws on 2+ heads, and each head's share of all shown items."""
     model.eval()
@@ -77,8 +79,11 @@ def head_usage(
     heads = model.head_contributions(state, scores.topk(k).indices).argmax(-1)
     per_user = torch.tensor([len(set(row)) for row in heads.tolist()])
     shares = torch.bincount(heads.reshape(-1), minlength=model.cfg.num_heads) / heads.numel()
-    return {"users": len(users), "multi_head_users": float((per_user >= 2).float().mean()),
-            "head_shares": [round(float(x), 3) for x in shares]}  # fmt: skip
+    return {
+        "users": len(users),
+        "multi_head_users": float((per_user >= 2).float().mean()),
+        "head_shares": [round(float(x), 3) for x in shares],
+    }
 
 
 def recent_titles(log: InteractionLog, user: int, n: int = 3) -> str:

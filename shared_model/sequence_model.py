@@ -11,7 +11,7 @@ from .config import ModelConfig
 from .softmax_ce import routed_softmax_cross_entropy
 
 
-class SequenceRecommender(nn.Module):
+class SequenceModel(nn.Module):
     """Base class: an item table (``item_emb``, ``item_bias``; id 0 = padding) scored by interest vectors.
 
     Subclasses implement :meth:`encode` (states after each event) and either :meth:`user_vector` (one vector
@@ -70,12 +70,3 @@ class SequenceRecommender(nn.Module):
         states = self.encode(batch)[has_target]
         ce = self.item_loss(*self.interest_coordinates(states), batch.targets[has_target] - 1)
         return ce, {"ce_items": ce.item(), "loss": ce.item()}
-
-
-def build_model(cfg: ModelConfig) -> SequenceRecommender:
-    """The model a config describes (``kind``: "tmepsr", "sasrec" or "gru4rec")."""
-    from .gru4rec import GRU4Rec
-    from .model import TMEPSR
-    from .sasrec import SASRec
-
-    return {"tmepsr": TMEPSR, "sasrec": SASRec, "gru4rec": GRU4Rec}[cfg.kind](cfg)

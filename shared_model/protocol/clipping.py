@@ -2,7 +2,7 @@
 aggregation; under SecAgg+, where the server never sees one update, each device applies it to its own update
 before masking (which bounds honest devices only: the server can check just the sum, see ``server.secagg``).
 
-* ``row_clip``: each item's change in the item tables (``shared_model.updates.ITEM_TABLES``: its embedding
+* ``row_clip``: each item's change in the item tables (``shared_model.protocol.updates.ITEM_TABLES``: its embedding
   row and its bias, taken together) is scaled down to at most this L2 norm. An item-promotion attacker has
   to move the target item's rows a long way; honest devices move each row a little.
 * ``clip_norm``: the whole update's change (all shared arrays) is scaled down to at most this L2 norm, so a
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared_model.updates import ITEM_TABLES
+from shared_model.protocol.updates import ITEM_TABLES
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Signed on-device bundles: verification and the device's slot of installed bundles.
+"""The signed on-device bundle, the contract between the server that writes it and the devices that verify it.
 
 A bundle is a directory::
 
@@ -16,7 +16,7 @@ manifest, and the manifest covers every other file by size and sha256, so one si
 authenticate the whole bundle; unlisted files and symlinks are refused. ``verify_bundle`` checks the signature
 before parsing anything, then the files; nothing is read from a bundle that fails. A file checked once can still
 be replaced on disk later: ``Manifest.read`` re-checks a file's bytes as it returns them, and ``BundleSlot.current``
-re-verifies the installed bundle each time it is loaded. There is no rollback protection beyond what the app
+(``client_sdk.bundle_slot``) re-verifies the installed bundle each time it is loaded. There is no rollback protection beyond what the app
 enforces with ``model_version``: any bundle signed by the pinned key is accepted. Imports neither torch nor flwr.
 """
 
@@ -26,9 +26,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,8 +37,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import DeviceRuntimeError
-from .store import _atomic_write
 
+CATALOGUE = "catalogue.json.gz"  # the item ids, titles and explanation texts: gzip-compressed JSON
 FORMAT_VERSION = 3  # older bundles (1: self-contained graphs, 2: personal initializers) are refused
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 REQUIRED_FIELDS = ("format_version", "model_version", "opset", "created", "files")
@@ -49,7 +46,6 @@ SIGNATURE_SIZE = 64
 MAX_MANIFEST_BYTES = 256 * 2**20  # read whole before its signature is checked, so bounded
 MODEL_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_SHORT_HASH_RE = re.compile(r"[0-9a-f]{12}")
 _CHUNK = 2**20
 
 
@@ -293,118 +289,3 @@ def _hash_file(path: Path) -> tuple[str, int]:
             sha.update(chunk)
             size += len(chunk)
     return sha.hexdigest(), size
-
-
-class BundleSlot:
-    """The bundles installed on a device, and which one is current.
-
-    Layout of ``root``::
-
-        CURRENT                          the current bundle's folder name and a newline (replaced atomically)
-        <model_version>-<12 hex>/        one installed bundle; the hex is the start of its manifest's sha256
-        .install-*/ .old-*/              leftovers of an interrupted install, removed by ``prune``
-
-    Every bundle is verified against the pinned key when installed and each time ``current`` loads it. Not
-    locked against concurrent installers in other processes.
-    """
-
-    POINTER = "CURRENT"
-
-    def __init__(self, root: str | Path, public_key: Ed25519PublicKey):
-        self.root = Path(root)
-        self.public_key = public_key
-
-    def install(self, src_dir: str | Path) -> Manifest:
-        """Verify ``src_dir``, copy it in, verify the copy and make it current. On any error the current
-        bundle is unchanged and the error propagates."""
-        source = verify_bundle(src_dir, self.public_key)
-        dest = self.root / f"{source.model_version}-{source.sha256[:12]}"
-        if not self._is_intact(dest, source.sha256):
-            self._copy_in(source, dest)
-        _atomic_write(self.root / self.POINTER, f"{dest.name}\n".encode())
-        return Manifest(root=dest, data=source.data, sha256=source.sha256)
-
-    def current(self) -> Manifest | None:
-        """The current bundle, re-verified; None if nothing is installed. Raises if it was tampered with."""
-        pointer = self.root / self.POINTER
-        if not pointer.exists():
-            return None
-        name = pointer.read_text(encoding="utf-8").strip()
-        if not _is_bundle_dir_name(name):
-            raise BundleFormatError(f"{pointer}: invalid bundle name {name!r}")
-        return verify_bundle(self.root / name, self.public_key)
-
-    def prune(self, keep: int = 2) -> list[str]:
-        """Remove all but the current bundle and the ``keep - 1`` latest other ones, and install leftovers;
-        return the removed folder names."""
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
-        pointer = self.root / self.POINTER
-        current = pointer.read_text(encoding="utf-8").strip() if pointer.exists() else None
-        folders = [entry for entry in self.root.iterdir() if entry.is_dir() and not entry.is_symlink()]
-        leftovers = [entry for entry in folders if entry.name.startswith((".install-", ".old-"))]
-        others = [entry for entry in folders if _is_bundle_dir_name(entry.name) and entry.name != current]
-        others.sort(key=lambda entry: (entry.stat().st_mtime_ns, entry.name), reverse=True)
-        removed = leftovers + others[keep - 1 if current else keep :]
-        for entry in removed:
-            shutil.rmtree(entry)
-        return [entry.name for entry in removed]
-
-    def _is_intact(self, dest: Path, sha256: str) -> bool:
-        """Whether ``dest`` already holds this exact bundle, unmodified (reinstalling is then a no-op copy)."""
-        try:
-            return dest.is_dir() and verify_bundle(dest, self.public_key).sha256 == sha256
-        except BundleError:
-            return False
-
-    def _copy_in(self, source: Manifest, dest: Path) -> None:
-        """Copy into a temp folder, verify the copy, then rename it to ``dest`` (replacing a damaged one)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=self.root))
-        try:
-            for name in [MANIFEST, SIGNATURE, *source.files]:
-                _copy_synced(source.root / name, tmp / name)
-            copy = verify_bundle(tmp, self.public_key)
-            if copy.sha256 != source.sha256:
-                raise BundleTampered(f"{source.root}: the bundle changed while it was being installed")
-            for dirpath, _, _ in os.walk(tmp):
-                _fsync_dir(Path(dirpath))
-            _replace_dir(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
-def _is_bundle_dir_name(name: str) -> bool:
-    version, sep, short = name.rpartition("-")
-    return bool(sep and MODEL_VERSION_RE.fullmatch(version) and _SHORT_HASH_RE.fullmatch(short))
-
-
-def _copy_synced(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with src.open("rb") as fin, dst.open("xb") as fout:
-        shutil.copyfileobj(fin, fout, _CHUNK)
-        fout.flush()
-        os.fsync(fout.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a folder so that its entries survive a crash (POSIX only; Windows cannot open a folder)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Rename ``tmp`` to ``dest``; a folder already at ``dest`` is moved aside first and then removed."""
-    old = dest.with_name(f".old-{uuid.uuid4().hex}") if dest.exists() else None
-    if old is not None:
-        dest.rename(old)
-    tmp.rename(dest)
-    _fsync_dir(dest.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

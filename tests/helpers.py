@@ -1,0 +1,48 @@
+"""Helpers shared by the test modules: a small event log, and Flower messages as a server sends and a device
+returns them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from shared_model.config import FederatedConfig
+
+
+def make_events(path: Path, users: int = 9, events: int = 14, items: int = 40, seed: int = 0) -> Path:
+    """A small CSV event log (users x events) with explanation texts, for fast federated tests."""
+    rng = np.random.default_rng(seed)
+    rows = ["user,item,timestamp,explanation"]
+    for u in range(users):
+        t = 1_600_000_000 + int(rng.integers(0, 10_000))
+        for _ in range(events):
+            t += int(rng.integers(60, 86_400))
+            item = int(rng.integers(0, items))
+            rows.append(f"u{u},i{item},{t},{'cheap' if item % 2 else 'fast'}|{'red' if item % 3 else 'blue'}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def request_message(cfg: FederatedConfig, shared: dict, kind: str, **extra) -> Message:
+    """A server request (train or evaluate) carrying ``shared`` and the run config of ``cfg``."""
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
+            "config": ConfigRecord(cfg.to_run_config() | {"server-round": 1, **extra}),
+        }
+    )
+    return Message(content, dst_node_id=1, message_type=kind)
+
+
+def train_reply(shared: dict, examples: float = 5) -> Message:
+    """A device's valid-looking train reply: ``shared`` as its arrays, ``examples`` as its weight."""
+    request = Message(RecordDict(), dst_node_id=1, message_type="train")
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
+            "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0}),
+        }
+    )
+    return Message(content, reply_to=request)
