@@ -20,9 +20,10 @@ from shared_model.partition import split_state
 from shared_model.training import model_for_run
 
 from .checkpoint import load_server_state, resumable_checkpoint, save_server_checkpoint
+from .records import numpy_to_record, record_to_numpy
 from .secagg import secagg_round
 from .strategies import make_strategy
-from .strategy import ValidatedAggregation, numpy_to_record, record_to_numpy
+from .validated import ValidatedStrategy
 
 log = logging.getLogger("tmepsr.server")
 
@@ -147,7 +148,7 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
 
 
 def plain_round(
-    grid: Grid, strategy: ValidatedAggregation, rnd: int, shared: dict[str, np.ndarray], cfg: FederatedConfig
+    grid: Grid, strategy: ValidatedStrategy, rnd: int, shared: dict[str, np.ndarray], cfg: FederatedConfig
 ) -> tuple[dict[str, np.ndarray], MetricRecord | None, dict[str, float]]:
     """A plaintext training round: each sampled device's update reaches the strategy, which validates it.
     Returns the new shared arrays, the training metrics and the round's traffic (array payload bytes)."""

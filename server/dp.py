@@ -1,7 +1,9 @@
 """Central differential privacy on the shared update and its privacy accountant.
 
-Each round, after validation and before averaging, every valid update's change from the sent arrays is clipped
-to L2 norm ``C`` (over all shared arrays together). The released update is
+:class:`CentralDP` is a wrapper strategy (as Flower's own DP strategies, it holds ``self.strategy``) between
+validation (:class:`server.validated.ValidatedStrategy`, which hands it only valid, dense updates) and the
+strategy that steps the model. Each round every valid update's change from the sent arrays is clipped to L2
+norm ``C`` (over all shared arrays together). The released update is
 
     sent + (sum of the clipped changes + N(0, (z C)^2 I)) / n
 
@@ -9,8 +11,10 @@ with ``n`` the sampled cohort size, fixed before the round (so devices that drop
 the step but never shrink the noise), uniform device weights (example weights would let one device's share
 exceed ``C / n``) and ``z`` the noise multiplier. Adding or removing one device changes the sum by at most
 ``C``: the Gaussian mechanism with noise multiplier ``z``, on a cohort of rate ``q = n / N``. The privacy unit
-is a node (a user, with one user per node). The server's Adam step (FedAdam) acts on the noisy mean, so it is
-post-processing. Not covered: the training-loss metric and the federated evaluation metrics devices send.
+is a node (a user, with one user per node). The released mean is handed to the wrapped strategy as the round's
+one reply: FedAvg takes it, and FedAdam's step towards it is post-processing. (Flower's wrappers add the noise
+to what the wrapped strategy returns, which for FedAdam is after its per-coordinate normalization: not the
+Gaussian mechanism on the mean.) Not covered: the training-loss metric and the federated evaluation metrics devices send.
 
 Flower's ``DifferentialPrivacyServerSideFixedClipping`` is not used because it clips the raw replies *before*
 the wrapped strategy validates them (positionally against the sent arrays, so a sparse, reordered or NaN
@@ -33,16 +37,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore.differential_privacy import compute_stdv
 
 from shared_model.protocol.clipping import clip_update
 
-from .strategy import ValidatedAggregation, numpy_to_record, record_to_numpy
+from .records import mean_metrics, one_reply, record_to_numpy
+from .wrapper import Wrapper
 
 ORDERS = tuple(range(2, 257))  # integer Renyi orders
 
@@ -110,39 +116,41 @@ class RdpAccountant:
         return rdp_to_epsilon(self.releases * self.rdp_per_release, self.orders, delta)[0]
 
 
-class DifferentialPrivacy(FedAvg):
-    """Central DP between validation and Flower's averaging. Sits in the MRO just above ``FedAvg`` and below
-    :class:`ValidatedAggregation` (which hands it only valid, dense updates and sets ``sent``); see
-    :class:`DPFedAvg` and :class:`DPFedAdam`. ``last_round`` carries ``epsilon`` at ``dp_delta``."""
+class CentralDP(Wrapper):
+    """Central DP in front of ``strategy``: each update clipped to ``C``, their sum over the fixed cohort, plus
+    Gaussian noise, handed on as one reply. :meth:`round_report` carries ``epsilon`` at ``dp_delta``."""
 
-    sent: dict[str, np.ndarray]
-
-    def setup_dp(
-        self, noise_multiplier: float, clip: float, delta: float, cohort: int, population: int
+    def __init__(
+        self,
+        strategy: Strategy,
+        noise_multiplier: float,
+        clip: float,
+        delta: float,
+        cohort: int,
+        population: int,
     ) -> None:
         """Noise multiplier ``z``, clipping norm ``C``, the reported ``delta``, the sampled cohort size ``n``
         and the number of nodes ``N`` (sampling rate ``n / N``)."""
         if noise_multiplier <= 0 or clip <= 0 or not 1 <= cohort <= population:
             raise ValueError("central DP needs noise_multiplier > 0, clip > 0 and 1 <= cohort <= population")
+        super().__init__(strategy)
         self.noise_multiplier, self.clip, self.delta, self.cohort = noise_multiplier, clip, delta, cohort
         self.accountant = RdpAccountant(cohort / population, noise_multiplier)
         self.noise_std = compute_stdv(noise_multiplier, clip, cohort)
         # OS entropy: noise drawn from the seed in the run config could be subtracted by anyone who knows it
         self.noise_rng = np.random.default_rng()
         self.started = False
+        self.sent: dict[str, np.ndarray] = {}
+        self.clipped = 0
 
-    @property
-    def last_round(self) -> dict:
-        """The validation summary of the last round plus the privacy spent so far."""
-        return self._last_round | {
-            "epsilon": self.accountant.epsilon(self.delta),
-            "dp_delta": self.delta,
-            "dp_noise_std": self.noise_std,
-        }
+    def expect(self, sent: dict[str, np.ndarray]) -> None:
+        """The arrays this round sent (the changes are clipped around them)."""
+        self.sent, self.clipped = sent, 0
 
-    @last_round.setter
-    def last_round(self, value: dict) -> None:
-        self._last_round = value
+    def round_report(self) -> dict[str, Any]:
+        """The privacy spent so far and the last round's clipping."""
+        return {"epsilon": self.accountant.epsilon(self.delta), "dp_delta": self.delta,
+                "dp_noise_std": self.noise_std, "dp_clipped": self.clipped}  # fmt: skip
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -155,31 +163,19 @@ class DifferentialPrivacy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies, clipped = list(replies), 0
+        replies = list(replies)
+        if not replies:
+            return None, None
+        total = {k: np.zeros(v.shape, np.float64) for k, v in self.sent.items()}
         for msg in replies:
-            content = msg.content
-            clip = clip_update(record_to_numpy(content.array_records["arrays"]), self.sent, self.clip, 0.0)
-            clipped += clip.norm_clipped
-            metrics = MetricRecord(dict(content.metric_records["metrics"]) | {self.weighted_by_key: 1})
-            msg.content = RecordDict({"arrays": numpy_to_record(clip.arrays), "metrics": metrics})
-        self._last_round["dp_clipped"] = clipped
-        arrays, metrics = super().aggregate_train(server_round, replies)  # the uniform mean over the replies
-        if arrays is None:
-            return None, metrics
-        scale = len(replies) / self.cohort  # sum / cohort, not sum / replies
+            clip = clip_update(record_to_numpy(msg.content["arrays"]), self.sent, self.clip, 0.0)
+            self.clipped += clip.norm_clipped
+            for k, v in clip.arrays.items():
+                total[k] += v.astype(np.float64) - self.sent[k]
         released = {}
-        for k, v in record_to_numpy(arrays).items():
-            noise = self.noise_rng.normal(0.0, self.noise_std, v.shape)
-            released[k] = (self.sent[k] + scale * (v.astype(np.float64) - self.sent[k]) + noise).astype(
-                v.dtype
-            )
+        for k, change in total.items():  # sum / cohort, not sum / replies
+            noise = self.noise_rng.normal(0.0, self.noise_std, change.shape)
+            released[k] = (self.sent[k] + change / self.cohort + noise).astype(self.sent[k].dtype)
         self.accountant.step()
-        return numpy_to_record(released), metrics
-
-
-class DPFedAvg(ValidatedAggregation, DifferentialPrivacy):
-    """Validated updates, clipped, averaged with uniform weights over the fixed cohort, plus Gaussian noise."""
-
-
-class DPFedAdam(ValidatedAggregation, FedAdam, DifferentialPrivacy):
-    """As :class:`DPFedAvg`; the server's Adam step then acts on the noisy mean (MRO: FedAdam -> DP -> FedAvg)."""
+        reduced = one_reply(released, mean_metrics(replies, uniform=True), replies[0])
+        return self.strategy.aggregate_train(server_round, [reduced])

@@ -54,7 +54,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.common.serde import recorddict_to_proto
@@ -72,7 +72,8 @@ from flwr.serverapp import Grid
 from shared_model.config import FederatedConfig
 from shared_model.protocol.secagg_vector import MAX_WEIGHT, decode
 
-from .strategy import WEIGHT_KEY, ValidatedAggregation, numpy_to_record, record_to_numpy
+from .records import numpy_to_record, one_reply, record_to_numpy
+from .validated import ValidatedStrategy
 from .validation import UpdateRejected, validate_update
 
 log = logging.getLogger("tmepsr.server")
@@ -158,7 +159,7 @@ def _check_aggregate(
 
 
 def secagg_round(
-    grid: Grid, strategy: ValidatedAggregation, rnd: int, shared: dict[str, np.ndarray], cfg: FederatedConfig
+    grid: Grid, strategy: ValidatedStrategy, rnd: int, shared: dict[str, np.ndarray], cfg: FederatedConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, float] | None, dict[str, Any]]:
     """One SecAgg+ training round (see the module docstring): the new shared arrays, the training metrics and
     the round's traffic. Sets ``strategy.last_round``."""
@@ -204,7 +205,7 @@ def secagg_round(
     rejected = cohort_strategy.survivors - valid
     aggregated = aggregate is not None and valid >= strategy.needed(len(cohort))
     if aggregated:
-        shared = _server_step(strategy, rnd, requests[0], aggregate, valid)
+        shared = _server_step(strategy, rnd, requests[0], aggregate)
     strategy.last_round = {
         "sampled": len(cohort),
         "valid": valid,
@@ -227,12 +228,9 @@ def secagg_round(
 
 
 def _server_step(
-    strategy: ValidatedAggregation, rnd: int, request: Message, aggregate: dict[str, np.ndarray], weight: int
+    strategy: ValidatedStrategy, rnd: int, request: Message, aggregate: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """The strategy's own server step (FedAvg: take the mean; FedAdam: an Adam step towards it) on the
-    validated aggregate, given to the Flower strategy under the validation mixin as the round's one reply."""
-    content = RecordDict(
-        {"arrays": numpy_to_record(aggregate), "metrics": MetricRecord({WEIGHT_KEY: weight})}
-    )
-    arrays, _ = strategy.server_step(rnd, [Message(content, reply_to=request)])
+    validated aggregate, handed to it as the round's one reply."""
+    arrays, _ = strategy.server_step(rnd, [one_reply(aggregate, {}, request)])
     return record_to_numpy(arrays)

@@ -1,22 +1,24 @@
-"""The strategy a run config asks for: validated FedAvg, FedAdam (optionally on a robust aggregate), trimmed
-mean or median (:mod:`server.strategy`), each with central DP when ``privacy="dp"`` (:mod:`server.dp`)."""
+"""The strategy a run config asks for, composed from wrappers around Flower's FedAvg or FedAdam:
+
+ValidatedStrategy(                       server/validated.py: validation, clips, minimum replies
+    CentralDP( ... )                     server/dp.py: privacy="dp"
+    | RobustAggregate( ... )             server/robust.py: aggregation="median" / "trimmed-mean"
+        FedAvg | FedAdam)                Flower's; FedAdamItemEpsilon with server_tau_items > 0
+"""
 
 from __future__ import annotations
 
+from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
+
 from shared_model.config import FederatedConfig
 
-from .dp import DPFedAdam, DPFedAvg
-from .strategy import (
-    WEIGHT_KEY,
-    ValidatedAggregation,
-    ValidatedFedAdam,
-    ValidatedFedAvg,
-    ValidatedFedMedian,
-    ValidatedFedTrimmedAvg,
-)
+from .dp import CentralDP
+from .records import WEIGHT_KEY
+from .robust import FedAdamItemEpsilon, RobustAggregate
+from .validated import ValidatedStrategy
 
 
-def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedAggregation:
+def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedStrategy:
     """The strategy a config asks for; the minimum node counts follow the cohort (so a run never waits)."""
     sample = max(1, round(cfg.fraction_train * num_nodes))
     common = dict(
@@ -27,21 +29,21 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedAggregation:
         min_available_nodes=num_nodes,
         weighted_by_key=WEIGHT_KEY,
     )
-    dp = cfg.privacy == "dp"
-    if cfg.server_optimizer == "fedadam":
-        strategy: ValidatedAggregation = (DPFedAdam if dp else ValidatedFedAdam)(
-            eta=cfg.server_lr, tau=cfg.server_tau, **common
+    adam = cfg.server_optimizer == "fedadam"
+    step: Strategy
+    if adam and cfg.server_tau_items > 0:
+        step = FedAdamItemEpsilon(
+            eta=cfg.server_lr, tau=cfg.server_tau, tau_items=cfg.server_tau_items, **common
         )
-        if isinstance(strategy, ValidatedFedAdam):
-            strategy.robust, strategy.trim_fraction = cfg.aggregation, cfg.trim_fraction
-            strategy.robust_scope, strategy.tau_items = cfg.robust_scope, cfg.server_tau_items
-    elif cfg.aggregation == "trimmed-mean":
-        strategy = ValidatedFedTrimmedAvg(beta=cfg.trim_fraction, **common)
-    elif cfg.aggregation == "median":
-        strategy = ValidatedFedMedian(**common)
+    elif adam:
+        step = FedAdam(eta=cfg.server_lr, tau=cfg.server_tau, **common)
     else:
-        strategy = (DPFedAvg if dp else ValidatedFedAvg)(**common)
-    strategy.setup_validation(cfg.norm_bound, cfg.min_reply_fraction, cfg.clip_norm, cfg.row_clip)
-    if dp:
-        strategy.setup_dp(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, sample, num_nodes)
-    return strategy
+        step = FedAvg(**common)
+    if (
+        cfg.aggregation != "mean"
+    ):  # the robust scope applies to FedAdam's step; FedAvg's is robust on every array
+        scope = cfg.robust_scope if adam else "all"
+        step = RobustAggregate(step, cfg.aggregation, cfg.trim_fraction, scope)
+    if cfg.privacy == "dp":
+        step = CentralDP(step, cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, sample, num_nodes)
+    return ValidatedStrategy(step, cfg.norm_bound, cfg.min_reply_fraction, cfg.clip_norm, cfg.row_clip)

@@ -187,7 +187,7 @@ def attacking_client_app(attacking: np.ndarray) -> ClientApp:
     """The real ClientApp, except that the ``attacking`` partitions reply with :func:`promotion_update` (and
     log each attack to ``<out_dir>/attacks.jsonl``)."""
     from client_sdk.flower_client import ROUND_KEYS, _config, _shared, make_client_app
-    from server.strategy import numpy_to_record
+    from server.records import numpy_to_record
 
     bad = {int(p) for p in attacking}
 
@@ -498,10 +498,9 @@ def strategy_round(
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
     """One round of ``strategy`` on ``replies`` to ``sent``: the new arrays (None when it did not aggregate)
     and its round statistics. The strategy keeps its state (FedAdam's moments) for the next round."""
-    from server.strategy import record_to_numpy
+    from server.records import record_to_numpy
 
-    strategy.sent, strategy.sampled = sent, len(replies)  # what configure_train records (FedAdam: the arrays
-    strategy.current_arrays = dict(sent)  # it steps from)
+    strategy.begin_round(sent, len(replies))  # what configure_train records
     messages = [reply(a, n, node) for node, (a, n) in enumerate(replies, 1)]
     arrays, _ = strategy.aggregate_train(server_round, messages)
     return (None if arrays is None else record_to_numpy(arrays)), strategy.last_round

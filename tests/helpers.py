@@ -4,6 +4,7 @@ returns them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -23,6 +24,22 @@ def make_events(path: Path, users: int = 9, events: int = 14, items: int = 40, s
             rows.append(f"u{u},i{item},{t},{'cheap' if item % 2 else 'fast'}|{'red' if item % 3 else 'blue'}")
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def small_federation(tmp_path: Path, users: int = 9, **overrides: Any) -> FederatedConfig:
+    """A run on a fresh :func:`make_events` log of ``users`` users, small enough for a test: d 16, windows of
+    16 events, two rounds, every node each round, one user per node, writing under ``tmp_path / "run"``."""
+    data = make_events(tmp_path / "events.csv", users=users)
+    base: dict[str, Any] = dict(
+        dataset=str(data),
+        max_len=16,
+        d_model=16,
+        num_rounds=2,
+        fraction_train=1.0,
+        users_per_node=1,
+        out_dir=str(tmp_path / "run"),
+    )
+    return FederatedConfig(**(base | overrides))
 
 
 def request_message(cfg: FederatedConfig, shared: dict, kind: str, **extra) -> Message:

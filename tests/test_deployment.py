@@ -23,7 +23,7 @@ from server.checkpoint import load_server_checkpoint
 from server.credentials import generate_credentials, supernode_args
 from shared_model.config import FederatedConfig
 
-from .helpers import make_events
+from .helpers import make_events, small_federation
 from .local_deployment import (
     CONNECTION,
     DEADLINE_S,
@@ -190,17 +190,7 @@ def test_simulation_on_a_two_node_ray_cluster(tmp_path):
         poll("the Ray worker", deadline, lambda: dep.procs["ray-worker"].poll() is not None, dep, every=1.0)
         assert dep.procs["ray-worker"].returncode == 0, tail(dep.logs["ray-worker"])
 
-        data = make_events(tmp_path / "events.csv", users=8)
-        cfg = FederatedConfig(
-            dataset=str(data),
-            max_len=16,
-            d_model=16,
-            num_rounds=2,
-            fraction_train=1.0,
-            users_per_node=1,
-            eval_every=2,
-            out_dir=str(tmp_path / "run"),
-        )
+        cfg = small_federation(tmp_path, users=8, eval_every=2)
         history = run_simulation(
             cfg, ray_address=f"127.0.0.1:{port}", client_app=ray_node_recording_app(records)
         )["history"]

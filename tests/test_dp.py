@@ -6,14 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Error, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
 from server.app import _round_line
-from server.dp import DPFedAvg, RdpAccountant, rdp_sampled_gaussian
+from server.dp import CentralDP, RdpAccountant, rdp_sampled_gaussian
 from server.strategies import make_strategy
+from server.validated import ValidatedStrategy
 from shared_model.config import FederatedConfig
 from simulations.simulate import run_simulation
 
-from .helpers import make_events, train_reply
+from .helpers import small_federation, train_reply
 
 # (q, noise multiplier, releases, delta, epsilon): epsilon from Google's dp-accounting 0.6.0 (installed in a
 # throwaway venv, not a project dependency), computed as
@@ -77,7 +79,7 @@ def test_epsilon_is_monotone():
     assert eps(0.1, 1.0, 10, 1e-3) < eps(0.1, 1.0, 10, 1e-5)
 
 
-def _dp_strategy(noise: float, clip: float, cohort: int = 4, nodes: int = 8) -> DPFedAvg:
+def _dp_strategy(noise: float, clip: float, cohort: int = 4, nodes: int = 8) -> ValidatedStrategy:
     cfg = FederatedConfig(
         server_optimizer="fedavg",
         row_clip=0,
@@ -89,7 +91,8 @@ def _dp_strategy(noise: float, clip: float, cohort: int = 4, nodes: int = 8) -> 
         min_reply_fraction=0.25,
     )
     strategy = make_strategy(cfg, nodes)
-    assert isinstance(strategy, DPFedAvg) and strategy.cohort == cohort
+    assert isinstance(strategy.strategy, CentralDP) and strategy.strategy.cohort == cohort
+    assert type(strategy.base) is FedAvg
     return strategy
 
 
@@ -99,8 +102,8 @@ def _failed() -> Message:
     )
 
 
-def _aggregate(strategy: DPFedAvg, sent: dict, replies: list[Message], rnd: int = 1) -> dict:
-    strategy.sent, strategy.sampled = sent, strategy.cohort
+def _aggregate(strategy: ValidatedStrategy, sent: dict, replies: list[Message], rnd: int = 1) -> dict:
+    strategy.begin_round(sent, strategy.strategy.cohort)
     arrays, _ = strategy.aggregate_train(rnd, replies)
     return {k: v.numpy() for k, v in arrays.items()}
 
@@ -151,7 +154,7 @@ def test_noise_std_matches_formula(task_identity):
     signal = np.concatenate([np.full(400 * 50, 2 * clipped / cohort), np.zeros(400)])
     residual = change - signal
     std = noise * clip / cohort
-    assert strategy.noise_std == pytest.approx(std)
+    assert strategy.strategy.noise_std == pytest.approx(std)
     assert abs(residual.mean()) < 4 * std / np.sqrt(residual.size)
     assert residual.std() == pytest.approx(std, rel=0.02)  # 20,400 draws: the std's own error is ~0.5%
     assert all(v.dtype == np.float32 for v in released.values())
@@ -177,18 +180,16 @@ def test_invalid_updates_are_rejected_before_dp(task_identity):
 
 
 def test_fedadam_steps_on_the_noisy_mean(task_identity):
-    from flwr.serverapp.strategy import FedAdam, FedAvg
+    """DP hands FedAdam the noisy mean as the round's one reply: noise before Adam's step."""
+    from flwr.serverapp.strategy import FedAdam
 
-    from server.dp import DifferentialPrivacy, DPFedAdam
-
-    mro = DPFedAdam.__mro__
-    assert mro.index(FedAdam) < mro.index(DifferentialPrivacy) < mro.index(FedAvg)  # noise before Adam's step
     cfg = FederatedConfig(
         privacy="dp", server_optimizer="fedadam", dp_noise=1e-9, dp_clip=1.0, fraction_train=1.0
     )
     strategy = make_strategy(cfg, 2)
+    assert isinstance(strategy.strategy, CentralDP) and isinstance(strategy.strategy.strategy, FedAdam)
     sent = {"item_bias": np.zeros(3, np.float32)}
-    strategy.sent, strategy.sampled, strategy.current_arrays = sent, 2, dict(sent)
+    strategy.begin_round(sent, 2)
     up = {"item_bias": np.full(3, 5.0, np.float32)}  # clipped to norm 1: +0.577 per coordinate
     arrays, _ = strategy.aggregate_train(1, [train_reply(up), train_reply(up)])
     result = arrays["item_bias"].numpy()
@@ -204,20 +205,15 @@ def test_dp_config_checks():
 
 @pytest.mark.slow
 def test_simulation_with_dp_reports_increasing_epsilon(tmp_path):
-    data = make_events(tmp_path / "events.csv", users=3)
-    cfg = FederatedConfig(
-        dataset=str(data),
-        max_len=16,
-        d_model=16,
-        num_rounds=2,
+    cfg = small_federation(
+        tmp_path,
+        users=3,
         local_epochs=1,
         fraction_train=2 / 3,
         privacy="dp",
         dp_noise=1.0,
         dp_clip=0.5,
         eval_every=2,
-        users_per_node=1,
-        out_dir=str(tmp_path / "run"),
     )
     history = run_simulation(cfg, num_cpus=2)["history"]
     eps = [row["epsilon"] for row in history]

@@ -353,9 +353,7 @@ def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, task_i
     strategy = make_strategy(
         FederatedConfig(row_clip=0, server_optimizer=optimizer, min_reply_fraction=0.5, norm_bound=5), 4
     )
-    strategy.sent, strategy.sampled = sent, 4
-    if optimizer == "fedadam":
-        strategy.current_arrays = dict(sent)
+    strategy.begin_round(sent, 4)
     nan = {**good, "item_bias": np.full(4, np.nan, np.float32)}
     wrong = {**good, "item_bias": np.zeros(5, np.float32)}
     replies = [train_reply(good), train_reply(good, examples=15), train_reply(nan), train_reply(wrong)]
@@ -379,7 +377,7 @@ def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, task_i
     else:
         assert (result["item_bias"] > 0).all() and (result["explanation.bias"] < 0).all()
     # only one valid reply out of 4 sampled (< 50%): the round completes without changing the arrays
-    strategy.sent = sent
+    strategy.begin_round(sent, 4)
     assert strategy.aggregate_train(2, [train_reply(good), train_reply(nan)]) == (None, None)
     assert strategy.last_round["aggregated"] is False
 
@@ -406,7 +404,7 @@ def test_seeded_cohort_keeps_the_flower_strategy_state(optimizer, task_identity)
     )
     assert all(m.content.config_records["config"]["server-round"] == 3 for m in messages)
     if optimizer == "fedadam":
-        np.testing.assert_array_equal(strategy.current_arrays["item_bias"], sent["item_bias"])
+        np.testing.assert_array_equal(strategy.base.current_arrays["item_bias"], sent["item_bias"])
 
 
 def test_fedadam_moments_survive_a_checkpoint(tmp_path, task_identity):
@@ -422,8 +420,7 @@ def test_fedadam_moments_survive_a_checkpoint(tmp_path, task_identity):
     ]
 
     def step(strategy, rnd, arrays, update):
-        strategy.sent, strategy.sampled = arrays, 1
-        strategy.current_arrays = dict(arrays)
+        strategy.begin_round(arrays, 1)
         out, _ = strategy.aggregate_train(rnd, [train_reply({k: arrays[k] + update[k] for k in arrays})])
         return {k: v.numpy() for k, v in out.items()}
 

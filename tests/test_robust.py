@@ -1,4 +1,4 @@
-"""Robust aggregation (shared_model.protocol.clipping, the strategies of server.strategy): update and item-row clipping, the
+"""Robust aggregation (shared_model.protocol.clipping, the strategies of server/strategies.py): update and item-row clipping, the
 coordinate-wise trimmed mean and median, their interplay with validation, and the hostile-update suite of the
 poisoning benchmark sent in one round together with good updates."""
 
@@ -287,7 +287,7 @@ def test_population_head_shares_come_from_well_formed_reports_only():
     balance): example-weighted over the cohort, kept across rounds, ignoring reports that are no distribution,
     saved with the server state."""
     from server.strategies import make_strategy
-    from server.strategy import SHARE_MEMORY
+    from server.validated import SHARE_MEMORY
     from simulations.bench_poisoning import reply
 
     rng = np.random.default_rng(0)
@@ -303,7 +303,7 @@ def test_population_head_shares_come_from_well_formed_reports_only():
             for h, x in enumerate(share):
                 msg.content["metrics"][f"head-share-{h}"] = x
             messages.append(msg)
-        strategy.sent, strategy.sampled, strategy.current_arrays = sent, len(messages), dict(sent)
+        strategy.begin_round(sent, len(messages))
         strategy.aggregate_train(server_round, messages)
 
     hostile = [([float("nan"), 1, 0, 0], 100), ([2.0, -1.0, 0, 0], 100), ([0.9, 0.9, 0, 0], 100)]

@@ -22,8 +22,8 @@ from client_sdk.device import Device
 from client_sdk.flower_client import make_client_app
 from server.app import initial_shared
 from server.checkpoint import load_server_checkpoint
+from server.records import numpy_to_record
 from server.secagg import MOD_RANGE, _check_aggregate, quantization_range
-from server.strategy import numpy_to_record
 from server.validation import UpdateRejected
 from shared_model.config import FederatedConfig
 from shared_model.data import load_dataset
@@ -32,7 +32,7 @@ from shared_model.protocol import secagg_vector
 from shared_model.protocol.clipping import clip_update
 from simulations.simulate import run_simulation
 
-from .helpers import make_events, request_message
+from .helpers import request_message, small_federation
 from .local_deployment import (
     DEADLINE_S,
     LocalDeployment,
@@ -48,21 +48,8 @@ FLOAT_SLACK = 2e-5
 
 
 def _cfg(tmp_path: Path, users: int, **overrides) -> FederatedConfig:
-    data = make_events(tmp_path / "events.csv", users=users)
-    base = dict(
-        dataset=str(data),
-        max_len=16,
-        d_model=16,
-        num_rounds=1,
-        local_epochs=2,
-        fraction_train=1.0,
-        eval_every=1,
-        privacy="secagg",
-        users_per_node=1,
-        server_optimizer="fedavg",
-        out_dir=str(tmp_path / "run"),
-    )
-    return FederatedConfig(**(base | overrides))
+    secagg = dict(num_rounds=1, local_epochs=2, eval_every=1, privacy="secagg", server_optimizer="fedavg")
+    return small_federation(tmp_path, users, **(secagg | overrides))
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from shared_model.data.split import partition_users
 from simulations.cli import main as cli_main
 from simulations.simulate import run_simulation
 
-from .helpers import make_events
+from .helpers import small_federation
 
 CRASHING, POISONING = 0, 1
 
@@ -46,18 +46,7 @@ def faults(msg: Message, context: Context, call_next) -> Message:
 
 @pytest.mark.slow
 def test_simulation_survives_crash_and_poison(tmp_path):
-    data = make_events(tmp_path / "events.csv", users=6)
-    cfg = FederatedConfig(
-        dataset=str(data),
-        max_len=16,
-        d_model=16,
-        num_rounds=2,
-        fraction_train=1.0,
-        users_per_node=1,
-        min_reply_fraction=0.5,
-        eval_every=1,
-        out_dir=str(tmp_path / "run"),
-    )
+    cfg = small_federation(tmp_path, users=6, min_reply_fraction=0.5, eval_every=1)
     result = run_simulation(cfg, num_cpus=2, client_app=make_client_app([faults]))
     history = result["history"]
     assert [h["round"] for h in history] == [1, 2]
@@ -77,19 +66,8 @@ def test_unreadable_stores_sit_out_with_one_line_and_are_kept(tmp_path, capfd, c
     """Corrupt stores: their users sit the rounds out (the store is left as it is, nothing lost), a device
     none of whose users can train replies with a one-line error (no traceback), and every evaluation says how
     many users it covered. When no round aggregates, ``tmepsr simulate`` exits 1 and publishes nothing."""
-    data = make_events(tmp_path / "events.csv", users=6)
-    log = load_dataset(str(data))
-    cfg = FederatedConfig(
-        dataset=str(data),
-        max_len=16,
-        d_model=16,
-        num_rounds=2,
-        fraction_train=1.0,
-        users_per_node=3,
-        min_reply_fraction=0.5,
-        eval_every=1,
-        out_dir=str(tmp_path / "run"),
-    )
+    cfg = small_federation(tmp_path, users=6, users_per_node=3, min_reply_fraction=0.5, eval_every=1)
+    log = load_dataset(cfg.dataset)
     first, second = partition_users(log.num_users, 2, cfg.seed)
     corrupt = [first[0], *second]  # one user of the first device, every user of the second
     stores = Path(cfg.out_dir) / "devices"
@@ -115,7 +93,7 @@ def test_unreadable_stores_sit_out_with_one_line_and_are_kept(tmp_path, capfd, c
     argv = [
         "simulate",
         "--dataset",
-        str(data),
+        cfg.dataset,
         "--max-len",
         "16",
         "--d-model",
@@ -158,19 +136,7 @@ def test_seeded_cohorts_depend_on_partitions_not_node_ids():
 @pytest.mark.slow
 def test_simulation_samples_the_seeded_cohorts(tmp_path):
     """Nodes say their partition ids through a Flower query; each round trains the seeded cohort."""
-    data = make_events(tmp_path / "events.csv", users=8)
-    cfg = FederatedConfig(
-        dataset=str(data),
-        max_len=16,
-        d_model=16,
-        num_rounds=2,
-        fraction_train=0.5,
-        users_per_node=1,
-        local_epochs=1,
-        eval_every=2,
-        seed=3,
-        out_dir=str(tmp_path / "run"),
-    )
+    cfg = small_federation(tmp_path, users=8, fraction_train=0.5, local_epochs=1, eval_every=2, seed=3)
     history = run_simulation(cfg, num_cpus=2)["history"]
     assert [row["cohort"] for row in history] == [_cohort(3, r, list(range(8)), 8, 0.5) for r in (1, 2)]
     assert all(row["sampled"] == row["valid"] == 4 for row in history)

@@ -10,7 +10,7 @@ before masking (which bounds honest devices only: the server can check just the 
 
 Row clipping runs first, so the norm clip sees the row-clipped change. Changes are computed in float64 and
 the result is cast back to the dtypes the server sent. The robust aggregates (coordinate-wise trimmed mean
-and median) are Flower's ``FedTrimmedAvg`` / ``FedMedian``, mixed with validation in ``server.strategy``.
+and median) are ``server.robust.RobustAggregate`` behind the validation of ``server.validated``.
 
 Sparse uploads and robust aggregates: validation densifies a sparse update, so every item row a device did
 not send equals the sent value (zero change). Per coordinate, a trimmed mean with fraction ``b`` over ``n``
