@@ -97,47 +97,16 @@ def test_simulate_export_recommend_end_to_end(tmp_path, capfd, monkeypatch):
 
     monkeypatch.setenv("TMEPSR_TEST_PASSPHRASE", "correct horse")
     keys = tmp_path / "keys"
-    assert main(["keys", "--out", str(keys), "--passphrase-env", "TMEPSR_TEST_PASSPHRASE"]) == 0
-    assert (
-        main(["keys", "--out", str(keys), "--passphrase-env", "TMEPSR_TEST_PASSPHRASE"]) == 2
-    )  # no overwrite
+    passphrase = ["--passphrase-env", "TMEPSR_TEST_PASSPHRASE"]
+    assert main(["keys", "--out", str(keys), *passphrase]) == 0
+    assert main(["keys", "--out", str(keys), *passphrase]) == 2  # no overwrite
     assert "already exist" in capfd.readouterr().err
     bundle = tmp_path / "bundle"
-    assert (
-        main(
-            [
-                "export",
-                "--checkpoint",
-                str(run),
-                "--key",
-                str(keys / "bundle_signing_key.pem"),
-                "--passphrase-env",
-                "TMEPSR_TEST_PASSPHRASE",
-                "--out",
-                str(bundle),
-                "--int8",
-            ]
-        )
-        == 0
-    )
+    export = ["export", "--checkpoint", str(run), "--key", str(keys / "bundle_signing_key.pem"), *passphrase]
+    assert main([*export, "--out", str(bundle), "--int8"]) == 0
     assert "signed bundle tmepsr-round1" in capfd.readouterr().out
     monkeypatch.setenv("TMEPSR_TEST_PASSPHRASE", "wrong")
-    assert (
-        main(
-            [
-                "export",
-                "--checkpoint",
-                str(run),
-                "--key",
-                str(keys / "bundle_signing_key.pem"),
-                "--passphrase-env",
-                "TMEPSR_TEST_PASSPHRASE",
-                "--out",
-                str(tmp_path / "b2"),
-            ]
-        )
-        == 2
-    )
+    assert main([*export, "--out", str(tmp_path / "b2")]) == 2
     assert "wrong passphrase" in capfd.readouterr().err
     assert (
         main(
