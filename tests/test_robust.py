@@ -10,7 +10,7 @@ import pytest
 from shared_model.config import FederatedConfig
 from shared_model.protocol.clipping import clip_update
 from shared_model.protocol.updates import compress_int8, encode_sparse
-from simulations.bench_poisoning import aggregate_round, hostile_round, hostile_updates
+from simulations.hostile_updates import aggregate_round, hostile_round, hostile_updates
 
 
 def _sent(rng: np.random.Generator, rows: int = 12) -> dict[str, np.ndarray]:
@@ -288,7 +288,7 @@ def test_population_head_shares_come_from_well_formed_reports_only():
     saved with the server state."""
     from server.strategies import make_strategy
     from server.validated import SHARE_MEMORY
-    from simulations.bench_poisoning import reply
+    from simulations.hostile_updates import reply
 
     rng = np.random.default_rng(0)
     sent = _sent(rng)
