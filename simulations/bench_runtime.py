@@ -141,8 +141,9 @@ def run_catalogue(
     from shared_model.build import build_model
     from shared_model.data import load_dataset
     from shared_model.data.split import LeaveOneOutSplit
-    from shared_model.export import export_model, int8_effect
+    from shared_model.export import export_model
     from shared_model.training import model_config_for
+    from simulations.exported_graphs import int8_effect
 
     if args.checkpoint and name == "movielens-1m-lrurec":
         model, log, version = model_from_checkpoint(args.checkpoint)

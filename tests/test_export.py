@@ -19,24 +19,12 @@ from shared_model.config import MODEL_PRESETS, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
 from shared_model.explanation import attested_top
-from shared_model.export import (
-    MAX_EVENTS,
-    ExportedGraphs,
-    ExportError,
-    check_graphs,
-    encoder_inputs,
-    exclude_mask,
-    export_model,
-    int8_effect,
-    ort_session,
-    personal_values,
-    recommend_histories,
-    run_session,
-)
-from shared_model.graph_io import initial_personal
+from shared_model.export import ExportedGraphs, ExportError, check_graphs, export_model
+from shared_model.graph_io import MAX_EVENTS, encoder_inputs, exclude_mask, initial_personal, run_session
 from shared_model.model import TMEPSR, InterestHeads
 from shared_model.partition import load_parts, parameter_groups, split_state
 from shared_model.training import model_config_for, train_end_per_user, train_epoch
+from simulations.exported_graphs import int8_effect, ort_session, personal_values, recommend_histories
 
 TOL = 1e-4
 
