@@ -86,8 +86,10 @@ class DeviceError(RuntimeError):
     training events. The ClientApp replies with this one-line reason instead of a traceback."""
 
 
-class Device:
-    """The users hosted by one node (partition ``partition_id`` of ``num_partitions``) and their stores."""
+class HostedUsers:
+    """The users one Flower node hosts (partition ``partition_id`` of ``num_partitions``) and their encrypted
+    stores: one user, a real device, in a deployment; several virtual users in a simulation, whose node replies
+    with their example-weighted mean update."""
 
     def __init__(
         self, cfg: FederatedConfig, partition_id: int, num_partitions: int, store_dir: str | Path

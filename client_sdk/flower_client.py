@@ -40,18 +40,20 @@ from shared_model.partition import group_of
 from shared_model.protocol import secagg_vector
 from shared_model.protocol.clipping import clip_update
 
-from .device import Device, DeviceError
+from .device import DeviceError, HostedUsers
 
 ROUND_KEYS = ("server-round", "stage", "adapt", "head-share")
 
 
-def _device(config: Mapping[str, Any], context: Context) -> tuple[Device, FederatedConfig, dict[str, Any]]:
+def _device(
+    config: Mapping[str, Any], context: Context
+) -> tuple[HostedUsers, FederatedConfig, dict[str, Any]]:
     config = dict(config)
     extra = {k: config.pop(k) for k in ROUND_KEYS if k in config}
     cfg = FederatedConfig.from_run_config(config)
     node = context.node_config
     store_dir = node.get("store-dir") or f"{cfg.out_dir}/devices"
-    device = Device(cfg, int(node["partition-id"]), int(node["num-partitions"]), store_dir)
+    device = HostedUsers(cfg, int(node["partition-id"]), int(node["num-partitions"]), store_dir)
     return device, cfg, extra
 
 
@@ -105,7 +107,7 @@ def _refused(msg: Message, exc: DeviceError) -> Message:
 
 
 def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
-    """A ClientApp whose train/evaluate handlers run :class:`Device` rounds. ``mods``: Flower mods around every
+    """A ClientApp whose train/evaluate handlers run :class:`HostedUsers` rounds. ``mods``: Flower mods around every
     handler (the tests and the poisoning benchmark tamper with replies this way)."""
     app = ClientApp(mods=list(mods))
 

@@ -20,7 +20,7 @@ metrics), :func:`secagg_round` replaces only the train exchange of a ``run_round
 
 Evaluation rounds stay Message-API rounds. On the device, ``client_sdk.flower_client`` runs ``secaggplus_mod``
 on the messages that carry SecAgg+ configs; inside the collect stage the device trains with the same
-``Device.train`` as a plaintext round and contributes its clipped change (``shared_model.protocol.secagg_vector.encode``).
+``HostedUsers.train`` as a plaintext round and contributes its clipped change (``shared_model.protocol.secagg_vector.encode``).
 
 Quantization and weighting: each device's value is ``w * clip(delta, -secagg_clip, secagg_clip)`` with
 ``w = min(num_examples, MAX_WEIGHT) / MAX_WEIGHT``, quantized stochastically onto ``[0, T]``; the workflow

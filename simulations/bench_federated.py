@@ -10,7 +10,7 @@
   serving with the device's gated adaptation vs the population values (all users, and the users whose gate
   kept their adaptation);
 * personalization with the current gate (``--parts personalization``): the default run's final population
-  model re-evaluated in-process with ``Device.evaluate`` (what each node runs in the final round), served
+  model re-evaluated in-process with ``HostedUsers.evaluate`` (what each node runs in the final round), served
   with the gated adaptations vs the population values, paired per user; so a changed gate is measured
   without retraining the population model;
 * upload bytes per device per round for dense, sparse and sparse-with-decoys updates, with and without int8
@@ -30,7 +30,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from client_sdk.device import Device
+from client_sdk.device import HostedUsers
 from server.checkpoint import load_server_checkpoint
 from shared_model.config import FederatedConfig
 from simulations.simulate import run_simulation
@@ -178,7 +178,9 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
         loaded = load_server_checkpoint(cfg.out_dir)
         if key not in done and loaded is not None:
             shared, last_round = loaded[0], loaded[1]
-            device = Device(cfg, 0, 1, Path(cfg.out_dir) / "personalization-devices")  # every user, one node
+            device = HostedUsers(
+                cfg, 0, 1, Path(cfg.out_dir) / "personalization-devices"
+            )  # every user, one node
             row: dict[str, dict[str, float]] = {}
             for name, value in device.evaluate(shared, "val,test", last_round).metrics.items():
                 if "/" in name:  # "<stage>/<metric>" (not the count of users with unreadable stores)

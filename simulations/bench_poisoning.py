@@ -14,7 +14,7 @@ attackers each round sampled (cohorts are seeded: the runs sample the same nodes
 
 **Continuation** (in-process, through the product's strategy): an already trained run (``--trained``, its
 arrays and FedAdam moments) continues ``--continue-rounds`` rounds with seeded cohorts of nodes, honest nodes
-replying with ``Device.train`` and attacking nodes with the same promotion update: what happens when attackers
+replying with ``HostedUsers.train`` and attacking nodes with the same promotion update: what happens when attackers
 join a deployed federation, the case FedAdam's per-coordinate normalization makes hardest. Reported: the
 population model's exposure of the target every 10 rounds and the honest users' test NDCG@10 at the end.
 
@@ -211,11 +211,11 @@ def exposure_and_ndcg(
 ) -> dict:
     """For every honest evaluation user, with the serving weights of their device: is the target in the top-10
     (history masked), and the test NDCG@10. Returns the exposure and the per-user NDCG@10 values."""
-    from client_sdk.device import Device
+    from client_sdk.device import HostedUsers
     from shared_model.top_k import recommend
     from shared_model.training import evaluate
 
-    device = Device(cfg, 0, 1, Path(cfg.out_dir) / "devices")
+    device = HostedUsers(cfg, 0, 1, Path(cfg.out_dir) / "devices")
     target_id = str(device.log.item_ids[target])
     users = np.intersect1d(honest, device.split.eval_users)
     hits, ndcg = [], []
@@ -331,11 +331,11 @@ def run_continuation(
 ) -> dict[str, Any]:
     """Attack a trained federation: continue the run in ``trained`` (its arrays and FedAdam moments) for
     ``rounds`` rounds through the product's strategy, in-process: each round a seeded cohort of nodes, honest
-    ones replying with ``Device.train``, attacking ones with :func:`promotion_update`; the population
+    ones replying with ``HostedUsers.train``, attacking ones with :func:`promotion_update`; the population
     model's exposure of the target every 10 rounds, test NDCG@10 of the honest users at the end."""
     import shutil
 
-    from client_sdk.device import Device, cached_log
+    from client_sdk.device import HostedUsers, cached_log
     from server.checkpoint import load_server_checkpoint, load_server_state
     from server.strategies import make_strategy
     from shared_model.partition import load_parts
@@ -354,7 +354,7 @@ def run_continuation(
     shared, start_round = loaded[0], loaded[1]
     strategy = make_strategy(cfg, num_nodes)
     strategy.restore_server_state(load_server_state(trained))
-    devices = [Device(cfg, p, num_nodes, out / "devices") for p in range(num_nodes)]
+    devices = [HostedUsers(cfg, p, num_nodes, out / "devices") for p in range(num_nodes)]
     parts = partition_users(log.num_users, num_nodes, cfg.seed)
     honest = np.setdiff1d(
         devices[0].split.eval_users, np.concatenate([parts[p] for p in sorted(bad)] or [[]])
@@ -398,7 +398,7 @@ def run_continuation(
 
 def run_hostile(base: FederatedConfig) -> list[dict[str, Any]]:
     """:func:`hostile_round` on real device updates (3 dense, 1 sparse, 1 sparse int8), for each aggregation."""
-    from client_sdk.device import Device, cached_log
+    from client_sdk.device import HostedUsers, cached_log
     from server.app import initial_shared
 
     sent = initial_shared(base)
@@ -408,7 +408,9 @@ def run_hostile(base: FederatedConfig) -> list[dict[str, Any]]:
     for pid, (upload, compress) in enumerate(
         [("dense", "none")] * 3 + [("sparse", "none"), ("sparse", "int8")]
     ):
-        result = Device(replace(base, upload=upload, compress=compress), pid, users, store).train(sent, 1)
+        result = HostedUsers(replace(base, upload=upload, compress=compress), pid, users, store).train(
+            sent, 1
+        )
         goods.append((result.update, result.num_examples))
     cfg = replace(base, min_reply_fraction=0.1)  # 5 good replies of 36 are enough to aggregate
     return [

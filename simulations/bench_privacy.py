@@ -2,7 +2,7 @@
 a device interacted with from what it receives, per upload and privacy mode, and what each mode costs in
 NDCG@10.
 
-Attack: the server sends the round-1 shared arrays; sampled devices run the real ``Device.train``; the server
+Attack: the server sends the round-1 shared arrays; sampled devices run the real ``HostedUsers.train``; the server
 scores every item row from what it receives and the AUC of touched rows (items in the user's training history)
 against untouched ones is averaged over target users. Scores of a row's change (embedding ``dE``, bias
 ``db``): ``norm`` = ||(dE, db)||; ``bias`` = db (a target item's bias rises, the softmax pushes every other
@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from client_sdk.device import Device, cached_log
+from client_sdk.device import HostedUsers, cached_log
 from server.app import initial_shared
 from server.dp import RdpAccountant
 from server.validation import validate_update
@@ -147,7 +147,7 @@ class UserUpdates:
         self.emb, self.bias, self.norm, self.carried, self.touched, self.users = [], [], [], [], [], []
         self.strata: list[np.ndarray] = []
         for pid in pids:
-            device = Device(cfg, int(pid), nodes, store)
+            device = HostedUsers(cfg, int(pid), nodes, store)
             result = device.train(sent, 1)
             dense = validate_update(result.update, sent, result.num_examples, math.inf)
             delta = {k: dense[k].astype(np.float64) - sent[k] for k in sent}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from client_sdk.device import Device
+from client_sdk.device import HostedUsers
 from shared_model.config import FederatedConfig
 
 HEAD_USAGE_USERS = 200  # users whose top-k lists summarise how the interest heads share the recommendations
@@ -130,7 +130,7 @@ def sample_recommendation(
     from shared_model.top_k import format_recommendations, head_usage, recent_titles
 
     out = Path(cfg.out_dir)
-    device = Device(cfg, 0, 1, out / "devices")
+    device = HostedUsers(cfg, 0, 1, out / "devices")
     if user is None:
         user = next((int(u) for u in device.split.eval_users if device.store(int(u)).exists()), 0)
     trained = device.store(user).exists()

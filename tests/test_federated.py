@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-from client_sdk.device import Device
+from client_sdk.device import HostedUsers
 from client_sdk.flower_client import make_client_app
 from server.app import initial_shared
 from server.checkpoint import load_server_checkpoint, save_server_checkpoint
@@ -150,7 +150,7 @@ def test_hostile_sparse_updates_are_rejected():
 def test_device_round_keeps_personal_weights_on_the_device(cfg):
     cfg = replace(cfg, split="card")
     shared = initial_shared(cfg)
-    device = Device(cfg, partition_id=0, num_partitions=9, store_dir=Path(cfg.out_dir) / "devices")
+    device = HostedUsers(cfg, partition_id=0, num_partitions=9, store_dir=Path(cfg.out_dir) / "devices")
     result = device.train(shared, server_round=1)
     personal_names = set(split_state(device.model, cfg.split)[1])
     assert set(result.update) == set(shared) and not set(result.update) & personal_names
@@ -172,7 +172,7 @@ def test_local_sgd_barely_moves_unseen_items_where_a_fresh_adamw_moves_every_row
     moved = {}
     for optimizer in ("adamw", "sgd"):
         run = replace(cfg, local_optimizer=optimizer, local_epochs=1, local_lr=0.1)
-        device = Device(run, partition_id=0, num_partitions=9, store_dir=Path(cfg.out_dir) / optimizer)
+        device = HostedUsers(run, partition_id=0, num_partitions=9, store_dir=Path(cfg.out_dir) / optimizer)
         result = device.train(shared, server_round=1)
         seen = np.unique(
             np.concatenate(
@@ -188,7 +188,7 @@ def test_sparse_device_trains_only_the_rows_it_uploads(cfg):
     from dataclasses import replace
 
     shared = initial_shared(cfg)
-    device = Device(replace(cfg, upload="sparse", decoy_rows=5), 0, 9, Path(cfg.out_dir) / "devices")
+    device = HostedUsers(replace(cfg, upload="sparse", decoy_rows=5), 0, 9, Path(cfg.out_dir) / "devices")
     result = device.train(shared, server_round=1)
     rows = result.update["item_emb.weight@rows"]
     user = int(device.users[0])
@@ -213,7 +213,7 @@ def test_local_adaptation_is_gated_by_the_users_held_out_recent_events(cfg):
 
     run = replace(cfg, adapt_epochs=3, gate_events=4, gate_z=0.0)
     shared = initial_shared(run)
-    device = Device(run, 0, 3, Path(run.out_dir) / "devices")
+    device = HostedUsers(run, 0, 3, Path(run.out_dir) / "devices")
     device.train(shared, server_round=1)
     stored = {u: device.store(int(u)).path.read_bytes() for u in device.users}
     adapted_names = {
@@ -231,14 +231,14 @@ def test_local_adaptation_is_gated_by_the_users_held_out_recent_events(cfg):
         losses = next_item_losses(device.model, device.log, int(device.log.user_ptr[user]), held_out)
         assert losses.mean() == pytest.approx(min(result.population_loss, result.adapted_loss), rel=1e-5)
         assert result.kept == (result.adapted_loss < result.population_loss)  # gate_z 0: any improvement
-        strict = Device(replace(run, gate_z=1e6), 0, 3, Path(run.out_dir) / "devices")
+        strict = HostedUsers(replace(run, gate_z=1e6), 0, 3, Path(run.out_dir) / "devices")
         assert not strict.adapt(int(user), shared, server_round=2).kept  # no gain is a million errors wide
     assert {u: device.store(int(u)).path.read_bytes() for u in device.users} == stored  # nothing saved
     metrics = device.evaluate(shared, "val", server_round=2).metrics
     assert device.evaluate(shared, "val", server_round=2).metrics == metrics  # deterministic per round
     assert {"val/ndcg@10", "val-population/ndcg@10", "gate/kept"} <= set(metrics)
     # an adaptation that wrecks the heads (a huge learning rate) never reaches the user
-    wild = Device(replace(run, adapt_lr=50.0), 0, 3, Path(run.out_dir) / "devices")
+    wild = HostedUsers(replace(run, adapt_lr=50.0), 0, 3, Path(run.out_dir) / "devices")
     user = int(np.intersect1d(wild.users, wild.split.eval_users)[0])
     assert not wild.adapt(user, shared, server_round=2).kept
     wild_metrics = wild.evaluate(shared, "val", server_round=2).metrics
@@ -252,10 +252,10 @@ def test_virtual_users_equal_one_user_per_node(cfg, row_clip):
     clipped as the server clips one device's update (a tight row clip binds on every user)."""
     cfg = replace(cfg, row_clip=row_clip)
     shared = initial_shared(cfg)
-    group = Device(cfg, 0, 3, Path(cfg.out_dir) / "grouped")
+    group = HostedUsers(cfg, 0, 3, Path(cfg.out_dir) / "grouped")
     singles = []
     for user in group.users:
-        d = Device(cfg, 0, 3, Path(cfg.out_dir) / "single")
+        d = HostedUsers(cfg, 0, 3, Path(cfg.out_dir) / "single")
         d.users = np.array([user])
         singles.append(d.train(shared, 1))
     grouped = group.train(shared, 1)
@@ -441,15 +441,15 @@ def test_devices_report_head_shares_and_train_toward_the_populations(cfg):
     estimate); the population's shares change the local step; DP devices report none."""
     shared = initial_shared(cfg)
     store = Path(cfg.out_dir) / "devices"
-    plain = Device(cfg, partition_id=0, num_partitions=3, store_dir=store).train(shared, server_round=1)
+    plain = HostedUsers(cfg, partition_id=0, num_partitions=3, store_dir=store).train(shared, server_round=1)
     shares = [plain.metrics[f"head-share-{h}"] for h in range(4)]
     assert sum(shares) == pytest.approx(1, abs=1e-5) and min(shares) >= 0
-    uniform = Device(cfg, 0, 3, store_dir=store).train(shared, 1, head_share=[0.25] * 4)
+    uniform = HostedUsers(cfg, 0, 3, store_dir=store).train(shared, 1, head_share=[0.25] * 4)
     assert all(
         np.array_equal(plain.update[k], uniform.update[k]) for k in plain.update
     )  # uniform: no steering
-    steered = Device(cfg, 0, 3, store_dir=store).train(shared, 1, head_share=[0.97, 0.01, 0.01, 0.01])
+    steered = HostedUsers(cfg, 0, 3, store_dir=store).train(shared, 1, head_share=[0.97, 0.01, 0.01, 0.01])
     assert any(not np.array_equal(plain.update[k], steered.update[k]) for k in plain.update)
     dp = replace(cfg, privacy="dp", server_optimizer="fedavg", local_optimizer="sgd")
-    private = Device(dp, 0, 3, store_dir=Path(cfg.out_dir) / "dp").train(shared, 1)
+    private = HostedUsers(dp, 0, 3, store_dir=Path(cfg.out_dir) / "dp").train(shared, 1)
     assert not any(k.startswith("head-share") for k in private.metrics)

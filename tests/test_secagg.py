@@ -1,5 +1,5 @@
 """SecAgg+ rounds (``privacy="secagg"``, server.secagg): the server's aggregate equals the plaintext
-example-weighted mean of the survivors' real Device updates within the quantization error, a device dropping
+example-weighted mean of the survivors' real device updates within the quantization error, a device dropping
 out after sharing its keys does not stop the round, what leaves a device is masked, and the same runs on the
 deployment engine (a real SuperLink and three SuperNodes on 127.0.0.1)."""
 
@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client_sdk.device import Device
+from client_sdk.device import HostedUsers
 from client_sdk.flower_client import make_client_app
 from server.app import initial_shared
 from server.checkpoint import load_server_checkpoint
@@ -194,7 +194,7 @@ def test_simulation_survives_a_dropout_with_the_survivors_weighted_mean(tmp_path
     assert dense < row["upload_bytes_per_device"] <= 2 * dense
 
     # The survivors' updates, recomputed outside Flower from the same deterministic local training.
-    results = [Device(cfg, p, NODES, tmp_path / "ref").train(sent, 1) for p in range(NODES) if p != drop]
+    results = [HostedUsers(cfg, p, NODES, tmp_path / "ref").train(sent, 1) for p in range(NODES) if p != drop]
     weights = np.array([r.num_examples for r in results], dtype=np.float64)
     updates = [clip_update(r.update, sent, cfg.clip_norm, cfg.row_clip).arrays for r in results]  # on device
     assert len(set(weights)) > 1
