@@ -47,7 +47,7 @@ from flwr.supercore.differential_privacy import compute_stdv
 
 from shared_model.protocol.clipping import clip_update
 
-from .records import mean_metrics, one_reply, record_to_numpy
+from .records import cohort_metrics, one_reply, record_to_numpy
 from .wrapper import Wrapper
 
 ORDERS = tuple(range(2, 257))  # integer Renyi orders
@@ -177,5 +177,5 @@ class CentralDP(Wrapper):
             noise = self.noise_rng.normal(0.0, self.noise_std, change.shape)
             released[k] = (self.sent[k] + change / self.cohort + noise).astype(self.sent[k].dtype)
         self.accountant.step()
-        reduced = one_reply(released, mean_metrics(replies, uniform=True), replies[0])
+        reduced = one_reply(released, cohort_metrics(replies, uniform=True), replies[0])
         return self.strategy.aggregate_train(server_round, [reduced])

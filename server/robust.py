@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAdam, Strategy
 
 from shared_model.protocol.updates import ITEM_TABLES
 
-from .records import WEIGHT_KEY, mean_metrics, numpy_to_record, one_reply, record_to_numpy
+from .records import WEIGHT_KEY, cohort_metrics, numpy_to_record, one_reply, record_to_numpy
 from .wrapper import Wrapper
 
 
@@ -60,7 +60,7 @@ class RobustAggregate(Wrapper):
             robust[k] = sum(w * a[k].astype(np.float64) for w, a in zip(weights, arrays, strict=True))
         dtypes = {k: arrays[0][k].dtype for k in names}
         reduced = one_reply(
-            {k: robust[k].astype(dtypes[k]) for k in names}, mean_metrics(replies), replies[0]
+            {k: robust[k].astype(dtypes[k]) for k in names}, cohort_metrics(replies), replies[0]
         )
         return self.strategy.aggregate_train(server_round, [reduced])
 

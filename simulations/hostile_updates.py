@@ -78,7 +78,7 @@ def hostile_updates(
     }
 
 
-def reply(arrays: dict[str, np.ndarray] | None, examples: Any, node: int = 1) -> Message:
+def train_reply(arrays: dict[str, np.ndarray] | None, examples: Any = 5, node: int = 1) -> Message:
     """A train reply as a SuperNode would deliver it: ``arrays`` (if any) and metrics with ``examples``."""
     metrics = {"train-loss": 1.0} | ({} if examples is None else {"num-examples": examples})
     content = RecordDict({"metrics": MetricRecord(metrics)})
@@ -101,7 +101,7 @@ def reply(arrays: dict[str, np.ndarray] | None, examples: Any, node: int = 1) ->
 def aggregate_round(
     cfg: FederatedConfig, sent: dict[str, np.ndarray], replies: list[tuple[dict | None, Any]]
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
-    """One training round's aggregation of ``replies`` ((arrays, example weight) pairs, see :func:`reply`) by
+    """One training round's aggregation of ``replies`` ((arrays, example weight) pairs, see :func:`train_reply`) by
     the strategy ``cfg`` asks for: the new arrays (None when it did not aggregate) and its round statistics."""
     from server.strategies import make_strategy
 
@@ -116,7 +116,7 @@ def strategy_round(
     from server.records import record_to_numpy
 
     strategy.begin_round(sent, len(replies))  # what configure_train records
-    messages = [reply(a, n, node) for node, (a, n) in enumerate(replies, 1)]
+    messages = [train_reply(a, n, node) for node, (a, n) in enumerate(replies, 1)]
     arrays, _ = strategy.aggregate_train(server_round, messages)
     return (None if arrays is None else record_to_numpy(arrays)), strategy.last_round
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from shared_model.config import FederatedConfig
 
@@ -51,15 +51,3 @@ def request_message(cfg: FederatedConfig, shared: dict, kind: str, **extra) -> M
         }
     )
     return Message(content, dst_node_id=1, message_type=kind)
-
-
-def train_reply(shared: dict, examples: float = 5) -> Message:
-    """A device's valid-looking train reply: ``shared`` as its arrays, ``examples`` as its weight."""
-    request = Message(RecordDict(), dst_node_id=1, message_type="train")
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
-            "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0}),
-        }
-    )
-    return Message(content, reply_to=request)

@@ -108,46 +108,15 @@ def test_simulate_export_recommend_end_to_end(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("TMEPSR_TEST_PASSPHRASE", "wrong")
     assert main([*export, "--out", str(tmp_path / "b2")]) == 2
     assert "wrong passphrase" in capfd.readouterr().err
-    assert (
-        main(
-            [
-                "recommend",
-                "--bundle",
-                str(bundle),
-                "--public-key",
-                str(keys / "bundle_signing_key.pub.pem"),
-                "--user",
-                "u1",
-                "--dataset",
-                str(data),
-                "--k",
-                "5",
-            ]
-        )
-        == 0
-    )
+    recommend = ["recommend", "--bundle", str(bundle), "--user", "u1", "--dataset", str(data)]
+    assert main([*recommend, "--public-key", str(keys / "bundle_signing_key.pub.pem"), "--k", "5"]) == 0
     out = capfd.readouterr().out
     assert (
         "user u1: 14 of 14 events replayed through the on-device runtime" in out
         and " 5. " in out
         and "because: " in out
     )
-    assert (
-        main(
-            [
-                "recommend",
-                "--bundle",
-                str(bundle),
-                "--public-key",
-                str(run / "bundle_signing_key.pub.pem"),
-                "--user",
-                "u1",
-                "--dataset",
-                str(data),
-            ]
-        )
-        == 2
-    )
+    assert main([*recommend, "--public-key", str(run / "bundle_signing_key.pub.pem")]) == 2
     assert "signature" in capfd.readouterr().err
 
 

@@ -13,9 +13,10 @@ from server.dp import CentralDP, RdpAccountant, rdp_sampled_gaussian
 from server.strategies import make_strategy
 from server.validated import ValidatedStrategy
 from shared_model.config import FederatedConfig
+from simulations.hostile_updates import train_reply
 from simulations.simulate import run_simulation
 
-from .helpers import small_federation, train_reply
+from .helpers import small_federation
 
 # (q, noise multiplier, releases, delta, epsilon): epsilon from Google's dp-accounting 0.6.0 (installed in a
 # throwaway venv, not a project dependency), computed as

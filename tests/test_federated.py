@@ -26,8 +26,9 @@ from shared_model.protocol.updates import (
     encode_sparse,
     upload_rows,
 )
+from simulations.hostile_updates import train_reply
 
-from .helpers import make_events, request_message, train_reply
+from .helpers import make_events, request_message
 
 
 @pytest.fixture()

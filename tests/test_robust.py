@@ -288,7 +288,7 @@ def test_population_head_shares_come_from_well_formed_reports_only():
     saved with the server state."""
     from server.strategies import make_strategy
     from server.validated import SHARE_MEMORY
-    from simulations.hostile_updates import reply
+    from simulations.hostile_updates import train_reply
 
     rng = np.random.default_rng(0)
     sent = _sent(rng)
@@ -299,7 +299,7 @@ def test_population_head_shares_come_from_well_formed_reports_only():
     def round_of(shares: list[tuple[list[float], int]], server_round: int) -> None:
         messages = []
         for node, (share, examples) in enumerate(shares, 1):
-            msg = reply(_moved(sent, rng, 0.01), examples, node)
+            msg = train_reply(_moved(sent, rng, 0.01), examples, node)
             for h, x in enumerate(share):
                 msg.content["metrics"][f"head-share-{h}"] = x
             messages.append(msg)
