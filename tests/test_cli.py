@@ -13,6 +13,18 @@ import torch
 from simulations.cli import main
 
 
+def test_building_the_parser_loads_neither_torch_nor_flower():
+    """Each layer's commands import what they drive only when they run: ``tmepsr --help`` stays light."""
+    code = (
+        "import sys\n"
+        "from simulations.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'flwr', 'onnxruntime'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_data_stats_embedded_default(capsys):
     assert main(["data", "stats", "movielens-latest-small"]) == 0
     out = capsys.readouterr().out
@@ -202,8 +214,8 @@ def test_recommend_refuses_a_dataset_whose_ids_name_other_items():
     """Replaying another catalogue's ids would feed the runtime colliding ids ("1" is another movie)."""
     from types import SimpleNamespace
 
+    from client_sdk.cli import check_same_catalogue
     from shared_model.data import InteractionLog, ItemMeta
-    from simulations.cli import _check_same_catalogue
 
     log = InteractionLog.from_events(
         "ml-other", [0, 0], ["1", "2"], [1, 2], "seconds", item_meta=ItemMeta(titles=("Toy Story", "Jumanji"))
@@ -214,6 +226,6 @@ def test_recommend_refuses_a_dataset_whose_ids_name_other_items():
         catalogue_titles=["Toy Story", "GoldenEye", "Heat"],
     )
     with pytest.raises(ValueError, match="1 shared item ids name other items .*'Jumanji' here, 'GoldenEye'"):
-        _check_same_catalogue(log, bundle)
+        check_same_catalogue(log, bundle)
     bundle.catalogue_titles[1] = "Jumanji"
-    _check_same_catalogue(log, bundle)  # the same items: fine
+    check_same_catalogue(log, bundle)  # the same items: fine

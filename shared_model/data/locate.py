@@ -10,6 +10,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 DATA_DIR_ENV = "TMEPSR_DATA_DIR"
+# the --data-dir option's help, wherever a command reads datasets
+DATA_DIR_HELP = f"shared data folder (default: ${DATA_DIR_ENV} or ../shared/data)"
 
 
 def embedded_dir(name: str) -> Path:
