@@ -47,8 +47,8 @@ from flwr.supercore.differential_privacy import compute_stdv
 
 from shared_model.protocol.clipping import clip_update
 
-from .records import cohort_metrics, one_reply, record_to_numpy
-from .wrapper import Wrapper
+from .records import cohort_metrics, record_to_numpy
+from .wrapper import Reducer
 
 ORDERS = tuple(range(2, 257))  # integer Renyi orders
 
@@ -116,7 +116,7 @@ class RdpAccountant:
         return rdp_to_epsilon(self.releases * self.rdp_per_release, self.orders, delta)[0]
 
 
-class CentralDP(Wrapper):
+class CentralDP(Reducer):
     """Central DP in front of ``strategy``: each update clipped to ``C``, their sum over the fixed cohort, plus
     Gaussian noise, handed on as one reply. :meth:`round_report` carries ``epsilon`` at ``dp_delta``."""
 
@@ -149,8 +149,12 @@ class CentralDP(Wrapper):
 
     def round_report(self) -> dict[str, Any]:
         """The privacy spent so far and the last round's clipping."""
-        return {"epsilon": self.accountant.epsilon(self.delta), "dp_delta": self.delta,
-                "dp_noise_std": self.noise_std, "dp_clipped": self.clipped}  # fmt: skip
+        return {
+            "epsilon": self.accountant.epsilon(self.delta),
+            "dp_delta": self.delta,
+            "dp_noise_std": self.noise_std,
+            "dp_clipped": self.clipped,
+        }
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -160,12 +164,8 @@ class CentralDP(Wrapper):
             self.started = True
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        if not replies:
-            return None, None
+    def reduce(self, replies: list[Message]) -> tuple[dict[str, np.ndarray], MetricRecord]:
+        """Each change clipped, summed, divided by the fixed cohort size, Gaussian noise added."""
         total = {k: np.zeros(v.shape, np.float64) for k, v in self.sent.items()}
         for msg in replies:
             clip = clip_update(record_to_numpy(msg.content["arrays"]), self.sent, self.clip, 0.0)
@@ -177,5 +177,4 @@ class CentralDP(Wrapper):
             noise = self.noise_rng.normal(0.0, self.noise_std, change.shape)
             released[k] = (self.sent[k] + change / self.cohort + noise).astype(self.sent[k].dtype)
         self.accountant.step()
-        reduced = one_reply(released, cohort_metrics(replies, uniform=True), replies[0])
-        return self.strategy.aggregate_train(server_round, [reduced])
+        return released, cohort_metrics(replies, uniform=True)

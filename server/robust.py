@@ -21,11 +21,11 @@ from flwr.serverapp.strategy import FedAdam, Strategy
 
 from shared_model.protocol.updates import ITEM_TABLES
 
-from .records import WEIGHT_KEY, cohort_metrics, numpy_to_record, one_reply, record_to_numpy
-from .wrapper import Wrapper
+from .records import WEIGHT_KEY, cohort_metrics, numpy_to_record, record_to_numpy
+from .wrapper import Reducer
 
 
-class RobustAggregate(Wrapper):
+class RobustAggregate(Reducer):
     """The coordinate-wise median or trimmed mean of the replies, handed to ``strategy`` as one reply."""
 
     def __init__(
@@ -38,12 +38,8 @@ class RobustAggregate(Wrapper):
         super().__init__(strategy)
         self.rule, self.trim_fraction, self.scope = rule, trim_fraction, scope
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        if not replies:
-            return None, None
+    def reduce(self, replies: list[Message]) -> tuple[dict[str, np.ndarray], MetricRecord]:
+        """The robust rule on the arrays in scope, the example-weighted mean on the others."""
         arrays = [record_to_numpy(m.content["arrays"]) for m in replies]
         names = sorted(arrays[0])
         keys = [k for k in names if self.scope == "all" or k in ITEM_TABLES]
@@ -58,11 +54,7 @@ class RobustAggregate(Wrapper):
         weights = weights / weights.sum()
         for k in set(names) - robust.keys():  # the other arrays: the example-weighted mean
             robust[k] = sum(w * a[k].astype(np.float64) for w, a in zip(weights, arrays, strict=True))
-        dtypes = {k: arrays[0][k].dtype for k in names}
-        reduced = one_reply(
-            {k: robust[k].astype(dtypes[k]) for k in names}, cohort_metrics(replies), replies[0]
-        )
-        return self.strategy.aggregate_train(server_round, [reduced])
+        return {k: robust[k].astype(arrays[0][k].dtype) for k in names}, cohort_metrics(replies)
 
 
 class FedAdamItemEpsilon(FedAdam):
@@ -85,7 +77,7 @@ class FedAdamItemEpsilon(FedAdam):
             * np.sqrt(1 - self.beta_2 ** (server_round + 1.0))
             / (1 - self.beta_1 ** (server_round + 1.0))
         )
-        new = record_to_numpy(arrays)
+        new = dict(record_to_numpy(arrays))  # a new record: the one Flower returned stays as it is
         for k in set(ITEM_TABLES) & new.keys():
             step = eta_norm * self.m_t[k] / (np.sqrt(self.v_t[k]) + self.tau_items)
             new[k] = self.current_arrays[k] + step

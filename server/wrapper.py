@@ -11,6 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from .records import one_reply
+
 
 class Wrapper(Strategy):
     """Delegates to ``self.strategy``; a subclass overrides what it changes (usually ``aggregate_train``)."""
@@ -45,6 +47,24 @@ class Wrapper(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+
+
+class Reducer(Wrapper):
+    """A wrapper that reduces the cohort's replies to one update (central DP's noisy mean, a robust mean) and
+    hands the strategy it wraps that one reply."""
+
+    def reduce(self, replies: list[Message]) -> tuple[dict[str, np.ndarray], MetricRecord]:
+        """The cohort's one update and its metrics (``replies`` is not empty)."""
+        raise NotImplementedError
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if not replies:
+            return None, None
+        arrays, metrics = self.reduce(replies)
+        return self.strategy.aggregate_train(server_round, [one_reply(arrays, metrics, replies[0])])
 
 
 def wrappers(strategy: Strategy) -> list[Wrapper]:

@@ -118,6 +118,14 @@ def _train_rounds_per_second(history: list[dict[str, Any]], users_per_node: int)
     return sum(h["valid"] * users_per_node for h in rows) / seconds if seconds else float("nan")
 
 
+def _short_run(
+    base: FederatedConfig, out: Path, cpus: int | None, rounds: int, **overrides: Any
+) -> list[dict[str, Any]]:
+    """The round history of a few rounds of ``base`` with ``overrides``, without evaluation."""
+    cfg = replace(base, num_rounds=rounds, eval_every=10**6, out_dir=str(out), **overrides)
+    return run_simulation(cfg, num_cpus=cpus)["history"]
+
+
 def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str]) -> list[dict[str, Any]]:
     """All comparisons for one dataset; skips those already in ``done``."""
     base = FederatedConfig(
@@ -199,16 +207,15 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
         key = f"{dataset}/bytes/{upload}/{decoys}" + ("" if compress == "none" else f"/{compress}")
         if key in done:
             continue
-        cfg = replace(
+        history = _short_run(
             base,
+            out / f"bytes-{upload}-{decoys}-{compress}",
+            args.cpus,
+            1,
             upload=upload,
             decoy_rows=decoys,
             compress=compress,
-            num_rounds=1,
-            eval_every=10**6,
-            out_dir=str(out / f"bytes-{upload}-{decoys}-{compress}"),
         )
-        history = run_simulation(cfg, num_cpus=args.cpus)["history"]
         record(
             "bytes",
             key=key,
@@ -221,14 +228,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
         key = f"{dataset}/throughput/{per_node}"
         if key in done:
             continue
-        cfg = replace(
-            base,
-            users_per_node=per_node,
-            num_rounds=3,
-            eval_every=10**6,
-            out_dir=str(out / f"throughput-{per_node}"),
-        )
-        history = run_simulation(cfg, num_cpus=args.cpus)["history"]
+        history = _short_run(base, out / f"throughput-{per_node}", args.cpus, 3, users_per_node=per_node)
         record(
             "throughput",
             key=key,

@@ -419,6 +419,15 @@ def run_hostile(base: FederatedConfig) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- report
+
+
+def _exposure_ratio(exposure: float, base: float | None) -> str:
+    """Exposure as a multiple of the run without attack (``base``; None: this is that run)."""
+    if base is None:
+        return "-"
+    return f"{exposure / base:.2f}" if base else "n/a (0 without attack)"
+
+
 def write_report(results: dict[str, Any], root: Path) -> None:
     (RESULTS / f"{NAME}.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     runs = results.get("poisoning", {})
@@ -440,7 +449,7 @@ def write_report(results: dict[str, Any], root: Path) -> None:
     for name, r in runs.items():
         ref = reference_run(name, r, runs)
         base = runs[ref]["exposure"] if ref else None
-        ratio = f"{r['exposure'] / base:.2f}" if base else ("-" if base is None else "n/a (0 without attack)")
+        ratio = _exposure_ratio(r["exposure"], base)
         change = paired_change(root, name, ref) if ref else None
         delta = (
             ""
@@ -470,9 +479,7 @@ def write_report(results: dict[str, Any], root: Path) -> None:
         for name, r in cont.items():
             ref = reference_run(name, r, cont)
             base = cont[ref]["exposure"] if ref else None
-            ratio = (
-                f"{r['exposure'] / base:.2f}" if base else ("-" if base is None else "n/a (0 without attack)")
-            )
+            ratio = _exposure_ratio(r["exposure"], base)
             lines.append(
                 f"| {name} | {r['exposure']:.4f} | {r['max_exposure']:.4f} | {ratio} | {r['attacks']} | "
                 f"{r['test_ndcg@10']:.4f} | {r['minutes']:.1f} |"

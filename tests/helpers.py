@@ -1,5 +1,5 @@
-"""Helpers shared by the test modules: a small event log, and Flower messages as a server sends and a device
-returns them."""
+"""Helpers shared by the test modules (and the JavaScript client's fixture builder): a small event log, a tiny
+random model, and Flower messages as a server sends and a device returns them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from shared_model.config import FederatedConfig
+from shared_model.data import InteractionLog
+from shared_model.model import TMEPSR
 
 
 def make_events(path: Path, users: int = 9, events: int = 14, items: int = 40, seed: int = 0) -> Path:
@@ -24,6 +26,20 @@ def make_events(path: Path, users: int = 9, events: int = 14, items: int = 40, s
             rows.append(f"u{u},i{item},{t},{'cheap' if item % 2 else 'fast'}|{'red' if item % 3 else 'blue'}")
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def tiny_model(log: InteractionLog, seed: int) -> TMEPSR:
+    """A tiny random TME-PSR for ``log`` (d 16, 2 heads) whose item biases leave no score ties."""
+    import torch
+
+    from shared_model.build import build_model
+    from shared_model.training import model_config_for
+
+    torch.manual_seed(seed)
+    model = build_model(model_config_for(log, d_model=16, max_len=16, num_heads=2)).eval()
+    with torch.no_grad():
+        model.item_bias.normal_(0, 0.5)  # no score ties
+    return model  # type: ignore[return-value]
 
 
 def small_federation(tmp_path: Path, users: int = 9, **overrides: Any) -> FederatedConfig:

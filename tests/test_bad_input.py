@@ -30,15 +30,18 @@ def _rewrite_line(path, lineno, new):
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_missing_column(ml_copy):
-    _rewrite_line(ml_copy / "ratings.csv", 1, "userId,item,rating,timestamp")
-    with pytest.raises(DataFormatError, match=r"ratings.csv, line 1: missing column\(s\) \['movieId'\]"):
-        load_movielens_latest_small(ml_copy)
-
-
-def test_non_numeric_id(ml_copy):
-    _rewrite_line(ml_copy / "ratings.csv", 7, "1,abc,4.0,964982703")
-    with pytest.raises(DataFormatError, match=r"ratings.csv, line 7: movieId is not an integer: 'abc'"):
+@pytest.mark.parametrize(
+    ("line", "text", "error"),
+    [
+        (1, "userId,item,rating,timestamp", r"ratings.csv, line 1: missing column\(s\) \['movieId'\]"),
+        (7, "1,abc,4.0,964982703", r"ratings.csv, line 7: movieId is not an integer: 'abc'"),
+        (10, "1,3", r"line 10: expected 4 fields, found 2"),
+    ],
+    ids=["missing column", "non-numeric id", "wrong field count"],
+)
+def test_malformed_ratings_line(ml_copy, line, text, error):
+    _rewrite_line(ml_copy / "ratings.csv", line, text)
+    with pytest.raises(DataFormatError, match=error):
         load_movielens_latest_small(ml_copy)
 
 
@@ -46,12 +49,6 @@ def test_non_numeric_id(ml_copy):
 def test_bad_timestamp(ml_copy, bad):
     _rewrite_line(ml_copy / "ratings.csv", 3, f"1,3,4.0,{bad}")
     with pytest.raises(DataFormatError, match=r"ratings.csv, line 3: timestamp"):
-        load_movielens_latest_small(ml_copy)
-
-
-def test_wrong_field_count(ml_copy):
-    _rewrite_line(ml_copy / "ratings.csv", 10, "1,3")
-    with pytest.raises(DataFormatError, match=r"line 10: expected 4 fields, found 2"):
         load_movielens_latest_small(ml_copy)
 
 

@@ -11,31 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from client_sdk.errors import DeviceRuntimeError
 from client_sdk.runtime import IncompatibleStore, OutOfOrderEvent, Recommender, RuntimeInputError, UnknownItem
 from client_sdk.store import DeviceRecord, EncryptedStore, StoreError, StoreInUse, _write_v1
 from server.publish import build_bundle
 from server.release import generate_keys, load_private_key, sign_bundle
-from shared_model.build import build_model
 from shared_model.data import load_dataset
 from shared_model.partition import split_state
 from shared_model.protocol.bundle import BundleError, BundleFormatError, BundleSignatureError, BundleTampered
 from shared_model.top_k import recommend
-from shared_model.training import model_config_for
 
-from .helpers import make_events
+from .helpers import make_events, tiny_model
 
 KEY = bytes(range(32))
-
-
-def _model(log, seed: int):
-    torch.manual_seed(seed)
-    model = build_model(model_config_for(log, d_model=16, max_len=16, num_heads=2)).eval()
-    with torch.no_grad():
-        model.item_bias.normal_(0, 0.5)  # no score ties
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +33,7 @@ def env(tmp_path_factory):
     log = load_dataset(str(make_events(root / "events.csv", users=6, events=12, items=30)))
     private, public = generate_keys(root / "keys", "pw")
     key = load_private_key(private, "pw")
-    model = _model(log, 0)
+    model = tiny_model(log, 0)
     build_bundle(model, log, root / "v1", key, model_version="v1", top_k=20, check=False)
     return {"root": root, "log": log, "key": key, "public": public, "model": model}
 
@@ -89,7 +78,7 @@ def test_runtime_matches_the_torch_model_and_survives_a_restart(env, tmp_path):
 def test_personal_weights_come_from_the_store(env, tmp_path):
     """The device's own time encoder / LRU / heads override the bundle's initial values."""
     log = env["log"]
-    other = _model(log, 1)
+    other = tiny_model(log, 1)
     shared, _ = split_state(env["model"], "card")
     _, personal = split_state(other, "card")
     from shared_model.partition import load_parts
@@ -203,7 +192,7 @@ def test_upgrade_to_a_grown_catalogue_keeps_the_history(env, tmp_path):
     assert list(grown.item_ids[: env["log"].num_items]) == list(env["log"].item_ids)  # old ids are a prefix
     if not (root / "v2").exists():
         build_bundle(
-            _model(grown, 0), grown, root / "v2", env["key"], model_version="v2", top_k=20, check=False
+            tiny_model(grown, 0), grown, root / "v2", env["key"], model_version="v2", top_k=20, check=False
         )
     rec = _open(env, tmp_path)
     _replay(rec, env["log"], 4)

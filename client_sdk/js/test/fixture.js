@@ -11,7 +11,14 @@ import { fileURLToPath } from "node:url";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const REPO = path.resolve(here, "../../..");
-const SOURCES = ["client_sdk/js/test/make_bundle.py", "shared_model/export.py", "shared_model/graph_io.py", "server/publish.py", "server/release.py"];
+const SOURCES = [
+  "client_sdk/js/test/make_bundle.py",
+  ...fs.readdirSync(path.join(REPO, "shared_model/export")).filter((f) => f.endsWith(".py")).sort().map((f) => `shared_model/export/${f}`),
+  "shared_model/graph_io.py",
+  "server/publish.py",
+  "server/release.py",
+  "tests/helpers.py",
+];
 
 export function python() {
   if (process.env.PYTHON) return process.env.PYTHON;

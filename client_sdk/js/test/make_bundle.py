@@ -16,23 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 
 from server.publish import build_bundle  # noqa: E402
 from server.release import generate_keys, load_private_key  # noqa: E402
-from shared_model.build import build_model  # noqa: E402
 from shared_model.data import load_dataset  # noqa: E402
-from shared_model.training import model_config_for  # noqa: E402
-
-
-def model_for(log, seed: int):
-    torch.manual_seed(seed)
-    model = build_model(model_config_for(log, d_model=16, max_len=16, num_heads=2)).eval()
-    with torch.no_grad():
-        model.item_bias.normal_(0, 0.5)  # no score ties
-    return model
+from tests.helpers import tiny_model  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +36,7 @@ def main() -> None:
     log = load_dataset("movielens-latest-small")
     private, public = generate_keys(out / "keys", "pw")
     key = load_private_key(private, "pw")
-    model = model_for(log, args.seed)
+    model = tiny_model(log, args.seed)
     build_bundle(
         model, log, out / "v1", key, model_version="v1", top_k=args.top_k, int8=args.int8, check=False
     )
