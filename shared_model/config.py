@@ -53,6 +53,10 @@ class ModelConfig:
     )
     # a federated device steers by the population's shares instead (TMEPSR.population_share)
     mi_temperature: float = 0.2
+    # what is shown for an item: the branch's score of each attested id minus this x log(1 + the id's rank
+    # among the item's attested ids by training use); 0 = the branch alone. 2 was the best on the Musical
+    # Instruments validation set (review phrases) and costs < 1% on MovieLens-100k's genres
+    explanation_rank_prior: float = 2.0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -67,6 +71,8 @@ class ModelConfig:
             raise ValueError("dropout must lie in [0, 1) and the loss weights must be >= 0")
         if not self.mi_temperature > 0:
             raise ValueError("mi_temperature must be > 0")
+        if self.explanation_rank_prior < 0:
+            raise ValueError("explanation_rank_prior must be >= 0")
         if self.lru_state_expansion < 1:
             raise ValueError("lru_state_expansion must be >= 1")
         if self.d_model % self.num_heads:

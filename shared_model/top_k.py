@@ -48,7 +48,12 @@ def recommend(
     ):  # among the ids attested for each item
         candidates = _attested_candidates(log)[items]
         n = min(explanations, candidates.shape[1])
-        expl = attested_top(model.explanation_scores(state.expand(k, -1), items), candidates, n)
+        expl = attested_top(
+            model.explanation_scores(state.expand(k, -1), items),
+            candidates,
+            n,
+            model.cfg.explanation_rank_prior,
+        )
     titles = log.item_meta.titles
     out = []
     for r, item in enumerate(items.tolist()):

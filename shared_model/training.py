@@ -102,7 +102,9 @@ def evaluate(
             items = torch.as_tensor(log.item[t], device=device)
             whole = model.explanation_scores(last, items).cpu()
             expl_scores.append(whole.numpy())
-            attested.append(attested_only(whole, candidates[items.cpu()]).numpy())
+            attested.append(
+                attested_only(whole, candidates[items.cpu()], model.cfg.explanation_rank_prior).numpy()
+            )
             expl_rows.append(t)
     out = ranking_metrics(np.concatenate(ranks))
     out["users"] = float(len(eval_users))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from shared_model.data import InteractionLog, ItemMeta, Ragged
 from shared_model.data.explanations import (
@@ -12,6 +13,7 @@ from shared_model.data.explanations import (
     review_phrases,
     tag_or_genre_labels,
 )
+from shared_model.explanation import attested_only, attested_top
 
 NAMES = ("Drama", "Comedy", "Noir")
 # item 0: Drama+Comedy, item 1: Comedy, item 2: Drama+Noir, item 3: no attribute
@@ -72,3 +74,17 @@ def test_attested_explanations_list_what_applies_to_each_item():
     assert table.shape == (4, 32) and table.dtype == np.int64
     assert [row[row >= 0].tolist() for row in table] == [[3, 0, 1], [1], [0, 2], []]
     assert attested_explanations(log, np.array([0, 1, 2]), width=2)[0].tolist() == [3, 0]
+
+
+def test_shown_explanations_are_attested_ids_with_the_rank_prior():
+    scores = torch.tensor([[0.0, 3.0, 1.0, 2.0, 5.0]])
+    candidates = torch.tensor([[2, 0, 3, -1]])  # id 4 is not attested: never shown despite its score
+    plain = attested_only(scores, candidates)
+    assert plain[0, 4] == -torch.inf and plain[0, 1] == -torch.inf
+    assert torch.equal(plain[0, [0, 2, 3]], scores[0, [0, 2, 3]])
+    assert attested_top(scores, candidates, 4).tolist() == [[3, 2, 0, -1]]  # by score alone
+    prior = attested_only(scores, candidates, rank_prior=2.0)
+    expected = scores[0, [2, 0, 3]] - 2.0 * torch.log1p(torch.arange(3.0))
+    assert torch.allclose(prior[0, [2, 0, 3]], expected)
+    # a strong prior shows the table's order (most used on the item first)
+    assert attested_top(scores, candidates, 3, rank_prior=100.0).tolist() == [[2, 0, 3]]

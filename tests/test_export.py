@@ -130,7 +130,12 @@ def _assert_matches_torch(model: TMEPSR, log, starts, ends, out: dict[str, np.nd
         with torch.no_grad():
             pairs = state[:, None].expand(-1, k, -1).reshape(-1, state.shape[-1])
             candidates = torch.from_numpy(_candidates(log))[items.reshape(-1)]
-            expl = attested_top(model.explanation_scores(pairs, items.reshape(-1)), candidates, e)
+            expl = attested_top(
+                model.explanation_scores(pairs, items.reshape(-1)),
+                candidates,
+                e,
+                model.cfg.explanation_rank_prior,
+            )
         assert np.array_equal(out["top_explanations"], expl.reshape(-1, k, e).numpy())
         # faithful: every shown explanation is attested for its item
         shown = out["top_explanations"].reshape(-1, e)

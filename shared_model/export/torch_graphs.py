@@ -51,7 +51,7 @@ def _rank(
     pairs = state[:, None].expand(-1, top_k, -1).reshape(-1, state.shape[-1])
     flat_items = top_items.reshape(-1)
     scores = model.explanation_scores(pairs, flat_items)
-    expl = attested_top(scores, attested(flat_items), num_expl)
+    expl = attested_top(scores, attested(flat_items), num_expl, model.cfg.explanation_rank_prior)
     return top_items, top_scores, heads, expl.reshape(*top_items.shape, num_expl)
 
 
