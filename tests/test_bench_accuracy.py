@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from simulations import bench_accuracy
 from simulations.bench_accuracy import _claim, parse_model, summarise
 
 
@@ -56,3 +57,21 @@ def test_a_run_is_claimed_once_and_a_dead_workers_lock_is_taken_over(tmp_path):
     assert not _claim(lock)  # held by a live process (this one)
     lock.write_text("999999999")  # no such process
     assert _claim(lock)
+
+
+def test_a_datasets_stopping_rule_overrides_the_command_line_default(tmp_path, monkeypatch):
+    """Latest-small and the Amazon sets train with patience 20 while --patience defaults to 10."""
+    calls = []
+
+    def fake_train(dataset, preset, folder, **kwargs):
+        calls.append(kwargs)
+        return {"dataset": dataset, "test": {"ndcg@10": 0.1}, "stopped": "patience", "best_epoch": 1}
+
+    monkeypatch.setattr(bench_accuracy, "train_and_report", fake_train)
+    monkeypatch.setattr(bench_accuracy, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_accuracy, "_write_summary", lambda *a: None)
+    common = ["--models", "sasrec", "--seeds", "0", "--state-dir", str(tmp_path / "state")]
+    bench_accuracy.main(["--datasets", "amazon-musical-instruments-5core", *common])
+    bench_accuracy.main(["--datasets", "movielens-100k", "--patience", "12", *common])
+    assert calls[0]["patience"] == 20 and calls[0]["max_epochs"] == 500 and calls[0]["batch_size"] == 64
+    assert calls[1]["patience"] == 12
