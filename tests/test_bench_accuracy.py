@@ -60,7 +60,7 @@ def test_a_run_is_claimed_once_and_a_dead_workers_lock_is_taken_over(tmp_path):
 
 
 def test_a_datasets_stopping_rule_overrides_the_command_line_default(tmp_path, monkeypatch):
-    """Latest-small and the Amazon sets train with patience 20 while --patience defaults to 10."""
+    """Latest-small and the Amazon sets train with a longer patience while --patience defaults to 10."""
     calls = []
 
     def fake_train(dataset, preset, folder, **kwargs):
@@ -73,5 +73,5 @@ def test_a_datasets_stopping_rule_overrides_the_command_line_default(tmp_path, m
     common = ["--models", "sasrec", "--seeds", "0", "--state-dir", str(tmp_path / "state")]
     bench_accuracy.main(["--datasets", "amazon-musical-instruments-5core", *common])
     bench_accuracy.main(["--datasets", "movielens-100k", "--patience", "12", *common])
-    assert calls[0]["patience"] == 20 and calls[0]["max_epochs"] == 500 and calls[0]["batch_size"] == 64
+    assert calls[0]["patience"] == 30 and calls[0]["max_epochs"] == 500 and calls[0]["batch_size"] == 64
     assert calls[1]["patience"] == 12
