@@ -100,8 +100,10 @@ def attested_only(scores: Tensor, candidates: Tensor, rank_prior: float = 0.0) -
     (N, M, -1 padded, the item's attested ids most used first); an attested id in column ``j`` scores
     ``scores - rank_prior * log(1 + j)``."""
     num = scores.shape[1]
-    prior = -rank_prior * torch.log1p(torch.arange(candidates.shape[1], dtype=scores.dtype))
-    shown = torch.full((len(scores), num + 1), -torch.inf, dtype=scores.dtype)
+    prior = -rank_prior * torch.log1p(
+        torch.arange(candidates.shape[1], dtype=scores.dtype, device=scores.device)
+    )
+    shown = torch.full((len(scores), num + 1), -torch.inf, dtype=scores.dtype, device=scores.device)
     shown = shown.scatter(1, torch.where(candidates >= 0, candidates, num), prior.expand(len(scores), -1))
     return scores + shown[:, :num]
 
