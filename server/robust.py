@@ -1,5 +1,4 @@
-"""Robust aggregates against model poisoning, as a wrapper strategy, and FedAdam with its own epsilon for the
-item tables.
+"""Robust aggregates against model poisoning, as a wrapper strategy.
 
 :class:`RobustAggregate` reduces a round's (validated) replies to one coordinate-wise median or trimmed mean
 (Flower's ``aggregate_median`` / ``aggregate_trimmed_avg``: one vote per device; the example weights, which a
@@ -11,17 +10,16 @@ attack pushes) and the example-weighted mean for every other array.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Message, MetricRecord
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
-from flwr.serverapp.strategy import FedAdam, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from shared_model.protocol.updates import ITEM_TABLES
 
-from .records import WEIGHT_KEY, cohort_metrics, numpy_to_record, record_to_numpy
+from .records import WEIGHT_KEY, cohort_metrics, record_to_numpy
 from .wrapper import Reducer
 
 
@@ -55,30 +53,3 @@ class RobustAggregate(Reducer):
         for k in set(names) - robust.keys():  # the other arrays: the example-weighted mean
             robust[k] = sum(w * a[k].astype(np.float64) for w, a in zip(weights, arrays, strict=True))
         return {k: robust[k].astype(arrays[0][k].dtype) for k in names}, cohort_metrics(replies)
-
-
-class FedAdamItemEpsilon(FedAdam):
-    """FedAdam with its own epsilon for the item tables (``tau_items`` > 0), so that tiny consistent changes of
-    rows honest devices barely move (a cold item's) are not normalised into full steps."""
-
-    def __init__(self, *args: Any, tau_items: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.tau_items = tau_items
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None:
-            return arrays, metrics
-        # the item tables' step again with their own epsilon, from the moments Flower's step just updated
-        eta_norm = (
-            self.eta
-            * np.sqrt(1 - self.beta_2 ** (server_round + 1.0))
-            / (1 - self.beta_1 ** (server_round + 1.0))
-        )
-        new = dict(record_to_numpy(arrays))  # a new record: the one Flower returned stays as it is
-        for k in set(ITEM_TABLES) & new.keys():
-            step = eta_norm * self.m_t[k] / (np.sqrt(self.v_t[k]) + self.tau_items)
-            new[k] = self.current_arrays[k] + step
-        return numpy_to_record(new), metrics

@@ -3,18 +3,19 @@
 ValidatedStrategy(                       server/validated.py: validation, clips, minimum replies
     CentralDP( ... )                     server/dp.py: privacy="dp"
     | RobustAggregate( ... )             server/robust.py: aggregation="median" / "trimmed-mean"
-        FedAvg | FedAdam)                Flower's; FedAdamItemEpsilon with server_tau_items > 0
+        FedAvg | ServerAdam)             Flower's FedAvg; server/server_adam.py: FedAdam + lr schedule
 """
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from shared_model.config import FederatedConfig
 
 from .dp import CentralDP
 from .records import WEIGHT_KEY
-from .robust import FedAdamItemEpsilon, RobustAggregate
+from .robust import RobustAggregate
+from .server_adam import ServerAdam
 from .validated import ValidatedStrategy
 
 
@@ -31,12 +32,15 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedStrategy:
     )
     adam = cfg.server_optimizer == "fedadam"
     step: Strategy
-    if adam and cfg.server_tau_items > 0:
-        step = FedAdamItemEpsilon(
-            eta=cfg.server_lr, tau=cfg.server_tau, tau_items=cfg.server_tau_items, **common
+    if adam:
+        step = ServerAdam(
+            eta=cfg.server_lr,
+            tau=cfg.server_tau,
+            num_rounds=cfg.num_rounds,
+            schedule=cfg.server_schedule,
+            tau_items=cfg.server_tau_items,
+            **common,
         )
-    elif adam:
-        step = FedAdam(eta=cfg.server_lr, tau=cfg.server_tau, **common)
     else:
         step = FedAvg(**common)
     if (

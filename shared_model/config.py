@@ -15,6 +15,7 @@ Split = Literal["population", "card", "heads-prior"]
 SPLITS: tuple[str, ...] = get_args(Split)
 LocalOptimizer = Literal["sgd", "adamw"]
 ServerOptimizer = Literal["fedadam", "fedavg"]
+ServerSchedule = Literal["constant", "cosine"]
 Upload = Literal["dense", "sparse"]
 Compress = Literal["none", "int8"]
 Privacy = Literal["plain", "dp", "secagg"]
@@ -216,7 +217,11 @@ class FederatedConfig:
     server_optimizer: ServerOptimizer = _opt(
         "fedadam", "fedadam (a server Adam step on the averaged update, state kept across rounds) | fedavg"
     )
-    server_lr: float = _opt(2e-3, "FedAdam's server learning rate (eta)")
+    server_lr: float = _opt(2e-3, "FedAdam's server learning rate (eta; the peak under a schedule)")
+    server_schedule: ServerSchedule = _opt(
+        "constant",
+        "constant | cosine (FedAdam's eta falls from server_lr to 0 over num_rounds, so the run ends settled)",
+    )
     server_tau_items: float = _opt(
         0.0,
         "FedAdam's epsilon for the item tables (0 = server_tau): larger keeps tiny consistent changes of rows"

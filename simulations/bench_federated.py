@@ -44,6 +44,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default, sparse int8 upload": {"upload": "sparse", "compress": "int8"},
     "default, 3 local epochs": {"local_epochs": 3},
     "default, server lr 5e-3": {"server_lr": 5e-3},
+    "default, cosine server lr": {"server_schedule": "cosine"},
+    "default, cosine server lr 4e-3": {"server_schedule": "cosine", "server_lr": 4e-3},
     "previous default (card, fresh AdamW, FedAvg)": {
         "split": "card",
         "adapt_epochs": 0,
