@@ -15,7 +15,7 @@ The dynamic part: a small network maps each user state to two log-variances ``s`
 ``exp(-s_1) nce_rec + s_1 + exp(-s_2) nce_exp + s_2`` (uncertainty weighting), so every user gets their own
 balance of the two terms. ``dynamic=False`` fixes ``s = 0`` (equal, fixed weights).
 
-What is shown for an item is ranked among the ids attested for that item only (:func:`attested_top`; the
+What is shown for an item is ranked among the ids attested for that item only (:meth:`ExplanationBranch.shown_top`; the
 table: :func:`~shared_model.data.explanations.attested_explanations`), so an explanation always applies to
 the item it explains. The shown ranking adds a prior from that table's order (the ids most used on the item
 first): ``- explanation_rank_prior * log(1 + rank)``. Measured on Musical Instruments (review phrases, test,
@@ -37,9 +37,15 @@ class ExplanationBranch(nn.Module):
     """Explanation embeddings, the (state, item) -> explanation encoder, and the MI terms."""
 
     def __init__(
-        self, d_model: int, num_explanations: int, dynamic: bool = True, temperature: float = 0.2
+        self,
+        d_model: int,
+        num_explanations: int,
+        dynamic: bool = True,
+        temperature: float = 0.2,
+        rank_prior: float = 0.0,
     ) -> None:
         super().__init__()
+        self.rank_prior = rank_prior
         self.embedding = nn.Embedding(num_explanations, d_model)
         nn.init.normal_(self.embedding.weight, std=0.02)
         self.bias = nn.Parameter(torch.zeros(num_explanations))
@@ -52,6 +58,14 @@ class ExplanationBranch(nn.Module):
             else None
         )
         self.temperature = temperature
+
+    def shown_scores(self, scores: Tensor, candidates: Tensor) -> Tensor:
+        """:func:`attested_only` with this branch's rank prior: the scores the shown ranking sorts by."""
+        return attested_only(scores, candidates, self.rank_prior)
+
+    def shown_top(self, scores: Tensor, candidates: Tensor, k: int) -> Tensor:
+        """:func:`attested_top` with this branch's rank prior: the ``k`` ids shown for each row."""
+        return attested_top(scores, candidates, k, self.rank_prior)
 
     def query(self, state: Tensor, item_vec: Tensor) -> Tensor:
         """Explanation state for (user state, item): (..., d)."""

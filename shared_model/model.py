@@ -101,7 +101,9 @@ class TMEPSR(SequenceModel):
         # toward the heads the population under-uses (uniform shares: no steering). None: the batch's own.
         self.population_share: Tensor | None = None
         self.explanation = (
-            ExplanationBranch(d, cfg.num_explanations, cfg.dynamic_mi, cfg.mi_temperature)
+            ExplanationBranch(
+                d, cfg.num_explanations, cfg.dynamic_mi, cfg.mi_temperature, cfg.explanation_rank_prior
+            )
             if cfg.use_explanations
             else None
         )

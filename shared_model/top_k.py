@@ -12,7 +12,6 @@ import torch
 from .batching import input_batch
 from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
-from .explanation import attested_top
 from .graph_io import exclude_mask
 from .sequence_model import SequenceModel
 
@@ -48,11 +47,8 @@ def recommend(
     ):  # among the ids attested for each item
         candidates = _attested_candidates(log)[items]
         n = min(explanations, candidates.shape[1])
-        expl = attested_top(
-            model.explanation_scores(state.expand(k, -1), items),
-            candidates,
-            n,
-            model.cfg.explanation_rank_prior,
+        expl = model.explanation.shown_top(
+            model.explanation_scores(state.expand(k, -1), items), candidates, n
         )
     titles = log.item_meta.titles
     out = []

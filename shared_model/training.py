@@ -26,7 +26,6 @@ from .config import (
 )
 from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
-from .explanation import attested_only
 from .metrics import multilabel_metrics, ranking_metrics, target_ranks
 from .sequence_model import SequenceModel
 
@@ -102,9 +101,7 @@ def evaluate(
             items = torch.as_tensor(log.item[t], device=device)
             whole = model.explanation_scores(last, items).cpu()
             expl_scores.append(whole.numpy())
-            attested.append(
-                attested_only(whole, candidates[items.cpu()], model.cfg.explanation_rank_prior).numpy()
-            )
+            attested.append(model.explanation.shown_scores(whole, candidates[items.cpu()]).numpy())
             expl_rows.append(t)
     out = ranking_metrics(np.concatenate(ranks))
     out["users"] = float(len(eval_users))

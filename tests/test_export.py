@@ -18,7 +18,6 @@ from shared_model.build import build_model
 from shared_model.config import MODEL_PRESETS, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
-from shared_model.explanation import attested_top
 from shared_model.export import ExportedGraphs, ExportError, check_graphs, export_model
 from shared_model.graph_io import MAX_EVENTS, encoder_inputs, exclude_mask, initial_personal, run_session
 from shared_model.model import TMEPSR, InterestHeads
@@ -130,11 +129,8 @@ def _assert_matches_torch(model: TMEPSR, log, starts, ends, out: dict[str, np.nd
         with torch.no_grad():
             pairs = state[:, None].expand(-1, k, -1).reshape(-1, state.shape[-1])
             candidates = torch.from_numpy(_candidates(log))[items.reshape(-1)]
-            expl = attested_top(
-                model.explanation_scores(pairs, items.reshape(-1)),
-                candidates,
-                e,
-                model.cfg.explanation_rank_prior,
+            expl = model.explanation.shown_top(
+                model.explanation_scores(pairs, items.reshape(-1)), candidates, e
             )
         assert np.array_equal(out["top_explanations"], expl.reshape(-1, k, e).numpy())
         # faithful: every shown explanation is attested for its item

@@ -12,7 +12,6 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from ..explanation import attested_top
 from ..graph_io import MAX_EVENTS
 from ..model import TMEPSR
 
@@ -51,7 +50,7 @@ def _rank(
     pairs = state[:, None].expand(-1, top_k, -1).reshape(-1, state.shape[-1])
     flat_items = top_items.reshape(-1)
     scores = model.explanation_scores(pairs, flat_items)
-    expl = attested_top(scores, attested(flat_items), num_expl, model.cfg.explanation_rank_prior)
+    expl = model.explanation.shown_top(scores, attested(flat_items), num_expl)
     return top_items, top_scores, heads, expl.reshape(*top_items.shape, num_expl)
 
 
