@@ -3,7 +3,7 @@
 ValidatedStrategy(                       server/validated.py: validation, clips, minimum replies
     CentralDP( ... )                     server/dp.py: privacy="dp"
     | RobustAggregate( ... )             server/robust.py: aggregation="median" / "trimmed-mean"
-        FedAvg | ServerAdam)             Flower's FedAvg; server/server_adam.py: FedAdam + lr schedule
+        FedAvg | ServerAdam)             Flower's FedAvg; server/server_adam.py: FedAdam + lr decay
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedStrategy:
             eta=cfg.server_lr,
             tau=cfg.server_tau,
             num_rounds=cfg.num_rounds,
-            schedule=cfg.server_schedule,
+            decay=cfg.server_lr_decay,
             tau_items=cfg.server_tau_items,
             **common,
         )

@@ -15,7 +15,6 @@ Split = Literal["population", "card", "heads-prior"]
 SPLITS: tuple[str, ...] = get_args(Split)
 LocalOptimizer = Literal["sgd", "adamw"]
 ServerOptimizer = Literal["fedadam", "fedavg"]
-ServerSchedule = Literal["constant", "cosine"]
 Upload = Literal["dense", "sparse"]
 Compress = Literal["none", "int8"]
 Privacy = Literal["plain", "dp", "secagg"]
@@ -218,9 +217,10 @@ class FederatedConfig:
         "fedadam", "fedadam (a server Adam step on the averaged update, state kept across rounds) | fedavg"
     )
     server_lr: float = _opt(2e-3, "FedAdam's server learning rate (eta; the peak under a schedule)")
-    server_schedule: ServerSchedule = _opt(
-        "constant",
-        "constant | cosine (FedAdam's eta falls from server_lr to 0 over num_rounds, so the run ends settled)",
+    server_lr_decay: float = _opt(
+        0.0,
+        "share of the last rounds over which FedAdam's eta falls from server_lr to 0 (a cosine), so the run"
+        " ends on a settled model; 0 = constant, 1 = a cosine over the whole run",
     )
     server_tau_items: float = _opt(
         0.0,
@@ -280,6 +280,8 @@ class FederatedConfig:
             raise ValueError("adapt_epochs must be >= 0, gate_events >= 1, adapt_lr > 0 and gate_z >= 0")
         if self.preset not in MODEL_PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(MODEL_PRESETS)}")
+        if not 0 <= self.server_lr_decay <= 1:
+            raise ValueError(f"server_lr_decay must lie in [0, 1], got {self.server_lr_decay}")
         if not self.server_tau > 0 or self.server_tau_items < 0:
             raise ValueError(
                 f"server_tau must be > 0 and server_tau_items >= 0, got {self.server_tau}, {self.server_tau_items}"

@@ -44,8 +44,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default, sparse int8 upload": {"upload": "sparse", "compress": "int8"},
     "default, 3 local epochs": {"local_epochs": 3},
     "default, server lr 5e-3": {"server_lr": 5e-3},
-    "default, cosine server lr": {"server_schedule": "cosine"},
-    "default, cosine server lr 4e-3": {"server_schedule": "cosine", "server_lr": 4e-3},
+    "default, cosine server lr": {"server_lr_decay": 1.0},
+    "default, cosine server lr 4e-3": {"server_lr_decay": 1.0, "server_lr": 4e-3},
+    "default, server lr decay over the last 25%": {"server_lr_decay": 0.25},
     "previous default (card, fresh AdamW, FedAvg)": {
         "split": "card",
         "adapt_epochs": 0,

@@ -20,17 +20,21 @@ def _sent(rng: np.random.Generator, rows: int = 10) -> dict[str, np.ndarray]:
     }
 
 
-def test_cosine_schedule_falls_from_the_peak_to_zero_over_the_run():
-    assert server_lr_at(1, 2e-3, 400, "cosine") == 2e-3
-    assert server_lr_at(201, 2e-3, 400, "cosine") == pytest.approx(1e-3)
-    assert 0 < server_lr_at(400, 2e-3, 400, "cosine") < 1e-7
-    assert server_lr_at(500, 2e-3, 400, "cosine") == 0.0  # a resumed run past its end takes no step
-    lrs = [server_lr_at(r, 1.0, 50, "cosine") for r in range(1, 51)]
+def test_the_decay_keeps_the_peak_then_falls_to_zero_over_the_last_rounds():
+    assert server_lr_at(1, 2e-3, 400, 1.0) == 2e-3  # a cosine over the whole run
+    assert server_lr_at(201, 2e-3, 400, 1.0) == pytest.approx(1e-3)
+    assert 0 < server_lr_at(400, 2e-3, 400, 1.0) < 1e-7
+    assert server_lr_at(500, 2e-3, 400, 1.0) == 0.0  # a resumed run past its end takes no step
+    lrs = [server_lr_at(r, 1.0, 50, 1.0) for r in range(1, 51)]
     assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
-    assert {server_lr_at(r, 2e-3, 400, "constant") for r in (1, 200, 400)} == {2e-3}
+    # the last quarter: the peak through round 301, half of it at round 351
+    assert [server_lr_at(r, 2e-3, 400, 0.25) for r in (1, 300, 301)] == [2e-3] * 3
+    assert server_lr_at(351, 2e-3, 400, 0.25) == pytest.approx(1e-3)
+    assert server_lr_at(302, 2e-3, 400, 0.25) < 2e-3
+    assert {server_lr_at(r, 2e-3, 400, 0.0) for r in (1, 200, 400)} == {2e-3}  # constant
 
 
-def test_each_rounds_step_is_scaled_by_the_schedule():
+def test_each_rounds_step_is_scaled_by_the_decay():
     """The same update in every round moves FedAdam's moments alike under both schedules, so each round's
     cosine step is the constant step times the schedule's factor."""
     rng = np.random.default_rng(3)
@@ -38,11 +42,11 @@ def test_each_rounds_step_is_scaled_by_the_schedule():
     replies = [({k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in sent.items()}, 1)]
     base = dict(server_optimizer="fedadam", server_lr=1e-2, num_rounds=4, row_clip=0.0, norm_bound=1e4)
     constant = make_strategy(FederatedConfig(**base), 1)
-    cosine = make_strategy(FederatedConfig(**base, server_schedule="cosine"), 1)
+    cosine = make_strategy(FederatedConfig(**base, server_lr_decay=1.0), 1)
     for rnd in range(1, 5):
         flat, _ = strategy_round(constant, rnd, sent, replies)
         scheduled, _ = strategy_round(cosine, rnd, sent, replies)
-        factor = server_lr_at(rnd, 1.0, 4, "cosine")
+        factor = server_lr_at(rnd, 1.0, 4, 1.0)
         for k in sent:
             np.testing.assert_allclose(
                 scheduled[k] - sent[k], factor * (flat[k] - sent[k]), rtol=1e-4, atol=1e-7
