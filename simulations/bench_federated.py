@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default, cosine server lr": {"server_lr_decay": 1.0},
     "default, cosine server lr 4e-3": {"server_lr_decay": 1.0, "server_lr": 4e-3},
     "default, server lr decay over the last 25%": {"server_lr_decay": 0.25},
+    "default, server lr 4e-3, decay over the last 25%": {"server_lr_decay": 0.25, "server_lr": 4e-3},
     "previous default (card, fresh AdamW, FedAvg)": {
         "split": "card",
         "adapt_epochs": 0,
