@@ -43,11 +43,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "card": {"split": "card", "adapt_epochs": 0},
     "default, sparse int8 upload": {"upload": "sparse", "compress": "int8"},
     "default, 3 local epochs": {"local_epochs": 3},
-    "default, server lr 5e-3": {"server_lr": 5e-3},
-    "default, cosine server lr": {"server_lr_decay": 1.0},
-    "default, cosine server lr 4e-3": {"server_lr_decay": 1.0, "server_lr": 4e-3},
-    "default, server lr decay over the last 25%": {"server_lr_decay": 0.25},
-    "default, server lr 4e-3, decay over the last 25%": {"server_lr_decay": 0.25, "server_lr": 4e-3},
+    "default, server lr 4e-3": {"server_lr": 4e-3},
+    "constant server lr": {"server_lr_decay": 0.0},
+    "constant server lr, 3 local epochs": {"server_lr_decay": 0.0, "local_epochs": 3},
+    "cosine server lr over the whole run": {"server_lr_decay": 1.0},
     "previous default (card, fresh AdamW, FedAvg)": {
         "split": "card",
         "adapt_epochs": 0,
@@ -55,6 +54,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "local_lr": 1e-2,
         "local_epochs": 5,
         "server_optimizer": "fedavg",
+        "server_lr_decay": 0.0,
     },
 }
 REACH = (0.8, 0.9, 0.95)
@@ -188,7 +188,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
         )
     if "personalization" in args.parts:
         cfg = replace(base, out_dir=str(out / _folder("default")))
-        key = f"{dataset}/personalization/gate_z={cfg.gate_z},gate_events={cfg.gate_events}"
+        key = f"{dataset}/personalization/default/gate_z={cfg.gate_z},gate_events={cfg.gate_events}"
         loaded = load_server_checkpoint(cfg.out_dir)
         if key not in done and loaded is not None:
             shared, last_round = loaded[0], loaded[1]
@@ -208,6 +208,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
                 gate_events=cfg.gate_events,
                 adapt_epochs=cfg.adapt_epochs,
                 personalization=_personalization(row),
+                of="default",
             )
     for upload, decoys, compress in UPLOADS if "bytes" in args.parts else ():
         key = f"{dataset}/bytes/{upload}/{decoys}" + ("" if compress == "none" else f"/{compress}")
@@ -275,7 +276,7 @@ def summarise(runs: list[dict[str, Any]]) -> str:
                 cells[8:10] = [None if kb is None else kb / 1000, r.get("seconds_per_round")]
             elif r["kind"] == "personalization":
                 name = (
-                    f"default's final model, gate z {r['gate_z']} on {r['gate_events']} events"
+                    f"{r.get('of', 'default')}'s final model, gate z {r['gate_z']} on {r['gate_events']} events"
                     f" (round {r['round']}, re-evaluated)"
                 )
                 cells[6:8] = _personalization_cells(r["personalization"])
@@ -296,11 +297,11 @@ def _personalization_cells(pers: dict[str, float]) -> list[Any]:
         return [None, None]
     ratio = pers["test/served"] / pers["test/population"]
     kept = (
-        pers["test/kept-served"] / pers["test/kept-population"]
+        f"{pers['test/kept-served'] / pers['test/kept-population']:.3f}x"
         if pers.get("test/kept-population")
-        else float("nan")
+        else f"{pers.get('test/kept-served', 0):.3f} vs 0"
     )
-    return [f"{pers['kept']:.0%}", f"{ratio:.3f}x; {kept:.3f}x"]
+    return [f"{pers['kept']:.0%}", f"{ratio:.3f}x; {kept}"]
 
 
 def _cell(value: Any) -> str:
