@@ -143,7 +143,7 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
         history.append(row)
         save_server_checkpoint(out, shared, rnd, history, run_config, strategy.server_state())
         (out / "metrics.json").write_text(json.dumps(history, indent=2, default=float) + "\n")
-        _echo(echo, _round_line(row, cfg.num_rounds))
+        _echo(echo and _printed(row, cfg.num_rounds), _round_line(row, cfg.num_rounds))
     return {"history": history, "shared": shared}
 
 
@@ -188,6 +188,25 @@ def _evaluation_counts(rnd: int, replies: list[Message]) -> dict[str, int]:
             counts["evaluated_users"] += int(metrics.get("num-examples", 0))
             counts["eval_failed_users"] += int(metrics.get("failed-users", 0))
     return counts
+
+
+# about this many round lines on the terminal per run (the log and metrics.json keep every round)
+PRINTED_ROUNDS = 50
+
+
+def _printed(row: dict[str, Any], total: int) -> bool:
+    """Whether a round's line goes to the terminal: the first and last round, every k-th (k the first of 1, 2, 5,
+    10, 20, ... that prints at most ``PRINTED_ROUNDS``), evaluated rounds and any with rejected or failed devices
+    or users."""
+    every = next(  # a round step: 1, 2, 5, 10, 20, 50, ...
+        step for step in (m * 10**k for k in range(9) for m in (1, 2, 5)) if step * PRINTED_ROUNDS >= total
+    )
+    return (
+        row["round"] in (1, total)
+        or row["round"] % every == 0
+        or "val" in row
+        or any(row.get(k) for k in ("rejected", "failed", "failed_users", "eval_failed", "eval_failed_users"))
+    )
 
 
 def _round_line(row: dict[str, Any], total: int) -> str:

@@ -229,3 +229,16 @@ def test_recommend_refuses_a_dataset_whose_ids_name_other_items():
         check_same_catalogue(log, bundle)
     bundle.catalogue_titles[1] = "Jumanji"
     check_same_catalogue(log, bundle)  # the same items: fine
+
+
+def test_a_long_run_prints_about_fifty_round_lines_and_every_noteworthy_round():
+    from server.app import _printed
+
+    rows = [{"round": r} for r in range(1, 451)]
+    for r in (50, 100):
+        rows[r - 1]["val"] = {"ndcg@10": 0.1}
+    rows[76]["rejected"] = 1  # round 77
+    rows[132]["failed_users"] = 2  # round 133
+    printed = [row["round"] for row in rows if _printed(row, 450)]
+    assert printed == sorted({1, 77, 133, *range(10, 451, 10)})
+    assert all(_printed({"round": r}, 30) for r in range(1, 31))  # a short run: every round
