@@ -5,8 +5,8 @@ A constant server learning rate leaves the last rounds as noisy as the middle on
 10% cohort's): on federated ML-100k the default's test NDCG@10 moved between 0.071 and 0.082 over its last
 three evaluations. With ``decay`` > 0, eta stays at its peak until the last ``decay`` share of the rounds and
 then falls to zero along a cosine, so the run ends on a settled model (``decay = 1``: a cosine over the whole
-run). The schedule reads the round number only, so a resumed run continues it; extending ``num_rounds`` on
-resume stretches it.
+run). The schedule reads the round number only, so a resumed run continues it; a run resumed with a larger
+``num_rounds`` continues on the schedule of the new total.
 """
 
 from __future__ import annotations
