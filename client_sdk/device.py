@@ -22,7 +22,13 @@ from shared_model.data import InteractionLog, load_dataset
 from shared_model.data.split import LeaveOneOutSplit, partition_users, user_data
 from shared_model.partition import load_parts, parameter_groups, split_state
 from shared_model.protocol.clipping import clip_update
-from shared_model.protocol.updates import ITEM_TABLES, compress_int8, encode_sparse, upload_rows
+from shared_model.protocol.updates import (
+    ITEM_TABLES,
+    compress_int8,
+    encode_sparse,
+    update_weight,
+    upload_rows,
+)
 from shared_model.sequence_model import SequenceModel
 from shared_model.training import (
     evaluate,
@@ -252,7 +258,9 @@ class HostedUsers:
             rows = upload_rows(touched, self.cfg.decoy_rows, len(shared[ITEM_TABLES[0]]), rng)
         examples, losses, shares = 0, [], {}
         for user in users:
-            n = int(train_end[user] - self.log.user_ptr[user])
+            n = update_weight(
+                int(train_end[user] - self.log.user_ptr[user]), self.cfg.max_len, self.cfg.local_epochs
+            )
             epochs = self._fit(
                 user,
                 (shared, users[user]),

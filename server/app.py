@@ -89,7 +89,7 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
     """Run (or resume) the federated rounds; returns the metric history and the final shared arrays."""
     out = Path(cfg.out_dir)
     log = load_dataset(cfg.dataset, cfg.data_dir or None)
-    strategy = make_strategy(cfg, wait_for_nodes(grid, cfg, log.num_users))
+    strategy = make_strategy(cfg, wait_for_nodes(grid, cfg, log.num_users), log.num_users)
     if cfg.privacy != "dp":  # DP's accountant counts on amplification by sampling nobody can predict
         strategy.setup_sampling(node_partitions(grid, cfg.round_timeout), cfg.seed)
     resumed = resumable_checkpoint(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from shared_model.config import FederatedConfig
+from shared_model.protocol.updates import max_update_weight
 
 from .dp import CentralDP
 from .records import WEIGHT_KEY
@@ -19,8 +20,10 @@ from .server_adam import ServerAdam
 from .validated import ValidatedStrategy
 
 
-def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedStrategy:
-    """The strategy a config asks for; the minimum node counts follow the cohort (so a run never waits)."""
+def make_strategy(cfg: FederatedConfig, num_nodes: int, num_users: int | None = None) -> ValidatedStrategy:
+    """The strategy a config asks for; the minimum node counts follow the cohort (so a run never waits).
+    ``num_users``: the federation's users (default one per node), which bounds the example weight a node may
+    claim."""
     sample = max(1, round(cfg.fraction_train * num_nodes))
     common = dict(
         fraction_train=cfg.fraction_train,
@@ -50,4 +53,8 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int) -> ValidatedStrategy:
         step = RobustAggregate(step, cfg.aggregation, cfg.trim_fraction, scope)
     if cfg.privacy == "dp":
         step = CentralDP(step, cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, sample, num_nodes)
-    return ValidatedStrategy(step, cfg.norm_bound, cfg.min_reply_fraction, cfg.clip_norm, cfg.row_clip)
+    users = num_nodes if num_users is None else num_users
+    most = max_update_weight(cfg.max_len, cfg.local_epochs, users, num_nodes)
+    return ValidatedStrategy(
+        step, cfg.norm_bound, cfg.min_reply_fraction, cfg.clip_norm, cfg.row_clip, max_examples=most
+    )

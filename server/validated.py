@@ -44,10 +44,12 @@ class ValidatedStrategy(Wrapper):
         min_reply_fraction: float,
         clip_norm: float = 0.0,
         row_clip: float = 0.0,
+        max_examples: float = math.inf,
     ) -> None:
         super().__init__(strategy)
         self.base = innermost(strategy)  # the Flower strategy that samples, addresses and steps
         self.norm_bound = norm_bound
+        self.max_examples = max_examples
         self.min_reply_fraction = min_reply_fraction
         self.clip_norm = clip_norm
         self.row_clip = row_clip
@@ -116,7 +118,9 @@ class ValidatedStrategy(Wrapper):
                     raise UpdateRejected("a reply needs exactly one ArrayRecord and one MetricRecord")
                 metrics = next(iter(content.metric_records.values()))
                 update = record_to_numpy(next(iter(content.array_records.values())))
-                dense = validate_update(update, self.sent, metrics.get(WEIGHT_KEY), self.norm_bound)
+                dense = validate_update(
+                    update, self.sent, metrics.get(WEIGHT_KEY), self.norm_bound, self.max_examples
+                )
             except (UpdateRejected, KeyError, ValueError, TypeError) as exc:
                 rejected.append(str(exc))
                 log.warning(

@@ -55,11 +55,21 @@ def _check_int8(update: dict[str, np.ndarray], reference: dict[str, np.ndarray])
 
 
 def validate_update(
-    update: dict[str, np.ndarray], reference: dict[str, np.ndarray], num_examples: float, norm_bound: float
+    update: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    num_examples: float,
+    norm_bound: float,
+    max_examples: float = math.inf,
 ) -> dict[str, np.ndarray]:
-    """Check an update against the arrays the server sent; return it dense. Raises :class:`UpdateRejected`."""
+    """Check an update against the arrays the server sent; return it dense. ``max_examples``: the largest
+    example weight an honest device can claim (a larger one would outvote the cohort). Raises
+    :class:`UpdateRejected`."""
     if not (isinstance(num_examples, int | float) and math.isfinite(num_examples) and num_examples > 0):
         raise UpdateRejected(f"num-examples must be a positive finite number, got {num_examples!r}")
+    if num_examples > max_examples:
+        raise UpdateRejected(
+            f"num-examples {num_examples:g} exceeds what one round trains ({max_examples:g})"
+        )
     sparse, compressed = is_sparse(update), is_compressed(update)
     keys, want = set(update), expected_keys(reference, sparse, compressed)
     if keys != want:

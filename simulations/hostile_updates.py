@@ -60,6 +60,7 @@ def hostile_updates(
         "example weight NaN": (good, float("nan")),
         "example weight Inf": (good, float("inf")),
         "example weight missing": (good, None),
+        "example weight above one round's training": (good, 10**6),
         "sparse: row out of range": (edit(f"{emb}@rows", rows + len(sent[emb]), sparse), n),
         "sparse: negative row": (edit(f"{emb}@rows", rows - 1, sparse), n),
         "sparse: repeated row": (edit(f"{emb}@rows", np.repeat(rows[:1], len(rows)), sparse), n),

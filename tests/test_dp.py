@@ -127,7 +127,7 @@ def test_clipping_bounds_every_device_contribution(task_identity):
         direction = {k: rng.standard_normal(v.shape) for k, v in sent.items()}
         length = np.sqrt(sum(np.sum(d**2) for d in direction.values()))
         updates.append({k: (sent[k] + size / length * d).astype(np.float32) for k, d in direction.items()})
-    full = _aggregate(strategy, sent, [train_reply(u, examples=10**i) for i, u in enumerate(updates)])
+    full = _aggregate(strategy, sent, [train_reply(u, examples=1 + 16 * i) for i, u in enumerate(updates)])
     want = {
         k: sent[k]
         + sum(min(1, clip / s) * (u[k] - sent[k]) for s, u in zip(sizes, updates, strict=True)) / cohort

@@ -276,6 +276,22 @@ def test_virtual_users_equal_one_user_per_node(cfg, row_clip):
         np.testing.assert_allclose(grouped.update[key], mean, rtol=1e-5, atol=1e-6)
 
 
+def test_update_weight_counts_trained_targets(cfg):
+    """A device's example weight is the next-item targets it trained this round (one window of at most
+    max_len per local epoch), not all its events: a heavy user does not outweigh a light one by its history."""
+    cfg = replace(cfg, local_epochs=2, max_len=8)
+    shared = initial_shared(cfg)
+    device = HostedUsers(cfg, 0, 3, Path(cfg.out_dir) / "weights")
+    hosted = device.users.copy()
+    device.train_end = device.train_end.copy()
+    device.train_end[hosted[0]] = device.log.user_ptr[hosted[0]] + 5  # a short history
+    events = device.train_end[hosted] - device.log.user_ptr[hosted]
+    assert (events > cfg.max_len + 1).any() and (events < cfg.max_len).any()  # long and short histories
+    for user, n in zip(hosted, events, strict=True):
+        device.users = np.array([user])
+        assert device.train(shared, 1).num_examples == 2 * min(int(n) - 1, cfg.max_len)
+
+
 def test_client_app_called_directly(cfg, task_identity):
     shared = initial_shared(cfg)
     app = make_client_app()
@@ -290,7 +306,7 @@ def test_client_app_called_directly(cfg, task_identity):
     arrays = reply.content.array_records["arrays"]
     assert set(arrays.keys()) == set(shared)
     metrics = reply.content.metric_records["metrics"]
-    assert metrics["num-examples"] == 12 and np.isfinite(metrics["train-loss"])
+    assert metrics["num-examples"] == 2 * 11 and np.isfinite(metrics["train-loss"])  # 2 epochs, 11 targets
     ev = app(request_message(cfg, shared, "evaluate", stage="val,test"), context).content.metric_records[
         "metrics"
     ]

@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from server.validation import UpdateRejected, validate_update
 from shared_model.config import FederatedConfig
 from shared_model.protocol.clipping import clip_update
-from shared_model.protocol.updates import compress_int8, encode_sparse
+from shared_model.protocol.updates import compress_int8, encode_sparse, max_update_weight, update_weight
 from simulations.hostile_updates import aggregate_round, hostile_round, hostile_updates
 
 
@@ -82,16 +83,17 @@ def _constant(sent: dict, value: float) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize(
     "aggregation,expected",
-    [("mean", (0 + 1 + 2 + 3 + 1000 * 100) / 1004), ("trimmed-mean", 2.0), ("median", 2.0)],
+    [("mean", (0 + 1 + 2 + 3 + 50 * 100) / 54), ("trimmed-mean", 2.0), ("median", 2.0)],
 )
 def test_robust_aggregates_ignore_an_outlier(aggregation, expected):
-    """Five devices send every value as 0, 1, 2, 3 and 100 (the last claiming 1000 examples): the weighted
+    """Five devices send every value as 0, 1, 2, 3 and 100 (the last claiming 50 examples, the most one round
+    trains at max_len 50): the weighted
     mean follows the outlier; the trimmed mean (one cut at each end) and the median give 2 exactly."""
     sent = _constant(_sent(np.random.default_rng(2)), 0.0)
     cfg = FederatedConfig(
         server_optimizer="fedavg", row_clip=0, aggregation=aggregation, trim_fraction=0.2, norm_bound=1e4
     )
-    replies = [(_constant(sent, v), 1) for v in (0, 1, 2, 3)] + [(_constant(sent, 100), 1000)]
+    replies = [(_constant(sent, v), 1) for v in (0, 1, 2, 3)] + [(_constant(sent, 100), 50)]
     arrays, stats = aggregate_round(cfg, sent, replies)
     assert stats["valid"] == 5 and stats["aggregated"]
     for k, v in arrays.items():
@@ -295,3 +297,16 @@ def test_population_head_shares_come_from_well_formed_reports_only():
     resumed = make_strategy(cfg, 4)
     resumed.restore_server_state(strategy.server_state())
     np.testing.assert_allclose(resumed.head_share, expected)
+
+
+def test_example_weight_bound():
+    """A node's example weight counts the targets its users trained (at most max_len per user and epoch); the
+    server rejects a claim above what its largest partition can train, and accepts one at the bound."""
+    assert [update_weight(n, 50, 1) for n in (1, 2, 30, 51, 52, 2698)] == [0, 1, 29, 50, 50, 50]
+    assert update_weight(2698, 50, 3) == 150
+    assert max_update_weight(50, 1, 610, 61) == 500  # 10 users per node
+    assert max_update_weight(50, 2, 611, 61) == 1100  # 11 users on the largest partition
+    sent = _sent(np.random.default_rng(7))
+    validate_update(sent, sent, 500, 1e4, max_examples=500)
+    with pytest.raises(UpdateRejected, match="exceeds what one round trains"):
+        validate_update(sent, sent, 501, 1e4, max_examples=500)

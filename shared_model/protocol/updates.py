@@ -22,6 +22,19 @@ ROWS, VALUES = "@rows", "@values"
 Q8, SCALE = "@q8", "@scale"
 
 
+def update_weight(events: int, max_len: int, local_epochs: int) -> int:
+    """A user's example weight in a round: the next-item targets it trains, one window of at most ``max_len``
+    targets per local epoch from its ``events`` training events (a centralized batch weighs users the same
+    way; weighting by all events let a few heavy users dominate a cohort)."""
+    return local_epochs * max(min(events - 1, max_len), 0)
+
+
+def max_update_weight(max_len: int, local_epochs: int, num_users: int, num_nodes: int) -> int:
+    """The largest example weight an honest node replies: its users (at most ``ceil(num_users / num_nodes)``,
+    the partition's size) each at the largest :func:`update_weight`. The server rejects a larger claim."""
+    return local_epochs * max_len * -(-num_users // max(num_nodes, 1))
+
+
 def upload_rows(touched: np.ndarray, decoys: int, num_rows: int, rng: np.random.Generator) -> np.ndarray:
     """The item rows a sparse update carries: the touched rows plus ``decoys`` random other rows (sorted)."""
     rows = np.unique(np.asarray(touched, dtype=np.int64))
