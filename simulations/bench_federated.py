@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "card": {"split": "card", "adapt_epochs": 0},
     "default, sparse int8 upload": {"upload": "sparse", "compress": "int8"},
     "default, 3 local epochs": {"local_epochs": 3},
-    "default, server lr 4e-3": {"server_lr": 4e-3},
+    "server lr 2e-3": {"server_lr": 2e-3},
     "constant server lr": {"server_lr_decay": 0.0},
     "constant server lr, 3 local epochs": {"server_lr_decay": 0.0, "local_epochs": 3},
     "cosine server lr over the whole run": {"server_lr_decay": 1.0},
