@@ -20,10 +20,10 @@ from .server_adam import ServerAdam
 from .validated import ValidatedStrategy
 
 
-def make_strategy(cfg: FederatedConfig, num_nodes: int, num_users: int | None = None) -> ValidatedStrategy:
+def make_strategy(cfg: FederatedConfig, num_nodes: int, num_users: int) -> ValidatedStrategy:
     """The strategy a config asks for; the minimum node counts follow the cohort (so a run never waits).
-    ``num_users``: the federation's users (default one per node), which bounds the example weight a node may
-    claim."""
+    ``num_users``: the federation's users, hosted by the ``num_nodes`` nodes in near-equal partitions, which
+    bounds the example weight a node may claim."""
     sample = max(1, round(cfg.fraction_train * num_nodes))
     common = dict(
         fraction_train=cfg.fraction_train,
@@ -53,8 +53,7 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int, num_users: int | None = 
         step = RobustAggregate(step, cfg.aggregation, cfg.trim_fraction, scope)
     if cfg.privacy == "dp":
         step = CentralDP(step, cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, sample, num_nodes)
-    users = num_nodes if num_users is None else num_users
-    most = max_update_weight(cfg.max_len, cfg.local_epochs, users, num_nodes)
+    most = max_update_weight(cfg.max_len, cfg.local_epochs, num_users, num_nodes)
     return ValidatedStrategy(
         step, cfg.norm_bound, cfg.min_reply_fraction, cfg.clip_norm, cfg.row_clip, max_examples=most
     )

@@ -352,7 +352,7 @@ def run_continuation(
     if loaded is None:
         raise SystemExit(f"{trained}: no server checkpoint (run `tmepsr simulate --out-dir {trained}` first)")
     shared, start_round = loaded[0], loaded[1]
-    strategy = make_strategy(cfg, num_nodes)
+    strategy = make_strategy(cfg, num_nodes, log.num_users)
     strategy.restore_server_state(load_server_state(trained))
     devices = [HostedUsers(cfg, p, num_nodes, out / "devices") for p in range(num_nodes)]
     parts = partition_users(log.num_users, num_nodes, cfg.seed)

@@ -106,7 +106,7 @@ def aggregate_round(
     the strategy ``cfg`` asks for: the new arrays (None when it did not aggregate) and its round statistics."""
     from server.strategies import make_strategy
 
-    return strategy_round(make_strategy(cfg, len(replies)), 1, sent, replies)
+    return strategy_round(make_strategy(cfg, len(replies), len(replies)), 1, sent, replies)
 
 
 def strategy_round(

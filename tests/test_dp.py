@@ -91,7 +91,7 @@ def _dp_strategy(noise: float, clip: float, cohort: int = 4, nodes: int = 8) -> 
         norm_bound=1e6,
         min_reply_fraction=0.25,
     )
-    strategy = make_strategy(cfg, nodes)
+    strategy = make_strategy(cfg, nodes, nodes)
     assert isinstance(strategy.strategy, CentralDP) and strategy.strategy.cohort == cohort
     assert type(strategy.base) is FedAvg
     return strategy
@@ -187,7 +187,7 @@ def test_fedadam_steps_on_the_noisy_mean(task_identity):
     cfg = FederatedConfig(
         privacy="dp", server_optimizer="fedadam", dp_noise=1e-9, dp_clip=1.0, fraction_train=1.0
     )
-    strategy = make_strategy(cfg, 2)
+    strategy = make_strategy(cfg, 2, 2)
     assert isinstance(strategy.strategy, CentralDP) and isinstance(strategy.strategy.strategy, FedAdam)
     sent = {"item_bias": np.zeros(3, np.float32)}
     strategy.begin_round(sent, 2)

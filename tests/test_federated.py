@@ -368,7 +368,7 @@ def test_strategy_rejects_bad_updates_and_needs_enough_replies(optimizer, task_i
     sent = {"item_bias": np.zeros(4, np.float32), "explanation.bias": np.zeros(2, np.float32)}
     good = {"item_bias": np.full(4, 0.5, np.float32), "explanation.bias": np.full(2, -0.5, np.float32)}
     strategy = make_strategy(
-        FederatedConfig(row_clip=0, server_optimizer=optimizer, min_reply_fraction=0.5, norm_bound=5), 4
+        FederatedConfig(row_clip=0, server_optimizer=optimizer, min_reply_fraction=0.5, norm_bound=5), 4, 4
     )
     strategy.begin_round(sent, 4)
     nan = {**good, "item_bias": np.full(4, np.nan, np.float32)}
@@ -408,7 +408,7 @@ def test_seeded_cohort_keeps_the_flower_strategy_state(optimizer, task_identity)
         def get_node_ids(self):
             return [11, 22, 33, 44]
 
-    strategy = make_strategy(FederatedConfig(server_optimizer=optimizer, fraction_train=0.5, seed=5), 4)
+    strategy = make_strategy(FederatedConfig(server_optimizer=optimizer, fraction_train=0.5, seed=5), 4, 4)
     strategy.setup_sampling({11: 0, 22: 1, 33: 2, 44: 3}, seed=5)
     sent = {"item_bias": np.zeros(4, np.float32)}
     messages = strategy.configure_train(
@@ -441,13 +441,13 @@ def test_fedadam_moments_survive_a_checkpoint(tmp_path, task_identity):
         out, _ = strategy.aggregate_train(rnd, [train_reply({k: arrays[k] + update[k] for k in arrays})])
         return {k: v.numpy() for k, v in out.items()}
 
-    running = make_strategy(cfg, 4)
+    running = make_strategy(cfg, 4, 4)
     after_1 = step(running, 1, sent, steps[0])
     save_server_checkpoint(tmp_path, after_1, 1, [], {}, running.server_state())
     assert set(load_server_state(tmp_path)) == {"m_t/item_bias", "v_t/item_bias"}
-    resumed = make_strategy(cfg, 4)
+    resumed = make_strategy(cfg, 4, 4)
     resumed.restore_server_state(load_server_state(tmp_path))
-    fresh = make_strategy(cfg, 4)
+    fresh = make_strategy(cfg, 4, 4)
     expected = step(running, 2, after_1, steps[1])["item_bias"]
     np.testing.assert_array_equal(step(resumed, 2, after_1, steps[1])["item_bias"], expected)
     assert not np.array_equal(step(fresh, 2, after_1, steps[1])["item_bias"], expected)  # moments matter

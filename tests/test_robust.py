@@ -275,7 +275,7 @@ def test_population_head_shares_come_from_well_formed_reports_only():
     rng = np.random.default_rng(0)
     sent = _sent(rng)
     cfg = FederatedConfig(server_optimizer="fedavg", row_clip=0, norm_bound=1e4)
-    strategy = make_strategy(cfg, 4)
+    strategy = make_strategy(cfg, 4, 4)
     assert strategy.round_config() == {}  # nothing to steer by before the first reports
 
     def round_of(shares: list[tuple[list[float], int]], server_round: int) -> None:
@@ -294,7 +294,7 @@ def test_population_head_shares_come_from_well_formed_reports_only():
     round_of([([1.0, 0, 0, 0], 2)], 2)
     expected = SHARE_MEMORY * np.array([0.125, 0.125, 0.375, 0.375]) + (1 - SHARE_MEMORY) * np.eye(4)[0]
     np.testing.assert_allclose(strategy.round_config()["head-share"], expected)
-    resumed = make_strategy(cfg, 4)
+    resumed = make_strategy(cfg, 4, 4)
     resumed.restore_server_state(strategy.server_state())
     np.testing.assert_allclose(resumed.head_share, expected)
 

@@ -41,8 +41,8 @@ def test_each_rounds_step_is_scaled_by_the_decay():
     sent = _sent(rng)
     replies = [({k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in sent.items()}, 1)]
     base = dict(server_optimizer="fedadam", server_lr=1e-2, num_rounds=4, row_clip=0.0, norm_bound=1e4)
-    constant = make_strategy(FederatedConfig(**base), 1)
-    cosine = make_strategy(FederatedConfig(**base, server_lr_decay=1.0), 1)
+    constant = make_strategy(FederatedConfig(**base), 1, 1)
+    cosine = make_strategy(FederatedConfig(**base, server_lr_decay=1.0), 1, 1)
     for rnd in range(1, 5):
         flat, _ = strategy_round(constant, rnd, sent, replies)
         scheduled, _ = strategy_round(cosine, rnd, sent, replies)

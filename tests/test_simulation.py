@@ -117,7 +117,7 @@ def test_unreadable_stores_sit_out_with_one_line_and_are_kept(tmp_path, capfd, c
 
 def _cohort(seed: int, rnd: int, node_ids: list[int], users: int, fraction: float) -> list[int]:
     cfg = FederatedConfig(dataset="movielens-latest-small", fraction_train=fraction, seed=seed)
-    strategy = make_strategy(cfg, users)
+    strategy = make_strategy(cfg, users, users)
     strategy.setup_sampling(dict(zip(node_ids, range(users), strict=True)), seed)
     nodes = strategy.sample_nodes(rnd, set(node_ids))
     assert [node_ids.index(n) for n in nodes] == strategy.sampled_partitions
