@@ -244,7 +244,7 @@ def run_poisoning(variant: str, base: FederatedConfig, root: Path, num_cpus: int
     attacked, defence = VARIANTS[variant]
     out = run_dir(root, variant)
     shutil.rmtree(out, ignore_errors=True)
-    cfg = replace(base, **DEFENCES[defence], out_dir=str(out))
+    cfg = replace(base, **DEFENCES[defence], server_lr_decay=0.0, out_dir=str(out))
     log = cached_log(cfg.dataset, cfg.data_dir)
     num_nodes = math.ceil(log.num_users / cfg.users_per_node)  # a partition is one simulated node
     drawn = attackers(num_nodes, cfg.seed)
@@ -332,7 +332,9 @@ def run_continuation(
     """Attack a trained federation: continue the run in ``trained`` (its arrays and FedAdam moments) for
     ``rounds`` rounds through the product's strategy, in-process: each round a seeded cohort of nodes, honest
     ones replying with ``HostedUsers.train``, attacking ones with :func:`promotion_update`; the population
-    model's exposure of the target every 10 rounds, test NDCG@10 of the honest users at the end."""
+    model's exposure of the target every 10 rounds, test NDCG@10 of the honest users at the end. The server
+    learning rate stays at its peak (a federation that keeps training; under the default schedule it is 0 after
+    the trained run's last round, and then no update, honest or not, moves anything)."""
     import shutil
 
     from client_sdk.device import HostedUsers, cached_log
@@ -344,7 +346,7 @@ def run_continuation(
     attacked, defence = VARIANTS[variant]
     out = run_dir(root, "continued " + variant)
     shutil.rmtree(out, ignore_errors=True)
-    cfg = replace(base, **DEFENCES[defence], out_dir=str(out))
+    cfg = replace(base, **DEFENCES[defence], server_lr_decay=0.0, out_dir=str(out))
     log = cached_log(cfg.dataset, cfg.data_dir)
     num_nodes = math.ceil(log.num_users / cfg.users_per_node)
     bad = set(attackers(num_nodes, cfg.seed).tolist()) if attacked else set()
@@ -469,8 +471,9 @@ def write_report(results: dict[str, Any], root: Path) -> None:
             "",
             f"## Attacking a trained federation ({trained}, {rounds} more rounds, in-process)",
             "",
-            "The trained run's arrays and FedAdam moments continue through the product's strategy; exposure"
-            " of the target in the population model's top-10 (honest users' test events, history masked).",
+            "The trained run's arrays and FedAdam moments continue through the product's strategy at the peak"
+            " server learning rate (constant); exposure of the target in the population model's top-10 (honest"
+            " users' test events, history masked).",
             "",
             "| run | exposure at the end | highest exposure (every 10 rounds) | x no attack | attacks | test NDCG@10 |"
             " minutes |",
