@@ -244,7 +244,7 @@ def run_poisoning(variant: str, base: FederatedConfig, root: Path, num_cpus: int
     attacked, defence = VARIANTS[variant]
     out = run_dir(root, variant)
     shutil.rmtree(out, ignore_errors=True)
-    cfg = replace(base, **DEFENCES[defence], server_lr_decay=0.0, out_dir=str(out))
+    cfg = replace(base, **DEFENCES[defence], out_dir=str(out))
     log = cached_log(cfg.dataset, cfg.data_dir)
     num_nodes = math.ceil(log.num_users / cfg.users_per_node)  # a partition is one simulated node
     drawn = attackers(num_nodes, cfg.seed)
