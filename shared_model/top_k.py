@@ -67,23 +67,67 @@ def recommend(
     return out
 
 
+def head_profiles(
+    heads: np.ndarray,
+    items: np.ndarray,
+    candidates: np.ndarray,
+    num_heads: int,
+    top: int = 3,
+    min_share: float = 0.1,
+) -> list[list[int]]:
+    """What each interest head favours: per head, up to ``top`` explanation ids most over-represented among the
+    shown items it drove (``heads`` and ``items``: the same shape, one entry per shown item) relative to all shown
+    items, by the difference of shares (share among the head's items - share among all: a ratio would favour
+    rare ids), counting only ids carried by at least ``min_share`` of the head's items. ``candidates``: per item,
+    its attested explanation ids (-1 padded)."""
+    heads, items = np.asarray(heads).reshape(-1), np.asarray(items).reshape(-1)
+    labels = candidates[items]  # (shown, M)
+    num = int(candidates.max(initial=-1)) + 1
+    if num == 0:
+        return [[] for _ in range(num_heads)]
+    rows = np.repeat(np.arange(len(items)), labels.shape[1])
+    flat = labels.reshape(-1)
+    carried = np.zeros((len(items), num), dtype=bool)
+    carried[rows[flat >= 0], flat[flat >= 0]] = True
+    overall = carried.mean(0)
+    profiles = []
+    for h in range(num_heads):
+        mine = carried[heads == h]
+        if not len(mine):
+            profiles.append([])
+            continue
+        share = mine.mean(0)
+        excess = np.where(share >= min_share, share - overall, 0.0)
+        best = np.argsort(-excess, kind="stable")[:top]
+        profiles.append([int(e) for e in best if excess[e] > 0])
+    return profiles
+
+
 @torch.no_grad()
 def head_usage(model: SequenceModel, log: InteractionLog, users: np.ndarray, k: int = 10) -> dict[str, Any]:
     """How the interest heads share the top-``k`` unseen items of ``users`` (each user's whole history): the
-    share of users whose list draws on 2+ heads, and each head's share of all shown items."""
+    share of users whose list draws on 2+ heads, each head's share of all shown items and, when the log has
+    explanation labels, what each head favours (:func:`head_profiles`, as texts)."""
     model.eval()
     starts, ends = log.user_ptr[users], log.user_ptr[users + 1]
     state = model.encode(input_batch(log, starts, ends, model.cfg.max_len))[:, -1]
     scores = model.item_scores(state)
     seen = exclude_mask([log.item[a:b] for a, b in zip(starts, ends, strict=True)], log.num_items)
     scores = scores.masked_fill(torch.from_numpy(seen), -torch.inf)
-    heads = model.head_contributions(state, scores.topk(k).indices).argmax(-1)
+    items = scores.topk(k).indices
+    heads = model.head_contributions(state, items).argmax(-1)
     per_user = torch.tensor([len(set(row)) for row in heads.tolist()])
     shares = torch.bincount(heads.reshape(-1), minlength=model.cfg.num_heads) / heads.numel()
+    profiles = (
+        head_profiles(heads.numpy(), items.numpy(), _attested_candidates(log).numpy(), model.cfg.num_heads)
+        if len(log.vocab)
+        else [[] for _ in range(model.cfg.num_heads)]
+    )
     return {
         "users": len(users),
         "multi_head_users": float((per_user >= 2).float().mean()),
         "head_shares": [round(float(x), 3) for x in shares],
+        "head_favours": [[log.vocab.texts[e] for e in row] for row in profiles],
     }
 
 

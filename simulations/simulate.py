@@ -184,10 +184,15 @@ def sample_recommendation(
     lines = [head, format_recommendations([asdict(r) for r in rec.recommend(k)])]
     if device.model.cfg.num_heads > 1:
         usage = head_usage(device.model, log, device.split.eval_users[:HEAD_USAGE_USERS], k)
-        shares = " / ".join(f"{x:.0%}" for x in usage["head_shares"])
+        heads = ", ".join(
+            f"head {h} {share:.0%}" + (f" ({', '.join(favours)})" if favours else "")
+            for h, (share, favours) in enumerate(
+                zip(usage["head_shares"], usage["head_favours"], strict=True)
+            )
+        )
         lines.append(
             f"Interest heads over the top-{k}s of {usage['users']} users (population model): "
-            f"{usage['multi_head_users']:.0%} of the lists draw on 2+ heads; heads' shares of the "
-            f"shown items {shares}"
+            f"{usage['multi_head_users']:.0%} of the lists draw on 2+ heads; each head's share of the shown items"
+            f" and the explanation labels most over-represented among its items: {heads}"
         )
     return "\n".join(lines)

@@ -105,6 +105,10 @@ def test_simulate_export_recommend_end_to_end(tmp_path, capfd, monkeypatch):
     )
     assert any(text in out for text in served)
     assert " 1. " in out and "because: " in out and "[interest head " in out
+    heads = next(line for line in out.splitlines() if line.startswith("Interest heads over the top-10s"))
+    assert all(
+        f"head {h} " in heads for h in range(4)
+    )  # each head's share (and what it favours, if anything)
     verify_bundle(run / "bundle", load_public_key(run / "bundle_signing_key.pub.pem"))
 
     monkeypatch.setenv("TMEPSR_TEST_PASSPHRASE", "correct horse")

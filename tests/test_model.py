@@ -13,7 +13,7 @@ from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
 from shared_model.model import TMEPSR
 from shared_model.partition import SPLITS, parameter_groups
-from shared_model.top_k import head_usage
+from shared_model.top_k import head_profiles, head_usage
 from shared_model.training import (
     evaluate,
     fit,
@@ -105,6 +105,26 @@ def test_each_item_is_scored_by_its_driving_head(log):
     usage = head_usage(model, log, np.arange(20))
     assert usage["users"] == 20 and 0 < usage["multi_head_users"] <= 1
     assert abs(sum(usage["head_shares"]) - 1) < 0.01 and len(usage["head_shares"]) == 4
+    assert len(usage["head_favours"]) == 4
+    assert all(text in log.vocab.texts for row in usage["head_favours"] for text in row)
+
+
+def test_head_profiles_name_what_each_head_favours():
+    """Each head's profile is the labels over-represented among the items it drove (share among its items minus
+    share among all); a label every item carries, or one too rare among a head's items, never profiles it; a
+    head that drove nothing has none."""
+    # items 0-3 carry label 0, items 4-7 label 1, item 8 label 3; every item carries label 2
+    candidates = np.array([[0, 2]] * 4 + [[1, 2]] * 4 + [[3, 2]])
+    items = np.array([0, 1, 2, 3, 4, 5, 6, 7, 4, 8])
+    heads = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 1])
+    profiles = head_profiles(heads, items, candidates, num_heads=3)
+    assert profiles[0][0] == 0 and profiles[1][0] == 1  # the head's own label first
+    assert all(2 not in p for p in profiles)  # on every item: says nothing about a head
+    assert profiles[1] == [1, 3]  # label 1: 80% of head 1's items vs 50% of all; label 3: 20% vs 10%
+    assert 3 not in head_profiles(heads, items, candidates, num_heads=3, min_share=0.25)[1]
+    assert profiles[2] == []  # head 2 drove nothing
+    assert head_profiles(heads, items, np.full((9, 1), -1), num_heads=3) == [[], [], []]
+    assert head_profiles(heads, items, candidates, num_heads=3, top=1)[1] == [1]
 
 
 @pytest.mark.parametrize("kind", ["tmepsr", "sasrec", "gru4rec"])
