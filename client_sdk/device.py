@@ -28,6 +28,7 @@ from shared_model.protocol.updates import (
     encode_sparse,
     update_weight,
     upload_rows,
+    weight_decoys,
 )
 from shared_model.sequence_model import SequenceModel
 from shared_model.training import (
@@ -252,7 +253,7 @@ class HostedUsers:
             raise DeviceError(f"device hosts no user with training events ({len(self.users)} users)")
         users, failures = self._readable(users, "train")  # user -> personal weights, each store read once
         rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
-        rows = None
+        rows, touched = None, np.zeros(0, np.int64)
         if self.cfg.upload == "sparse":
             touched = np.concatenate([self.log.item[self.log.user_ptr[u] : train_end[u]] + 1 for u in users])
             rows = upload_rows(touched, self.cfg.decoy_rows, len(shared[ITEM_TABLES[0]]), rng)
@@ -282,7 +283,7 @@ class HostedUsers:
             examples += n
         update = {k: (v / examples).astype(np.float32) for k, v in total.items()}
         if rows is not None:
-            update = encode_sparse(update, rows)
+            update = encode_sparse(weight_decoys(update, shared, touched, rows), rows)
         if self.cfg.compress == "int8":
             update = compress_int8(update, shared, rng)
         metrics = {"train-loss": float(np.mean(losses)), "failed-users": len(failures)}

@@ -25,6 +25,7 @@ from shared_model.protocol.updates import (
     densify,
     encode_sparse,
     upload_rows,
+    weight_decoys,
 )
 from simulations.hostile_updates import train_reply
 
@@ -61,6 +62,26 @@ def test_sparse_codec_roundtrip_and_decoys():
     untouched = np.setdiff1d(np.arange(50), rows)
     assert np.array_equal(dense["item_emb.weight"][untouched], ref["item_emb.weight"][untouched])
     assert sum(v.nbytes for v in sparse.values()) < sum(v.nbytes for v in new.values())
+
+
+def test_weighted_decoys_estimate_the_dense_update_without_bias():
+    """Decoy rows scaled by the inverse of their sampling chance: averaged over many devices' draws, the
+    densified sparse updates match the dense update on every row (touched rows exactly)."""
+    rng = np.random.default_rng(2)
+    sent = {"item_emb.weight": np.zeros((40, 3), np.float32), "item_bias": np.zeros(40, np.float32)}
+    dense = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in sent.items()}
+    touched = np.array([1, 5, 5, 9])
+    total = {k: np.zeros(v.shape) for k, v in sent.items()}
+    draws = 4000
+    for _ in range(draws):
+        rows = upload_rows(touched, decoys=6, num_rows=40, rng=rng)
+        got = densify(encode_sparse(weight_decoys(dense, sent, touched, rows), rows), sent)
+        assert np.array_equal(got["item_bias"][[1, 5, 9]], dense["item_bias"][[1, 5, 9]])
+        for k in total:
+            total[k] += got[k]
+    for k in total:
+        np.testing.assert_allclose(total[k] / draws, dense[k], atol=0.25)
+    assert weight_decoys(dense, sent, touched, np.array([1, 5, 9])) is dense  # no decoys: unchanged
 
 
 @pytest.mark.parametrize("sparse", [False, True])

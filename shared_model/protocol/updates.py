@@ -44,6 +44,26 @@ def upload_rows(touched: np.ndarray, decoys: int, num_rows: int, rng: np.random.
     return rows
 
 
+def weight_decoys(
+    update: dict[str, np.ndarray], sent: dict[str, np.ndarray], touched: np.ndarray, rows: np.ndarray
+) -> dict[str, np.ndarray]:
+    """``update`` with each decoy row's change (a row in ``rows`` but not ``touched``) divided by the chance that
+    :func:`upload_rows` drew it: the server's mean over devices then estimates, without bias, the small change
+    dense training gives every untouched row (the full softmax's push-down), which a sparse update otherwise
+    drops."""
+    touched = np.unique(np.asarray(touched, dtype=np.int64))
+    decoys = np.setdiff1d(rows, touched)
+    if not len(decoys):
+        return update
+    scale = (len(sent[ITEM_TABLES[0]]) - len(touched)) / len(decoys)
+    out = dict(update)
+    for name in ITEM_TABLES:
+        table = update[name].copy()
+        table[decoys] = sent[name][decoys] + scale * (update[name][decoys] - sent[name][decoys])
+        out[name] = table
+    return out
+
+
 def encode_sparse(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     """Row-sparse form of ``arrays``: the item tables keep only ``rows`` (see :func:`upload_rows`)."""
     out = {k: v for k, v in arrays.items() if k not in ITEM_TABLES}
