@@ -237,7 +237,11 @@ class FederatedConfig:
         1e-8, "FedAdam's adaptivity (tau, added to sqrt(v)): small values follow small updates"
     )
     upload: Upload = _opt("dense", "dense | sparse (only the item rows a device touched)")
-    decoy_rows: int = _opt(0, "sparse upload: extra random item rows that hide which items were touched")
+    decoy_rows: int = _opt(
+        0,
+        "sparse upload: extra random item rows, trained as negatives and weighted by the inverse of their"
+        " sampling chance (an unbiased estimate of the untouched rows' dense change)",
+    )
     compress: Compress = _opt(
         "none", "none | int8 (per-row int8 changes with stochastic rounding, ~4x smaller)"
     )

@@ -5,7 +5,9 @@ A sparse update sends, for each item table (``item_emb.weight``, ``item_bias``),
 touched (plus optional random decoy rows) as ``<name>@rows`` (int64 row ids) and ``<name>@values``; every
 other shared array goes dense. The server densifies a sparse update against the arrays it sent. A device in
 sparse mode trains only those rows of the item tables (the other rows' gradients are masked), so what it
-uploads is exactly what it trained; the decoy rows then carry real updates (sampled negatives).
+uploads is exactly what it trained; the decoy rows then carry real updates (sampled negatives), weighted by
+the inverse of their sampling chance (:func:`weight_decoys`) so that the server's mean estimates what dense
+training does to every row the devices did not touch.
 
 Compression (``int8``) replaces every float array ``k`` of an update by the change from what the server sent,
 quantized per row: ``k@q8`` (int8) and ``k@scale`` (float32, one scale per leading-axis row, or one per 1-D
