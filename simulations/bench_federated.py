@@ -42,6 +42,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "card": {"split": "card", "adapt_epochs": 0},
     "default, sparse int8 upload": {"upload": "sparse", "compress": "int8"},
+    "default, sparse int8 upload, 300 weighted decoys": {
+        "upload": "sparse",
+        "compress": "int8",
+        "decoy_rows": 300,
+    },
     "default, 3 local epochs": {"local_epochs": 3},
     "server lr 2e-3": {"server_lr": 2e-3},
     "constant server lr": {"server_lr_decay": 0.0},
