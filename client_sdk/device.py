@@ -26,6 +26,7 @@ from shared_model.protocol.updates import (
     ITEM_TABLES,
     compress_int8,
     encode_sparse,
+    sample_rows,
     update_weight,
     upload_rows,
     weight_decoys,
@@ -284,6 +285,8 @@ class HostedUsers:
         update = {k: (v / examples).astype(np.float32) for k, v in total.items()}
         if rows is not None:
             update = encode_sparse(weight_decoys(update, shared, touched, rows), rows)
+            if self.cfg.row_fraction < 1:
+                update = sample_rows(update, shared, self.cfg.row_fraction, rng)
         if self.cfg.compress == "int8":
             update = compress_int8(update, shared, rng)
         metrics = {"train-loss": float(np.mean(losses)), "failed-users": len(failures)}

@@ -4,6 +4,7 @@ finite values, the norm bound and the example weight. A failing update raises :c
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -16,7 +17,8 @@ from shared_model.protocol.updates import (
     decompress,
     densify,
     is_compressed,
-    is_sparse,
+    rows_of,
+    sampled_names,
     scale_shape,
 )
 
@@ -25,10 +27,13 @@ class UpdateRejected(ValueError):
     """An update that must not be averaged; the message says why."""
 
 
-def expected_keys(reference: dict[str, np.ndarray], sparse: bool, compressed: bool = False) -> set[str]:
-    keys = set(reference)
-    if sparse:
-        keys = (keys - set(ITEM_TABLES)) | {n + s for n in ITEM_TABLES for s in (ROWS, VALUES)}
+def expected_keys(
+    reference: dict[str, np.ndarray], sparse: bool, compressed: bool = False, sampled: Iterable[str] = ()
+) -> set[str]:
+    """The keys of a valid update: dense arrays, the item tables as rows when ``sparse``, the ``sampled``
+    matrices as rows, each as ``@q8``/``@scale`` pairs when ``compressed``."""
+    by_rows = (set(ITEM_TABLES) if sparse else set()) | set(sampled)
+    keys = (set(reference) - by_rows) | {n + s for n in by_rows for s in (ROWS, VALUES)}
     if compressed:
         keys = {k for k in keys if k.endswith(ROWS)} | {
             k + s for k in keys if not k.endswith(ROWS) for s in (Q8, SCALE)
@@ -42,7 +47,7 @@ def _check_int8(update: dict[str, np.ndarray], reference: dict[str, np.ndarray])
         name = key.removesuffix(VALUES)
         shape = reference[name].shape
         if key.endswith(VALUES):
-            shape = (len(update[name + ROWS]), *shape[1:])
+            shape = (len(update[name + ROWS]), *rows_of(reference[name]).shape[1:])
         q, scale = update[key + Q8], update[key + SCALE]
         if q.dtype != np.int8 or q.shape != shape:
             raise UpdateRejected(f"{key}{Q8}: need int8 of shape {shape}, got {q.dtype} {q.shape}")
@@ -70,27 +75,26 @@ def validate_update(
         raise UpdateRejected(
             f"num-examples {num_examples:g} exceeds what one round trains ({max_examples:g})"
         )
-    sparse, compressed = is_sparse(update), is_compressed(update)
-    keys, want = set(update), expected_keys(reference, sparse, compressed)
+    by_rows = {k.removesuffix(ROWS) for k in update if k.endswith(ROWS)}
+    sparse, compressed = bool(by_rows & set(ITEM_TABLES)), is_compressed(update)
+    sampled = sorted(by_rows & set(sampled_names(reference)))
+    keys, want = set(update), expected_keys(reference, sparse, compressed, sampled)
     if keys != want:
         missing, extra = sorted(want - keys), sorted(keys - want)
         raise UpdateRejected(f"wrong keys: missing {missing[:5]}, unexpected {extra[:5]}")
-    if sparse:
-        rows = {n: update[n + ROWS] for n in ITEM_TABLES}
-        first = rows[ITEM_TABLES[0]]
-        num_rows = len(reference[ITEM_TABLES[0]])
-        for name, r in rows.items():
-            if r.dtype != np.int64 or r.ndim != 1 or not np.array_equal(r, first):
-                raise UpdateRejected(
-                    f"{name}{ROWS}: row ids must be the same 1-D int64 array for every item table"
-                )
-            if len(r) and (r.min() < 0 or r.max() >= num_rows or len(np.unique(r)) != len(r)):
-                raise UpdateRejected(f"{name}{ROWS}: row ids out of range or repeated")
+    for name in sorted(by_rows):
+        r, num_rows = update[name + ROWS], len(rows_of(reference[name]))
+        if name in ITEM_TABLES and not np.array_equal(r, update[ITEM_TABLES[0] + ROWS]):
+            raise UpdateRejected(f"{name}{ROWS}: row ids must be the same for every item table")
+        if r.dtype != np.int64 or r.ndim != 1:
+            raise UpdateRejected(f"{name}{ROWS}: row ids must be a 1-D int64 array")
+        if len(r) and (r.min() < 0 or r.max() >= num_rows or len(np.unique(r)) != len(r)):
+            raise UpdateRejected(f"{name}{ROWS}: row ids out of range or repeated")
     if compressed:
         _check_int8(update, reference)
         update = decompress(update, reference)
-    for name in ITEM_TABLES if sparse else ():
-        want_shape = (len(update[name + ROWS]), *reference[name].shape[1:])
+    for name in sorted(by_rows):
+        want_shape = (len(update[name + ROWS]), *rows_of(reference[name]).shape[1:])
         if update[name + VALUES].shape != want_shape:
             raise UpdateRejected(f"{name}{VALUES}: shape {update[name + VALUES].shape} != {want_shape}")
     for key, value in update.items():

@@ -242,6 +242,11 @@ class FederatedConfig:
         "sparse upload: extra random item rows, trained as negatives and weighted by the inverse of their"
         " sampling chance (an unbiased estimate of the untouched rows' dense change)",
     )
+    row_fraction: float = _opt(
+        1.0,
+        "sparse upload: the share of the rows of every other shared matrix a device sends (random rows,"
+        " weighted by the inverse share: an unbiased estimate of its change; 1 = every row)",
+    )
     compress: Compress = _opt(
         "none", "none | int8 (per-row int8 changes with stochastic rounding, ~4x smaller)"
     )
@@ -314,8 +319,10 @@ class FederatedConfig:
             raise ValueError("users_per_node, num_rounds, local_epochs, max_len and eval_every must be >= 1")
         if not min(self.local_lr, self.server_lr, self.round_timeout) > 0 or self.decoy_rows < 0:
             raise ValueError("local_lr, server_lr and round_timeout must be > 0 and decoy_rows >= 0")
-        if not 0 < self.fraction_evaluate <= 1:
+        if not 0 < self.fraction_evaluate <= 1 or not 0 < self.row_fraction <= 1:
             raise ValueError("fractions must lie in (0, 1]")
+        if self.row_fraction < 1 and self.upload != "sparse":
+            raise ValueError("row_fraction < 1 samples the rows of a sparse upload: it needs upload='sparse'")
         heads = MODEL_PRESETS[self.preset].get("num_heads", ModelConfig.num_heads)
         if self.d_model < 1 or self.d_model % heads:
             raise ValueError(

@@ -12,7 +12,14 @@ import numpy as np
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
 from shared_model.config import FederatedConfig
-from shared_model.protocol.updates import ITEM_TABLES, compress_int8, encode_sparse
+from shared_model.protocol.updates import (
+    ITEM_TABLES,
+    compress_int8,
+    encode_sparse,
+    rows_of,
+    sample_rows,
+    sampled_names,
+)
 
 
 def hostile_updates(
@@ -40,6 +47,14 @@ def hostile_updates(
     packed = compress_int8(good, sent, rng)
     scale_key = f"{emb}@scale"
     n = 7  # a plausible example weight
+    sampled = {}
+    if names := sampled_names(sent):  # another matrix sent as a sample of its rows
+        part = sample_rows(sparse, sent, 0.5, rng)
+        at, values = f"{names[0]}@rows", part[f"{names[0]}@values"]
+        sampled = {
+            "sampled rows: row out of range": (edit(at, part[at] + len(rows_of(sent[names[0]])), part), n),
+            "sampled rows: values shape": (edit(f"{names[0]}@values", values[:-1], part), n),
+        }
     return {
         "wrong shape (1-D)": (edit(bias, np.zeros(len(sent[bias]) + 1, np.float32)), n),
         "wrong shape (transposed)": (edit(emb, np.ascontiguousarray(good[emb].T)), n),
@@ -76,6 +91,7 @@ def hostile_updates(
         "int8: huge scale": (edit(scale_key, np.full_like(packed[scale_key], 1e6), packed), n),
         "int8: scale shape": (edit(scale_key, packed[scale_key][:-1], packed), n),
         "int8: int16 values": (edit(f"{emb}@q8", packed[f"{emb}@q8"].astype(np.int16), packed), n),
+        **sampled,
     }
 
 

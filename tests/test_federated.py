@@ -24,6 +24,8 @@ from shared_model.protocol.updates import (
     decompress,
     densify,
     encode_sparse,
+    sample_rows,
+    sampled_names,
     upload_rows,
     weight_decoys,
 )
@@ -169,6 +171,39 @@ def test_hostile_sparse_updates_are_rejected():
             validate_update({**good, key: bad}, ref, 1, 10)
 
 
+def test_sampled_rows_estimate_the_dense_update_and_are_validated():
+    """Other shared matrices sampled by rows (rows along the last axis, changes divided by the share sent):
+    unbiased over many draws, validated with int8 compression on top, and malformed row sets are rejected."""
+    rng = np.random.default_rng(3)
+    sent = {
+        "item_emb.weight": np.zeros((10, 4), np.float32),
+        "item_bias": np.zeros(10, np.float32),
+        "blocks.w": np.zeros((4, 8, 6), np.float32),  # 32 rows of 6
+        "small.w": np.zeros((3, 6), np.float32),  # too few rows: sent whole
+        "norm.weight": np.zeros(6, np.float32),
+    }
+    new = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in sent.items()}
+    update = sample_rows(encode_sparse(new, np.array([2, 5])), sent, 0.25, rng)
+    assert sampled_names(sent) == ["blocks.w"] and update["blocks.w@values"].shape == (8, 6)
+    assert {"small.w", "norm.weight", "item_emb.weight@rows"} <= update.keys() and "blocks.w" not in update
+    dense = validate_update(compress_int8(update, sent, rng), sent, 1, norm_bound=10)
+    assert dense["blocks.w"].shape == (4, 8, 6) and (dense["blocks.w"] != 0).any(axis=-1).sum() == 8
+    mean = np.mean(
+        [densify(sample_rows(new, sent, 0.25, rng), sent)["blocks.w"] for _ in range(3000)], axis=0
+    )
+    np.testing.assert_allclose(mean, new["blocks.w"], atol=0.03)  # 0.1-scale changes, 4x weighted rows
+    for key, bad in [
+        ("blocks.w@rows", np.array([0, 1, 2, 3, 4, 5, 6, 32])),
+        ("blocks.w@rows", np.zeros(8, np.int64)),
+        ("blocks.w@values", np.zeros((9, 6), np.float32)),
+        ("small.w@rows", np.array([0])),
+    ]:
+        with pytest.raises(UpdateRejected):
+            validate_update({**update, key: bad}, sent, 1, 10)
+    with pytest.raises(ValueError, match="upload='sparse'"):
+        FederatedConfig(row_fraction=0.5)
+
+
 def test_device_round_keeps_personal_weights_on_the_device(cfg):
     cfg = replace(cfg, split="card")
     shared = initial_shared(cfg)
@@ -224,6 +259,19 @@ def test_sparse_device_trains_only_the_rows_it_uploads(cfg):
     )  # decay only
     moved = np.abs(result.update["item_emb.weight@values"] - shared["item_emb.weight"][rows]).max(axis=1)
     assert (moved > 1e-3).all()  # every uploaded row, decoys included, was trained
+
+
+def test_sampled_sparse_device_update_is_smaller_and_validates(cfg):
+    shared = initial_shared(cfg)
+    sizes = {}
+    for fraction in (1.0, 0.25):
+        run = replace(cfg, upload="sparse", decoy_rows=5, compress="int8", row_fraction=fraction)
+        device = HostedUsers(run, 0, 9, Path(cfg.out_dir) / f"devices-{fraction}")
+        update = device.train(shared, server_round=1).update
+        sizes[fraction] = sum(v.nbytes for v in update.values())
+        dense = validate_update(update, shared, 1, norm_bound=run.norm_bound)
+        assert dense.keys() == shared.keys()
+    assert sizes[0.25] < 0.75 * sizes[1.0]
 
 
 def test_local_adaptation_is_gated_by_the_users_held_out_recent_events(cfg):

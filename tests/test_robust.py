@@ -10,7 +10,13 @@ import pytest
 from server.validation import UpdateRejected, validate_update
 from shared_model.config import FederatedConfig
 from shared_model.protocol.clipping import clip_update
-from shared_model.protocol.updates import compress_int8, encode_sparse, max_update_weight, update_weight
+from shared_model.protocol.updates import (
+    compress_int8,
+    encode_sparse,
+    max_update_weight,
+    sample_rows,
+    update_weight,
+)
 from simulations.hostile_updates import aggregate_round, hostile_round, hostile_updates
 
 
@@ -226,12 +232,12 @@ def test_fedadam_robust_on_the_item_tables_only():
 def test_every_hostile_update_is_rejected_in_a_round_with_good_ones(aggregation):
     """The hostile-update attack (THREAT_MODEL.md): the whole hostile suite plus dense, sparse and int8 good updates in ONE round."""
     rng = np.random.default_rng(7)
-    sent = _sent(rng, rows=30)
+    sent = _sent(rng, rows=30) | {"encoder.w": rng.standard_normal((2, 10, 4)).astype(np.float32)}
     goods = [
         (_moved(sent, rng), 3),
         (_moved(sent, rng), 5),
         (_moved(sent, rng), 2),
-        (encode_sparse(_moved(sent, rng), np.array([2, 9, 11])), 4),
+        (sample_rows(encode_sparse(_moved(sent, rng), np.array([2, 9, 11])), sent, 0.5, rng), 4),
         (compress_int8(_moved(sent, rng), sent, rng), 6),
     ]
     cfg = FederatedConfig(
@@ -259,6 +265,7 @@ def test_every_hostile_update_is_rejected_in_a_round_with_good_ones(aggregation)
         "sparse: row",
         "int8: negative scale",
         "int8: NaN scale",
+        "sampled rows",
         "no arrays",
     )
     assert all(any(kind in name for name in hostile) for kind in kinds)

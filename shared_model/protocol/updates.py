@@ -9,6 +9,10 @@ uploads is exactly what it trained; the decoy rows then carry real updates (samp
 the inverse of their sampling chance (:func:`weight_decoys`) so that the server's mean estimates what dense
 training does to every row the devices did not touch.
 
+A sparse update may also sample the other shared matrices (:func:`sample_rows`): a random share of each one's
+rows (a row: a vector along the last axis) as ``<name>@rows`` and ``<name>@values`` (2-D), each row's change
+divided by that share, so that the server's mean is an unbiased estimate of the dense change.
+
 Compression (``int8``) replaces every float array ``k`` of an update by the change from what the server sent,
 quantized per row: ``k@q8`` (int8) and ``k@scale`` (float32, one scale per leading-axis row, or one per 1-D
 array), with stochastic rounding so that the decoded update is unbiased (FedAvg averages the rounding noise
@@ -22,6 +26,7 @@ import numpy as np
 ITEM_TABLES = ("item_emb.weight", "item_bias")
 ROWS, VALUES = "@rows", "@values"
 Q8, SCALE = "@q8", "@scale"
+SAMPLED_MIN_ROWS = 16  # a matrix with fewer rows goes whole (sampling a few rows would be mostly noise)
 
 
 def update_weight(events: int, max_len: int, local_epochs: int) -> int:
@@ -75,6 +80,39 @@ def encode_sparse(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, 
     return out
 
 
+def rows_of(array: np.ndarray) -> np.ndarray:
+    """The rows a sparse update addresses: the item tables' leading axis, other matrices' vectors along their
+    last axis (a (4, 16, 64) array has 64 rows of 64)."""
+    return array if array.ndim == 1 else array.reshape(-1, array.shape[-1])
+
+
+def sampled_names(sent: dict[str, np.ndarray]) -> list[str]:
+    """The shared arrays :func:`sample_rows` may sample: every matrix but the item tables with at least
+    ``SAMPLED_MIN_ROWS`` rows (smaller ones, vectors and scalars go whole)."""
+    return [
+        k
+        for k, v in sent.items()
+        if k not in ITEM_TABLES and v.ndim >= 2 and len(rows_of(v)) >= SAMPLED_MIN_ROWS
+    ]
+
+
+def sample_rows(
+    update: dict[str, np.ndarray], sent: dict[str, np.ndarray], fraction: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """``update`` with each of :func:`sampled_names` reduced to ``round(fraction * rows)`` random rows (at least
+    one), each row's change from ``sent`` divided by the share sent, so that the mean over devices estimates the
+    dense change without bias."""
+    out = dict(update)
+    for name in sampled_names(sent):
+        base, new = rows_of(sent[name]), rows_of(update[name])
+        keep = max(1, round(fraction * len(base)))
+        rows = np.sort(rng.choice(len(base), size=keep, replace=False)).astype(np.int64)
+        del out[name]
+        out[name + ROWS] = rows
+        out[name + VALUES] = (base[rows] + (len(base) / keep) * (new[rows] - base[rows])).astype(base.dtype)
+    return out
+
+
 def is_sparse(update: dict[str, np.ndarray]) -> bool:
     return any(k.endswith(ROWS) for k in update)
 
@@ -84,10 +122,10 @@ def densify(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> 
     if not is_sparse(update):
         return dict(update)
     out = {k: v for k, v in update.items() if ROWS not in k and VALUES not in k}
-    for name in ITEM_TABLES:
-        table = reference[name].copy()
+    for name in (k.removesuffix(ROWS) for k in update if k.endswith(ROWS)):
+        table = rows_of(reference[name].copy())
         table[update[name + ROWS]] = update[name + VALUES]
-        out[name] = table
+        out[name] = table.reshape(reference[name].shape)
     return out
 
 
@@ -100,7 +138,7 @@ def reference_of(key: str, rows: dict[str, np.ndarray], reference: dict[str, np.
     """What the server sent for the array ``key`` of an uncompressed update (its rows for ``@values``)."""
     if key.endswith(VALUES):
         name = key.removesuffix(VALUES)
-        return reference[name][rows[name + ROWS]]
+        return rows_of(reference[name])[rows[name + ROWS]]
     return reference[key]
 
 
