@@ -13,8 +13,8 @@
   model re-evaluated in-process with ``HostedUsers.evaluate`` (what each node runs in the final round), served
   with the gated adaptations vs the population values, paired per user; so a changed gate is measured
   without retraining the population model;
-* upload bytes per device per round for dense, sparse and sparse-with-decoys updates, with and without int8
-  compression;
+* upload bytes of one-user devices (a deployment's) in their first round, for dense, sparse, sparse with
+  weighted decoys and sparse with sampled rows, with and without int8 compression (the median of 12 users);
 * simulation throughput (device updates per second) for one user per node vs virtual users per node.
 
 Results are appended to ``simulations/results/<name>_runs.jsonl`` as they finish and summarised in
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from client_sdk.device import HostedUsers
+from server.app import initial_shared
 from server.checkpoint import load_server_checkpoint
 from shared_model.config import FederatedConfig
 from simulations.simulate import run_simulation
@@ -64,13 +65,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 REACH = (0.8, 0.9, 0.95)
 PARTS = ("centralized", "federated", "personalization", "bytes", "throughput")
+# upload modes whose bytes are measured on one-user devices: (upload, decoy rows, compression, row fraction)
 UPLOADS = (
-    ("dense", 0, "none"),
-    ("sparse", 0, "none"),
-    ("sparse", 50, "none"),
-    ("sparse", 0, "int8"),
-    ("sparse", 50, "int8"),
+    ("dense", 0, "none", 1.0),
+    ("dense", 0, "int8", 1.0),
+    ("sparse", 0, "none", 1.0),
+    ("sparse", 0, "int8", 1.0),
+    ("sparse", 300, "int8", 1.0),
+    ("sparse", 100, "int8", 0.2),
 )
+BYTES_USERS = 12  # one-user devices measured per upload mode (their median)
 
 
 def _folder(variant: str) -> str:
@@ -135,6 +139,19 @@ def _short_run(
     """The round history of a few rounds of ``base`` with ``overrides``, without evaluation."""
     cfg = replace(base, num_rounds=rounds, eval_every=10**6, out_dir=str(out), **overrides)
     return run_simulation(cfg, num_cpus=cpus)["history"]
+
+
+def _device_bytes(cfg: FederatedConfig, store: Path) -> float:
+    """Median upload bytes of ``BYTES_USERS`` one-user devices (a deployment's devices) in their first round:
+    the device code of every run, without the Flower transport."""
+    one = replace(cfg, users_per_node=1)
+    shared = initial_shared(one)
+    users = HostedUsers(one, 0, 1, store / "probe").log.num_users
+    sizes = [
+        sum(v.nbytes for v in HostedUsers(one, p, users, store / str(p)).train(shared, 1).update.values())
+        for p in range(0, users, max(users // BYTES_USERS, 1))[:BYTES_USERS]
+    ]
+    return float(sorted(sizes)[len(sizes) // 2])
 
 
 def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str]) -> list[dict[str, Any]]:
@@ -215,26 +232,19 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
                 personalization=_personalization(row),
                 of="default",
             )
-    for upload, decoys, compress in UPLOADS if "bytes" in args.parts else ():
-        key = f"{dataset}/bytes/{upload}/{decoys}" + ("" if compress == "none" else f"/{compress}")
+    for upload, decoys, compress, fraction in UPLOADS if "bytes" in args.parts else ():
+        key = f"{dataset}/bytes/{upload}/{decoys}/{compress}/{fraction:g}"
         if key in done:
             continue
-        history = _short_run(
-            base,
-            out / f"bytes-{upload}-{decoys}-{compress}",
-            args.cpus,
-            1,
-            upload=upload,
-            decoy_rows=decoys,
-            compress=compress,
-        )
+        cfg = replace(base, upload=upload, decoy_rows=decoys, compress=compress, row_fraction=fraction)
         record(
             "bytes",
             key=key,
             upload=upload,
             decoy_rows=decoys,
             compress=compress,
-            upload_bytes_per_device=history[0]["upload_bytes_per_device"],
+            row_fraction=fraction,
+            upload_bytes_per_device=_device_bytes(cfg, out / "bytes"),
         )
     for per_node in (1, args.users_per_node) if "throughput" in args.parts else ():
         key = f"{dataset}/throughput/{per_node}"
@@ -286,8 +296,10 @@ def summarise(runs: list[dict[str, Any]]) -> str:
                 )
                 cells[6:8] = _personalization_cells(r["personalization"])
             elif r["kind"] == "bytes":
-                name = f"upload {r['upload']} + {r['decoy_rows']} decoys" + (
-                    f", {r['compress']}" if r.get("compress", "none") != "none" else ""
+                name = (
+                    f"one-user device: upload {r['upload']} + {r['decoy_rows']} decoys"
+                    + (f", {r['compress']}" if r.get("compress", "none") != "none" else "")
+                    + (f", {r['row_fraction']:.0%} of other rows" if r.get("row_fraction", 1.0) < 1 else "")
                 )
                 cells[8] = r["upload_bytes_per_device"] / 1000
             else:
