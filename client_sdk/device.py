@@ -25,11 +25,12 @@ from shared_model.protocol.clipping import clip_update
 from shared_model.protocol.updates import (
     ITEM_TABLES,
     compress_int8,
-    encode_sparse,
-    sample_rows,
+    densify,
+    encode_rows,
+    sent_rows,
+    sparse_update,
     update_weight,
     upload_rows,
-    weight_decoys,
 )
 from shared_model.sequence_model import SequenceModel
 from shared_model.training import (
@@ -243,7 +244,9 @@ class HostedUsers:
     def train(
         self, shared: dict[str, np.ndarray], server_round: int, head_share: Sequence[float] | None = None
     ) -> RoundResult:
-        """Local training of every hosted user; the example-weighted mean of their shared arrays. The metrics
+        """Local training of every hosted user; the example-weighted mean of their shared arrays (sparse uploads:
+        each user's change as that user's own device would send it, the node's reply over the union of their
+        rows, so a node of one user is exactly a deployment's device). The metrics
         carry the users' mean head shares of their target items (``head-share-<h>``, with a responsibility
         balance), from which the server estimates the population's ``head_share`` for the next rounds."""
         torch.set_num_threads(1)
@@ -254,14 +257,18 @@ class HostedUsers:
             raise DeviceError(f"device hosts no user with training events ({len(self.users)} users)")
         users, failures = self._readable(users, "train")  # user -> personal weights, each store read once
         rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
-        rows, touched = None, np.zeros(0, np.int64)
-        if self.cfg.upload == "sparse":
-            touched = np.concatenate([self.log.item[self.log.user_ptr[u] : train_end[u]] + 1 for u in users])
-            rows = upload_rows(touched, self.cfg.decoy_rows, len(shared[ITEM_TABLES[0]]), rng)
+        sparse = self.cfg.upload == "sparse"
+        node_rows: dict[str, list[np.ndarray]] = {}  # sparse: the rows each user's own device would send
         examples, losses, shares = 0, [], {}
         for user in users:
             n = update_weight(
                 int(train_end[user] - self.log.user_ptr[user]), self.cfg.max_len, self.cfg.local_epochs
+            )
+            touched = self.log.item[self.log.user_ptr[user] : train_end[user]] + 1  # item table rows
+            rows = (
+                upload_rows(touched, self.cfg.decoy_rows, len(shared[ITEM_TABLES[0]]), rng)
+                if sparse
+                else None
             )
             epochs = self._fit(
                 user,
@@ -276,17 +283,20 @@ class HostedUsers:
                 shares[key] = shares.get(key, 0.0) + n * epochs[-1][key]
             new_shared, personal = split_state(self.model, self.cfg.split)
             self.save_personal(user, personal, server_round)
-            # the server's per-update clips, applied per user: a simulated node's mean is then a mean of
-            # clipped user updates, as the server sees them in a deployment (one user per node)
+            # the server's per-update clips and a sparse device's encoding, applied per user: a simulated node's
+            # mean is then a mean of what each user's own device would send (one user per node in a deployment)
             new_shared = clip_update(new_shared, shared, self.cfg.clip_norm, self.cfg.row_clip).arrays
+            if rows is not None:
+                one = sparse_update(new_shared, shared, touched, rows, self.cfg.row_fraction, rng)
+                for name, r in sent_rows(one).items():
+                    node_rows.setdefault(name, []).append(r)
+                new_shared = densify(one, shared)
             for k, v in new_shared.items():
                 total[k] = total.get(k, 0) + n * v.astype(np.float64)
             examples += n
         update = {k: (v / examples).astype(np.float32) for k, v in total.items()}
-        if rows is not None:
-            update = encode_sparse(weight_decoys(update, shared, touched, rows), rows)
-            if self.cfg.row_fraction < 1:
-                update = sample_rows(update, shared, self.cfg.row_fraction, rng)
+        if sparse:  # the node replies with its users' mean over the union of their rows
+            update = encode_rows(update, {k: np.unique(np.concatenate(r)) for k, r in node_rows.items()})
         if self.cfg.compress == "int8":
             update = compress_int8(update, shared, rng)
         metrics = {"train-loss": float(np.mean(losses)), "failed-users": len(failures)}

@@ -71,13 +71,38 @@ def weight_decoys(
     return out
 
 
+def encode_rows(arrays: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Row-sparse form of ``arrays``: each array named in ``rows`` keeps only those of its rows (:func:`rows_of`)."""
+    out = {k: v for k, v in arrays.items() if k not in rows}
+    for name, r in rows.items():
+        out[name + ROWS] = r
+        out[name + VALUES] = rows_of(arrays[name])[r]
+    return out
+
+
 def encode_sparse(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     """Row-sparse form of ``arrays``: the item tables keep only ``rows`` (see :func:`upload_rows`)."""
-    out = {k: v for k, v in arrays.items() if k not in ITEM_TABLES}
-    for name in ITEM_TABLES:
-        out[name + ROWS] = rows
-        out[name + VALUES] = arrays[name][rows]
-    return out
+    return encode_rows(arrays, dict.fromkeys(ITEM_TABLES, rows))
+
+
+def sent_rows(update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows each row-sparse array of ``update`` carries, by array name."""
+    return {k.removesuffix(ROWS): v for k, v in update.items() if k.endswith(ROWS)}
+
+
+def sparse_update(
+    update: dict[str, np.ndarray],
+    sent: dict[str, np.ndarray],
+    touched: np.ndarray,
+    rows: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """What a sparse device sends: the item tables at ``rows`` (``touched`` plus decoys, the decoys weighted by
+    :func:`weight_decoys`) and, when ``fraction`` < 1, a sample of every other matrix's rows
+    (:func:`sample_rows`)."""
+    out = encode_sparse(weight_decoys(update, sent, touched, rows), rows)
+    return sample_rows(out, sent, fraction, rng) if fraction < 1 else out
 
 
 def rows_of(array: np.ndarray) -> np.ndarray:
