@@ -16,10 +16,15 @@ def test_every_estimator_is_scored_against_item_aware_popularity(tmp_path):
         "user-aware",
         "item + user",
         "item + similar items",
+        "combined",
+        "ceiling: the true ids first among the attested",
     }
     assert rows["item-aware popularity"]["x_item_popularity"] == 1.0
     for row in rows.values():
         assert 0 <= row["test_ndcg@10"] <= 1 and 0 <= row["val_ndcg@10"] <= 1
         assert row["x_item_popularity"] >= 0
     assert rows["item + user"]["chosen"].startswith("item + user (w=")
+    ceiling = rows["ceiling: the true ids first among the attested"]["test_ndcg@10"]
+    assert all(r["test_ndcg@10"] <= ceiling + 1e-9 for k, r in rows.items() if k != "item-aware popularity")
+    assert 0 <= result["test_labels_attested"] <= 1
     assert "| item-aware popularity |" in _markdown([result])
