@@ -48,6 +48,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "compress": "int8",
         "decoy_rows": 300,
     },
+    "default, sparse int8 upload, 100 weighted decoys, 20% of other rows": {
+        "upload": "sparse",
+        "compress": "int8",
+        "decoy_rows": 100,
+        "row_fraction": 0.2,
+    },
     "default, 3 local epochs": {"local_epochs": 3},
     "server lr 2e-3": {"server_lr": 2e-3},
     "constant server lr": {"server_lr_decay": 0.0},
