@@ -42,7 +42,7 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "card": {"split": "card", "adapt_epochs": 0},
-    "default, sparse int8 upload": {"upload": "sparse", "compress": "int8"},
+    "default, sparse int8 upload": {"upload": "sparse", "compress": "int8", "decoy_rows": 0},
     "default, sparse int8 upload, 300 weighted decoys": {
         "upload": "sparse",
         "compress": "int8",
