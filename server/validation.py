@@ -82,14 +82,14 @@ def validate_update(
     if keys != want:
         missing, extra = sorted(want - keys), sorted(keys - want)
         raise UpdateRejected(f"wrong keys: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name in sorted(by_rows):
+    for name in [n for n in ITEM_TABLES if n in by_rows] + sorted(by_rows - set(ITEM_TABLES)):
         r, num_rows = update[name + ROWS], len(rows_of(reference[name]))
-        if name in ITEM_TABLES and not np.array_equal(r, update[ITEM_TABLES[0] + ROWS]):
-            raise UpdateRejected(f"{name}{ROWS}: row ids must be the same for every item table")
         if r.dtype != np.int64 or r.ndim != 1:
             raise UpdateRejected(f"{name}{ROWS}: row ids must be a 1-D int64 array")
         if len(r) and (r.min() < 0 or r.max() >= num_rows or len(np.unique(r)) != len(r)):
             raise UpdateRejected(f"{name}{ROWS}: row ids out of range or repeated")
+        if name in ITEM_TABLES and not np.array_equal(r, update[ITEM_TABLES[0] + ROWS]):
+            raise UpdateRejected(f"{name}{ROWS}: row ids must be the same for every item table")
     if compressed:
         _check_int8(update, reference)
         update = decompress(update, reference)
