@@ -30,7 +30,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from client_sdk.device import HostedUsers
+from client_sdk.device import HostedUsers, cached_log
 from server.app import initial_shared
 from server.checkpoint import load_server_checkpoint
 from shared_model.config import FederatedConfig
@@ -152,7 +152,7 @@ def _device_bytes(cfg: FederatedConfig, store: Path) -> float:
     the device code of every run, without the Flower transport."""
     one = replace(cfg, users_per_node=1)
     shared = initial_shared(one)
-    users = HostedUsers(one, 0, 1, store / "probe").log.num_users
+    users = cached_log(one.dataset, one.data_dir).num_users
     sizes = [
         sum(v.nbytes for v in HostedUsers(one, p, users, store / str(p)).train(shared, 1).update.values())
         for p in range(0, users, max(users // BYTES_USERS, 1))[:BYTES_USERS]

@@ -127,15 +127,13 @@ def sample_rows(
     """``update`` with each of :func:`sampled_names` reduced to ``round(fraction * rows)`` random rows (at least
     one), each row's change from ``sent`` divided by the share sent, so that the mean over devices estimates the
     dense change without bias."""
-    out = dict(update)
+    weighted, rows = dict(update), {}
     for name in sampled_names(sent):
         base, new = rows_of(sent[name]), rows_of(update[name])
         keep = max(1, round(fraction * len(base)))
-        rows = np.sort(rng.choice(len(base), size=keep, replace=False)).astype(np.int64)
-        del out[name]
-        out[name + ROWS] = rows
-        out[name + VALUES] = (base[rows] + (len(base) / keep) * (new[rows] - base[rows])).astype(base.dtype)
-    return out
+        rows[name] = np.sort(rng.choice(len(base), size=keep, replace=False)).astype(np.int64)
+        weighted[name] = (base + (len(base) / keep) * (new - base)).astype(base.dtype)
+    return encode_rows(weighted, rows)
 
 
 def is_sparse(update: dict[str, np.ndarray]) -> bool:
