@@ -24,7 +24,7 @@ from shared_model.partition import load_parts, parameter_groups, split_state
 from shared_model.protocol.clipping import clip_update
 from shared_model.protocol.updates import (
     ITEM_TABLES,
-    compress_int8,
+    compress,
     densify,
     encode_rows,
     sent_rows,
@@ -297,8 +297,8 @@ class HostedUsers:
         update = {k: (v / examples).astype(np.float32) for k, v in total.items()}
         if sparse:  # the node replies with its users' mean over the union of their rows
             update = encode_rows(update, {k: np.unique(np.concatenate(r)) for k, r in node_rows.items()})
-        if self.cfg.compress == "int8":
-            update = compress_int8(update, shared, rng)
+        if self.cfg.compress != "none":
+            update = compress(update, shared, rng, self.cfg.compress)
         metrics = {"train-loss": float(np.mean(losses)), "failed-users": len(failures)}
         if (
             self.cfg.privacy == "plain"

@@ -16,7 +16,7 @@ SPLITS: tuple[str, ...] = get_args(Split)
 LocalOptimizer = Literal["sgd", "adamw"]
 ServerOptimizer = Literal["fedadam", "fedavg"]
 Upload = Literal["dense", "sparse"]
-Compress = Literal["none", "int8"]
+Compress = Literal["none", "int8", "int4"]
 Privacy = Literal["plain", "dp", "secagg"]
 Aggregation = Literal["mean", "trimmed-mean", "median"]
 RobustScope = Literal["all", "item-tables"]
@@ -249,7 +249,8 @@ class FederatedConfig:
         " weighted by the inverse share: an unbiased estimate of its change; 1 = every row)",
     )
     compress: Compress = _opt(
-        "none", "none | int8 (per-row int8 changes with stochastic rounding, ~4x smaller)"
+        "none",
+        "none | int8 | int4 (per-row quantized changes with stochastic rounding, ~4x / ~8x smaller)",
     )
     norm_bound: float = _opt(50.0, "reject an update whose L2 distance to the sent arrays is larger")
     privacy: Privacy = _opt(

@@ -54,6 +54,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "decoy_rows": 100,
         "row_fraction": 0.2,
     },
+    "default, sparse int8 upload, 100 weighted decoys": {
+        "upload": "sparse",
+        "compress": "int8",
+        "decoy_rows": 100,
+    },
+    "default, sparse int8 upload, 300 weighted decoys, 20% of other rows": {
+        "upload": "sparse",
+        "compress": "int8",
+        "decoy_rows": 300,
+        "row_fraction": 0.2,
+    },
+    "default, sparse int4 upload, 300 weighted decoys, 40% of other rows": {
+        "upload": "sparse",
+        "compress": "int4",
+        "decoy_rows": 300,
+        "row_fraction": 0.4,
+    },
     "default, 3 local epochs": {"local_epochs": 3},
     "server lr 2e-3": {"server_lr": 2e-3},
     "constant server lr": {"server_lr_decay": 0.0},

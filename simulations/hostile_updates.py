@@ -14,7 +14,8 @@ from flwr.app import DEFAULT_TTL, Array, ArrayRecord, Message, Metadata, MetricR
 from shared_model.config import FederatedConfig
 from shared_model.protocol.updates import (
     ITEM_TABLES,
-    compress_int8,
+    ROW_IDS,
+    compress,
     encode_sparse,
     rows_of,
     sample_rows,
@@ -42,9 +43,12 @@ def hostile_updates(
     delta = {k: good[k].astype(np.float64) - sent[k] for k in sent}
     norm = math.sqrt(sum(float(np.sum(d**2)) for d in delta.values())) or 1.0
     over = {k: (sent[k] + d * 1.01 * norm_bound / norm).astype(sent[k].dtype) for k, d in delta.items()}
-    rows = np.arange(0, len(sent[emb]), 3, dtype=np.int64)
+    rows = np.arange(0, len(sent[emb]), 3, dtype=ROW_IDS)
     sparse = encode_sparse(good, rows)
-    packed = compress_int8(good, sent, rng)
+    packed = compress(good, sent, rng, "int8")
+    packed4 = compress(good, sent, rng, "int4")
+    minus8 = packed4[f"{emb}@q4"].copy()
+    minus8[0] = 0x88  # two levels of -8 (int4 levels are -7..7)
     scale_key = f"{emb}@scale"
     n = 7  # a plausible example weight
     sampled = {}
@@ -91,6 +95,8 @@ def hostile_updates(
         "int8: huge scale": (edit(scale_key, np.full_like(packed[scale_key], 1e6), packed), n),
         "int8: scale shape": (edit(scale_key, packed[scale_key][:-1], packed), n),
         "int8: int16 values": (edit(f"{emb}@q8", packed[f"{emb}@q8"].astype(np.int16), packed), n),
+        "int4: level -8": (edit(f"{emb}@q4", minus8, packed4), n),
+        "int4: values shape": (edit(f"{emb}@q4", packed4[f"{emb}@q4"][:-1], packed4), n),
         **sampled,
     }
 

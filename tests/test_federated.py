@@ -20,7 +20,7 @@ from shared_model.config import FederatedConfig
 from shared_model.partition import split_state
 from shared_model.protocol.updates import (
     ITEM_TABLES,
-    compress_int8,
+    compress,
     decompress,
     densify,
     encode_sparse,
@@ -86,41 +86,58 @@ def test_weighted_decoys_estimate_the_dense_update_without_bias():
     assert weight_decoys(dense, sent, touched, np.array([1, 5, 9])) is dense  # no decoys: unchanged
 
 
+@pytest.mark.parametrize("kind,levels,ratio", [("int8", 127, 0.35), ("int4", 7, 0.2)])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_int8_codec_is_unbiased_small_and_validated(sparse):
+def test_quantized_codec_is_unbiased_small_and_validated(sparse, kind, levels, ratio):
     rng = np.random.default_rng(1)
     ref = {
         "item_emb.weight": rng.standard_normal((200, 16)).astype(np.float32),
         "item_bias": rng.standard_normal(200).astype(np.float32),
-        "explanation.w": rng.standard_normal((8, 16)).astype(np.float32),
+        "explanation.w": rng.standard_normal((8, 15)).astype(np.float32),  # odd size: int4 pads a nibble
     }
     new = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in ref.items()}
     new["explanation.w"][3] = ref["explanation.w"][3]  # an unchanged row: scale 0, decoded exactly
     update = encode_sparse(new, np.arange(0, 200, 7)) if sparse else new
-    packed = compress_int8(update, ref, rng)
+    packed = compress(update, ref, rng, kind)
     size = lambda u: sum(v.nbytes for k, v in u.items() if not k.endswith("@rows"))  # noqa: E731
-    assert size(packed) < 0.35 * size(update)
+    assert size(packed) < ratio * size(update)
     dense = validate_update(packed, ref, 1, norm_bound=10)
     want = densify(update, ref)
     for k in ref:  # at most one quantization step (per row; per array when 1-D) from the exact update
         delta = np.abs(want[k] - ref[k])
-        step = (delta.max(axis=1, keepdims=True) if delta.ndim == 2 else delta.max()) / 127
+        step = (delta.max(axis=1, keepdims=True) if delta.ndim == 2 else delta.max()) / levels
         assert (np.abs(dense[k] - want[k]) <= step * 1.001 + 1e-7).all(), k
     np.testing.assert_array_equal(dense["explanation.w"][3], ref["explanation.w"][3])
     draws = np.mean(
-        [densify(decompress(compress_int8(update, ref, rng), ref), ref)["explanation.w"] for _ in range(400)],
+        [
+            densify(decompress(compress(update, ref, rng, kind), ref), ref)["explanation.w"]
+            for _ in range(1000)
+        ],
         axis=0,
     )
-    step = np.abs(want["explanation.w"] - ref["explanation.w"]).max() / 127
-    assert np.abs(draws - want["explanation.w"]).max() < 0.2 * step  # stochastic rounding: unbiased
+    step = np.abs(want["explanation.w"] - ref["explanation.w"]).max() / levels
+    assert np.abs(draws - want["explanation.w"]).max() < 0.1 * step  # stochastic rounding: unbiased
+    q = "@q8" if kind == "int8" else "@q4"
+    minus8 = packed[f"explanation.w{q}"].copy()
+    minus8[0] = 0x08  # int4: a level of -8
     for key, bad in [
-        ("explanation.w@q8", np.zeros((8, 16), np.int16)),
+        (f"explanation.w{q}", packed[f"explanation.w{q}"].astype(np.int16)),
+        (f"explanation.w{q}", packed[f"explanation.w{q}"][:-1]),
         ("explanation.w@scale", np.full((8, 1), -1, np.float32)),
         ("explanation.w@scale", np.full((8, 1), np.nan, np.float32)),
         ("item_bias@scale", np.zeros((2,), np.float32)),
+        *([(f"explanation.w{q}", minus8)] if kind == "int4" else []),
     ]:
         with pytest.raises(UpdateRejected):
             validate_update({**packed, key: bad}, ref, 1, 10)
+    bias = next(k for k in packed if k.startswith("item_bias") and k.endswith(q))
+    other = bias.removesuffix(q) + ("@q8" if kind == "int4" else "@q4")
+    mixed = {
+        **{k: v for k, v in packed.items() if k != bias},
+        other: packed[bias],
+    }  # two codecs in one update
+    with pytest.raises(UpdateRejected, match="wrong keys"):
+        validate_update(mixed, ref, 1, 10)
 
 
 def _ref():
@@ -162,9 +179,10 @@ def test_hostile_sparse_updates_are_rejected():
     good = encode_sparse(ref, np.array([1, 2]))
     validate_update(good, ref, 1, 10)
     for key, bad in [
-        ("item_emb.weight@rows", np.array([1, 99])),
-        ("item_emb.weight@rows", np.array([1, 1])),
-        ("item_bias@rows", np.array([1, 3])),
+        ("item_emb.weight@rows", np.array([1, 99], np.int32)),
+        ("item_emb.weight@rows", np.array([1, 1], np.int32)),
+        ("item_emb.weight@rows", np.array([1, 2], np.int64)),  # row ids are int32
+        ("item_bias@rows", np.array([1, 3], np.int32)),
         ("item_emb.weight@values", np.zeros((3, 4), np.float32)),
     ]:
         with pytest.raises(UpdateRejected):
@@ -186,17 +204,17 @@ def test_sampled_rows_estimate_the_dense_update_and_are_validated():
     update = sample_rows(encode_sparse(new, np.array([2, 5])), sent, 0.25, rng)
     assert sampled_names(sent) == ["blocks.w"] and update["blocks.w@values"].shape == (8, 6)
     assert {"small.w", "norm.weight", "item_emb.weight@rows"} <= update.keys() and "blocks.w" not in update
-    dense = validate_update(compress_int8(update, sent, rng), sent, 1, norm_bound=10)
+    dense = validate_update(compress(update, sent, rng), sent, 1, norm_bound=10)
     assert dense["blocks.w"].shape == (4, 8, 6) and (dense["blocks.w"] != 0).any(axis=-1).sum() == 8
     mean = np.mean(
         [densify(sample_rows(new, sent, 0.25, rng), sent)["blocks.w"] for _ in range(3000)], axis=0
     )
     np.testing.assert_allclose(mean, new["blocks.w"], atol=0.03)  # 0.1-scale changes, 4x weighted rows
     for key, bad in [
-        ("blocks.w@rows", np.array([0, 1, 2, 3, 4, 5, 6, 32])),
-        ("blocks.w@rows", np.zeros(8, np.int64)),
+        ("blocks.w@rows", np.array([0, 1, 2, 3, 4, 5, 6, 32], np.int32)),
+        ("blocks.w@rows", np.zeros(8, np.int32)),
         ("blocks.w@values", np.zeros((9, 6), np.float32)),
-        ("small.w@rows", np.array([0])),
+        ("small.w@rows", np.array([0], np.int32)),
     ]:
         with pytest.raises(UpdateRejected):
             validate_update({**update, key: bad}, sent, 1, 10)

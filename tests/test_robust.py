@@ -11,7 +11,7 @@ from server.validation import UpdateRejected, validate_update
 from shared_model.config import FederatedConfig
 from shared_model.protocol.clipping import clip_update
 from shared_model.protocol.updates import (
-    compress_int8,
+    compress,
     encode_sparse,
     max_update_weight,
     sample_rows,
@@ -238,7 +238,7 @@ def test_every_hostile_update_is_rejected_in_a_round_with_good_ones(aggregation)
         (_moved(sent, rng), 5),
         (_moved(sent, rng), 2),
         (sample_rows(encode_sparse(_moved(sent, rng), np.array([2, 9, 11])), sent, 0.5, rng), 4),
-        (compress_int8(_moved(sent, rng), sent, rng), 6),
+        (compress(_moved(sent, rng), sent, rng), 6),
     ]
     cfg = FederatedConfig(
         server_optimizer="fedavg",

@@ -2,7 +2,7 @@
 optionally int8-compressed.
 
 A sparse update sends, for each item table (``item_emb.weight``, ``item_bias``), only the rows the device
-touched (plus optional random decoy rows) as ``<name>@rows`` (int64 row ids) and ``<name>@values``; every
+touched (plus optional random decoy rows) as ``<name>@rows`` (int32 row ids) and ``<name>@values``; every
 other shared array goes dense. The server densifies a sparse update against the arrays it sent. A device in
 sparse mode trains only those rows of the item tables (the other rows' gradients are masked), so what it
 uploads is exactly what it trained; the decoy rows then carry real updates (sampled negatives), weighted by
@@ -13,19 +13,25 @@ A sparse update may also sample the other shared matrices (:func:`sample_rows`):
 rows (a row: a vector along the last axis) as ``<name>@rows`` and ``<name>@values`` (2-D), each row's change
 divided by that share, so that the server's mean is an unbiased estimate of the dense change.
 
-Compression (``int8``) replaces every float array ``k`` of an update by the change from what the server sent,
-quantized per row: ``k@q8`` (int8) and ``k@scale`` (float32, one scale per leading-axis row, or one per 1-D
-array), with stochastic rounding so that the decoded update is unbiased (FedAvg averages the rounding noise
-away). Decoding needs the arrays the server sent, which it has.
+Compression replaces every float array ``k`` of an update by the change from what the server sent, quantized
+per row with stochastic rounding so that the decoded update is unbiased (FedAvg averages the rounding noise
+away): ``int8`` as ``k@q8`` (int8, levels -127..127), ``int4`` as ``k@q4`` (levels -7..7, two per byte: uint8,
+the flattened array's even elements in the low nibbles), each with ``k@scale`` (float32, one scale per
+leading-axis row, or one per 1-D array). Decoding needs the arrays the server sent, which it has.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 ITEM_TABLES = ("item_emb.weight", "item_bias")
 ROWS, VALUES = "@rows", "@values"
-Q8, SCALE = "@q8", "@scale"
+ROW_IDS = np.int32  # the dtype of row ids
+Q8, Q4, SCALE = "@q8", "@q4", "@scale"
+QUANTIZED = {"int8": Q8, "int4": Q4}  # compression -> the suffix of its quantized arrays
+LEVELS = {Q8: 127, Q4: 7}  # the largest quantized magnitude of each
 SAMPLED_MIN_ROWS = 16  # a matrix with fewer rows goes whole (sampling a few rows would be mostly noise)
 
 
@@ -44,11 +50,11 @@ def max_update_weight(max_len: int, local_epochs: int, num_users: int, num_nodes
 
 def upload_rows(touched: np.ndarray, decoys: int, num_rows: int, rng: np.random.Generator) -> np.ndarray:
     """The item rows a sparse update carries: the touched rows plus ``decoys`` random other rows (sorted)."""
-    rows = np.unique(np.asarray(touched, dtype=np.int64))
+    rows = np.unique(np.asarray(touched, dtype=ROW_IDS))
     if decoys:
         free = np.setdiff1d(np.arange(num_rows), rows)
         rows = np.union1d(rows, rng.choice(free, size=min(decoys, len(free)), replace=False))
-    return rows
+    return rows.astype(ROW_IDS)
 
 
 def weight_decoys(
@@ -75,7 +81,7 @@ def encode_rows(arrays: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> d
     """Row-sparse form of ``arrays``: each array named in ``rows`` keeps only those of its rows (:func:`rows_of`)."""
     out = {k: v for k, v in arrays.items() if k not in rows}
     for name, r in rows.items():
-        out[name + ROWS] = r
+        out[name + ROWS] = np.asarray(r, ROW_IDS)
         out[name + VALUES] = rows_of(arrays[name])[r]
     return out
 
@@ -131,7 +137,7 @@ def sample_rows(
     for name in sampled_names(sent):
         base, new = rows_of(sent[name]), rows_of(update[name])
         keep = max(1, round(fraction * len(base)))
-        rows[name] = np.sort(rng.choice(len(base), size=keep, replace=False)).astype(np.int64)
+        rows[name] = np.sort(rng.choice(len(base), size=keep, replace=False)).astype(ROW_IDS)
         weighted[name] = (base + (len(base) / keep) * (new - base)).astype(base.dtype)
     return encode_rows(weighted, rows)
 
@@ -165,10 +171,34 @@ def reference_of(key: str, rows: dict[str, np.ndarray], reference: dict[str, np.
     return reference[key]
 
 
-def compress_int8(
-    update: dict[str, np.ndarray], reference: dict[str, np.ndarray], rng: np.random.Generator
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Levels -8..7 (any shape) two per byte: the flattened array's even elements in the low nibbles."""
+    nibbles = (q.reshape(-1).astype(np.int8) & 0x0F).astype(np.uint8)
+    if len(nibbles) % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The int8 levels of ``shape`` that :func:`pack_int4` packed."""
+    nibbles = np.stack((packed & 0x0F, packed >> 4), axis=-1).reshape(-1)[: math.prod(shape)]
+    return (nibbles.astype(np.int8) - 16 * (nibbles >= 8)).astype(np.int8).reshape(shape)
+
+
+def packed_shape(suffix: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the quantized array (``@q8`` / ``@q4``) of a value of ``shape``."""
+    return shape if suffix == Q8 else (-(-math.prod(shape) // 2),)
+
+
+def compress(
+    update: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    kind: str = "int8",
 ) -> dict[str, np.ndarray]:
-    """int8 form of a (dense or sparse) update: per-row quantized changes from ``reference``."""
+    """``int8`` or ``int4`` form of a (dense or sparse) update: per-row quantized changes from ``reference``."""
+    suffix = QUANTIZED[kind]
+    levels = LEVELS[suffix]
     rows = {k: v for k, v in update.items() if k.endswith(ROWS)}
     out: dict[str, np.ndarray] = dict(rows)
     for key, value in update.items():
@@ -176,25 +206,32 @@ def compress_int8(
             continue
         delta = value.astype(np.float64) - reference_of(key, rows, reference)
         axes = tuple(range(1, delta.ndim)) if delta.ndim >= 2 else None
-        scale = np.abs(delta).max(axis=axes, keepdims=True).reshape(scale_shape(delta.shape)) / 127.0
+        scale = np.abs(delta).max(axis=axes, keepdims=True).reshape(scale_shape(delta.shape)) / levels
         safe = np.where(scale > 0, scale, 1.0)
-        q = np.floor(delta / safe + rng.random(delta.shape))
-        out[key + Q8] = np.clip(q, -127, 127).astype(np.int8)
+        q = np.clip(np.floor(delta / safe + rng.random(delta.shape)), -levels, levels)
+        out[key + suffix] = q.astype(np.int8) if suffix == Q8 else pack_int4(q)
         out[key + SCALE] = scale.astype(np.float32)
     return out
 
 
+def quantized_suffix(update: dict[str, np.ndarray]) -> str | None:
+    """``@q8`` or ``@q4`` when ``update`` is compressed (the first quantized key's), else None."""
+    return next((s for k in update for s in (Q8, Q4) if k.endswith(s)), None)
+
+
 def is_compressed(update: dict[str, np.ndarray]) -> bool:
-    return any(k.endswith(Q8) for k in update)
+    return quantized_suffix(update) is not None
 
 
 def decompress(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The float32 (still possibly sparse) update of an int8 one; other updates are returned as they are."""
-    if not is_compressed(update):
+    """The float32 (still possibly sparse) update of a compressed one; other updates are returned as they are."""
+    suffix = quantized_suffix(update)
+    if suffix is None:
         return dict(update)
     rows = {k: v for k, v in update.items() if k.endswith(ROWS)}
     out: dict[str, np.ndarray] = dict(rows)
-    for key in (k.removesuffix(Q8) for k in update if k.endswith(Q8)):
+    for key in (k.removesuffix(suffix) for k in update if k.endswith(suffix)):
         ref = reference_of(key, rows, reference)
-        out[key] = (ref + update[key + Q8].astype(np.float64) * update[key + SCALE]).astype(np.float32)
+        q = update[key + suffix] if suffix == Q8 else unpack_int4(update[key + suffix], ref.shape)
+        out[key] = (ref + q.astype(np.float64) * update[key + SCALE]).astype(np.float32)
     return out
