@@ -96,6 +96,8 @@ UPLOADS = (
     ("sparse", 0, "int8", 1.0),
     ("sparse", 300, "int8", 1.0),
     ("sparse", 100, "int8", 0.2),
+    ("sparse", 300, "int4", 0.4),
+    ("sparse", 300, "int4", 0.3),
 )
 BYTES_USERS = 12  # one-user devices measured per upload mode (their median)
 

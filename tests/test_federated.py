@@ -282,14 +282,15 @@ def test_sparse_device_trains_only_the_rows_it_uploads(cfg):
 def test_sampled_sparse_device_update_is_smaller_and_validates(cfg):
     shared = initial_shared(cfg)
     sizes = {}
-    for fraction in (1.0, 0.25):
-        run = replace(cfg, upload="sparse", decoy_rows=5, compress="int8", row_fraction=fraction)
-        device = HostedUsers(run, 0, 9, Path(cfg.out_dir) / f"devices-{fraction}")
+    for fraction, kind in ((1.0, "int8"), (0.25, "int8"), (0.25, "int4")):
+        run = replace(cfg, upload="sparse", decoy_rows=5, compress=kind, row_fraction=fraction)
+        device = HostedUsers(run, 0, 9, Path(cfg.out_dir) / f"devices-{fraction}-{kind}")
         update = device.train(shared, server_round=1).update
-        sizes[fraction] = sum(v.nbytes for v in update.values())
+        sizes[fraction, kind] = sum(v.nbytes for v in update.values())
         dense = validate_update(update, shared, 1, norm_bound=run.norm_bound)
         assert dense.keys() == shared.keys()
-    assert sizes[0.25] < 0.75 * sizes[1.0]
+    assert sizes[0.25, "int8"] < 0.75 * sizes[1.0, "int8"]
+    assert sizes[0.25, "int4"] < 0.75 * sizes[0.25, "int8"]
 
 
 def test_local_adaptation_is_gated_by_the_users_held_out_recent_events(cfg):
