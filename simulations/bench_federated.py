@@ -71,6 +71,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "decoy_rows": 300,
         "row_fraction": 0.4,
     },
+    "default, sparse int4 upload, 300 weighted decoys, 40% of other rows, server lr 6e-3": {
+        "upload": "sparse",
+        "compress": "int4",
+        "decoy_rows": 300,
+        "row_fraction": 0.4,
+        "server_lr": 6e-3,
+    },
     "default, sparse int4 upload, 300 weighted decoys, 30% of other rows": {
         "upload": "sparse",
         "compress": "int4",
