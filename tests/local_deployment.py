@@ -19,7 +19,11 @@ TLS and SuperNode authentication (``flower-superlink --ssl-* --enable-supernode-
 ``flwr supernode register``) are driven as cited in ``server/credentials.py``; ``tests/test_deployment.py`` runs them.
 
 Every process started here (and all their descendants) carries a unique environment tag; all are stopped by
-PID afterwards, and the tests assert that none is left running.
+PID afterwards, and the tests assert that none is left running. Each deployment is also isolated from
+anything else on the machine: its Ray processes keep their state in a temporary directory of their own
+(``RAY_TMPDIR``: no stale ``ray_current_cluster`` of another run is ever joined), and the local SuperLink that
+``:local:`` connections start listens on a free port of its own (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``: a
+SuperLink some other run left on flwr's default port is never reused).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -47,7 +52,7 @@ from server.credentials import NodeKeys, TlsFiles, superlink_args, supernode_arg
 
 NODES = 3
 DEADLINE_S = (
-    300.0  # one deployment test (start-up, its rounds, status checks); cleanup has its own bounded waits
+    480.0  # one deployment test (start-up, its rounds, status checks); cleanup has its own bounded waits
 )
 APP_PACKAGES = ("server", "client_sdk", "shared_model", "simulations")  # what the FAB needs besides pyproject
 CONNECTION = "tmepsr-test"
@@ -126,10 +131,15 @@ class LocalDeployment:
         self.known: set[tuple[int, str]] = set()  # (pid, start time) of every process seen as ours
         self.cli_home = root / "cli" / "flwr-home"
         self.cli_home.mkdir(parents=True)
+        # short: Ray's unix sockets live under it (107-byte path limit)
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="tmepsr-ray-", dir="/tmp"))
+        self.local_link_port = free_ports(1)[0]
 
     def env(self, flwr_home: Path) -> dict[str, str]:
         env = dict(os.environ, **FLOWER_ENV, FLWR_HOME=str(flwr_home), PYTHONUNBUFFERED="1")
         env[TAG_VAR] = self.tag
+        env["RAY_TMPDIR"] = str(self.ray_tmp)
+        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(self.local_link_port)
         # The SuperLink/SuperNode start `flower-superexec` and the apps by name: use this environment's.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         # Ray workers started by `ray start` import test-defined ClientApps from the `tests` package
@@ -245,7 +255,10 @@ class LocalDeployment:
                 pytest.fail(f"{name} exited early with code {proc.returncode}:\n{tail(self.logs[name])}")
 
     def report(self) -> str:
-        return "\n".join(f"--- {name} ({log}):\n{tail(log, 1500)}" for name, log in self.logs.items())
+        """The tail of every process log, the local SuperLink's (started by ``flwr`` itself) included."""
+        logs = dict(self.logs)
+        logs |= {f"local {log.stem}": log for log in self.cli_home.glob("local-superlink/*.log")}
+        return "\n".join(f"--- {name} ({log}):\n{tail(log, 1500)}" for name, log in logs.items())
 
     def scan(self) -> set[tuple[int, str]]:
         """Record every running process that carries the tag or descends from a process started here
@@ -302,6 +315,7 @@ class LocalDeployment:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         self.scan()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
         return [f"pid {pid}: {_cmdline(pid)}" for pid, start in sorted(self.known) if _running((pid, start))]
 
 

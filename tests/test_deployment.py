@@ -10,7 +10,6 @@ import math
 import re
 import ssl
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -119,6 +118,8 @@ def test_flwr_run_on_the_local_simulation_federation(tmp_path):
     )
     try:
         run_to_completion(dep, app_dir, overrides, deadline, connection="local")
+        link_log = (dep.cli_home / "local-superlink" / "superlink.log").read_text()
+        assert f"127.0.0.1:{dep.local_link_port}" in link_log  # the deployment's own local SuperLink ran it
         history = json.loads((out_dir / "metrics.json").read_text())
         assert [row["round"] for row in history] == [1]
         row = history[0]
@@ -199,11 +200,7 @@ def test_simulation_on_a_two_node_ray_cluster(tmp_path):
         assert history[-1]["evaluated_users"] == 8
         assert len(list(records.iterdir())) == 2, "the devices ran on one Ray node only"
     finally:
-        leftover = dep.stop_all()
-        # `ray start` recorded this cluster as the machine's current one; drop that record with it
-        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
-            current.unlink()
+        leftover = dep.stop_all()  # (`ray start` recorded the cluster in the deployment's own Ray temp dir)
     assert not leftover, leftover
 
 
