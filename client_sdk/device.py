@@ -27,6 +27,7 @@ from shared_model.protocol.updates import (
     compress,
     densify,
     encode_rows,
+    importance_update,
     sent_rows,
     sparse_update,
     update_weight,
@@ -258,6 +259,7 @@ class HostedUsers:
         users, failures = self._readable(users, "train")  # user -> personal weights, each store read once
         rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
         sparse = self.cfg.upload == "sparse"
+        importance = sparse and self.cfg.sparse_sampling == "importance"  # dense training, rows drawn after
         node_rows: dict[str, list[np.ndarray]] = {}  # sparse: the rows each user's own device would send
         examples, losses, shares = 0, [], {}
         for user in users:
@@ -267,7 +269,7 @@ class HostedUsers:
             touched = self.log.item[self.log.user_ptr[user] : train_end[user]] + 1  # item table rows
             rows = (
                 upload_rows(touched, self.cfg.decoy_rows, len(shared[ITEM_TABLES[0]]), rng)
-                if sparse
+                if sparse and not importance
                 else None
             )
             epochs = self._fit(
@@ -286,8 +288,14 @@ class HostedUsers:
             # the server's per-update clips and a sparse device's encoding, applied per user: a simulated node's
             # mean is then a mean of what each user's own device would send (one user per node in a deployment)
             new_shared = clip_update(new_shared, shared, self.cfg.clip_norm, self.cfg.row_clip).arrays
-            if rows is not None:
-                one = sparse_update(new_shared, shared, touched, rows, self.cfg.row_fraction, rng)
+            if sparse:
+                one = (
+                    importance_update(
+                        new_shared, shared, touched, self.cfg.decoy_rows, self.cfg.row_fraction, rng
+                    )
+                    if importance
+                    else sparse_update(new_shared, shared, touched, rows, self.cfg.row_fraction, rng)
+                )
                 for name, r in sent_rows(one).items():
                     node_rows.setdefault(name, []).append(r)
                 new_shared = densify(one, shared)

@@ -17,6 +17,7 @@ LocalOptimizer = Literal["sgd", "adamw"]
 ServerOptimizer = Literal["fedadam", "fedavg"]
 Upload = Literal["dense", "sparse"]
 Compress = Literal["none", "int8", "int4"]
+SparseSampling = Literal["uniform", "importance"]
 Privacy = Literal["plain", "dp", "secagg"]
 Aggregation = Literal["mean", "trimmed-mean", "median"]
 RobustScope = Literal["all", "item-tables"]
@@ -247,6 +248,12 @@ class FederatedConfig:
         1.0,
         "sparse upload: the share of the rows of every other shared matrix a device sends (random rows,"
         " weighted by the inverse share: an unbiased estimate of its change; 1 = every row)",
+    )
+    sparse_sampling: SparseSampling = _opt(
+        "uniform",
+        "sparse upload: uniform (decoys and sampled rows drawn uniformly, the decoys trained as the only"
+        " untouched rows) | importance (dense local training, then each untouched item row and each row of the"
+        " other matrices drawn with a chance proportional to its change: less variance for the same bytes)",
     )
     compress: Compress = _opt(
         "none",

@@ -84,6 +84,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "decoy_rows": 300,
         "row_fraction": 0.3,
     },
+    "default, sparse int4 upload, 300 importance-sampled decoys, 30% of other rows": {
+        "upload": "sparse",
+        "compress": "int4",
+        "decoy_rows": 300,
+        "row_fraction": 0.3,
+        "sparse_sampling": "importance",
+    },
+    "default, sparse int4 upload, 300 weighted decoys": {
+        "upload": "sparse",
+        "compress": "int4",
+        "decoy_rows": 300,
+    },
     "default, 3 local epochs": {"local_epochs": 3},
     "server lr 2e-3": {"server_lr": 2e-3},
     "constant server lr": {"server_lr_decay": 0.0},
@@ -101,7 +113,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 REACH = (0.8, 0.9, 0.95)
 PARTS = ("centralized", "federated", "personalization", "bytes", "throughput")
-# upload modes whose bytes are measured on one-user devices: (upload, decoy rows, compression, row fraction)
+# upload modes whose bytes are measured on one-user devices: (upload, decoy rows, compression, row fraction[,
+# sparse sampling when not uniform])
 UPLOADS = (
     ("dense", 0, "none", 1.0),
     ("dense", 0, "int8", 1.0),
@@ -112,6 +125,8 @@ UPLOADS = (
     ("sparse", 100, "int8", 0.2),
     ("sparse", 300, "int4", 0.4),
     ("sparse", 300, "int4", 0.3),
+    ("sparse", 300, "int4", 0.3, "importance"),
+    ("sparse", 300, "int4", 1.0),
 )
 BYTES_USERS = 12  # one-user devices measured per upload mode (their median)
 
@@ -271,11 +286,19 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
                 personalization=_personalization(row),
                 of="default",
             )
-    for upload, decoys, compress, fraction in UPLOADS if "bytes" in args.parts else ():
-        key = f"{dataset}/bytes/{upload}/{decoys}/{compress}/{fraction:g}"
+    for upload, decoys, compress, fraction, *how in UPLOADS if "bytes" in args.parts else ():
+        sampling = how[0] if how else "uniform"
+        key = f"{dataset}/bytes/{upload}/{decoys}/{compress}/{fraction:g}" + "".join(f"/{h}" for h in how)
         if key in done:
             continue
-        cfg = replace(base, upload=upload, decoy_rows=decoys, compress=compress, row_fraction=fraction)
+        cfg = replace(
+            base,
+            upload=upload,
+            decoy_rows=decoys,
+            compress=compress,
+            row_fraction=fraction,
+            sparse_sampling=sampling,
+        )
         record(
             "bytes",
             key=key,
@@ -283,6 +306,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
             decoy_rows=decoys,
             compress=compress,
             row_fraction=fraction,
+            sparse_sampling=sampling,
             upload_bytes_per_device=_device_bytes(cfg, out / "bytes"),
         )
     for per_node in (1, args.users_per_node) if "throughput" in args.parts else ():
@@ -339,6 +363,7 @@ def summarise(runs: list[dict[str, Any]]) -> str:
                     f"one-user device: upload {r['upload']} + {r['decoy_rows']} decoys"
                     + (f", {r['compress']}" if r.get("compress", "none") != "none" else "")
                     + (f", {r['row_fraction']:.0%} of other rows" if r.get("row_fraction", 1.0) < 1 else "")
+                    + (", importance-sampled" if r.get("sparse_sampling") == "importance" else "")
                 )
                 cells[8] = r["upload_bytes_per_device"] / 1000
             else:

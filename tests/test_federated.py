@@ -24,6 +24,8 @@ from shared_model.protocol.updates import (
     decompress,
     densify,
     encode_sparse,
+    importance_update,
+    poisson_sample,
     sample_rows,
     sampled_names,
     upload_rows,
@@ -222,6 +224,68 @@ def test_sampled_rows_estimate_the_dense_update_and_are_validated():
         FederatedConfig(row_fraction=0.5)
 
 
+def test_poisson_sample_draws_rows_with_chances_proportional_to_their_weight():
+    rng = np.random.default_rng(4)
+    weights = np.array([np.inf, 0.0, 8.0, 1.0, 1.0, 2.0, 0.0, 4.0])
+    counts, draws = np.zeros(8), 20000
+    for _ in range(draws):
+        rows, chance = poisson_sample(weights, 4.0, rng)
+        assert (
+            rows.dtype == np.int32 and np.all(np.diff(rows) > 0) and 0 in rows
+        )  # an infinite weight: always
+        counts[rows] += 1
+        assert np.all((chance > 0) & (chance <= 1))
+    # 0 always, 2 (the largest finite weight) saturates: c * (1 + 1 + 2 + 4) = 2 -> chances 1/4, 1/4, 1/2, 1
+    np.testing.assert_allclose(counts / draws, [1, 0, 1, 0.25, 0.25, 0.5, 0, 1], atol=0.015)
+    rows, chance = poisson_sample(np.array([0.0, 3.0, 1.0]), 5.0, rng)  # fewer positive rows than the budget
+    assert rows.tolist() == [1, 2] and chance.tolist() == [1.0, 1.0]
+    rows, _ = poisson_sample(np.array([np.inf, np.inf, 1.0]), 1.0, rng)  # forced rows beyond the budget
+    assert rows.tolist() == [0, 1]
+
+
+def test_importance_sampled_update_is_unbiased_smaller_in_variance_and_validated():
+    """Rows drawn by the norm of their change (touched item rows always): unbiased like the uniform draw, at
+    the same expected number of rows with a fraction of its error on a heavy-tailed change (a softmax pushes a
+    few popular items hard), and it validates with int4 compression on top."""
+    rng = np.random.default_rng(5)
+    sent = {
+        "item_emb.weight": np.zeros((200, 4), np.float32),
+        "item_bias": np.zeros(200, np.float32),
+        "blocks.w": np.zeros((64, 6), np.float32),
+        "norm.weight": np.zeros(6, np.float32),
+    }
+    size = 1.0 / np.arange(1, 201) ** 1.5  # Zipf-like push-down on the item rows
+    new = {
+        "item_emb.weight": (size[:, None] * rng.standard_normal((200, 4))).astype(np.float32),
+        "item_bias": (-size).astype(np.float32),
+        "blocks.w": (rng.standard_normal((64, 6)) * rng.exponential(1, (64, 1))).astype(np.float32),
+        "norm.weight": np.ones(6, np.float32),
+    }
+    touched = np.array([150, 7, 7])
+    draws, errors = 3000, {"importance": [], "uniform": []}
+    mean = {k: np.zeros(v.shape) for k, v in sent.items()}
+    for _ in range(draws):
+        one = importance_update(new, sent, touched, decoys=20, fraction=0.25, rng=rng)
+        assert {7, 150} <= set(one["item_emb.weight@rows"].tolist()) and "norm.weight" in one
+        got = densify(one, sent)
+        np.testing.assert_array_equal(got["item_bias"][[7, 150]], new["item_bias"][[7, 150]])
+        for k in mean:
+            mean[k] += got[k] / draws
+        rows = upload_rows(touched, decoys=20, num_rows=200, rng=rng)
+        uniform = densify(
+            sample_rows(encode_sparse(weight_decoys(new, sent, touched, rows), rows), sent, 0.25, rng), sent
+        )
+        for name, dense in (("importance", got), ("uniform", uniform)):
+            errors[name].append([np.sum((dense[k] - new[k]) ** 2) for k in ("item_emb.weight", "blocks.w")])
+    for k in mean:  # a row drawn with chance p averages to its change within a few sqrt((1 - p) / (p draws))
+        np.testing.assert_allclose(mean[k], new[k], rtol=0.2, atol=0.02)
+    mse = {name: np.mean(e, axis=0) for name, e in errors.items()}
+    assert np.all(mse["importance"] < 0.5 * mse["uniform"])  # item table and sampled matrix both
+    one = importance_update(new, sent, touched, decoys=20, fraction=0.25, rng=rng)
+    dense = validate_update(compress(one, sent, rng, "int4"), sent, 1, norm_bound=100)
+    assert dense.keys() == sent.keys()
+
+
 def test_device_round_keeps_personal_weights_on_the_device(cfg):
     cfg = replace(cfg, split="card")
     shared = initial_shared(cfg)
@@ -282,15 +346,32 @@ def test_sparse_device_trains_only_the_rows_it_uploads(cfg):
 def test_sampled_sparse_device_update_is_smaller_and_validates(cfg):
     shared = initial_shared(cfg)
     sizes = {}
-    for fraction, kind in ((1.0, "int8"), (0.25, "int8"), (0.25, "int4")):
-        run = replace(cfg, upload="sparse", decoy_rows=5, compress=kind, row_fraction=fraction)
-        device = HostedUsers(run, 0, 9, Path(cfg.out_dir) / f"devices-{fraction}-{kind}")
+    for fraction, kind, sampling in (
+        (1.0, "int8", "uniform"),
+        (0.25, "int8", "uniform"),
+        (0.25, "int4", "uniform"),
+        (0.25, "int4", "importance"),
+    ):
+        run = replace(
+            cfg,
+            upload="sparse",
+            decoy_rows=5,
+            compress=kind,
+            row_fraction=fraction,
+            sparse_sampling=sampling,
+        )
+        device = HostedUsers(run, 0, 9, Path(cfg.out_dir) / f"devices-{fraction}-{kind}-{sampling}")
         update = device.train(shared, server_round=1).update
-        sizes[fraction, kind] = sum(v.nbytes for v in update.values())
+        sizes[fraction, kind, sampling] = sum(v.nbytes for v in update.values())
         dense = validate_update(update, shared, 1, norm_bound=run.norm_bound)
         assert dense.keys() == shared.keys()
-    assert sizes[0.25, "int8"] < 0.75 * sizes[1.0, "int8"]
-    assert sizes[0.25, "int4"] < 0.75 * sizes[0.25, "int8"]
+        rows = update["item_emb.weight@rows"]
+        for user in device.users:  # every hosted user's training items are among the rows sent
+            own = device.log.item[device.log.user_ptr[user] : device.train_end[user]] + 1
+            assert set(own.tolist()) <= set(rows.tolist())
+    assert sizes[0.25, "int8", "uniform"] < 0.75 * sizes[1.0, "int8", "uniform"]
+    assert sizes[0.25, "int4", "uniform"] < 0.75 * sizes[0.25, "int8", "uniform"]
+    assert sizes[0.25, "int4", "importance"] < 1.25 * sizes[0.25, "int4", "uniform"]  # about the same bytes
 
 
 def test_local_adaptation_is_gated_by_the_users_held_out_recent_events(cfg):

@@ -111,6 +111,87 @@ def sparse_update(
     return sample_rows(out, sent, fraction, rng) if fraction < 1 else out
 
 
+def poisson_sample(
+    weights: np.ndarray, budget: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows drawn independently, row ``i`` with chance ``min(1, c * weights[i])`` (an infinite weight: always),
+    ``c`` chosen so that the chances sum to ``budget`` (every row of positive weight when there are no more
+    than that); rows of weight 0 are never drawn. Returns the drawn rows (sorted) and their chances. Chances
+    proportional to each row's change norm give the unbiased estimate (change / chance) of least variance for an
+    expected number of rows."""
+    w = np.asarray(weights, np.float64)
+    chance = np.zeros(len(w))
+    positive = np.flatnonzero(w > 0)
+    if len(positive) <= budget:
+        chance[positive] = 1.0
+    else:
+        order = positive[np.argsort(-w[positive], kind="stable")]  # largest first
+        sorted_w = w[order]
+        always = int(np.isinf(sorted_w).sum())
+        finite = np.where(np.isinf(sorted_w), 0.0, sorted_w)
+        rest = np.cumsum(finite[::-1])[::-1]  # rest[k]: the weight of the rows after the k largest
+        k = np.arange(len(order))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = (budget - k) / rest
+            fits = (k >= always) & (budget - k > 0) & (c * sorted_w <= 1)
+        chance[order[:always]] = 1.0
+        if fits.any():  # the k largest rows saturate, the others get c times their weight
+            first = int(np.argmax(fits))
+            chance[order[:first]] = 1.0
+            chance[order[first:]] = c[first] * sorted_w[first:]
+    rows = np.flatnonzero(rng.random(len(w)) < chance)
+    return rows.astype(ROW_IDS), chance[rows]
+
+
+def _weighted_rows(
+    update: dict[str, np.ndarray],
+    sent: dict[str, np.ndarray],
+    names: list[str],
+    rows: np.ndarray,
+    chance: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """``<name>@rows`` and ``<name>@values`` of each array of ``names`` at ``rows``: the sent values plus the
+    change divided by each row's chance."""
+    out = {}
+    for name in names:
+        base, new = rows_of(sent[name]), rows_of(update[name])
+        scale = (1.0 / chance).reshape(-1, *(1,) * (base.ndim - 1))
+        out[name + ROWS] = rows
+        out[name + VALUES] = (base[rows] + scale * (new[rows] - base[rows])).astype(base.dtype)
+    return out
+
+
+def importance_update(
+    update: dict[str, np.ndarray],
+    sent: dict[str, np.ndarray],
+    touched: np.ndarray,
+    decoys: int,
+    fraction: float,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """What a sparse device sends with importance sampling (``sparse_sampling="importance"``), after dense local
+    training: the item tables' ``touched`` rows for certain and about ``decoys`` other rows, and, when
+    ``fraction`` < 1, about that share of every other matrix's rows; each row drawn with a chance proportional to
+    the norm of its change (:func:`poisson_sample`) and its change divided by that chance. Unbiased like
+    :func:`sparse_update`, with less variance for the same expected size: the rows that changed most (the items
+    the softmax pushed hardest, the explanation ids the user used) are sent, the ones that barely moved rarely."""
+
+    def norms(name: str) -> np.ndarray:
+        change = rows_of(update[name]).astype(np.float64) - rows_of(sent[name])
+        return np.sqrt((change.reshape(len(change), -1) ** 2).sum(axis=1))
+
+    item_norms = np.sqrt(sum(norms(name) ** 2 for name in ITEM_TABLES))
+    certain = np.unique(np.asarray(touched, dtype=np.int64))
+    item_norms[certain] = np.inf
+    rows, chance = poisson_sample(item_norms, len(certain) + decoys, rng)
+    out = _weighted_rows(update, sent, list(ITEM_TABLES), rows, chance)
+    for name in sampled_names(sent) if fraction < 1 else ():
+        rows, chance = poisson_sample(norms(name), fraction * len(rows_of(sent[name])), rng)
+        out |= _weighted_rows(update, sent, [name], rows, chance)
+    sampled = {k.removesuffix(ROWS) for k in out if k.endswith(ROWS)}
+    return {k: v for k, v in update.items() if k not in sampled} | out
+
+
 def rows_of(array: np.ndarray) -> np.ndarray:
     """The rows a sparse update addresses: the item tables' leading axis, other matrices' vectors along their
     last axis (a (4, 16, 64) array has 64 rows of 64)."""
