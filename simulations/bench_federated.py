@@ -91,6 +91,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "row_fraction": 0.3,
         "sparse_sampling": "importance",
     },
+    "default, sparse int4 upload, 300 importance-sampled decoys, 40% of other rows": {
+        "upload": "sparse",
+        "compress": "int4",
+        "decoy_rows": 300,
+        "row_fraction": 0.4,
+        "sparse_sampling": "importance",
+    },
     "default, sparse int4 upload, 300 weighted decoys": {
         "upload": "sparse",
         "compress": "int4",
@@ -126,6 +133,7 @@ UPLOADS = (
     ("sparse", 300, "int4", 0.4),
     ("sparse", 300, "int4", 0.3),
     ("sparse", 300, "int4", 0.3, "importance"),
+    ("sparse", 300, "int4", 0.4, "importance"),
     ("sparse", 300, "int4", 1.0),
 )
 BYTES_USERS = 12  # one-user devices measured per upload mode (their median)

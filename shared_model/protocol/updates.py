@@ -13,6 +13,10 @@ A sparse update may also sample the other shared matrices (:func:`sample_rows`):
 rows (a row: a vector along the last axis) as ``<name>@rows`` and ``<name>@values`` (2-D), each row's change
 divided by that share, so that the server's mean is an unbiased estimate of the dense change.
 
+With importance sampling (:func:`importance_update`) the device trains densely and then draws the rows to send
+with chances proportional to the size of their change (the touched item rows for certain), each drawn row's
+change divided by its chance: the same unbiased estimate with less variance for the same expected size.
+
 Compression replaces every float array ``k`` of an update by the change from what the server sent, quantized
 per row with stochastic rounding so that the decoded update is unbiased (FedAvg averages the rounding noise
 away): ``int8`` as ``k@q8`` (int8, levels -127..127), ``int4`` as ``k@q4`` (levels -7..7, two per byte: uint8,
