@@ -42,37 +42,48 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "card": {"split": "card", "adapt_epochs": 0},
-    "default, sparse int8 upload": {"upload": "sparse", "compress": "int8", "decoy_rows": 0},
+    "default, sparse int8 upload": {
+        "upload": "sparse",
+        "sparse_sampling": "uniform",
+        "compress": "int8",
+        "decoy_rows": 0,
+    },
     "default, sparse int8 upload, 300 weighted decoys": {
         "upload": "sparse",
+        "sparse_sampling": "uniform",
         "compress": "int8",
         "decoy_rows": 300,
     },
     "default, sparse int8 upload, 100 weighted decoys, 20% of other rows": {
         "upload": "sparse",
+        "sparse_sampling": "uniform",
         "compress": "int8",
         "decoy_rows": 100,
         "row_fraction": 0.2,
     },
     "default, sparse int8 upload, 100 weighted decoys": {
         "upload": "sparse",
+        "sparse_sampling": "uniform",
         "compress": "int8",
         "decoy_rows": 100,
     },
     "default, sparse int8 upload, 300 weighted decoys, 20% of other rows": {
         "upload": "sparse",
+        "sparse_sampling": "uniform",
         "compress": "int8",
         "decoy_rows": 300,
         "row_fraction": 0.2,
     },
     "default, sparse int4 upload, 300 weighted decoys, 40% of other rows": {
         "upload": "sparse",
+        "sparse_sampling": "uniform",
         "compress": "int4",
         "decoy_rows": 300,
         "row_fraction": 0.4,
     },
     "default, sparse int4 upload, 300 weighted decoys, 40% of other rows, server lr 6e-3": {
         "upload": "sparse",
+        "sparse_sampling": "uniform",
         "compress": "int4",
         "decoy_rows": 300,
         "row_fraction": 0.4,
@@ -80,6 +91,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "default, sparse int4 upload, 300 weighted decoys, 30% of other rows": {
         "upload": "sparse",
+        "sparse_sampling": "uniform",
         "compress": "int4",
         "decoy_rows": 300,
         "row_fraction": 0.3,
@@ -100,6 +112,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "default, sparse int4 upload, 300 weighted decoys": {
         "upload": "sparse",
+        "sparse_sampling": "uniform",
         "compress": "int4",
         "decoy_rows": 300,
     },
@@ -295,7 +308,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
                 of="default",
             )
     for upload, decoys, compress, fraction, *how in UPLOADS if "bytes" in args.parts else ():
-        sampling = how[0] if how else "uniform"
+        sampling = how[0] if how else "uniform"  # the rows measured before importance sampling existed
         key = f"{dataset}/bytes/{upload}/{decoys}/{compress}/{fraction:g}" + "".join(f"/{h}" for h in how)
         if key in done:
             continue

@@ -65,10 +65,10 @@ DECOYS = (0, 10, 50, 200)
 DP_NOISE = (0.5, 1.0, 2.0)
 ACCURACY_RUNS: dict[str, dict[str, Any]] = {  # in order of need
     "dense": {},
-    "sparse + 50 decoys": {"upload": "sparse", "decoy_rows": 50},
+    "sparse + 50 decoys": {"upload": "sparse", "sparse_sampling": "uniform", "decoy_rows": 50},
     "dp z=1": {"privacy": "dp", "dp_noise": 1.0},
     "dense, seed 1": {"seed": 1},
-    "sparse": {"upload": "sparse"},
+    "sparse": {"upload": "sparse", "sparse_sampling": "uniform"},
     **{f"dp z={z:g}": {"privacy": "dp", "dp_noise": z} for z in DP_NOISE if z != 1},
 }
 ATTACKS = ("norm", "bias", "direction", "outlier")
@@ -222,7 +222,7 @@ def attack_views(base: FederatedConfig, args: argparse.Namespace, done: set[str]
     for decoys in DECOYS:
         key = f"attack/sparse/{decoys}"
         if key not in done:
-            cfg = replace(base, upload="sparse", decoy_rows=decoys)
+            cfg = replace(base, upload="sparse", sparse_sampling="uniform", decoy_rows=decoys)
             ups = UserUpdates(cfg, pids[targets], nodes, sent, store)
             view = "sparse upload" + (f" + {decoys} decoy rows" if decoys else "")
             record(

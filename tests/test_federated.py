@@ -327,7 +327,8 @@ def test_sparse_device_trains_only_the_rows_it_uploads(cfg):
     from dataclasses import replace
 
     shared = initial_shared(cfg)
-    device = HostedUsers(replace(cfg, upload="sparse", decoy_rows=5), 0, 9, Path(cfg.out_dir) / "devices")
+    run = replace(cfg, upload="sparse", sparse_sampling="uniform", decoy_rows=5)
+    device = HostedUsers(run, 0, 9, Path(cfg.out_dir) / "devices")
     result = device.train(shared, server_round=1)
     rows = result.update["item_emb.weight@rows"]
     user = int(device.users[0])
