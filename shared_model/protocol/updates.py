@@ -192,8 +192,13 @@ def importance_update(
     for name in sampled_names(sent) if fraction < 1 else ():
         rows, chance = poisson_sample(norms(name), fraction * len(rows_of(sent[name])), rng)
         out |= _weighted_rows(update, sent, [name], rows, chance)
-    sampled = {k.removesuffix(ROWS) for k in out if k.endswith(ROWS)}
-    return {k: v for k, v in update.items() if k not in sampled} | out
+    return _replace_rows(update, out)
+
+
+def _replace_rows(update: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``update`` with each array that ``rows`` carries as ``@rows``/``@values`` replaced by them."""
+    sampled = {k.removesuffix(ROWS) for k in rows if k.endswith(ROWS)}
+    return {k: v for k, v in update.items() if k not in sampled} | rows
 
 
 def rows_of(array: np.ndarray) -> np.ndarray:
@@ -218,13 +223,13 @@ def sample_rows(
     """``update`` with each of :func:`sampled_names` reduced to ``round(fraction * rows)`` random rows (at least
     one), each row's change from ``sent`` divided by the share sent, so that the mean over devices estimates the
     dense change without bias."""
-    weighted, rows = dict(update), {}
+    out: dict[str, np.ndarray] = {}
     for name in sampled_names(sent):
-        base, new = rows_of(sent[name]), rows_of(update[name])
-        keep = max(1, round(fraction * len(base)))
-        rows[name] = np.sort(rng.choice(len(base), size=keep, replace=False)).astype(ROW_IDS)
-        weighted[name] = (base + (len(base) / keep) * (new - base)).astype(base.dtype)
-    return encode_rows(weighted, rows)
+        total = len(rows_of(sent[name]))
+        keep = max(1, round(fraction * total))
+        rows = np.sort(rng.choice(total, size=keep, replace=False)).astype(ROW_IDS)
+        out |= _weighted_rows(update, sent, [name], rows, np.full(keep, keep / total))
+    return _replace_rows(update, out)
 
 
 def is_sparse(update: dict[str, np.ndarray]) -> bool:
