@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..graph_io import MAX_EVENTS
 from ..model import TMEPSR
@@ -32,9 +33,12 @@ class AttestedTable(nn.Module):
         self.width = max(int(lengths.max(initial=0)), 1)
 
     def forward(self, items: Tensor) -> Tensor:
-        start, end = self.ptr[items].long(), self.ptr[items + 1].long()
-        at = start[:, None] + torch.arange(self.width)
-        return torch.where(at < end[:, None], self.ids[at.clamp(max=len(self.ids) - 1)].long(), -1)
+        # lookups as embeddings: one Gather each in the exported graph (indexing exports as GatherND with
+        # transposes and casts)
+        ptr, ids = self.ptr[:, None], self.ids[:, None]
+        start, end = F.embedding(items, ptr).long(), F.embedding(items + 1, ptr).long()  # (N, 1)
+        at = start + torch.arange(self.width)
+        return torch.where(at < end, F.embedding(at.clamp(max=len(self.ids) - 1), ids)[..., 0].long(), -1)
 
 
 def _rank(
