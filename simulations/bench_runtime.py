@@ -9,7 +9,8 @@ Catalogues: ``movielens-1m-lrurec`` (3,416 items; a trained model when ``--check
 benchmark's run folder) and ``amazon-beauty-sasrec-lrurec`` (57,289 items; latency only, untrained weights).
 The runtime is measured in a subprocess that imports neither torch nor flwr.
 Run: ``python -m simulations.bench_runtime [--checkpoint runs/bench_scale]``; writes
-``simulations/results/bench_runtime.{json,md}``.
+``simulations/results/bench_runtime.{json,md}``. ``--compare A B KEY`` instead times two bundles of one catalogue
+against each other (a graph change), interleaved event by event in one process, and prints JSON.
 """
 
 from __future__ import annotations
@@ -87,6 +88,41 @@ def probe(bundle: str, public_key: str, events: str) -> None:
             }
         )
     )
+
+
+def compare(bundles: list[str], public_key: str, events: str) -> dict[str, Any]:
+    """(Subprocess) record + recommend(10) per event through one runtime per bundle, the bundles taking turns
+    event by event (so that a busy or throttled machine slows them alike): median microseconds of each and of
+    its step graph's run alone, and B / A."""
+    from client_sdk.runtime import Recommender
+    from client_sdk.store import EncryptedStore
+
+    data = np.load(events)
+    with tempfile.TemporaryDirectory() as tmp:
+        recs = [
+            Recommender.open(b, public_key, EncryptedStore(Path(tmp) / f"{n}.store", key=bytes(32)))
+            for n, b in enumerate(bundles)
+        ]
+        ids = recs[0].catalogue_ids
+        if any(r.catalogue_ids != ids for r in recs):
+            raise SystemExit("the bundles to compare must have the same catalogue")
+        seconds: list[list[float]] = [[] for _ in recs]
+        steps: list[list[float]] = [[] for _ in recs]
+        for item, t in zip(data["items"], data["times"], strict=True):
+            for rec, total, step in zip(recs, seconds, steps, strict=True):
+                t0 = time.perf_counter()
+                rec.record(ids[item], int(t), save=False)
+                rec.recommend(10)
+                t1 = time.perf_counter()
+                rec._loaded.step.run()  # the same graph run again, alone: the graph's share of the total
+                total.append(t1 - t0)
+                step.append(time.perf_counter() - t1)
+    out = {
+        b: {"record_recommend": _percentiles(s), "step_run": _percentiles(g)}
+        for b, s, g in zip(bundles, seconds, steps, strict=True)
+    }
+    first, second = (out[b]["record_recommend"]["median_us"] for b in bundles)
+    return {"events": len(data["items"]), "bundles": out, "b_over_a": second / first}
 
 
 def _js_probe(
@@ -224,6 +260,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--probe", nargs=3, metavar=("BUNDLE", "PUBLIC_KEY", "EVENTS"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--compare",
+        nargs=3,
+        metavar=("BUNDLE_A", "BUNDLE_B", "PUBLIC_KEY"),
+        help="A/B latency of two bundles of one catalogue (e.g. a graph change), interleaved event by event on"
+        " the first --catalogues' events; prints JSON",
+    )
     parser.add_argument("--checkpoint", help="trained ML-1M checkpoint (model.pt or a federated run folder)")
     parser.add_argument("--catalogues", nargs="+", default=list(CATALOGUES))
     parser.add_argument("--events", type=int, default=1000)
@@ -234,7 +277,15 @@ def main(argv: list[str] | None = None) -> None:
         probe(*args.probe)
         return
     from server.release import generate_keys, load_private_key
-    from shared_model.data import DATASETS
+    from shared_model.data import DATASETS, load_dataset
+
+    if args.compare:
+        with tempfile.TemporaryDirectory() as tmp:
+            items, times = _events(load_dataset(args.catalogues[0]), args.events)
+            np.savez(Path(tmp) / "events.npz", items=items, times=times)
+            *bundles, public = args.compare
+            print(json.dumps(compare(bundles, public, str(Path(tmp) / "events.npz")), indent=2))
+        return
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
