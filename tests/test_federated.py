@@ -28,8 +28,8 @@ from shared_model.protocol.updates import (
     poisson_sample,
     sample_rows,
     sampled_names,
+    sparse_update,
     upload_rows,
-    weight_decoys,
 )
 from simulations.hostile_updates import train_reply
 
@@ -79,13 +79,15 @@ def test_weighted_decoys_estimate_the_dense_update_without_bias():
     draws = 4000
     for _ in range(draws):
         rows = upload_rows(touched, decoys=6, num_rows=40, rng=rng)
-        got = densify(encode_sparse(weight_decoys(dense, sent, touched, rows), rows), sent)
+        got = densify(sparse_update(dense, sent, touched, rows, 1.0, rng), sent)
         assert np.array_equal(got["item_bias"][[1, 5, 9]], dense["item_bias"][[1, 5, 9]])
         for k in total:
             total[k] += got[k]
     for k in total:
         np.testing.assert_allclose(total[k] / draws, dense[k], atol=0.25)
-    assert weight_decoys(dense, sent, touched, np.array([1, 5, 9])) is dense  # no decoys: unchanged
+    no_decoys = sparse_update(dense, sent, touched, np.array([1, 5, 9]), 1.0, rng)
+    for k, v in encode_sparse(dense, np.array([1, 5, 9])).items():  # no decoys: the touched rows as trained
+        np.testing.assert_array_equal(no_decoys[k], v)
 
 
 @pytest.mark.parametrize("kind,levels,ratio", [("int8", 127, 0.35), ("int4", 7, 0.2)])
@@ -272,9 +274,7 @@ def test_importance_sampled_update_is_unbiased_smaller_in_variance_and_validated
         for k in mean:
             mean[k] += got[k] / draws
         rows = upload_rows(touched, decoys=20, num_rows=200, rng=rng)
-        uniform = densify(
-            sample_rows(encode_sparse(weight_decoys(new, sent, touched, rows), rows), sent, 0.25, rng), sent
-        )
+        uniform = densify(sparse_update(new, sent, touched, rows, 0.25, rng), sent)
         for name, dense in (("importance", got), ("uniform", uniform)):
             errors[name].append([np.sum((dense[k] - new[k]) ** 2) for k in ("item_emb.weight", "blocks.w")])
     for k in mean:  # a row drawn with chance p averages to its change within a few sqrt((1 - p) / (p draws))

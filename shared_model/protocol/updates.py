@@ -6,7 +6,7 @@ touched (plus optional random decoy rows) as ``<name>@rows`` (int32 row ids) and
 other shared array goes dense. The server densifies a sparse update against the arrays it sent. A device in
 sparse mode trains only those rows of the item tables (the other rows' gradients are masked), so what it
 uploads is exactly what it trained; the decoy rows then carry real updates (sampled negatives), weighted by
-the inverse of their sampling chance (:func:`weight_decoys`) so that the server's mean estimates what dense
+the inverse of their sampling chance (:func:`decoy_chances`) so that the server's mean estimates what dense
 training does to every row the devices did not touch.
 
 A sparse update may also sample the other shared matrices (:func:`sample_rows`): a random share of each one's
@@ -61,24 +61,16 @@ def upload_rows(touched: np.ndarray, decoys: int, num_rows: int, rng: np.random.
     return rows.astype(ROW_IDS)
 
 
-def weight_decoys(
-    update: dict[str, np.ndarray], sent: dict[str, np.ndarray], touched: np.ndarray, rows: np.ndarray
-) -> dict[str, np.ndarray]:
-    """``update`` with each decoy row's change (a row in ``rows`` but not ``touched``) divided by the chance that
-    :func:`upload_rows` drew it: the server's mean over devices then estimates, without bias, the small change
-    dense training gives every untouched row (the full softmax's push-down), which a sparse update otherwise
-    drops."""
+def decoy_chances(touched: np.ndarray, rows: np.ndarray, num_rows: int) -> np.ndarray:
+    """The chance that :func:`upload_rows` drew each of ``rows``: 1 for a touched row, for a decoy the number of
+    decoys over the number of untouched rows. Dividing each decoy's change by it makes the server's mean over
+    devices estimate, without bias, the small change dense training gives every untouched row (the full
+    softmax's push-down), which a sparse update otherwise drops."""
     touched = np.unique(np.asarray(touched, dtype=np.int64))
-    decoys = np.setdiff1d(rows, touched)
-    if not len(decoys):
-        return update
-    scale = (len(sent[ITEM_TABLES[0]]) - len(touched)) / len(decoys)
-    out = dict(update)
-    for name in ITEM_TABLES:
-        table = update[name].copy()
-        table[decoys] = sent[name][decoys] + scale * (update[name][decoys] - sent[name][decoys])
-        out[name] = table
-    return out
+    decoy = ~np.isin(rows, touched)
+    chance = np.ones(len(rows))
+    chance[decoy] = decoy.sum() / (num_rows - len(touched))
+    return chance
 
 
 def encode_rows(arrays: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -108,10 +100,11 @@ def sparse_update(
     fraction: float,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """What a sparse device sends: the item tables at ``rows`` (``touched`` plus decoys, the decoys weighted by
-    :func:`weight_decoys`) and, when ``fraction`` < 1, a sample of every other matrix's rows
+    """What a sparse device sends: the item tables at ``rows`` (``touched`` plus decoys, each row's change
+    divided by its :func:`decoy_chances`) and, when ``fraction`` < 1, a sample of every other matrix's rows
     (:func:`sample_rows`)."""
-    out = encode_sparse(weight_decoys(update, sent, touched, rows), rows)
+    chance = decoy_chances(touched, rows, len(sent[ITEM_TABLES[0]]))
+    out = _replace_rows(update, _weighted_rows(update, sent, list(ITEM_TABLES), rows, chance))
     return sample_rows(out, sent, fraction, rng) if fraction < 1 else out
 
 
