@@ -90,14 +90,13 @@ def probe(bundle: str, public_key: str, events: str) -> None:
     )
 
 
-def compare(bundles: list[str], public_key: str, events: str) -> dict[str, Any]:
-    """(Subprocess) record + recommend(10) per event through one runtime per bundle, the bundles taking turns
-    event by event (so that a busy or throttled machine slows them alike): median microseconds of each and of
-    its step graph's run alone, and B / A."""
+def compare(bundles: list[str], public_key: str, items: np.ndarray, times: np.ndarray) -> dict[str, Any]:
+    """(In this process) record + recommend(10) per event through one runtime per bundle, the bundles taking
+    turns event by event (so that a busy or throttled machine slows them alike): median microseconds of each and
+    of its step graph's run alone, and B / A."""
     from client_sdk.runtime import Recommender
     from client_sdk.store import EncryptedStore
 
-    data = np.load(events)
     with tempfile.TemporaryDirectory() as tmp:
         recs = [
             Recommender.open(b, public_key, EncryptedStore(Path(tmp) / f"{n}.store", key=bytes(32)))
@@ -108,7 +107,7 @@ def compare(bundles: list[str], public_key: str, events: str) -> dict[str, Any]:
             raise SystemExit("the bundles to compare must have the same catalogue")
         seconds: list[list[float]] = [[] for _ in recs]
         steps: list[list[float]] = [[] for _ in recs]
-        for item, t in zip(data["items"], data["times"], strict=True):
+        for item, t in zip(items, times, strict=True):
             for rec, total, step in zip(recs, seconds, steps, strict=True):
                 t0 = time.perf_counter()
                 rec.record(ids[item], int(t), save=False)
@@ -122,7 +121,7 @@ def compare(bundles: list[str], public_key: str, events: str) -> dict[str, Any]:
         for b, s, g in zip(bundles, seconds, steps, strict=True)
     }
     first, second = (out[b]["record_recommend"]["median_us"] for b in bundles)
-    return {"events": len(data["items"]), "bundles": out, "b_over_a": second / first}
+    return {"events": len(items), "bundles": out, "b_over_a": second / first}
 
 
 def _js_probe(
@@ -280,11 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     from shared_model.data import DATASETS, load_dataset
 
     if args.compare:
-        with tempfile.TemporaryDirectory() as tmp:
-            items, times = _events(load_dataset(args.catalogues[0]), args.events)
-            np.savez(Path(tmp) / "events.npz", items=items, times=times)
-            *bundles, public = args.compare
-            print(json.dumps(compare(bundles, public, str(Path(tmp) / "events.npz")), indent=2))
+        *bundles, public = args.compare
+        items, times = _events(load_dataset(args.catalogues[0]), args.events)
+        print(json.dumps(compare(bundles, public, items, times), indent=2))
         return
 
     rows = []
