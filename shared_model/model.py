@@ -58,32 +58,47 @@ class InterestHeads(nn.Module):
 
     def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``y`` (..., d) -> sub-interests ``v`` (..., H, d) and log-priors ``c = log a`` (..., H)."""
-        _, v, scale, prior = self._parts(y)
+        _, v, scale, prior, _ = self._parts(y)
         return v * scale, prior
 
-    def coordinates(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def coordinates(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``y`` (..., d) -> each sub-interest in its head's coordinates (..., H, d_head), with
-        ``v_h = coordinates_h @ proj_h``; the sub-interests ``v`` (..., H, d); log-priors (..., H)."""
-        slices, v, scale, prior = self._parts(y)
-        return slices * scale, v * scale, prior
+        ``v_h = coordinates_h @ proj_h``, and log-priors (..., H)."""
+        slices, _, scale, prior, _ = self._parts(y)
+        return slices * scale, prior
+
+    def training_terms(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`coordinates` and the cosines between each state's sub-interests (..., H, H), from their
+        Gram matrix (whose diagonal also gives the norms: no pass over the (..., H, d) sub-interests for
+        them, which made the heads' share of a training step twice as large)."""
+        slices, _, scale, prior, cosines = self._parts(y, cosines=True)
+        return slices * scale, cosines, prior
 
     def item_tables(self, table: Tensor) -> Tensor:
         """Every item in each head's coordinates, (H, V, d_head): ``coordinates_h . item_tables[h, i]`` is
         ``v_h . table[i]``, at d_head instead of d multiply-adds."""
         return torch.einsum("vd,hkd->hvk", table, self.proj)
 
-    def _parts(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Head slices (..., H, d_head), unscaled sub-interests (..., H, d), the equal-norm scale (..., H, 1)
-        and log-priors (..., H)."""
+    def _parts(
+        self, y: Tensor, cosines: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """Head slices (..., H, d_head), unscaled sub-interests (..., H, d), the equal-norm scale (..., H, 1),
+        log-priors (..., H) and, with ``cosines``, the sub-interests' cosines (..., H, H)."""
         slices = y.unflatten(-1, (self.num_heads, -1)).movedim(-2, 0)  # (H, ..., d_head)
         # v_h = slices_h @ proj_h as one batched matmul over heads: what einsum("...hk,hkd->...hd") computes
         # (bit for bit), but an ONNX MatMul instead of the slower Einsum kernel
         v = (slices.flatten(1, -2) @ self.proj).unflatten(1, slices.shape[1:-1]).movedim(0, -2)
+        cos = None
+        if cosines:  # the squared norms are the Gram matrix' diagonal
+            gram = v @ v.transpose(-1, -2)
+            norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-12).sqrt().unsqueeze(-1)
+            cos = gram / (norms * norms.transpose(-1, -2))
+        else:
+            norms = v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         # equal norms across a state's heads (their mean norm): heads compete by direction and prior, so one
         # large-norm head cannot own every top item
-        norms = v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         scale = norms.mean(-2, keepdim=True) / norms
-        return slices.movedim(0, -2), v, scale, torch.log_softmax(self.gate(y), dim=-1)
+        return slices.movedim(0, -2), v, scale, torch.log_softmax(self.gate(y), dim=-1), cos
 
 
 class TMEPSR(SequenceModel):
@@ -175,7 +190,7 @@ class TMEPSR(SequenceModel):
         onnxruntime's ReduceLogSumExp kernel is several times slower)."""
         if self.cfg.num_heads == 1:
             return super().item_scores(states)
-        a, _, prior = self.interests.coordinates(states)
+        a, prior = self.interests.coordinates(states)
         tables = self.interests.item_tables(self.item_emb.weight[1:])  # (H, V, d_head)
         flat = a.reshape(-1, *a.shape[-2:]).transpose(0, 1)  # (H, N, d_head)
         logits = (flat @ tables.transpose(-1, -2)).unflatten(1, a.shape[:-2])  # (H, ..., V)
@@ -205,16 +220,15 @@ class TMEPSR(SequenceModel):
         states = self.encode(batch)
         has_target = batch.targets > 0
         # once, for the item loss and the head regulariser
-        a, v, prior = self.interests.coordinates(states[has_target])
+        a, cosines, prior = self.interests.training_terms(states[has_target])
         tables = self.interests.item_tables(self.item_emb.weight[1:])
         ce_items = self.item_loss(a, prior, tables, batch.targets[has_target] - 1)
         total = ce_items
         parts = {"ce_items": ce_items.item()}
         if self.cfg.num_heads > 1 and self.cfg.gamma > 0:
-            vn = F.normalize(v, dim=-1)
-            gram = vn @ vn.transpose(-1, -2)
-            off = gram - torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1))
-            reg = off.pow(2).sum((-1, -2)).mean() / (self.cfg.num_heads * (self.cfg.num_heads - 1))
+            squares = cosines.pow(2)  # the off-diagonal ones: every square minus the diagonal's (ones)
+            off = squares.sum((-1, -2)) - squares.diagonal(dim1=-2, dim2=-1).sum(-1)
+            reg = off.mean() / (self.cfg.num_heads * (self.cfg.num_heads - 1))
             total = total + self.cfg.gamma * reg
             parts["reg_heads"] = reg.item()
         if self.cfg.num_heads > 1 and self.cfg.head_balance > 0:  # mean KL(each state's prior || uniform)

@@ -205,7 +205,7 @@ def test_responsibility_balance_is_the_kl_of_the_heads_target_shares_from_unifor
     model, batch = _balance_setup(log, users=16)
     _, parts = model.eval().loss(batch)
     has_target = batch.targets > 0
-    a, _, prior = model.interests.coordinates(model.encode(batch)[has_target])
+    a, prior = model.interests.coordinates(model.encode(batch)[has_target])
     tables = model.interests.item_tables(model.item_emb.weight[1:])
     share = target_terms(a, prior, tables, batch.targets[has_target] - 1).softmax(-1).mean(0)
     expected = float((share * (share * 4).log()).sum().detach())

@@ -116,3 +116,26 @@ def test_routed_without_gradients_and_default_chunks():
         torch.autograd.grad(default, (a, tables)), torch.autograd.grad(small, (a, tables)), strict=True
     ):
         torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-14)
+
+
+def test_large_logits_subtract_their_maximum():
+    """Rows whose logits may leave 2^+-64 (large interests or tables) take the max-subtracting path: the same
+    value and gradients as the reference, where exponentiating unshifted would overflow."""
+    from shared_model.softmax_ce import _bounded
+
+    torch.manual_seed(4)
+    a = (40 * torch.randn(30, 3, 4, dtype=torch.float64)).requires_grad_()
+    prior = torch.randn(30, 3, dtype=torch.float64).log_softmax(-1).requires_grad_()
+    tables = (10 * torch.randn(3, 50, 4, dtype=torch.float64)).requires_grad_()
+    bias = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 50, (30,))
+    assert not _bounded(a, tables, bias).any()
+    fused = routed_softmax_cross_entropy(a, prior, tables, bias, target, chunk=8)
+    reference = _routed_reference(a, prior, tables, bias, target)
+    assert torch.isfinite(fused)
+    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
+    inputs = (a, prior, tables, bias)
+    for g, g_ref in zip(
+        torch.autograd.grad(fused, inputs), torch.autograd.grad(reference, inputs), strict=True
+    ):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
