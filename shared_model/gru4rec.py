@@ -18,13 +18,15 @@ class GRU4Rec(SequenceModel):
     """``num_blocks`` GRU layers of width ``d_model``. Left-padded inputs are run as packed sequences, so
     padding never enters the recurrence."""
 
+    groups_rows = False  # packed sequences never run the padding
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.dropout = Dropout(cfg.dropout)
         self.gru = nn.GRU(cfg.d_model, cfg.d_model, num_layers=cfg.num_blocks, batch_first=True)
         self.dense = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def encode(self, batch: Batch) -> Tensor:
+    def encode_grid(self, batch: Batch) -> Tensor:
         b, length = batch.items.shape
         lengths = batch.mask.sum(1)
         # left padding -> right padding (real events first), as packing needs; and back after the GRU

@@ -136,7 +136,7 @@ class TMEPSR(SequenceModel):
         """The optional input LayerNorm (bias-free: a padded zero vector stays zero)."""
         return x if self.embed_norm is None else self.embed_norm(x)
 
-    def encode(self, batch: Batch) -> Tensor:
+    def encode_grid(self, batch: Batch) -> Tensor:
         """States (B, L, d): the LRU encoder output after each event (parallel scan)."""
         return self.encoder(self.embed(batch.items, batch.times, batch.mask))
 

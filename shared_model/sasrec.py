@@ -40,7 +40,7 @@ class SASRec(SequenceModel):
         self.final_ln = nn.LayerNorm(cfg.d_model)
         self.dropout = Dropout(cfg.dropout)
 
-    def encode(self, batch: Batch) -> Tensor:
+    def encode_grid(self, batch: Batch) -> Tensor:
         b, length = batch.items.shape
         pos = torch.arange(length, device=batch.items.device)
         x = self.item_emb(batch.items) * self.cfg.d_model**0.5 + self.position(

@@ -10,6 +10,8 @@ from .batching import Batch
 from .config import ModelConfig
 from .softmax_ce import routed_softmax_cross_entropy
 
+GROUP_WIDTHS = (8, 16, 32, 64, 128)  # grid widths :meth:`SequenceModel.encode` trims groups of short rows to
+
 
 class SequenceModel(nn.Module):
     """Base class: an item table (``item_emb``, ``item_bias``; id 0 = padding) scored by interest vectors.
@@ -18,6 +20,10 @@ class SequenceModel(nn.Module):
     per state) or :meth:`interests_of` (several interests with log-priors; each item is scored by the
     interests that match it, ``logsumexp_h (v_h . e_i + c_h) + b_i``).
     """
+
+    groups_rows = (
+        True  # :meth:`encode` runs rows in length groups (False: an encoder that skips padding itself)
+    )
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -30,6 +36,34 @@ class SequenceModel(nn.Module):
         self.item_bias = nn.Parameter(torch.zeros(cfg.num_items + 1))
 
     def encode(self, batch: Batch) -> Tensor:
+        """States (B, L, d) after each event of a left-padded batch (unspecified at padding).
+
+        Rows run in groups of similar length, each group's grid trimmed to its longest row (widths 8, 16, 32,
+        ... up to L): left padding changes no state of any model here (:meth:`encode_grid`), so the states
+        are those of the full grid, but short-sequence data skips most padded cells (in a random batch of
+        128 Beauty 5-core users, 11% of the 50-wide grid is events). A batch whose rows all need the full
+        width is one call on the grid as it is."""
+        if not self.groups_rows:
+            return self.encode_grid(batch)
+        lengths = batch.mask.sum(1)
+        width = batch.items.shape[1]
+        widths = [w for w in GROUP_WIDTHS if w < width] + [width]
+        group = torch.bucketize(lengths, torch.tensor(widths, device=lengths.device))
+        present = group.unique().tolist()
+        if present == [len(widths) - 1]:
+            return self.encode_grid(batch)
+        parts, rows = [], []
+        for g in present:
+            idx = (group == g).nonzero()[:, 0]
+            w = widths[g]
+            sub = Batch(batch.items[idx, -w:], batch.times[idx, -w:], batch.mask[idx, -w:])
+            parts.append(F.pad(self.encode_grid(sub), (0, 0, width - w, 0)))
+            rows.append(idx)
+        return torch.cat(parts)[torch.argsort(torch.cat(rows))]
+
+    def encode_grid(self, batch: Batch) -> Tensor:
+        """States (B, L, d) computed over every cell of the left-padded grid (each model's encoder). Padding
+        must change no state: a row's states are the same in any grid wide enough for its events."""
         raise NotImplementedError
 
     def user_vector(self, states: Tensor) -> Tensor:

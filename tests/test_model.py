@@ -233,3 +233,28 @@ def test_population_shares_steer_the_responsibility_balance_toward_unused_heads(
     _, steered = model.loss(batch)
     expected = float((share * (population * 4).clamp_min(0.1).log()).sum())
     assert steered["balance_responsibility"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["tmepsr", "tmepsr-no-time", "lrurec", "sasrec", "gru4rec"])
+def test_length_groups_give_the_full_grids_states(preset):
+    """``encode`` runs short rows in grids trimmed to their group's width: at every event the states are the
+    full grid's (padding changes no state), rows keep their order, and the loss is the same."""
+    from shared_model.config import MODEL_PRESETS
+
+    rng = np.random.default_rng(0)
+    rows, width = 24, 50
+    lengths = np.array([0, 1, 7, 8, 9, 16, 17, 33, 49, 50, *rng.integers(1, 51, rows - 10)])
+    mask = torch.from_numpy(np.arange(width)[None] >= width - lengths[:, None])
+    items = torch.where(mask, torch.from_numpy(rng.integers(1, 300, (rows, width))), 0)
+    times = torch.from_numpy(1_500_000_000 + np.cumsum(rng.integers(0, 200_000, (rows, width)), 1))
+    targets = torch.where(mask, torch.from_numpy(rng.integers(1, 300, (rows, width))), 0)
+    batch = Batch(items, times, mask, targets)
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=299, num_explanations=0, d_model=16, max_len=width, use_explanations=False)
+    model = build_model(ModelConfig(**(cfg.__dict__ | MODEL_PRESETS[preset]))).eval()
+    with torch.no_grad():
+        grid, grouped = model.encode_grid(batch), model.encode(batch)
+        torch.testing.assert_close(grouped[mask], grid[mask], rtol=1e-5, atol=1e-6)
+        loss = model.loss(batch)[0]
+        model.encode = model.encode_grid  # the loss over the full grid
+        torch.testing.assert_close(loss, model.loss(batch)[0], rtol=1e-5, atol=1e-6)
