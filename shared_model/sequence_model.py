@@ -21,9 +21,8 @@ class SequenceModel(nn.Module):
     interests that match it, ``logsumexp_h (v_h . e_i + c_h) + b_i``).
     """
 
-    groups_rows = (
-        True  # :meth:`encode` runs rows in length groups (False: an encoder that skips padding itself)
-    )
+    # :meth:`encode` runs rows in length groups (False: an encoder that skips padding itself)
+    groups_rows = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -51,13 +51,11 @@ class _MeanLogPartition(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, prior: Tensor, tables: Tensor, bias: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
-        rows, heads, k = a.shape
+        rows, heads, _ = a.shape
         grads = any(ctx.needs_input_grad[:4])
         total = a.new_zeros(())
         grad_a = torch.empty_like(a) if grads else None
         grad_prior = torch.empty_like(prior) if grads else None
-        # the tables' and the bias' gradients in one (H, V, k + 1) accumulator (the bias' per head in the last
-        # column); the tables with a column of ones: e @ [u, 1] is each row's gradient product and its mass
         grad_tables = torch.zeros_like(tables) if grads else None
         grad_bias = torch.zeros_like(bias) if grads else None
         bias2 = bias * LOG2_E  # logits in log2 units: exp2 is 3x faster than exp on a CPU
