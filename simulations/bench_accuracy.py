@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -287,19 +288,34 @@ def _plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path) ->
     plt.close(fig)
 
 
-def _header(args: argparse.Namespace) -> str:
+def _header(suite: str, runs: list[dict[str, Any]]) -> str:
+    """The table's caption, from what the runs themselves recorded (a dataset may set its own patience; the
+    torch thread count is recorded per run since it was added)."""
+
+    def tally(values: list[Any]) -> str:
+        counts = Counter(values)
+        return ", ".join(
+            f"{v} ({n} run{'s' * (n != 1)})" for v, n in sorted(counts.items(), key=lambda kv: str(kv[0]))
+        )
+
+    trained = [r for r in runs if "train_config" in r]
+    patience: dict[str, set[int]] = {}
+    for r in trained:
+        patience.setdefault(r["dataset"], set()).add(r["train_config"]["patience"])
     return (
-        f"Suite `{args.suite}`: test metrics, mean ± std over the seeds that early-stopped (a run cut by the "
-        f"safety budget ({args.max_minutes or 'none'} min) or by {args.max_epochs} epochs is listed, not averaged); "
-        f"leave-one-out, full ranking, history masked; early stopping on validation NDCG@10, patience "
-        f"{args.patience} evaluations; x SASRec against the SASRec variant with the best validation NDCG@10; "
-        f"{args.device}, {torch.get_num_threads()} thread(s) per run."
+        f"Suite `{suite}`: test metrics, mean ± std over the seeds that early-stopped (a run cut by a safety "
+        f"budget or by the epoch cap is listed, not averaged); leave-one-out, full ranking, history masked; early "
+        f"stopping on validation NDCG@10, patience in evaluations: "
+        f"{', '.join(f'{d} ' + '/'.join(map(str, sorted(p))) for d, p in sorted(patience.items()))}; x SASRec against the SASRec variant "
+        f"with the best validation NDCG@10; device: {tally([r['train_config']['device'] for r in trained])}; "
+        f"torch threads per run: {tally([r.get('threads', 'not recorded') for r in trained])}."
     )
 
 
-def _write_summary(name: str, header: str) -> None:
+def _write_summary(name: str, suite: str) -> None:
     runs = _load_runs(RESULTS / f"{name}_runs.jsonl")  # every worker's finished runs
     rows = summarise(runs)
+    header = _header(suite, runs)
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
     (RESULTS / f"{name}.md").write_text(_markdown(rows, header))
     _plot(rows, runs, RESULTS / f"{name}.png")
@@ -341,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
     runs_path = RESULTS / f"{name}_runs.jsonl"
     if args.report:
-        _write_summary(name, _header(args))
+        _write_summary(name, args.suite)
         return
     stopping = {"max_epochs": args.max_epochs, "patience": args.patience, "max_minutes": args.max_minutes}
     for dataset in args.datasets or suite["datasets"]:
@@ -365,11 +381,11 @@ def main(argv: list[str] | None = None) -> None:
                     # a dataset's own stopping rule (e.g. a longer patience) over the command line's defaults
                     **(stopping | settings["train"] | train_over),
                 )
-                result |= {"model": model, "seed": seed}
+                result |= {"model": model, "seed": seed, "threads": torch.get_num_threads()}
                 with runs_path.open("a") as fh:
                     fh.write(json.dumps(result, default=float) + "\n")
                 folder.with_suffix(".lock").unlink(missing_ok=True)
-                _write_summary(name, _header(args))
+                _write_summary(name, args.suite)
                 print(
                     f"done {dataset} {model} seed {seed}: test ndcg@10 {result['test']['ndcg@10']:.4f} "
                     f"({result['stopped']}, best epoch {result['best_epoch']})",

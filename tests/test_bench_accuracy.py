@@ -7,7 +7,7 @@ import os
 import pytest
 
 from simulations import bench_accuracy
-from simulations.bench_accuracy import _claim, parse_model, summarise
+from simulations.bench_accuracy import _claim, _header, parse_model, summarise
 
 
 def test_parse_model_splits_model_and_training_overrides():
@@ -75,3 +75,20 @@ def test_a_datasets_stopping_rule_overrides_the_command_line_default(tmp_path, m
     bench_accuracy.main(["--datasets", "movielens-100k", "--patience", "12", *common])
     assert calls[0]["patience"] == 30 and calls[0]["max_epochs"] == 500 and calls[0]["batch_size"] == 64
     assert calls[1]["patience"] == 12
+
+
+def test_header_states_what_the_runs_recorded_not_the_reporting_command():
+    def trained(dataset, patience, threads=None):
+        run = {"dataset": dataset, "train_config": {"patience": patience, "device": "cpu"}}
+        return run | ({"threads": threads} if threads else {})
+
+    runs = [
+        trained("a", 30, 1),
+        trained("a", 30, 2),
+        trained("b", 10),
+        {"dataset": "b", "model": "popularity"},
+    ]
+    header = _header("s", runs)
+    assert "patience in evaluations: a 30, b 10;" in header
+    assert "device: cpu (3 runs)" in header
+    assert "torch threads per run: 1 (1 run), 2 (1 run), not recorded (1 run)." in header
