@@ -289,8 +289,7 @@ def _plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path) ->
 
 
 def _header(suite: str, runs: list[dict[str, Any]]) -> str:
-    """The table's caption, from what the runs themselves recorded (a dataset may set its own patience; the
-    torch thread count is recorded per run since it was added)."""
+    """The table's caption, from what the runs themselves recorded (a dataset may set its own patience)."""
 
     def tally(values: list[Any]) -> str:
         counts = Counter(values)
@@ -308,7 +307,7 @@ def _header(suite: str, runs: list[dict[str, Any]]) -> str:
         f"stopping on validation NDCG@10, patience in evaluations: "
         f"{', '.join(f'{d} ' + '/'.join(map(str, sorted(p))) for d, p in sorted(patience.items()))}; x SASRec against the SASRec variant "
         f"with the best validation NDCG@10; device: {tally([r['train_config']['device'] for r in trained])}; "
-        f"torch threads per run: {tally([r.get('threads', 'not recorded') for r in trained])}."
+        f"torch threads per run: {tally([r.get('torch_threads', 'not recorded') for r in trained])}."
     )
 
 
@@ -381,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
                     # a dataset's own stopping rule (e.g. a longer patience) over the command line's defaults
                     **(stopping | settings["train"] | train_over),
                 )
-                result |= {"model": model, "seed": seed, "threads": torch.get_num_threads()}
+                result |= {"model": model, "seed": seed}
                 with runs_path.open("a") as fh:
                     fh.write(json.dumps(result, default=float) + "\n")
                 folder.with_suffix(".lock").unlink(missing_ok=True)

@@ -80,7 +80,7 @@ def test_a_datasets_stopping_rule_overrides_the_command_line_default(tmp_path, m
 def test_header_states_what_the_runs_recorded_not_the_reporting_command():
     def trained(dataset, patience, threads=None):
         run = {"dataset": dataset, "train_config": {"patience": patience, "device": "cpu"}}
-        return run | ({"threads": threads} if threads else {})
+        return run | ({"torch_threads": threads} if threads else {})
 
     runs = [
         trained("a", 30, 1),
