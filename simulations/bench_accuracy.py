@@ -301,12 +301,12 @@ def _header(suite: str, runs: list[dict[str, Any]]) -> str:
     patience: dict[str, set[int]] = {}
     for r in trained:
         patience.setdefault(r["dataset"], set()).add(r["train_config"]["patience"])
+    per_dataset = ", ".join(f"{d} {'/'.join(map(str, sorted(p)))}" for d, p in sorted(patience.items()))
     return (
         f"Suite `{suite}`: test metrics, mean ± std over the seeds that early-stopped (a run cut by a safety "
         f"budget or by the epoch cap is listed, not averaged); leave-one-out, full ranking, history masked; early "
-        f"stopping on validation NDCG@10, patience in evaluations: "
-        f"{', '.join(f'{d} ' + '/'.join(map(str, sorted(p))) for d, p in sorted(patience.items()))}; x SASRec against the SASRec variant "
-        f"with the best validation NDCG@10; device: {tally([r['train_config']['device'] for r in trained])}; "
+        f"stopping on validation NDCG@10, patience in evaluations: {per_dataset}; x SASRec against the SASRec "
+        f"variant with the best validation NDCG@10; device: {tally([r['train_config']['device'] for r in trained])}; "
         f"torch threads per run: {tally([r.get('torch_threads', 'not recorded') for r in trained])}."
     )
 
