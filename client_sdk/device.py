@@ -28,8 +28,10 @@ from shared_model.protocol.updates import (
     densify,
     encode_rows,
     importance_update,
+    largest_rows_update,
     sent_rows,
     sparse_update,
+    unsent_change,
     update_weight,
     upload_rows,
 )
@@ -43,6 +45,8 @@ from shared_model.training import (
 )
 
 from .store import DeviceRecord, EncryptedStore, StoreError
+
+RESIDUAL = "residual/"  # the store-state prefix of error feedback's carried upload change
 
 
 @lru_cache(maxsize=4)
@@ -124,15 +128,32 @@ class HostedUsers:
                 return {k: weights[k] for k in self.initial_personal}
         return self.initial_personal
 
+    def upload_residual(self, user: int, shared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Error feedback's carried change: what the user's device left out of its last sparse upload (stored
+        as ``residual/<array>`` in its store's ``state``; arrays whose shape no longer matches are dropped)."""
+        store = self.store(user)
+        state = store.load().state if store.exists() else {}
+        return {
+            name: v
+            for k, v in state.items()
+            if (name := k.removeprefix(RESIDUAL)) != k and name in shared and v.shape == shared[name].shape
+        }
+
     def save_personal(
-        self, user: int, personal: dict[str, np.ndarray], server_round: int, **meta: object
+        self,
+        user: int,
+        personal: dict[str, np.ndarray],
+        server_round: int,
+        residual: dict[str, np.ndarray] | None = None,
+        **meta: object,
     ) -> None:
-        """Write the user's history and personal weights to its encrypted store (atomically)."""
+        """Write the user's history, personal weights and (error feedback) upload residual to its encrypted
+        store (atomically)."""
         own = user_data(self.log, user)
         record = DeviceRecord(
             items=own.items,
             times=own.times,
-            state={},
+            state={RESIDUAL + k: v for k, v in (residual or {}).items()},
             weights=personal,
             meta={
                 "user": str(self.log.user_ids[user]),
@@ -259,7 +280,8 @@ class HostedUsers:
         users, failures = self._readable(users, "train")  # user -> personal weights, each store read once
         rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
         sparse = self.cfg.upload == "sparse"
-        importance = sparse and self.cfg.sparse_sampling == "importance"  # dense training, rows drawn after
+        sampling = self.cfg.sparse_sampling if sparse else None
+        dense_training = sampling in ("importance", "error-feedback")  # rows chosen after dense training
         node_rows: dict[str, list[np.ndarray]] = {}  # sparse: the rows each user's own device would send
         examples, losses, shares = 0, [], {}
         for user in users:
@@ -269,7 +291,7 @@ class HostedUsers:
             touched = self.log.item[self.log.user_ptr[user] : train_end[user]] + 1  # item table rows
             rows = (
                 upload_rows(touched, self.cfg.decoy_rows, len(shared[ITEM_TABLES[0]]), rng)
-                if sparse and not importance
+                if sparse and not dense_training
                 else None
             )
             epochs = self._fit(
@@ -284,21 +306,26 @@ class HostedUsers:
             for key in (k for k in epochs[-1] if k.startswith("head_share_")):
                 shares[key] = shares.get(key, 0.0) + n * epochs[-1][key]
             new_shared, personal = split_state(self.model, self.cfg.split)
-            self.save_personal(user, personal, server_round)
+            residual = {}
+            if sampling == "error-feedback":  # last time's unsent change joins this one's
+                carried = self.upload_residual(user, shared)
+                new_shared = {k: v + carried[k] if k in carried else v for k, v in new_shared.items()}
             # the server's per-update clips and a sparse device's encoding, applied per user: a simulated node's
             # mean is then a mean of what each user's own device would send (one user per node in a deployment)
             new_shared = clip_update(new_shared, shared, self.cfg.clip_norm, self.cfg.row_clip).arrays
             if sparse:
-                one = (
-                    importance_update(
-                        new_shared, shared, touched, self.cfg.decoy_rows, self.cfg.row_fraction, rng
-                    )
-                    if importance
-                    else sparse_update(new_shared, shared, touched, rows, self.cfg.row_fraction, rng)
-                )
+                decoys, fraction = self.cfg.decoy_rows, self.cfg.row_fraction
+                if sampling == "error-feedback":
+                    one = largest_rows_update(new_shared, shared, touched, decoys, fraction)
+                    residual = unsent_change(new_shared, shared, one)
+                elif sampling == "importance":
+                    one = importance_update(new_shared, shared, touched, decoys, fraction, rng)
+                else:
+                    one = sparse_update(new_shared, shared, touched, rows, fraction, rng)
                 for name, r in sent_rows(one).items():
                     node_rows.setdefault(name, []).append(r)
                 new_shared = densify(one, shared)
+            self.save_personal(user, personal, server_round, residual)
             for k, v in new_shared.items():
                 total[k] = total.get(k, 0) + n * v.astype(np.float64)
             examples += n

@@ -17,7 +17,7 @@ LocalOptimizer = Literal["sgd", "adamw"]
 ServerOptimizer = Literal["fedadam", "fedavg"]
 Upload = Literal["dense", "sparse"]
 Compress = Literal["none", "int8", "int4"]
-SparseSampling = Literal["uniform", "importance"]
+SparseSampling = Literal["uniform", "importance", "error-feedback"]
 Privacy = Literal["plain", "dp", "secagg"]
 Aggregation = Literal["mean", "trimmed-mean", "median"]
 RobustScope = Literal["all", "item-tables"]
@@ -256,7 +256,9 @@ class FederatedConfig:
         "importance",
         "sparse upload: importance (dense local training, then each untouched item row and each row of the"
         " other matrices drawn with a chance proportional to its change: less variance for the same bytes) |"
-        " uniform (decoys and sampled rows drawn uniformly, the decoys trained as the only untouched rows)",
+        " uniform (decoys and sampled rows drawn uniformly, the decoys trained as the only untouched rows) |"
+        " error-feedback (dense local training, then the rows that changed most, unscaled; the device keeps"
+        " what it did not send and adds it to its next change)",
     )
     compress: Compress = _opt(
         "none",

@@ -103,6 +103,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "row_fraction": 0.3,
         "sparse_sampling": "importance",
     },
+    "default, sparse int4 upload, 300 error-feedback decoys, 30% of other rows": {
+        "upload": "sparse",
+        "compress": "int4",
+        "decoy_rows": 300,
+        "row_fraction": 0.3,
+        "sparse_sampling": "error-feedback",
+    },
+    "default, sparse int4 upload, 300 error-feedback decoys, 40% of other rows": {
+        "upload": "sparse",
+        "compress": "int4",
+        "decoy_rows": 300,
+        "row_fraction": 0.4,
+        "sparse_sampling": "error-feedback",
+    },
     "default, sparse int4 upload, 300 importance-sampled decoys, 40% of other rows": {
         "upload": "sparse",
         "compress": "int4",
@@ -131,6 +145,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "server_lr_decay": 0.0,
     },
 }
+SAMPLING_LABELS = {"uniform": "", "importance": ", importance-sampled", "error-feedback": ", error feedback"}
 REACH = (0.8, 0.9, 0.95)
 PARTS = ("centralized", "federated", "personalization", "bytes", "throughput")
 # upload modes whose bytes are measured on one-user devices: (upload, decoy rows, compression, row fraction[,
@@ -147,6 +162,8 @@ UPLOADS = (
     ("sparse", 300, "int4", 0.3),
     ("sparse", 300, "int4", 0.3, "importance"),
     ("sparse", 300, "int4", 0.4, "importance"),
+    ("sparse", 300, "int4", 0.3, "error-feedback"),
+    ("sparse", 300, "int4", 0.4, "error-feedback"),
     ("sparse", 300, "int4", 1.0),
 )
 BYTES_USERS = 12  # one-user devices measured per upload mode (their median)
@@ -384,7 +401,7 @@ def summarise(runs: list[dict[str, Any]]) -> str:
                     f"one-user device: upload {r['upload']} + {r['decoy_rows']} decoys"
                     + (f", {r['compress']}" if r.get("compress", "none") != "none" else "")
                     + (f", {r['row_fraction']:.0%} of other rows" if r.get("row_fraction", 1.0) < 1 else "")
-                    + (", importance-sampled" if r.get("sparse_sampling") == "importance" else "")
+                    + SAMPLING_LABELS[r.get("sparse_sampling", "uniform")]
                 )
                 cells[8] = r["upload_bytes_per_device"] / 1000
             else:

@@ -25,10 +25,12 @@ from shared_model.protocol.updates import (
     densify,
     encode_sparse,
     importance_update,
+    largest_rows_update,
     poisson_sample,
     sample_rows,
     sampled_names,
     sparse_update,
+    unsent_change,
     upload_rows,
 )
 from simulations.hostile_updates import train_reply
@@ -284,6 +286,73 @@ def test_importance_sampled_update_is_unbiased_smaller_in_variance_and_validated
     one = importance_update(new, sent, touched, decoys=20, fraction=0.25, rng=rng)
     dense = validate_update(compress(one, sent, rng, "int4"), sent, 1, norm_bound=100)
     assert dense.keys() == sent.keys()
+
+
+def test_error_feedback_sends_the_largest_rows_and_carries_the_rest():
+    """Error feedback's encoding: the touched item rows, then the decoys and each sampled matrix's share with the
+    largest change, unscaled; what is sent plus what is carried is the whole change, and a change that was left
+    out is sent once it joins the next round's change."""
+    sent = {
+        "item_emb.weight": np.zeros((50, 2), np.float32),
+        "item_bias": np.zeros(50, np.float32),
+        "blocks.w": np.zeros((20, 3), np.float32),
+        "norm.weight": np.zeros(3, np.float32),
+    }
+    push = np.linspace(0.01, 0.5, 50).astype(np.float32)  # row 49 changed most, row 0 least
+    new = {
+        "item_emb.weight": np.stack([push, push], axis=1),
+        "item_bias": -push,
+        "blocks.w": np.tile(np.arange(20, dtype=np.float32)[:, None], (1, 3)),
+        "norm.weight": np.ones(3, np.float32),
+    }
+    one = largest_rows_update(new, sent, touched=np.array([3, 3, 0]), decoys=4, fraction=0.25)
+    assert one["item_emb.weight@rows"].tolist() == [0, 3, 46, 47, 48, 49]  # touched + the 4 largest
+    assert one["blocks.w@rows"].tolist() == [15, 16, 17, 18, 19]  # 25% of 20 rows, the largest
+    np.testing.assert_array_equal(
+        one["item_bias@values"], new["item_bias"][[0, 3, 46, 47, 48, 49]]
+    )  # unscaled
+    assert "norm.weight" in one  # small arrays go whole
+    carried = unsent_change(new, sent, one)
+    assert set(carried) == {"item_emb.weight", "item_bias", "blocks.w"}
+    got = densify(one, sent)
+    for k, v in carried.items():
+        np.testing.assert_allclose(got[k] - sent[k] + v, new[k] - sent[k], atol=1e-7)  # nothing lost
+    assert np.all(carried["item_bias"][[0, 3, 46, 47, 48, 49]] == 0)
+    # next round: a small fresh change on row 10 only; the carried rows 45, 44, ... now lead the choice
+    later = {k: v + carried.get(k, 0) for k, v in sent.items()}
+    later["item_bias"][10] -= 0.001
+    again = largest_rows_update(later, sent, touched=np.array([10]), decoys=3, fraction=0.25)
+    assert again["item_bias@rows"].tolist() == [10, 43, 44, 45]
+
+
+def test_error_feedback_device_stores_what_it_did_not_send_and_sends_it_later(cfg):
+    """A device with error feedback keeps its unsent change in its encrypted store (never uploaded as such) and
+    adds it to its next round's change; with the defaults' sparse sizes the update still validates."""
+    shared = initial_shared(cfg)
+    run = replace(
+        cfg,
+        upload="sparse",
+        sparse_sampling="error-feedback",
+        decoy_rows=5,
+        row_fraction=0.25,
+        compress="int4",
+    )
+    device = HostedUsers(run, 0, 9, Path(cfg.out_dir) / "devices-ef")
+    first = device.train(shared, server_round=1).update
+    assert validate_update(first, shared, 1, norm_bound=run.norm_bound).keys() == shared.keys()
+    user = int(device.users[0])
+    carried = device.upload_residual(user, shared)
+    assert "item_emb.weight" in carried and np.abs(carried["item_emb.weight"]).max() > 0
+    assert device.personal_weights(user).keys() == device.initial_personal.keys()  # weights unchanged by it
+    plain = HostedUsers(replace(run, sparse_sampling="importance"), 0, 9, Path(cfg.out_dir) / "devices-imp")
+    plain.train(shared, server_round=1)
+    assert plain.upload_residual(user, shared) == {}  # only error feedback carries anything
+    second = validate_update(
+        device.train(shared, server_round=2).update, shared, 1, norm_bound=run.norm_bound
+    )
+    alone = HostedUsers(run, 0, 9, Path(cfg.out_dir) / "devices-ef-fresh")  # the same round without the carry
+    fresh = validate_update(alone.train(shared, server_round=2).update, shared, 1, norm_bound=run.norm_bound)
+    assert not np.allclose(second["item_emb.weight"], fresh["item_emb.weight"])
 
 
 def test_device_round_keeps_personal_weights_on_the_device(cfg):

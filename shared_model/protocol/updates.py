@@ -16,6 +16,9 @@ divided by that share, so that the server's mean is an unbiased estimate of the 
 With importance sampling (:func:`importance_update`) the device trains densely and then draws the rows to send
 with chances proportional to the size of their change (the touched item rows for certain), each drawn row's
 change divided by its chance: the same unbiased estimate with less variance for the same expected size.
+With error feedback (:func:`largest_rows_update`) it sends the rows whose change is largest, unscaled, and keeps
+what it left out (:func:`unsent_change`) to add to its next change: biased in one round, nothing lost over
+rounds.
 
 Compression replaces every float array ``k`` of an update by the change from what the server sent, quantized
 per row with stochastic rounding so that the decoded update is unbiased (FedAvg averages the rounding noise
@@ -173,19 +176,72 @@ def importance_update(
     :func:`sparse_update`, with less variance for the same expected size: the rows that changed most (the items
     the softmax pushed hardest, the explanation ids the user used) are sent, the ones that barely moved rarely."""
 
-    def norms(name: str) -> np.ndarray:
-        change = rows_of(update[name]).astype(np.float64) - rows_of(sent[name])
-        return np.sqrt((change.reshape(len(change), -1) ** 2).sum(axis=1))
-
-    item_norms = np.sqrt(sum(norms(name) ** 2 for name in ITEM_TABLES))
-    certain = np.unique(np.asarray(touched, dtype=np.int64))
-    item_norms[certain] = np.inf
+    certain, item_norms = _item_row_norms(update, sent, touched)
     rows, chance = poisson_sample(item_norms, len(certain) + decoys, rng)
     out = _weighted_rows(update, sent, list(ITEM_TABLES), rows, chance)
     for name in sampled_names(sent) if fraction < 1 else ():
-        rows, chance = poisson_sample(norms(name), fraction * len(rows_of(sent[name])), rng)
+        rows, chance = poisson_sample(
+            _row_norms(update, sent, name), fraction * len(rows_of(sent[name])), rng
+        )
         out |= _weighted_rows(update, sent, [name], rows, chance)
     return _replace_rows(update, out)
+
+
+def largest_rows_update(
+    update: dict[str, np.ndarray],
+    sent: dict[str, np.ndarray],
+    touched: np.ndarray,
+    decoys: int,
+    fraction: float,
+) -> dict[str, np.ndarray]:
+    """What a sparse device sends with error feedback (``sparse_sampling="error-feedback"``), after dense local
+    training: the item tables' ``touched`` rows and the ``decoys`` other rows whose change is largest, and, when
+    ``fraction`` < 1, that share of every other matrix's rows, those whose change is largest; each row as it is
+    (the same expected size as :func:`importance_update`, no rescaling). The choice is biased on its own; the
+    device corrects it by adding what it did not send to its next change (:func:`unsent_change`)."""
+    certain, item_norms = _item_row_norms(update, sent, touched)
+    out = _weighted_rows(update, sent, list(ITEM_TABLES), *_largest(item_norms, len(certain) + decoys))
+    for name in sampled_names(sent) if fraction < 1 else ():
+        size = max(1, round(fraction * len(rows_of(sent[name]))))
+        out |= _weighted_rows(update, sent, [name], *_largest(_row_norms(update, sent, name), size))
+    return _replace_rows(update, out)
+
+
+def unsent_change(
+    update: dict[str, np.ndarray], sent: dict[str, np.ndarray], upload: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Error feedback's residual: the part of ``update``'s change from ``sent`` that the row-sparse ``upload``
+    left out (float32, only the arrays it sampled), which the device adds to its next change."""
+    sent_values = densify(upload, sent)
+    return {
+        name: (update[name].astype(np.float64) - sent_values[name]).astype(np.float32)
+        for name in sent_rows(upload)
+    }
+
+
+def _row_norms(update: dict[str, np.ndarray], sent: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """The norm of each row's change (:func:`rows_of`) of array ``name`` from ``sent`` to ``update``."""
+    change = rows_of(update[name]).astype(np.float64) - rows_of(sent[name])
+    return np.sqrt((change.reshape(len(change), -1) ** 2).sum(axis=1))
+
+
+def _item_row_norms(
+    update: dict[str, np.ndarray], sent: dict[str, np.ndarray], touched: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``touched`` item rows (unique) and every item row's change norm over the item tables, infinite at
+    the touched rows (they are always sent)."""
+    norms = np.sqrt(sum(_row_norms(update, sent, name) ** 2 for name in ITEM_TABLES))
+    certain = np.unique(np.asarray(touched, dtype=np.int64))
+    norms[certain] = np.inf
+    return certain, norms
+
+
+def _largest(norms: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``size`` rows of largest norm (sorted row ids; never a row that did not change) and their chance
+    (1: sent for certain)."""
+    order = np.argsort(-norms, kind="stable")[:size]
+    rows = np.sort(order[norms[order] > 0]).astype(ROW_IDS)
+    return rows, np.ones(len(rows))
 
 
 def _replace_rows(update: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
