@@ -202,7 +202,7 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, command, option
         check=False,
     )
     assert done.returncode == 2, done.stderr
-    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    errors = [line for line in done.stderr.splitlines() if ": error:" in line]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "run").exists()
 
