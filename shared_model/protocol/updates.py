@@ -30,6 +30,7 @@ leading-axis row, or one per 1-D array). Decoding needs the arrays the server se
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -176,15 +177,7 @@ def importance_update(
     :func:`sparse_update`, with less variance for the same expected size: the rows that changed most (the items
     the softmax pushed hardest, the explanation ids the user used) are sent, the ones that barely moved rarely."""
 
-    certain, item_norms = _item_row_norms(update, sent, touched)
-    rows, chance = poisson_sample(item_norms, len(certain) + decoys, rng)
-    out = _weighted_rows(update, sent, list(ITEM_TABLES), rows, chance)
-    for name in sampled_names(sent) if fraction < 1 else ():
-        rows, chance = poisson_sample(
-            _row_norms(update, sent, name), fraction * len(rows_of(sent[name])), rng
-        )
-        out |= _weighted_rows(update, sent, [name], rows, chance)
-    return _replace_rows(update, out)
+    return _rows_by_change(update, sent, touched, decoys, fraction, lambda w, b: poisson_sample(w, b, rng))
 
 
 def largest_rows_update(
@@ -199,12 +192,7 @@ def largest_rows_update(
     ``fraction`` < 1, that share of every other matrix's rows, those whose change is largest; each row as it is
     (the same expected size as :func:`importance_update`, no rescaling). The choice is biased on its own; the
     device corrects it by adding what it did not send to its next change (:func:`unsent_change`)."""
-    certain, item_norms = _item_row_norms(update, sent, touched)
-    out = _weighted_rows(update, sent, list(ITEM_TABLES), *_largest(item_norms, len(certain) + decoys))
-    for name in sampled_names(sent) if fraction < 1 else ():
-        size = max(1, round(fraction * len(rows_of(sent[name]))))
-        out |= _weighted_rows(update, sent, [name], *_largest(_row_norms(update, sent, name), size))
-    return _replace_rows(update, out)
+    return _rows_by_change(update, sent, touched, decoys, fraction, _largest)
 
 
 def unsent_change(
@@ -225,21 +213,31 @@ def _row_norms(update: dict[str, np.ndarray], sent: dict[str, np.ndarray], name:
     return np.sqrt((change.reshape(len(change), -1) ** 2).sum(axis=1))
 
 
-def _item_row_norms(
-    update: dict[str, np.ndarray], sent: dict[str, np.ndarray], touched: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``touched`` item rows (unique) and every item row's change norm over the item tables, infinite at
-    the touched rows (they are always sent)."""
-    norms = np.sqrt(sum(_row_norms(update, sent, name) ** 2 for name in ITEM_TABLES))
+def _rows_by_change(
+    update: dict[str, np.ndarray],
+    sent: dict[str, np.ndarray],
+    touched: np.ndarray,
+    decoys: int,
+    fraction: float,
+    choose: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """``update`` with the item tables and (``fraction`` < 1) every sampled matrix reduced to the rows that
+    ``choose(change norms, expected rows)`` returns with their chances: the item tables' ``touched`` rows
+    always (infinite norm) plus about ``decoys``, each other matrix about ``fraction`` of its rows."""
+    item_norms = np.sqrt(sum(_row_norms(update, sent, name) ** 2 for name in ITEM_TABLES))
     certain = np.unique(np.asarray(touched, dtype=np.int64))
-    norms[certain] = np.inf
-    return certain, norms
+    item_norms[certain] = np.inf
+    out = _weighted_rows(update, sent, list(ITEM_TABLES), *choose(item_norms, len(certain) + decoys))
+    for name in sampled_names(sent) if fraction < 1 else ():
+        budget = fraction * len(rows_of(sent[name]))
+        out |= _weighted_rows(update, sent, [name], *choose(_row_norms(update, sent, name), budget))
+    return _replace_rows(update, out)
 
 
-def _largest(norms: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``size`` rows of largest norm (sorted row ids; never a row that did not change) and their chance
-    (1: sent for certain)."""
-    order = np.argsort(-norms, kind="stable")[:size]
+def _largest(norms: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``round(budget)`` (at least one) rows of largest norm (sorted row ids; never a row that did not
+    change) and their chance (1: sent for certain)."""
+    order = np.argsort(-norms, kind="stable")[: max(1, round(budget))]
     rows = np.sort(order[norms[order] > 0]).astype(ROW_IDS)
     return rows, np.ones(len(rows))
 
