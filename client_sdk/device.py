@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -100,6 +101,18 @@ class DeviceError(RuntimeError):
     training events. The ClientApp replies with this one-line reason instead of a traceback."""
 
 
+class StoredUser(NamedTuple):
+    """One read of a user's store: its personal weights and error feedback's carried upload change (by array
+    name; empty unless error feedback left something unsent)."""
+
+    personal: dict[str, np.ndarray]
+    residual: dict[str, np.ndarray]
+
+    def carried(self, shared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The carried change of the arrays that still exist with the same shape in ``shared``."""
+        return {k: v for k, v in self.residual.items() if k in shared and v.shape == shared[k].shape}
+
+
 class HostedUsers:
     """The users one Flower node hosts (partition ``partition_id`` of ``num_partitions``) and their encrypted
     stores: one user, a real device, in a deployment; several virtual users in a simulation, whose node replies
@@ -119,25 +132,25 @@ class HostedUsers:
         uid = self.log.user_ids[user]
         return EncryptedStore(self.store_dir / f"user-{uid}.store", key=simulation_key(self.cfg.seed, uid))
 
+    def stored(self, user: int) -> StoredUser:
+        """What the user's store holds for training, in one read: its personal weights (the split's personal
+        group, else the initial values) and error feedback's carried change (``residual/<array>`` in ``state``)."""
+        store = self.store(user)
+        if not store.exists():
+            return StoredUser(self.initial_personal, {})
+        record = store.load()
+        weights = record.weights
+        personal = (
+            {k: weights[k] for k in self.initial_personal}
+            if set(self.initial_personal) <= set(weights)
+            else self.initial_personal
+        )
+        residual = {k.removeprefix(RESIDUAL): v for k, v in record.state.items() if k.startswith(RESIDUAL)}
+        return StoredUser(personal, residual)
+
     def personal_weights(self, user: int) -> dict[str, np.ndarray]:
         """The user's personal weights (the split's personal group) from its store, else the initial values."""
-        store = self.store(user)
-        if store.exists():
-            weights = store.load().weights
-            if set(self.initial_personal) <= set(weights):
-                return {k: weights[k] for k in self.initial_personal}
-        return self.initial_personal
-
-    def upload_residual(self, user: int, shared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Error feedback's carried change: what the user's device left out of its last sparse upload (stored
-        as ``residual/<array>`` in its store's ``state``; arrays whose shape no longer matches are dropped)."""
-        store = self.store(user)
-        state = store.load().state if store.exists() else {}
-        return {
-            name: v
-            for k, v in state.items()
-            if (name := k.removeprefix(RESIDUAL)) != k and name in shared and v.shape == shared[name].shape
-        }
+        return self.stored(user).personal
 
     def save_personal(
         self,
@@ -230,6 +243,7 @@ class HostedUsers:
         shared: dict[str, np.ndarray],
         server_round: int,
         head_share: Sequence[float] | None = None,
+        personal: dict[str, np.ndarray] | None = None,
     ) -> Adaptation:
         """The user's own adaptation of the split's adapted parts (time encoder and interest heads under
         ``population``), behind the device's validation gate; leaves the serving weights in ``self.model``.
@@ -238,9 +252,11 @@ class HostedUsers:
         the user's training events except the last ``gate_events``; both versions then predict those held-out
         recent events, and the adaptation is kept only if its cross-entropy there is lower by more than
         ``gate_z`` standard errors of the paired per-event differences (a lower loss on a few events is often
-        noise, and an adaptation kept on noise makes recommendations worse). Deterministic in (seed, round,
+        noise, and an adaptation kept on noise makes recommendations worse). ``personal``: the user's personal
+        weights when the caller has read them already (else read from its store). Deterministic in (seed, round,
         user)."""
-        personal = self.personal_weights(user)
+        if personal is None:
+            personal = self.personal_weights(user)
         adapted = set(parameter_groups(self.model, self.cfg.split)["adapted"])
         start, end = int(self.log.user_ptr[user]), int(self.train_end[user])
         if not (self.cfg.adapt_epochs and adapted and end - start >= self.cfg.gate_events + 2):
@@ -277,7 +293,7 @@ class HostedUsers:
         users = [u for u in self.users if train_end[u] - self.log.user_ptr[u] >= 2]
         if not users:
             raise DeviceError(f"device hosts no user with training events ({len(self.users)} users)")
-        users, failures = self._readable(users, "train")  # user -> personal weights, each store read once
+        users, failures = self._readable(users, "train")  # user -> what its store holds, each read once
         rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
         sparse = self.cfg.upload == "sparse"
         sampling = self.cfg.sparse_sampling if sparse else None
@@ -296,7 +312,7 @@ class HostedUsers:
             )
             epochs = self._fit(
                 user,
-                (shared, users[user]),
+                (shared, users[user].personal),
                 server_round,
                 self.cfg.local_epochs,
                 item_rows=rows,
@@ -308,7 +324,7 @@ class HostedUsers:
             new_shared, personal = split_state(self.model, self.cfg.split)
             residual = {}
             if sampling == "error-feedback":  # last time's unsent change joins this one's
-                carried = self.upload_residual(user, shared)
+                carried = users[user].carried(shared)
                 new_shared = {k: v + carried[k] if k in carried else v for k, v in new_shared.items()}
             # the server's per-update clips and a sparse device's encoding, applied per user: a simulated node's
             # mean is then a mean of what each user's own device would send (one user per node in a deployment)
@@ -377,10 +393,10 @@ class HostedUsers:
         )
         for user in users:
             if not paired:
-                load_parts(self.model, shared, users[user])
+                load_parts(self.model, shared, users[user].personal)
                 add("", scores(user))
                 continue
-            adaptation = self.adapt(user, shared, server_round, head_share)
+            adaptation = self.adapt(user, shared, server_round, head_share, users[user].personal)
             served = population = scores(user)
             add("", served)
             sums["gate/kept"] = sums.get("gate/kept", 0.0) + adaptation.kept
@@ -398,16 +414,14 @@ class HostedUsers:
         metrics = {k: v / max(len(users), 1) for k, v in sums.items()}
         return RoundResult({}, len(users), metrics | {"failed-users": len(failures)})
 
-    def _readable(
-        self, users: np.ndarray | list[int], task: str
-    ) -> tuple[dict[int, dict[str, np.ndarray]], list[str]]:
-        """The personal weights of the users whose stores can be read, and one line per user whose store
+    def _readable(self, users: np.ndarray | list[int], task: str) -> tuple[dict[int, StoredUser], list[str]]:
+        """What the stores of the users whose stores can be read hold, and one line per user whose store
         cannot (such a user sits the round out and its store is left as it is); :class:`DeviceError` if there
         were users and none can."""
         readable, failures = {}, []
         for user in users:
             try:
-                readable[int(user)] = self.personal_weights(int(user))
+                readable[int(user)] = self.stored(int(user))
             except StoreError as exc:
                 failures.append(f"user {self.log.user_ids[user]}: {type(exc).__name__}: {exc}")
         if failures and not readable:

@@ -103,6 +103,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "row_fraction": 0.3,
         "sparse_sampling": "importance",
     },
+    "default, sparse int4 upload, 300 importance-sampled decoys, 30% of other rows, 20% of devices per round": {
+        "upload": "sparse",
+        "compress": "int4",
+        "decoy_rows": 300,
+        "row_fraction": 0.3,
+        "sparse_sampling": "importance",
+        "fraction_train": 0.2,
+    },
+    "default, 20% of devices per round": {"fraction_train": 0.2},
     "default, sparse int4 upload, 300 error-feedback decoys, 30% of other rows": {
         "upload": "sparse",
         "compress": "int4",

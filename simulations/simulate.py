@@ -134,11 +134,12 @@ def sample_recommendation(
     if user is None:
         user = next((int(u) for u in device.split.eval_users if device.store(int(u)).exists()), 0)
     trained = device.store(user).exists()
-    adaptation = device.adapt(user, shared, cfg.num_rounds)
+    personal = device.personal_weights(user)
+    adaptation = device.adapt(user, shared, cfg.num_rounds, personal=personal)
     if adaptation.kept:  # the device keeps its adaptation (never uploaded) next to its personal weights
         device.save_personal(
             user,
-            device.personal_weights(user) | adaptation.weights,
+            personal | adaptation.weights,
             cfg.num_rounds,
             adapted_round=cfg.num_rounds,
         )

@@ -341,12 +341,13 @@ def test_error_feedback_device_stores_what_it_did_not_send_and_sends_it_later(cf
     first = device.train(shared, server_round=1).update
     assert validate_update(first, shared, 1, norm_bound=run.norm_bound).keys() == shared.keys()
     user = int(device.users[0])
-    carried = device.upload_residual(user, shared)
+    stored = device.stored(user)  # one read: personal weights and the carried change
+    carried = stored.carried(shared)
     assert "item_emb.weight" in carried and np.abs(carried["item_emb.weight"]).max() > 0
-    assert device.personal_weights(user).keys() == device.initial_personal.keys()  # weights unchanged by it
+    assert stored.personal.keys() == device.initial_personal.keys()  # weights unchanged by it
     plain = HostedUsers(replace(run, sparse_sampling="importance"), 0, 9, Path(cfg.out_dir) / "devices-imp")
     plain.train(shared, server_round=1)
-    assert plain.upload_residual(user, shared) == {}  # only error feedback carries anything
+    assert plain.stored(user).residual == {}  # only error feedback carries anything
     second = validate_update(
         device.train(shared, server_round=2).update, shared, 1, norm_bound=run.norm_bound
     )
