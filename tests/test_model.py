@@ -109,6 +109,23 @@ def test_each_item_is_scored_by_its_driving_head(log):
     assert all(text in log.vocab.texts for row in usage["head_favours"] for text in row)
 
 
+def test_top_items_ranks_as_the_item_scores_without_a_log_per_item(log):
+    """The exported graphs' ranking (log-free, bias folded into a weight) gives item_scores' top-k and scores,
+    excluded items never ranked above the rest; checked in float64 on trained-scale logits."""
+    torch.manual_seed(0)
+    model = TMEPSR(_small(log)).double().eval()
+    with torch.no_grad():
+        model.item_bias.normal_(0, 3)  # a spread of biases like a trained model's
+        states = torch.randn(5, 32, dtype=torch.float64) * 4
+        exclude = torch.rand(5, log.num_items) < 0.3
+        exclude[4, :-3] = True  # a state with only 3 rankable items: the rest come back at -inf
+        expected = model.item_scores(states).masked_fill(exclude, -torch.inf).topk(10)
+        scores, items = model.top_items(states, exclude, 10)
+    assert torch.equal(items[:4], expected.indices[:4])
+    torch.testing.assert_close(scores, expected.values, atol=1e-9, rtol=1e-9)
+    assert not exclude[4, items[4, :3]].any() and torch.isinf(scores[4, 3:]).all()
+
+
 def test_head_profiles_name_what_each_head_favours():
     """Each head's profile is the labels over-represented among the items it drove (share among its items minus
     share among all); a label every item carries, or one too rare among a head's items, never profiles it; a

@@ -46,8 +46,7 @@ def _rank(
 ) -> tuple[Tensor, ...]:
     """Ranking outputs for state vectors (B, d): top items, scores, driving heads[, explanation ids among the
     ids attested for each item (-1 where an item has fewer)]."""
-    scores = model.item_scores(state).masked_fill(exclude, -torch.inf)
-    top_scores, top_items = scores.topk(top_k, dim=-1)
+    top_scores, top_items = model.top_items(state, exclude, top_k)
     heads = model.head_contributions(state, top_items).argmax(-1)
     if model.explanation is None:
         return top_items, top_scores, heads
