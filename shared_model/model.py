@@ -212,7 +212,9 @@ class TMEPSR(SequenceModel):
         ``k`` winners take a log, and ``exp(b_i - b_max)`` depends on the weights only (an exported graph folds it
         once). The same ranking up to rounding; on-device scoring and top-10 of 3,416 items took 0.80x the time of
         ranking :meth:`item_scores` (the log over every item is onnxruntime's slowest elementwise kernel here).
-        Excluded items rank below every other item (score -inf)."""
+        Excluded items rank below every other item (score -inf); an item scoring more than ~87 below the state's
+        best (float32 underflow of ``r_i``) also gets -inf, which only matters if fewer than ``k`` items are within
+        that range."""
         if self.cfg.num_heads == 1:
             return self.item_scores(states).masked_fill(exclude, -torch.inf).topk(k, dim=-1)
         logits = self._head_logits(states)  # (H, N, V)
