@@ -119,7 +119,9 @@ def export_model(
             )
         attested = AttestedTable(explanation_candidates)
     num_expl = (
-        0 if attested is None else min(num_explanations_out, model.cfg.num_explanations, attested.width)
+        0
+        if attested is None
+        else min(num_explanations_out, model.cfg.num_explanations, len(attested.offsets))
     )
     protos = export_graphs(model, top_k, step_top_k, num_expl, attested)
     io = {}

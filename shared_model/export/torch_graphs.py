@@ -20,24 +20,25 @@ OPSET = 18
 
 
 class AttestedTable(nn.Module):
-    """The explanation ids attested for each item, stored compactly (CSR: ``ptr`` int32 (num_items + 1),
-    ``ids`` int16/int32) and read back as a (N, M) table padded with -1 (M: the widest item)."""
+    """The explanation ids attested for each item, stored compactly (CSR: ``ptr`` int64 (num_items + 1),
+    ``ids`` int16/int32) and read back as a (N, M) table padded with -1 (M: the widest item). ``ptr`` is int64 and
+    the column offsets a stored constant, so the exported lookup has no Cast or Range nodes to run per call."""
 
     def __init__(self, table: np.ndarray) -> None:
         super().__init__()
         lengths = (table >= 0).sum(1)
         small = np.int16 if table.max(initial=0) < 2**15 else np.int32
-        ptr = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+        ptr = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
         self.register_buffer("ptr", torch.from_numpy(ptr))
         self.register_buffer("ids", torch.from_numpy(np.concatenate((table[table >= 0], [0])).astype(small)))
-        self.width = max(int(lengths.max(initial=0)), 1)
+        self.register_buffer("offsets", torch.arange(max(int(lengths.max(initial=0)), 1)))
 
     def forward(self, items: Tensor) -> Tensor:
         # lookups as embeddings: one Gather each in the exported graph (indexing exports as GatherND with
         # transposes and casts)
         ptr, ids = self.ptr[:, None], self.ids[:, None]
-        start, end = F.embedding(items, ptr).long(), F.embedding(items + 1, ptr).long()  # (N, 1)
-        at = start + torch.arange(self.width)
+        start, end = F.embedding(items, ptr), F.embedding(items + 1, ptr)  # (N, 1)
+        at = start + self.offsets
         return torch.where(at < end, F.embedding(at.clamp(max=len(self.ids) - 1), ids)[..., 0].long(), -1)
 
 
