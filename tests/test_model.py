@@ -110,8 +110,8 @@ def test_each_item_is_scored_by_its_driving_head(log):
 
 
 def test_top_items_ranks_as_the_item_scores_without_a_log_per_item(log):
-    """The exported graphs' ranking (log-free, bias folded into a weight) gives item_scores' top-k and scores,
-    excluded items never ranked above the rest; checked in float64 on trained-scale logits."""
+    """The exported graphs' ranking (log-free, bias and priors inside the scoring matmul) gives item_scores'
+    top-k and scores, excluded items never ranked above the rest; checked in float64 on trained-scale logits."""
     torch.manual_seed(0)
     model = TMEPSR(_small(log)).double().eval()
     with torch.no_grad():
