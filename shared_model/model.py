@@ -182,42 +182,26 @@ class TMEPSR(SequenceModel):
         return F.embedding(items, self.item_emb.weight[1:])
 
     def item_scores(self, states: Tensor) -> Tensor:
-        """The base class's scores (``logsumexp_h (v_h . e_i + c_h) + b_i``), computed in each head's coordinates
-        (:meth:`InterestHeads.item_tables`: d_head instead of d multiply-adds per head and item; the tables
-        depend on the weights only, so an exported graph gets them once per set of weights) and with the
+        """The base class's scores (``logsumexp_h (v_h . e_i + c_h) + b_i``) from :meth:`_head_logits`, with the
         log-sum-exp by its maximum, head by head (elementwise Max, Exp and Add: faster than reductions over the
-        head axis, in torch and in onnxruntime). The priors enter through the matmul and the exponentials are taken
-        in place: evaluating 4,096 Beauty 5-core users (12,101 items) took 4.2 s instead of 8.6 s. The exported
-        graphs rank with :meth:`top_items` (the same order without a log per item)."""
+        head axis, in torch and in onnxruntime) and the exponentials taken in place: evaluating 4,096 Beauty
+        5-core users (12,101 items) took 4.2 s instead of 8.6 s. The exported graphs rank with :meth:`top_items`
+        (the same order without a log per item)."""
         if self.cfg.num_heads == 1:
             return super().item_scores(states)
-        logits = self._head_logits(states)
+        logits = self._head_logits(states.reshape(-1, states.shape[-1]))  # (H, N, V)
         top = functools.reduce(
             torch.maximum, logits.unbind(0)
         )  # elementwise: onnxruntime reduces axis 0 slowly
-        return top + functools.reduce(torch.add, (logits - top).exp_().unbind(0)).log() + self.item_bias[1:]
+        scores = top + functools.reduce(torch.add, (logits - top).exp_().unbind(0)).log()
+        return scores.reshape(*states.shape[:-1], -1)
 
     def _head_logits(self, states: Tensor) -> Tensor:
-        """Every head's term ``<v_h, e_i> + c_h`` for every item: (H, ..., num_items)."""
-        a, prior = self.interests.coordinates(states)
-        tables = self.interests.item_tables(self.item_emb.weight[1:])  # (H, V, d_head)
-        flat = a.reshape(-1, *a.shape[-2:]).transpose(0, 1)  # (H, N, d_head)
-        prior_h = prior.reshape(-1, prior.shape[-1]).T.unsqueeze(-1)  # (H, N, 1)
-        return torch.baddbmm(prior_h, flat, tables.transpose(-1, -2)).unflatten(1, a.shape[:-2])
-
-    def top_items(self, states: Tensor, exclude: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The ``k`` best items of :meth:`item_scores` for states (N, d), leaving out ``exclude`` (N, V) bool:
-        (scores, dense items), each (N, k). Ranked without a logarithm per item: ``s_i = log(r_i) + M`` with
-        ``r_i = sum_h exp(l_hi + b_i - M)`` (``M``: the state's largest ``l_hi + b_i``), so only the ``k`` winners
-        take a log. The bias and the priors enter the scoring matmul as two extra coordinates (``[a_h, c_h, 1] .
-        [u_hi, 1, b_i]``; the augmented tables depend on the weights only, so an exported graph gets them once per
-        set of weights) and the heads are summed by a matmul with ones: on-device scoring and top-10 of 3,416 items
-        in fewer graph nodes (onnxruntime's cost per node is most of a step's). The same ranking as
-        :meth:`item_scores` up to rounding. Excluded items rank below every other item (score -inf); an item
-        scoring more than ~87 below the state's best (float32 underflow of ``r_i``) also gets -inf, which only
-        matters if fewer than ``k`` items are within that range."""
-        if self.cfg.num_heads == 1:
-            return self.item_scores(states).masked_fill(exclude, -torch.inf).topk(k, dim=-1)
+        """Every head's term plus the item's bias, ``l_hi + b_i = <v_h, e_i> + c_h + b_i``, for states (N, d):
+        (H, N, num_items). Computed in each head's coordinates (:meth:`InterestHeads.item_tables`: d_head instead
+        of d multiply-adds per head and item), the prior and the bias entering the matmul as two extra
+        coordinates, ``[a_h, c_h, 1] . [u_hi, 1, b_i]``: the augmented tables depend on the weights only, so an
+        exported graph gets them once per set of weights, and no elementwise pass over (H, N, V) adds them."""
         a, prior = self.interests.coordinates(states)  # (N, H, d_head), (N, H)
         ones = torch.ones_like(prior)
         a = torch.cat((a, prior.unsqueeze(-1), ones.unsqueeze(-1)), dim=-1).transpose(
@@ -226,7 +210,20 @@ class TMEPSR(SequenceModel):
         tables = self.interests.item_tables(self.item_emb.weight[1:])  # (H, V, d_head)
         column = torch.ones_like(tables[..., :1])
         bias = self.item_bias[1:, None].expand_as(column)
-        logits = a @ torch.cat((tables, column, bias), dim=-1).transpose(1, 2)  # (H, N, V): l_hi + b_i
+        return a @ torch.cat((tables, column, bias), dim=-1).transpose(1, 2)
+
+    def top_items(self, states: Tensor, exclude: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` best items of :meth:`item_scores` for states (N, d), leaving out ``exclude`` (N, V) bool:
+        (scores, dense items), each (N, k). Ranked without a logarithm per item: ``s_i = log(r_i) + M`` with
+        ``r_i = sum_h exp(l_hi + b_i - M)`` (``M``: the state's largest ``l_hi + b_i``), so only the ``k`` winners
+        take a log, and the heads are summed by a matmul with ones: on-device scoring and top-10 of 3,416 items
+        in fewer graph nodes (onnxruntime's cost per node is most of a step's). The same ranking as
+        :meth:`item_scores` up to rounding. Excluded items rank below every other item (score -inf); an item
+        scoring more than ~87 below the state's best (float32 underflow of ``r_i``) also gets -inf, which only
+        matters if fewer than ``k`` items are within that range."""
+        if self.cfg.num_heads == 1:
+            return self.item_scores(states).masked_fill(exclude, -torch.inf).topk(k, dim=-1)
+        logits = self._head_logits(states)  # (H, N, V): l_hi + b_i
         top = logits.amax(dim=-1, keepdim=True).amax(dim=0)  # (N, 1): onnxruntime reduces the last axis fast
         heads, rows, num = logits.shape
         ranked = (logits.new_ones(1, heads) @ (logits - top).exp().reshape(heads, -1)).reshape(rows, num)
