@@ -51,6 +51,7 @@ from shared_model.graph_io import (
     exclude_mask,
     initial_personal,
     personalize,
+    rank_states,
     run_session,
     session,
 )
@@ -416,7 +417,8 @@ class Recommender:
         ranking = self._ranking if exclude_seen else None
         if ranking is None or k > ranking["top_items"].shape[1]:
             exclude = self._seen if exclude_seen else np.zeros_like(self._seen)
-            ranking = self._run("rank", {"state": self._state, "exclude": exclude})
+            feeds = {"state": self._state, "exclude": exclude} | rank_states(b.spec, self._states)
+            ranking = self._run("rank", feeds)
             if exclude_seen:
                 self._ranking = ranking
         items = ranking["top_items"][0, :k].tolist()  # plain Python values: no per-element numpy indexing

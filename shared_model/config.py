@@ -58,6 +58,9 @@ class ModelConfig:
     # among the item's attested ids by training use); 0 = the branch alone. 2 was the best on the Musical
     # Instruments validation set (review phrases) and costs < 1% on MovieLens-100k's genres
     explanation_rank_prior: float = 2.0
+    # ... plus this x log(1 + the number of the user's events (those the state has seen) whose item has the id
+    # attested): among an item's attested ids, the ones the user's own history carries; 0 = off
+    explanation_history_prior: float = 0.0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -72,8 +75,8 @@ class ModelConfig:
             raise ValueError("dropout must lie in [0, 1) and the loss weights must be >= 0")
         if not self.mi_temperature > 0:
             raise ValueError("mi_temperature must be > 0")
-        if self.explanation_rank_prior < 0:
-            raise ValueError("explanation_rank_prior must be >= 0")
+        if min(self.explanation_rank_prior, self.explanation_history_prior) < 0:
+            raise ValueError("explanation_rank_prior and explanation_history_prior must be >= 0")
         if self.lru_state_expansion < 1:
             raise ValueError("lru_state_expansion must be >= 1")
         if self.d_model % self.num_heads:

@@ -13,7 +13,10 @@ import numpy as np
 import onnxruntime as ort
 
 MAX_EVENTS = 256  # events the sequence encoder graph takes
-SPEC_FORMAT = 3  # the graph contract (docs/BUNDLE.md): 3, personal values are ordinary graph inputs
+SPEC_FORMAT = (
+    4  # the graph contract (docs/BUNDLE.md): personal values are ordinary graph inputs (since 3), the
+)
+# rank graph reads the recurrent states it lists (4: the explanation-history counts)
 
 
 def session(
@@ -106,3 +109,11 @@ def exclude_mask(items: Sequence[np.ndarray], num_items: int) -> np.ndarray:
     for r, row in enumerate(items):
         mask[r, row] = True
     return mask
+
+
+def rank_states(spec: Mapping[str, Any], states: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The recurrent states among ``states`` that ``rank.onnx`` reads besides ``state`` and ``exclude`` (those
+    of ``spec["states"]`` its inputs list, e.g. ``explanation_history``)."""
+    return {
+        i["name"]: states[i["name"]] for i in spec["graphs"]["rank"]["inputs"] if i["name"] in spec["states"]
+    }

@@ -117,7 +117,12 @@ class TMEPSR(SequenceModel):
         self.population_share: Tensor | None = None
         self.explanation = (
             ExplanationBranch(
-                d, cfg.num_explanations, cfg.dynamic_mi, cfg.mi_temperature, cfg.explanation_rank_prior
+                d,
+                cfg.num_explanations,
+                cfg.dynamic_mi,
+                cfg.mi_temperature,
+                cfg.explanation_rank_prior,
+                cfg.explanation_history_prior,
             )
             if cfg.use_explanations
             else None

@@ -26,6 +26,7 @@ from .config import (
 )
 from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
+from .explanation import history_counts
 from .metrics import multilabel_metrics, ranking_metrics, target_ranks
 from .sequence_model import SequenceModel
 
@@ -101,7 +102,11 @@ def evaluate(
             items = torch.as_tensor(log.item[t], device=device)
             whole = model.explanation_scores(last, items).cpu()
             expl_scores.append(whole.numpy())
-            attested.append(model.explanation.shown_scores(whole, candidates[items.cpu()]).numpy())
+            history = None
+            if model.explanation.history_prior:  # the ids attested for the input events' items
+                seen = candidates[batch.items.cpu().clamp(min=1) - 1]
+                history = history_counts(seen.masked_fill(~batch.mask.cpu()[..., None], -1), len(log.vocab))
+            attested.append(model.explanation.shown_scores(whole, candidates[items.cpu()], history).numpy())
             expl_rows.append(t)
     out = ranking_metrics(np.concatenate(ranks))
     out["users"] = float(len(eval_users))

@@ -10,6 +10,9 @@ ids of a user's next event given the true item, each relative to the item-aware 
 * ``combined``: ``log(1 + item count) + u log(1 + user count) + a affinity + r log(1 + recent count)``, where
   ``affinity`` is the labels' co-occurrence PMI (within one event's labels) with the user's earlier labels and
   ``recent`` counts the labels of the item's 5 latest training events;
+* ``history``: the ids attested for the user's earlier items, counted over every event before the target (what a
+  device knows from its own history alone, without labels); ``item + history``: ``log(1 + item count) + h
+  log(1 + history count)``;
 * ``ceiling``: the true ids first among the attested ones (no estimator can do better on what may be shown);
   ``test_labels_attested`` is the share of the test events' labels that are attested for their item.
 
@@ -48,6 +51,7 @@ COMBINED_WEIGHTS = tuple(
     (u, a, r) for u in (0.0, 0.5, 1.0) for a in (0.0, 0.3, 1.0) for r in (0.0, 0.5, 1.0)
 )  # user, affinity, recent
 RECENT_EVENTS = 5
+HISTORY_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def _counts(log: InteractionLog, split: LeaveOneOutSplit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,6 +115,18 @@ def _recent_counts(log: InteractionLog, split: LeaveOneOutSplit) -> np.ndarray:
     return out
 
 
+def _history_counts(log: InteractionLog, candidates: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """For each target event, how often each id is attested for the items of the user's earlier events (N, V)."""
+    first = log.user_ptr[np.searchsorted(log.user_ptr, target, side="right") - 1]
+    lengths = target - first
+    earlier = np.repeat(first - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    ids = candidates[log.item[earlier]]
+    rows = np.broadcast_to(np.repeat(np.arange(len(target)), lengths)[:, None], ids.shape)
+    out = np.zeros((len(target), len(log.vocab)))
+    np.add.at(out, (rows[ids >= 0], ids[ids >= 0]), 1.0)
+    return out
+
+
 def evaluate(name: str, data_dir: str | None = None) -> dict[str, object]:
     """Validation and test NDCG@10 of every estimator, and the test ratios to item-aware popularity."""
     log = load_dataset(name, data_dir)
@@ -151,6 +167,10 @@ def evaluate(name: str, data_dir: str | None = None) -> dict[str, object]:
             )
         for b in NEIGHBOUR_WEIGHTS:
             got[f"item + similar items (b={b:g})"] = ndcg(shares[item] + b * neighbours[item] + 0.1 * tie)
+        history = np.log1p(_history_counts(log, candidates, target))
+        got["history"] = ndcg(history + tie)
+        for h in HISTORY_WEIGHTS:
+            got[f"item + history (h={h:g})"] = ndcg(np.log1p(per_item[item]) + h * history + tie)
         is_truth = np.zeros((len(target), vocab), bool)
         is_truth[np.repeat(np.arange(len(target)), truth.lengths()), truth.ids] = True
         got["ceiling: the true ids first among the attested"] = ndcg(is_truth + tie)
@@ -170,6 +190,8 @@ def evaluate(name: str, data_dir: str | None = None) -> dict[str, object]:
         "item + user",
         "item + similar items",
         "combined",
+        "history",
+        "item + history",
         "ceiling: the true ids first among the attested",
     ):
         keys = [k for k in scores["val"] if k == family or k.startswith(family + " (")]

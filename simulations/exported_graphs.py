@@ -16,6 +16,7 @@ from shared_model.graph_io import (
     exclude_mask,
     initial_personal,
     personalize,
+    rank_states,
     run_session,
     session,
 )
@@ -54,7 +55,8 @@ def recommend_histories(
     values = personal_values(graphs) if values is None else values  # personalize once for both graphs
     out = run_graph(graphs, "encoder", encoder_inputs(items, times), values)
     exclude = exclude_mask(items, graphs.spec["num_items"])
-    return out | run_graph(graphs, "rank", {"state": out["state"], "exclude": exclude}, values)
+    feeds = {"state": out["state"], "exclude": exclude} | rank_states(graphs.spec, out)
+    return out | run_graph(graphs, "rank", feeds, values)
 
 
 def int8_effect(

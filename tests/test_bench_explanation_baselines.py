@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from simulations.bench_explanation_baselines import _markdown, evaluate
+import numpy as np
+
+from shared_model.data import load_dataset
+from shared_model.data.split import LeaveOneOutSplit
+from simulations.bench_explanation_baselines import _history_counts, _markdown, evaluate
 
 from .helpers import make_events
 
@@ -17,6 +21,8 @@ def test_every_estimator_is_scored_against_item_aware_popularity(tmp_path):
         "item + user",
         "item + similar items",
         "combined",
+        "history",
+        "item + history",
         "ceiling: the true ids first among the attested",
     }
     assert rows["item-aware popularity"]["x_item_popularity"] == 1.0
@@ -28,3 +34,18 @@ def test_every_estimator_is_scored_against_item_aware_popularity(tmp_path):
     assert all(r["test_ndcg@10"] <= ceiling + 1e-9 for k, r in rows.items() if k != "item-aware popularity")
     assert 0 <= result["test_labels_attested"] <= 1
     assert "| item-aware popularity |" in _markdown([result])
+
+
+def test_history_counts_the_ids_attested_for_each_users_earlier_items(tmp_path):
+    log = load_dataset(str(make_events(tmp_path / "events.csv", users=12, events=9)))
+    candidates = LeaveOneOutSplit(log).explanation_candidates
+    target = LeaveOneOutSplit(log).target_events("test")
+    counts = _history_counts(log, candidates, target)
+    for row, event in enumerate(target):
+        user = np.searchsorted(log.user_ptr, event, side="right") - 1
+        expected = np.zeros(len(log.vocab))
+        for earlier in range(log.user_ptr[user], event):
+            ids = candidates[log.item[earlier]]
+            np.add.at(expected, ids[ids >= 0], 1.0)
+        np.testing.assert_array_equal(counts[row], expected)
+    assert counts.sum() > 0

@@ -165,7 +165,7 @@ def test_load_public_key_accepts_pem_bytes_and_refuses_other_keys(tmp_path: Path
 
 def test_sign_and_verify_round_trip(bundle: Path) -> None:
     manifest = verify_bundle(bundle, KEY.public_key())
-    assert manifest.format_version == 3 and manifest.model_version == "v1" and manifest.opset == 18
+    assert manifest.format_version == 4 and manifest.model_version == "v1" and manifest.opset == 18
     assert manifest.created == CREATED
     assert (
         manifest.data["item_titles"] == EXTRA["item_titles"]

@@ -13,7 +13,7 @@ from shared_model.data.explanations import (
     review_phrases,
     tag_or_genre_labels,
 )
-from shared_model.explanation import attested_only, attested_top
+from shared_model.explanation import ExplanationBranch, attested_only, history_counts
 
 NAMES = ("Drama", "Comedy", "Noir")
 # item 0: Drama+Comedy, item 1: Comedy, item 2: Drama+Noir, item 3: no attribute
@@ -82,9 +82,28 @@ def test_shown_explanations_are_attested_ids_with_the_rank_prior():
     plain = attested_only(scores, candidates)
     assert plain[0, 4] == -torch.inf and plain[0, 1] == -torch.inf
     assert torch.equal(plain[0, [0, 2, 3]], scores[0, [0, 2, 3]])
-    assert attested_top(scores, candidates, 4).tolist() == [[3, 2, 0, -1]]  # by score alone
+    assert ExplanationBranch(8, 5).shown_top(scores, candidates, 4).tolist() == [[3, 2, 0, -1]]  # by score
     prior = attested_only(scores, candidates, rank_prior=2.0)
     expected = scores[0, [2, 0, 3]] - 2.0 * torch.log1p(torch.arange(3.0))
     assert torch.allclose(prior[0, [2, 0, 3]], expected)
     # a strong prior shows the table's order (most used on the item first)
-    assert attested_top(scores, candidates, 3, rank_prior=100.0).tolist() == [[2, 0, 3]]
+    assert ExplanationBranch(8, 5, rank_prior=100.0).shown_top(scores, candidates, 3).tolist() == [[2, 0, 3]]
+
+
+def test_history_counts_count_each_id_over_a_users_items():
+    ids = torch.tensor([[[0, 2, -1], [2, -1, -1]], [[-1, -1, -1], [1, -1, -1]]])  # (users, events, widest)
+    assert history_counts(ids, 4).tolist() == [[1.0, 0.0, 2.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+
+
+def test_the_history_prior_shows_the_attested_id_the_user_meets_most():
+    scores = torch.tensor([[0.0, 3.0, 1.0, 2.0, 5.0]])
+    candidates = torch.tensor([[2, 0, 3, -1]])
+    history = torch.tensor([[20.0, 50.0, 0.0, 0.0, 99.0]])  # ids 1 and 4 are not attested for this item
+    branch = ExplanationBranch(8, 5, rank_prior=2.0, history_prior=1.0)
+    shown = branch.shown_scores(scores, candidates, history)
+    assert torch.allclose(shown, attested_only(scores, candidates, 2.0) + torch.log1p(history))
+    assert branch.shown_top(scores, candidates, 3, history).tolist() == [[0, 2, 3]]  # id 0 moves up
+    assert (
+        branch.shown_top(scores, candidates, 3).tolist()
+        == ExplanationBranch(8, 5, rank_prior=2.0).shown_top(scores, candidates, 3).tolist()
+    )  # without a history: the rank prior alone

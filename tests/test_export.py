@@ -1,5 +1,5 @@
 """ONNX export: on real histories the step graph (rolled event by event), the sequence encoder
-+ rank graphs and the torch model agree; personal weights are plain graph inputs (bundle format 3); the graphs
++ rank graphs and the torch model agree; personal weights are plain graph inputs (bundle format 4); the graphs
 pass the onnx / onnxruntime checks; the int8 item table keeps the top-10."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from shared_model.build import build_model
 from shared_model.config import MODEL_PRESETS, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
+from shared_model.explanation import history_counts
 from shared_model.export import ExportedGraphs, ExportError, check_graphs, export_model
 from shared_model.graph_io import MAX_EVENTS, encoder_inputs, exclude_mask, initial_personal, run_session
 from shared_model.model import TMEPSR, InterestHeads
@@ -43,9 +44,10 @@ def log():
 
 @pytest.fixture(scope="module")
 def trained(log) -> TMEPSR:
-    """A small TME-PSR (time encoder, 4 heads, explanations) after two quick epochs."""
+    """A small TME-PSR (time encoder, 4 heads, explanations shown with the history prior) after two quick
+    epochs."""
     torch.manual_seed(0)
-    model = TMEPSR(model_config_for(log, d_model=32, num_heads=4, max_len=50))
+    model = TMEPSR(model_config_for(log, d_model=32, num_heads=4, max_len=50, explanation_history_prior=1.0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     train_end = train_end_per_user(log, LeaveOneOutSplit(log))
     rng = np.random.default_rng(0)
@@ -128,9 +130,20 @@ def _assert_matches_torch(model: TMEPSR, log, starts, ends, out: dict[str, np.nd
         k, e = out["top_explanations"].shape[1:]
         with torch.no_grad():
             pairs = state[:, None].expand(-1, k, -1).reshape(-1, state.shape[-1])
-            candidates = torch.from_numpy(_candidates(log))[items.reshape(-1)]
+            table = torch.from_numpy(_candidates(log))
+            candidates = table[items.reshape(-1)]
+            history = None
+            if model.explanation.history_prior:  # the ids attested for each user's events' items, counted
+                history = torch.cat(
+                    [
+                        history_counts(table[log.item[a:b]][None], len(log.vocab))
+                        for a, b in zip(starts, ends, strict=True)
+                    ]
+                )
+                assert np.array_equal(out["explanation_history"], history.numpy())
+                history = history.repeat_interleave(k, 0)
             expl = model.explanation.shown_top(
-                model.explanation_scores(pairs, items.reshape(-1)), candidates, e
+                model.explanation_scores(pairs, items.reshape(-1)), candidates, e, history
             )
         assert np.array_equal(out["top_explanations"], expl.reshape(-1, k, e).numpy())
         # faithful: every shown explanation is attested for its item

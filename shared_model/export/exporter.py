@@ -26,7 +26,7 @@ from .personal_split import (
     personalize_model,
     type_personalize,
 )
-from .torch_graphs import OPSET, AttestedTable, export_graphs, state_names
+from .torch_graphs import OPSET, AttestedTable, export_graphs, initial_states, state_names
 
 GRAPH_FILES = {
     "step": "step.onnx",
@@ -161,7 +161,7 @@ def export_model(
         onnx.save_model(proto, out_dir / GRAPH_FILES[name])
     states = {
         name: {"shape": list(s.shape[1:]), "dtype": "float32"}
-        for name, s in zip(state_names(model), model.initial_state(1), strict=False)
+        for name, s in zip(state_names(model), initial_states(model, 1), strict=True)
     }
     spec = {
         "format": SPEC_FORMAT,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..explanation import history_counts
 from ..graph_io import MAX_EVENTS
 from ..model import TMEPSR
 
@@ -43,10 +45,17 @@ class AttestedTable(nn.Module):
 
 
 def _rank(
-    model: TMEPSR, state: Tensor, exclude: Tensor, top_k: int, num_expl: int, attested: AttestedTable | None
+    model: TMEPSR,
+    state: Tensor,
+    exclude: Tensor,
+    top_k: int,
+    num_expl: int,
+    attested: AttestedTable | None,
+    history: Tensor | None,
 ) -> tuple[Tensor, ...]:
     """Ranking outputs for state vectors (B, d): top items, scores, driving heads[, explanation ids among the
-    ids attested for each item (-1 where an item has fewer)]."""
+    ids attested for each item (-1 where an item has fewer), with the history prior when ``history`` (B, V)
+    is given]."""
     top_scores, top_items = model.top_items(state, exclude, top_k)
     heads = model.head_contributions(state, top_items).argmax(-1)
     if model.explanation is None:
@@ -54,52 +63,95 @@ def _rank(
     pairs = state[:, None].expand(-1, top_k, -1).reshape(-1, state.shape[-1])
     flat_items = top_items.reshape(-1)
     scores = model.explanation_scores(pairs, flat_items)
-    expl = model.explanation.shown_top(scores, attested(flat_items), num_expl)
+    if history is not None:
+        history = history.repeat_interleave(top_k, dim=0)
+    expl = model.explanation.shown_top(scores, attested(flat_items), num_expl, history)
     return top_items, top_scores, heads, expl.reshape(*top_items.shape, num_expl)
 
 
+def uses_history(model: TMEPSR) -> bool:
+    """Whether the shown explanations read the user's history counts (a recurrent state of the graphs)."""
+    return model.explanation is not None and model.explanation.history_prior > 0
+
+
 class _Graph(nn.Module):
-    """Holds the model as ``self.model`` (so initializers are named ``model.<parameter>``)."""
+    """Holds the model as ``self.model`` (so initializers are named ``model.<parameter>``). ``fixed_inputs``:
+    the named inputs of ``forward`` before its ``*states`` (None: no ``*states``)."""
+
+    fixed_inputs: int | None = None
 
     def __init__(self, model: TMEPSR, top_k: int, num_expl: int, attested: AttestedTable | None) -> None:
         super().__init__()
         self.model, self.top_k, self.num_expl, self.attested = model, top_k, num_expl, attested
 
+    def _history(self, items: Tensor) -> Tensor:
+        """The explanation-history counts of dense ``items`` (B, ...; -1 = no event): (B, V)."""
+        ids = self.attested(items.clamp(min=0).reshape(-1)).reshape(*items.shape, -1)
+        ids = ids.masked_fill((items < 0)[..., None], -1)
+        return history_counts(ids, self.model.cfg.num_explanations)
+
 
 class _Step(_Graph):
+    fixed_inputs = 3
+
     def forward(
-        self,
-        item: Tensor,
-        timestamp: Tensor,
-        exclude: Tensor,
-        lru_state: Tensor,
-        time_state: Tensor | None = None,
+        self, item: Tensor, timestamp: Tensor, exclude: Tensor, *states: Tensor
     ) -> tuple[Tensor, ...]:
-        if time_state is None:
-            time_state = torch.zeros(item.shape[0], 0)
-        state, lru_state, time_state = self.model.step(item, timestamp, lru_state, time_state)
-        next_states = (lru_state,) if self.model.time_encoder is None else (lru_state, time_state)
+        named = dict(zip(state_names(self.model), states, strict=True))
+        time_state = named.get("time_state", torch.zeros(item.shape[0], 0))
+        state, lru_state, time_state = self.model.step(item, timestamp, named["lru_state"], time_state)
+        next_states = {"lru_state": lru_state, "time_state": time_state}
+        history = None
+        if "explanation_history" in named:
+            history = named["explanation_history"] + self._history(item[:, None])
+            next_states["explanation_history"] = history
         return (
-            *next_states,
+            *(next_states[name] for name in named),
             state,
-            *_rank(self.model, state, exclude, self.top_k, self.num_expl, self.attested),
+            *_rank(self.model, state, exclude, self.top_k, self.num_expl, self.attested, history),
         )
 
 
 class _Rank(_Graph):
-    def forward(self, state: Tensor, exclude: Tensor) -> tuple[Tensor, ...]:
-        return _rank(self.model, state, exclude, self.top_k, self.num_expl, self.attested)
+    fixed_inputs = 2
+
+    def forward(self, state: Tensor, exclude: Tensor, *history: Tensor) -> tuple[Tensor, ...]:
+        return _rank(
+            self.model,
+            state,
+            exclude,
+            self.top_k,
+            self.num_expl,
+            self.attested,
+            history[0] if history else None,
+        )
 
 
 class _Encoder(_Graph):
     def forward(self, items: Tensor, timestamps: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
         state, lru_state, time_state = self.model.reencode(items, timestamps, mask)
         states = (lru_state,) if self.model.time_encoder is None else (lru_state, time_state)
+        if uses_history(self.model):
+            states = (*states, self._history(torch.where(mask, items, -1)))
         return *states, state
 
 
 def state_names(model: TMEPSR) -> list[str]:
-    return ["lru_state"] if model.time_encoder is None else ["lru_state", "time_state"]
+    """The recurrent states of the graphs, in their input order: ``lru_state``, ``time_state`` with a time
+    encoder, ``explanation_history`` when the shown explanations read the history (:func:`uses_history`)."""
+    names = ["lru_state"] if model.time_encoder is None else ["lru_state", "time_state"]
+    return [*names, "explanation_history"] if uses_history(model) else names
+
+
+def initial_states(model: TMEPSR, batch: int) -> list[Tensor]:
+    """Zero states (batch, ...), one per :func:`state_names`."""
+    lru_state, time_state = model.initial_state(batch)
+    values = {
+        "lru_state": lru_state,
+        "time_state": time_state,
+        "explanation_history": torch.zeros(batch, model.cfg.num_explanations),
+    }
+    return [values[name] for name in state_names(model)]
 
 
 def _ranking_names(model: TMEPSR) -> list[str]:
@@ -112,7 +164,7 @@ def _examples(model: TMEPSR) -> dict[str, tuple[tuple[Tensor, ...], list[str], l
     n, d = model.cfg.num_items, model.cfg.d_model
     exclude = torch.zeros(2, n, dtype=torch.bool)
     exclude[:, 0] = True
-    states = [s for s in model.initial_state(2) if s.shape[1]]
+    states = initial_states(model, 2)
     t0 = 1_500_000_000
     events = torch.arange(MAX_EVENTS)
     history = (
@@ -121,15 +173,30 @@ def _examples(model: TMEPSR) -> dict[str, tuple[tuple[Tensor, ...], list[str], l
         torch.stack((events >= 0, events >= MAX_EVENTS // 2)),
     )
     names = state_names(model)
+    counts = ["explanation_history"] if uses_history(model) else []
     return {
         "step": (
             (torch.tensor([0, n - 1]), torch.tensor([t0, t0 + 60]), exclude, *states),
             ["item", "timestamp", "exclude", *names],
             [*(f"next_{s}" for s in names), "state", *_ranking_names(model)],
         ),
-        "rank": ((torch.randn(2, d), exclude), ["state", "exclude"], _ranking_names(model)),
+        "rank": (
+            (torch.randn(2, d), exclude, *states[len(names) - len(counts) :]),
+            ["state", "exclude", *counts],
+            _ranking_names(model),
+        ),
         "encoder": (history, ["items", "timestamps", "mask"], [*names, "state"]),
     }
+
+
+def _batch_dims(module: nn.Module, num_args: int) -> tuple[Any, ...]:
+    """A dynamic batch dimension for each of ``num_args`` inputs, shaped like ``forward``'s parameters (the
+    ``*states`` of a :class:`_Graph` as one tuple)."""
+    dims = [{0: torch.export.Dim.DYNAMIC} for _ in range(num_args)]
+    fixed = getattr(module, "fixed_inputs", None)
+    if fixed is None or fixed == num_args:  # no *states, or none passed
+        return tuple(dims)
+    return (*dims[:fixed], tuple(dims[fixed:]))
 
 
 def _export_graph(
@@ -152,7 +219,7 @@ def _export_graph(
                 opset_version=OPSET,
                 input_names=names,
                 output_names=outputs,
-                dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in args),
+                dynamic_shapes=_batch_dims(module, len(args)),
                 optimize=False,
                 verbose=False,
             )
@@ -173,8 +240,6 @@ def export_graphs(
     protos = {}
     for name, (args, inputs, outputs) in _examples(model).items():
         with torch.no_grad():
-            graph_module = modules[name](
-                model, widths[name], num_expl, None if name == "encoder" else attested
-            )
+            graph_module = modules[name](model, widths[name], num_expl, attested)
             protos[name] = _export_graph(graph_module, args, inputs, outputs)
     return protos

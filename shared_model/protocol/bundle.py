@@ -6,7 +6,7 @@ A bundle is a directory::
     manifest.sig    the raw 64-byte Ed25519 signature of the exact bytes of manifest.json
     <files>         every other regular file (ONNX graphs, JSON side files...), subfolders allowed
 
-The manifest holds ``format_version`` (int, currently 3; ``docs/BUNDLE.md`` is the written contract), ``model_version`` (str: letters, digits, ``._+-``),
+The manifest holds ``format_version`` (int, currently 4; ``docs/BUNDLE.md`` is the written contract), ``model_version`` (str: letters, digits, ``._+-``),
 ``opset`` (int), ``created`` (ISO-8601 UTC), ``files`` (``{posix relative name: {"sha256": hex, "bytes": int}}``
 for every file except manifest.json and manifest.sig) and any extra JSON fields of the release (item-id map,
 titles, explanation texts, graph spec...).
@@ -39,7 +39,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .errors import DeviceRuntimeError
 
 CATALOGUE = "catalogue.json.gz"  # the item ids, titles and explanation texts: gzip-compressed JSON
-FORMAT_VERSION = 3  # older bundles (1: self-contained graphs, 2: personal initializers) are refused
+FORMAT_VERSION = (
+    4  # older bundles (1: self-contained graphs, 2: personal initializers, 3: no history state) are refused
+)
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 REQUIRED_FIELDS = ("format_version", "model_version", "opset", "created", "files")
 SIGNATURE_SIZE = 64

@@ -5,7 +5,7 @@
 import { asBytes, fromBase64, sha256Hex, subtle, utf8Decode } from "./bytes.js";
 import { BundleError, BundleFormatError, BundleSignatureError, BundleTampered } from "./errors.js";
 
-export const FORMAT_VERSION = 3;
+export const FORMAT_VERSION = 4;
 export const MANIFEST = "manifest.json";
 export const SIGNATURE = "manifest.sig";
 export const SIGNATURE_SIZE = 64;

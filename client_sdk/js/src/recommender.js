@@ -487,11 +487,16 @@ export class Recommender {
       if (r === null || k > r.width) {
         const T = this._ort.Tensor;
         const exclude = excludeSeen ? this._seen : new Uint8Array(this._seen.length);
-        const out = await b.sessions.rank.run({
+        const feeds = {
           state: new T("float32", this._state, [1, this._state.length]),
           exclude: new T("bool", exclude, [1, exclude.length]),
           ...b.personal.rank,
-        });
+        };
+        for (const input of b.spec.graphs.rank.inputs) {  // the recurrent states it reads (explanation_history)
+          const s = b.spec.states[input.name];
+          if (s) feeds[input.name] = new T("float32", this._states[input.name], [1, ...s.shape]);
+        }
+        const out = await b.sessions.rank.run(feeds);
         r = ranking(out);
         if (excludeSeen) this._ranking = r;
       }
