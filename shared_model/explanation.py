@@ -139,3 +139,11 @@ def history_counts(ids: Tensor, num: int) -> Tensor:
     slots = torch.where(ids >= 0, ids, num)  # -1 counts into a dropped column
     counts = torch.zeros(len(ids), num + 1, dtype=torch.float32, device=ids.device)
     return counts.scatter_add(1, slots, torch.ones_like(slots, dtype=torch.float32))[:, :num]
+
+
+def batch_history(candidates: Tensor, items: Tensor, mask: Tensor, num: int) -> Tensor:
+    """:func:`history_counts` of a model input's events: ``items`` (B, L) as a
+    :class:`~shared_model.batching.Batch` holds them (item id + 1), ``mask`` (B, L) True at events,
+    ``candidates`` the ids attested per item (num_items, M; -1 padded): (B, ``num``)."""
+    ids = candidates[(items - 1).clamp(min=0)].masked_fill(~mask[..., None], -1)
+    return history_counts(ids, num)

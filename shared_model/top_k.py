@@ -12,6 +12,7 @@ import torch
 from .batching import input_batch
 from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
+from .explanation import batch_history
 from .graph_io import exclude_mask
 from .sequence_model import SequenceModel
 
@@ -45,10 +46,16 @@ def recommend(
     if (
         explanations and model.explanation is not None and len(log.vocab)
     ):  # among the ids attested for each item
-        candidates = _attested_candidates(log)[items]
+        table = _attested_candidates(log)
+        candidates = table[items]
         n = min(explanations, candidates.shape[1])
+        history = (
+            batch_history(table, batch.items, batch.mask, len(log.vocab)).expand(k, -1)
+            if model.explanation.history_prior
+            else None
+        )
         expl = model.explanation.shown_top(
-            model.explanation_scores(state.expand(k, -1), items), candidates, n
+            model.explanation_scores(state.expand(k, -1), items), candidates, n, history
         )
     titles = log.item_meta.titles
     out = []

@@ -26,7 +26,7 @@ from .config import (
 )
 from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
-from .explanation import history_counts
+from .explanation import batch_history
 from .metrics import multilabel_metrics, ranking_metrics, target_ranks
 from .sequence_model import SequenceModel
 
@@ -102,10 +102,11 @@ def evaluate(
             items = torch.as_tensor(log.item[t], device=device)
             whole = model.explanation_scores(last, items).cpu()
             expl_scores.append(whole.numpy())
-            history = None
-            if model.explanation.history_prior:  # the ids attested for the input events' items
-                seen = candidates[batch.items.cpu().clamp(min=1) - 1]
-                history = history_counts(seen.masked_fill(~batch.mask.cpu()[..., None], -1), len(log.vocab))
+            history = (  # the ids attested for the input events' items, counted
+                batch_history(candidates, batch.items.cpu(), batch.mask.cpu(), len(log.vocab))
+                if model.explanation.history_prior
+                else None
+            )
             attested.append(model.explanation.shown_scores(whole, candidates[items.cpu()], history).numpy())
             expl_rows.append(t)
     out = ranking_metrics(np.concatenate(ranks))

@@ -29,14 +29,17 @@ def make_events(path: Path, users: int = 9, events: int = 14, items: int = 40, s
 
 
 def tiny_model(log: InteractionLog, seed: int) -> TMEPSR:
-    """A tiny random TME-PSR for ``log`` (d 16, 2 heads) whose item biases leave no score ties."""
+    """A tiny random TME-PSR for ``log`` (d 16, 2 heads, explanations shown with the history prior) whose item
+    biases leave no score ties."""
     import torch
 
     from shared_model.build import build_model
     from shared_model.training import model_config_for
 
     torch.manual_seed(seed)
-    model = build_model(model_config_for(log, d_model=16, max_len=16, num_heads=2)).eval()
+    model = build_model(
+        model_config_for(log, d_model=16, max_len=16, num_heads=2, explanation_history_prior=1.0)
+    ).eval()
     with torch.no_grad():
         model.item_bias.normal_(0, 0.5)  # no score ties
     return model  # type: ignore[return-value]

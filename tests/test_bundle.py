@@ -275,12 +275,12 @@ TAMPER_CASES = {
     "format version 99": (
         resigned(lambda d: d.update(format_version=99)),
         BundleFormatError,
-        "version 99 is newer than this code reads \\(3\\)",
+        "version 99 is newer than this code reads \\(4\\)",
     ),
-    "format version 2 (personal initializers)": (
-        resigned(lambda d: d.update(format_version=2)),
+    "format version 3 (no explanation history)": (
+        resigned(lambda d: d.update(format_version=3)),
         BundleFormatError,
-        "version 2 is older than this code reads \\(3\\); re-export",
+        "version 3 is older than this code reads \\(4\\); re-export",
     ),
     "format version as string": (
         resigned(lambda d: d.update(format_version="1")),
