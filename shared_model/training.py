@@ -310,7 +310,11 @@ def write_json(path: str | Path, data: Any) -> None:
 def model_for_run(fed: FederatedConfig, log: InteractionLog) -> SequenceModel:
     """The initial model of a federated run. Seeded, so the server and every device build identical initial
     weights (devices take their initial personal weights from it)."""
-    overrides = {"max_len": fed.max_len, "d_model": fed.d_model}
+    overrides = {
+        "max_len": fed.max_len,
+        "d_model": fed.d_model,
+        "explanation_history_prior": fed.explanation_history_prior,
+    }
     cfg = model_config_for(log, **(MODEL_PRESETS[fed.preset] | overrides))
     torch.manual_seed(fed.seed)
     return build_model(cfg)

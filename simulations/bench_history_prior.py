@@ -24,7 +24,7 @@ from shared_model.model import TMEPSR
 from shared_model.training import evaluate, load_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
-WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 KEY = "expl_attested_ndcg@10"
 
 

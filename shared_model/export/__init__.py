@@ -46,7 +46,7 @@ k up to ``step_top_k``). ``recommend(k)`` without a new event, or for more items
 ``state``. The recurrent states start as zeros of the shapes in ``spec["states"]``. ``docs/BUNDLE.md`` is the
 written contract for runtimes in other languages.
 
-Personal weights are plain graph inputs (bundle format 3), so every onnxruntime binding (Python, JavaScript,
+Personal weights are plain graph inputs (bundle format 3 and later), so every onnxruntime binding (Python, JavaScript,
 Java, Objective-C, C#) feeds them with an ordinary ``run()``. Computing a graph's values from its parameters
 per event would waste time (the LRU step matrices, lambda powers, ... depend on the personal parameters only),
 so the export cuts every subgraph that depends only on personal parameters out of the three graphs into

@@ -38,7 +38,7 @@ test("a signed bundle verifies; its id is the manifest's sha256; the bytes used 
   const v = await verifyBundle(directorySource(fx.bundle), fx.publicKey);
   const raw = fs.readFileSync(path.join(fx.bundle, "manifest.json"));
   assert.equal(v.sha256, createHash("sha256").update(raw).digest("hex"));
-  assert.equal(v.formatVersion, 3);
+  assert.equal(v.formatVersion, 4);
   assert.equal(v.modelVersion, "v1");
   assert.deepEqual(Buffer.from(v.read("step.onnx")), fs.readFileSync(path.join(fx.bundle, "step.onnx")));
   assert.throws(() => v.read("nope.onnx"), BundleFormatError);
