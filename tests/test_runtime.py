@@ -69,10 +69,15 @@ def test_runtime_matches_the_torch_model_and_survives_a_restart(env, tmp_path):
         (r.item, r.head, r.explanations) for r in got
     ]
     rec.close()
-    again = _open(env, tmp_path)  # state, history and seen items from the encrypted store
-    assert again.history == rec.history and [r.item for r in again.recommend(10)] == [r.item for r in got]
-    again.sync_history(rec.history)  # the sequence encoder graph gives the state the step graph rolled
+    again = _open(
+        env, tmp_path
+    )  # states (the explanation-history counts too), history and seen items from the store
+    assert again.history == rec.history
+    assert [(r.item, r.explanations) for r in again.recommend(10)] == [(r.item, r.explanations) for r in got]
+    assert set(again._states) == {"lru_state", "time_state", "explanation_history"}
+    again.sync_history(rec.history)  # the sequence encoder graph gives the states the step graph rolled
     np.testing.assert_allclose([r.score for r in again.recommend(10)], [r.score for r in got], atol=1e-4)
+    assert [r.explanations for r in again.recommend(10)] == [r.explanations for r in got]
 
 
 def test_personal_weights_come_from_the_store(env, tmp_path):
