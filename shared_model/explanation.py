@@ -63,18 +63,31 @@ class ExplanationBranch(nn.Module):
         )
         self.temperature = temperature
 
-    def shown_scores(self, scores: Tensor, candidates: Tensor, history: Tensor | None = None) -> Tensor:
-        """The scores the shown ranking sorts by: :func:`attested_only` with this branch's rank prior, plus the
-        history prior from ``history`` (N, V), the counts of :func:`history_counts` (``None``: no history)."""
-        shown = attested_only(scores, candidates, self.rank_prior)
-        if history is None or not self.history_prior:
-            return shown
-        return shown + self.history_prior * torch.log1p(history)
+    def history_bonus(self, counts: Tensor) -> Tensor:
+        """What the user's history adds to each id's shown score, ``history_prior * log(1 + n)``, from the counts
+        of :func:`history_counts` (..., V): computed once per state, then shared by every item it ranks."""
+        return self.history_prior * torch.log1p(counts)
 
-    def shown_top(self, scores: Tensor, candidates: Tensor, k: int, history: Tensor | None = None) -> Tensor:
+    def input_bonus(self, candidates: Tensor, items: Tensor, mask: Tensor) -> Tensor | None:
+        """:meth:`history_bonus` of a model input's events (``items`` (B, L) as a
+        :class:`~shared_model.batching.Batch` holds them, item id + 1; ``mask`` (B, L) True at events;
+        ``candidates`` the ids attested per item, (num_items, M), -1 padded): (B, V), or None when the prior is
+        off."""
+        if not self.history_prior:
+            return None
+        ids = candidates[(items - 1).clamp(min=0)]
+        return self.history_bonus(history_counts(ids, self.embedding.num_embeddings, mask))
+
+    def shown_scores(self, scores: Tensor, candidates: Tensor, bonus: Tensor | None = None) -> Tensor:
+        """The scores the shown ranking sorts by: :func:`attested_only` with this branch's rank prior, plus the
+        :meth:`history_bonus` ``bonus`` (rows like ``scores``, or one row for all; None: no history)."""
+        shown = attested_only(scores, candidates, self.rank_prior)
+        return shown if bonus is None else shown + bonus
+
+    def shown_top(self, scores: Tensor, candidates: Tensor, k: int, bonus: Tensor | None = None) -> Tensor:
         """The ``k`` ids shown for each row (N, k) by :meth:`shown_scores`, best first; -1 where a row has
         fewer than ``k`` candidates."""
-        top = self.shown_scores(scores, candidates, history).topk(k, dim=1)
+        top = self.shown_scores(scores, candidates, bonus).topk(k, dim=1)
         return torch.where(top.values > -torch.inf, top.indices, -1)
 
     def query(self, state: Tensor, item_vec: Tensor) -> Tensor:
@@ -132,18 +145,13 @@ def attested_only(scores: Tensor, candidates: Tensor, rank_prior: float = 0.0) -
     return scores + shown[:, :num]
 
 
-def history_counts(ids: Tensor, num: int) -> Tensor:
-    """How often each explanation id occurs in each row of ``ids`` (N, K; -1 = none), as float32 (N, ``num``):
-    given the ids attested for a user's items, how many of the user's events each id applies to."""
+def history_counts(ids: Tensor, num: int, events: Tensor | None = None) -> Tensor:
+    """How often each explanation id occurs in each row of ``ids`` (N, ..., M; -1 = none), as float32 (N,
+    ``num``), counting only where ``events`` (N, ...) is True: given the ids attested for a user's items, how many
+    of the user's events each id applies to."""
+    if events is not None:
+        ids = ids.masked_fill(~events[..., None], -1)
     ids = ids.reshape(len(ids), -1)
     slots = torch.where(ids >= 0, ids, num)  # -1 counts into a dropped column
     counts = torch.zeros(len(ids), num + 1, dtype=torch.float32, device=ids.device)
     return counts.scatter_add(1, slots, torch.ones_like(slots, dtype=torch.float32))[:, :num]
-
-
-def batch_history(candidates: Tensor, items: Tensor, mask: Tensor, num: int) -> Tensor:
-    """:func:`history_counts` of a model input's events: ``items`` (B, L) as a
-    :class:`~shared_model.batching.Batch` holds them (item id + 1), ``mask`` (B, L) True at events,
-    ``candidates`` the ids attested per item (num_items, M; -1 padded): (B, ``num``)."""
-    ids = candidates[(items - 1).clamp(min=0)].masked_fill(~mask[..., None], -1)
-    return history_counts(ids, num)

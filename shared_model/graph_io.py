@@ -13,10 +13,9 @@ import numpy as np
 import onnxruntime as ort
 
 MAX_EVENTS = 256  # events the sequence encoder graph takes
-SPEC_FORMAT = (
-    4  # the graph contract (docs/BUNDLE.md): personal values are ordinary graph inputs (since 3), the
-)
-# rank graph reads the recurrent states it lists (4: the explanation-history counts)
+# the graph contract (docs/BUNDLE.md): personal values are ordinary graph inputs (since 3), the rank graph reads
+# the recurrent states it lists (since 4: the explanation-history counts)
+SPEC_FORMAT = 4
 
 
 def session(

@@ -12,7 +12,6 @@ import torch
 from .batching import input_batch
 from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
-from .explanation import batch_history
 from .graph_io import exclude_mask
 from .sequence_model import SequenceModel
 
@@ -49,13 +48,9 @@ def recommend(
         table = _attested_candidates(log)
         candidates = table[items]
         n = min(explanations, candidates.shape[1])
-        history = (
-            batch_history(table, batch.items, batch.mask, len(log.vocab)).expand(k, -1)
-            if model.explanation.history_prior
-            else None
-        )
+        bonus = model.explanation.input_bonus(table, batch.items, batch.mask)  # one row: the user's
         expl = model.explanation.shown_top(
-            model.explanation_scores(state.expand(k, -1), items), candidates, n, history
+            model.explanation_scores(state.expand(k, -1), items), candidates, n, bonus
         )
     titles = log.item_meta.titles
     out = []

@@ -26,7 +26,6 @@ from .config import (
 )
 from .data.log import InteractionLog
 from .data.split import LeaveOneOutSplit
-from .explanation import batch_history
 from .metrics import multilabel_metrics, ranking_metrics, target_ranks
 from .sequence_model import SequenceModel
 
@@ -102,12 +101,8 @@ def evaluate(
             items = torch.as_tensor(log.item[t], device=device)
             whole = model.explanation_scores(last, items).cpu()
             expl_scores.append(whole.numpy())
-            history = (  # the ids attested for the input events' items, counted
-                batch_history(candidates, batch.items.cpu(), batch.mask.cpu(), len(log.vocab))
-                if model.explanation.history_prior
-                else None
-            )
-            attested.append(model.explanation.shown_scores(whole, candidates[items.cpu()], history).numpy())
+            bonus = model.explanation.input_bonus(candidates, batch.items.cpu(), batch.mask.cpu())
+            attested.append(model.explanation.shown_scores(whole, candidates[items.cpu()], bonus).numpy())
             expl_rows.append(t)
     out = ranking_metrics(np.concatenate(ranks))
     out["users"] = float(len(eval_users))

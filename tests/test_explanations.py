@@ -93,6 +93,8 @@ def test_shown_explanations_are_attested_ids_with_the_rank_prior():
 def test_history_counts_count_each_id_over_a_users_items():
     ids = torch.tensor([[[0, 2, -1], [2, -1, -1]], [[-1, -1, -1], [1, -1, -1]]])  # (users, events, widest)
     assert history_counts(ids, 4).tolist() == [[1.0, 0.0, 2.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+    events = torch.tensor([[True, False], [True, True]])  # the second user's first event, the first's second
+    assert history_counts(ids, 4, events).tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
 
 
 def test_the_history_prior_shows_the_attested_id_the_user_meets_most():
@@ -100,9 +102,10 @@ def test_the_history_prior_shows_the_attested_id_the_user_meets_most():
     candidates = torch.tensor([[2, 0, 3, -1]])
     history = torch.tensor([[20.0, 50.0, 0.0, 0.0, 99.0]])  # ids 1 and 4 are not attested for this item
     branch = ExplanationBranch(8, 5, rank_prior=2.0, history_prior=1.0)
-    shown = branch.shown_scores(scores, candidates, history)
+    bonus = branch.history_bonus(history)
+    shown = branch.shown_scores(scores, candidates, bonus)
     assert torch.allclose(shown, attested_only(scores, candidates, 2.0) + torch.log1p(history))
-    assert branch.shown_top(scores, candidates, 3, history).tolist() == [[0, 2, 3]]  # id 0 moves up
+    assert branch.shown_top(scores, candidates, 3, bonus).tolist() == [[0, 2, 3]]  # id 0 moves up
     assert (
         branch.shown_top(scores, candidates, 3).tolist()
         == ExplanationBranch(8, 5, rank_prior=2.0).shown_top(scores, candidates, 3).tolist()

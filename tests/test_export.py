@@ -141,7 +141,7 @@ def _assert_matches_torch(model: TMEPSR, log, starts, ends, out: dict[str, np.nd
                     ]
                 )
                 assert np.array_equal(out["explanation_history"], history.numpy())
-                history = history.repeat_interleave(k, 0)
+                history = model.explanation.history_bonus(history).repeat_interleave(k, 0)
             expl = model.explanation.shown_top(
                 model.explanation_scores(pairs, items.reshape(-1)), candidates, e, history
             )

@@ -63,9 +63,10 @@ def _rank(
     pairs = state[:, None].expand(-1, top_k, -1).reshape(-1, state.shape[-1])
     flat_items = top_items.reshape(-1)
     scores = model.explanation_scores(pairs, flat_items)
-    if history is not None:
-        history = history.repeat_interleave(top_k, dim=0)
-    expl = model.explanation.shown_top(scores, attested(flat_items), num_expl, history)
+    bonus = (
+        None if history is None else model.explanation.history_bonus(history).repeat_interleave(top_k, dim=0)
+    )
+    expl = model.explanation.shown_top(scores, attested(flat_items), num_expl, bonus)
     return top_items, top_scores, heads, expl.reshape(*top_items.shape, num_expl)
 
 
@@ -87,8 +88,7 @@ class _Graph(nn.Module):
     def _history(self, items: Tensor) -> Tensor:
         """The explanation-history counts of dense ``items`` (B, ...; -1 = no event): (B, V)."""
         ids = self.attested(items.clamp(min=0).reshape(-1)).reshape(*items.shape, -1)
-        ids = ids.masked_fill((items < 0)[..., None], -1)
-        return history_counts(ids, self.model.cfg.num_explanations)
+        return history_counts(ids, self.model.cfg.num_explanations, items >= 0)
 
 
 class _Step(_Graph):

@@ -39,9 +39,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .errors import DeviceRuntimeError
 
 CATALOGUE = "catalogue.json.gz"  # the item ids, titles and explanation texts: gzip-compressed JSON
-FORMAT_VERSION = (
-    4  # older bundles (1: self-contained graphs, 2: personal initializers, 3: no history state) are refused
-)
+# older bundles (1: self-contained graphs, 2: personal initializers, 3: no history state) are refused
+FORMAT_VERSION = 4
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 REQUIRED_FIELDS = ("format_version", "model_version", "opset", "created", "files")
 SIGNATURE_SIZE = 64
