@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .softmax_ce import soft_target_cross_entropy
+
 MAX_NCE_ITEMS = 512  # positions sampled for the in-batch item InfoNCE (keeps it O(512^2))
 
 
@@ -104,18 +106,43 @@ class ExplanationBranch(nn.Module):
             return state.new_zeros(state.shape[0], 2)
         return self.weigher(state)
 
+    def cross_entropy(self, query: Tensor, rows: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        """Mean cross-entropy of the whole-vocabulary scores of N queries (N, d) against their labels (label
+        ``l``: id ``ids[l]`` of query ``rows[l]`` with weight ``weights[l]``, a query's weights summing to 1)."""
+        return soft_target_cross_entropy(query, self.embedding.weight, self.bias, rows, ids, weights)
+
     def mi_loss(
-        self, state: Tensor, query: Tensor, item_vec: Tensor, items: Tensor, target_dist: Tensor
+        self,
+        state: Tensor,
+        query: Tensor,
+        item_vec: Tensor,
+        items: Tensor,
+        rows: Tensor,
+        ids: Tensor,
+        weights: Tensor,
     ) -> Tensor:
         """Dynamically weighted InfoNCE terms for N labelled positions.
 
-        ``state``/``query``/``item_vec`` (N, d); ``items`` (N,) the explained item ids; ``target_dist``
-        (N, V) the explanation labels of each position as a distribution.
+        ``state``/``query``/``item_vec`` (N, d); ``items`` (N,) the explained item ids; the explanation labels
+        as in :meth:`cross_entropy`.
         """
         tau = self.temperature
-        z_rec = F.normalize(self.rec_proj(state), dim=-1)
+        s = self.mi_weights(state)
+        z_rec = F.normalize(self.rec_proj(state), dim=-1) / tau
         z_vocab = F.normalize(self.embedding.weight, dim=-1)
-        nce_rec = -(target_dist * F.log_softmax(z_rec @ z_vocab.T / tau, dim=-1)).sum(-1)
+        # mean of exp(-s_1) nce_rec + s_1
+        rec_term = (
+            soft_target_cross_entropy(
+                z_rec,
+                z_vocab,
+                z_vocab.new_zeros(len(z_vocab)),
+                rows,
+                ids,
+                weights,
+                row_weight=torch.exp(-s[:, 0]),
+            )
+            + s[:, 0].mean()
+        )
 
         n = min(len(items), MAX_NCE_ITEMS)
         pick = torch.randperm(len(items), device=items.device)[:n]
@@ -126,10 +153,8 @@ class ExplanationBranch(nn.Module):
         logits = logits.masked_fill(same_item & ~torch.eye(n, dtype=torch.bool, device=logits.device), -1e9)
         nce_exp = F.cross_entropy(logits, torch.arange(n, device=logits.device), reduction="none")
 
-        s = self.mi_weights(state)
-        rec_term = torch.exp(-s[:, 0]) * nce_rec + s[:, 0]
         exp_term = torch.exp(-s[pick, 1]) * nce_exp + s[pick, 1]
-        return rec_term.mean() + exp_term.mean()
+        return rec_term + exp_term.mean()
 
 
 def attested_only(scores: Tensor, candidates: Tensor, rank_prior: float = 0.0) -> Tensor:

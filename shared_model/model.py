@@ -287,10 +287,9 @@ class TMEPSR(SequenceModel):
             target_items = batch.targets.reshape(-1)[positions]
             item_vec = self.item_emb(target_items)
             query = self.explanation.query(flat_states, item_vec)
-            dist = torch.zeros(len(positions), self.cfg.num_explanations, device=states.device)
-            dist.index_put_((slot, batch.expl_ids), batch.expl_weight, accumulate=True)
-            ce_expl = -(dist * F.log_softmax(self.explanation.scores(query), dim=-1)).sum(-1).mean()
-            mi = self.explanation.mi_loss(flat_states, query, item_vec, target_items, dist)
+            labels = (slot, batch.expl_ids, batch.expl_weight)
+            ce_expl = self.explanation.cross_entropy(query, *labels)
+            mi = self.explanation.mi_loss(flat_states, query, item_vec, target_items, *labels)
             total = total + self.cfg.alpha * ce_expl + self.cfg.beta * mi
             parts |= {"ce_expl": ce_expl.item(), "mi": mi.item()}
         parts["loss"] = total.item()

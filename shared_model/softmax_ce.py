@@ -46,18 +46,23 @@ def _bounded(a: Tensor, tables: Tensor, bias: Tensor) -> Tensor:
 
 
 class _MeanLogPartition(torch.autograd.Function):
-    """``mean_n logsumexp_h (prior[n, h] + logsumexp_i (a[n, h] . tables[h, i] + bias[i]))``, gradients
-    computed in the forward pass (only when an input needs them) and scaled in the backward pass."""
+    """``sum_n w[n] logsumexp_h (prior[n, h] + logsumexp_i (a[n, h] . tables[h, i] + bias[i])) / N`` with row
+    weights ``w``, gradients computed in the forward pass (only those an input needs) and scaled in the
+    backward pass."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, prior: Tensor, tables: Tensor, bias: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, a: Tensor, prior: Tensor, tables: Tensor, bias: Tensor, row_weight: Tensor, chunk: int
+    ) -> Tensor:
         rows, heads, _ = a.shape
-        grads = any(ctx.needs_input_grad[:4])
+        need_a, need_prior, need_tables, need_bias, need_weight = ctx.needs_input_grad[:5]
+        grads = need_a or need_prior or need_tables or need_bias
         total = a.new_zeros(())
-        grad_a = torch.empty_like(a) if grads else None
-        grad_prior = torch.empty_like(prior) if grads else None
-        grad_tables = torch.zeros_like(tables) if grads else None
-        grad_bias = torch.zeros_like(bias) if grads else None
+        grad_a = torch.empty_like(a) if need_a else None
+        grad_prior = torch.empty_like(prior) if need_prior else None
+        grad_tables = torch.zeros_like(tables) if need_tables else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        log_partition = torch.empty_like(row_weight) if need_weight else None
         bias2 = bias * LOG2_E  # logits in log2 units: exp2 is 3x faster than exp on a CPU
         unshifted = _bounded(a, tables, bias)
         logits = a.new_empty(heads, min(chunk, rows), tables.shape[1])
@@ -77,37 +82,45 @@ class _MeanLogPartition(torch.autograd.Function):
             log_mass = mass.log() if peak is None else mass.log() + peak[..., 0] / LOG2_E
             log_z = log_mass.T + prior[s : s + n]  # (n, H): c + Z
             row = torch.logsumexp(log_z, dim=1)
-            total += row.sum()
+            weight = row_weight[s : s + n]
+            total += (row * weight).sum()
+            if log_partition is not None:
+                log_partition[s : s + n] = row
             if not grads:
                 continue
-            resp = (log_z - row[:, None]).exp_()  # (n, H): each head's share of the row's partition
-            grad_prior[s : s + n] = resp
+            # each head's share of the row's partition, times the row's weight
+            resp = (log_z - row[:, None]).exp_() * weight[:, None]  # (n, H)
+            if grad_prior is not None:
+                grad_prior[s : s + n] = resp
             # the softmax gradient of a logit is e / mass x resp: the per-(head, row) factor scales the
             # small products, not the (H, n, V) buffer
             w = (resp.T / mass)[..., None]  # (H, n, 1)
-            grad_a[s : s + n] = (torch.bmm(e, tables) * w).transpose(0, 1)
-            grad_tables.baddbmm_(e.transpose(1, 2), a_h * w)
-            grad_bias += torch.bmm(w.transpose(1, 2), e).sum(dim=(0, 1))
-        ctx.save_for_backward(grad_a, grad_prior, grad_tables, grad_bias)
+            if grad_a is not None:
+                grad_a[s : s + n] = (torch.bmm(e, tables) * w).transpose(0, 1)
+            if grad_tables is not None:
+                grad_tables.baddbmm_(e.transpose(1, 2), a_h * w)
+            if grad_bias is not None:
+                grad_bias += torch.bmm(w.transpose(1, 2), e).sum(dim=(0, 1))
+        ctx.save_for_backward(grad_a, grad_prior, grad_tables, grad_bias, log_partition)
         ctx.rows = rows
         return total / rows
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         scale = grad / ctx.rows
-        needs = ctx.needs_input_grad[:4]
-        return (
-            *(g * scale if need else None for g, need in zip(ctx.saved_tensors, needs, strict=True)),
-            None,
-        )
+        return (*(None if g is None else g * scale for g in ctx.saved_tensors), None)
 
 
-def mean_log_partition(a: Tensor, prior: Tensor, tables: Tensor, bias: Tensor, chunk: int = 0) -> Tensor:
-    """Mean over the N rows of the routed log-partition ``log sum_i exp(s_ni)`` (module docstring), with its
-    gradients, never materialising the (N, H, V) logits; ``chunk``: rows per chunk (0: about
-    ``CE_CHUNK_LOGITS`` logits)."""
+def mean_log_partition(
+    a: Tensor, prior: Tensor, tables: Tensor, bias: Tensor, chunk: int = 0, row_weight: Tensor | None = None
+) -> Tensor:
+    """Mean over the N rows of the routed log-partition ``log sum_i exp(s_ni)`` (module docstring), each row
+    times ``row_weight[n]`` when given (which may itself need gradients), with its gradients, never
+    materialising the (N, H, V) logits; ``chunk``: rows per chunk (0: about ``CE_CHUNK_LOGITS`` logits)."""
     chunk = chunk or max(1, CE_CHUNK_LOGITS // (a.shape[1] * tables.shape[1]))
-    return _MeanLogPartition.apply(a.contiguous(), prior.contiguous(), tables, bias, chunk)
+    if row_weight is None:
+        row_weight = a.new_ones(len(a))
+    return _MeanLogPartition.apply(a.contiguous(), prior.contiguous(), tables, bias, row_weight, chunk)
 
 
 def target_terms(a: Tensor, prior: Tensor, tables: Tensor, target: Tensor) -> Tensor:
@@ -137,3 +150,29 @@ def full_softmax_cross_entropy(
     """Mean of ``cross_entropy(x @ weight.T + bias, target)`` over the N rows of ``x`` (N, d): the routed
     loss with one interest and no prior."""
     return routed_softmax_cross_entropy(x[:, None], x.new_zeros(len(x), 1), weight[None], bias, target, chunk)
+
+
+def soft_target_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    rows: Tensor,
+    ids: Tensor,
+    label_weight: Tensor,
+    row_weight: Tensor | None = None,
+    chunk: int = 0,
+) -> Tensor:
+    """Mean over the N rows of ``x`` (N, d) of ``row_weight[n] * -(sum_j p_nj log_softmax(x_n . weight^T +
+    bias)_j)``, the target distributions ``p`` given sparsely as labels: label ``l`` puts ``label_weight[l]`` on
+    class ``ids[l]`` of row ``rows[l]``. Fused like :func:`mean_log_partition` (no (N, V) tensor is kept, no
+    dense targets are built); ``row_weight`` (N,) may need gradients (the per-row weighting of an MI term)."""
+    if len(x) == 0:
+        raise ValueError("soft_target_cross_entropy needs at least one row")
+    mass = x.new_zeros(len(x)).index_add_(0, rows, label_weight)  # each row's total label weight
+    scale = label_weight if row_weight is None else label_weight * row_weight.index_select(0, rows)
+    total_weight = mass if row_weight is None else mass * row_weight
+    partition = mean_log_partition(
+        x[:, None], x.new_zeros(len(x), 1), weight[None], bias, chunk, row_weight=total_weight
+    )
+    picked = (x.index_select(0, rows) * weight.index_select(0, ids)).sum(-1) + bias.index_select(0, ids)
+    return partition - (scale * picked).sum() / len(x)

@@ -6,7 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared_model.softmax_ce import full_softmax_cross_entropy, routed_softmax_cross_entropy
+from shared_model.softmax_ce import (
+    full_softmax_cross_entropy,
+    routed_softmax_cross_entropy,
+    soft_target_cross_entropy,
+)
 
 
 @pytest.mark.parametrize(("rows", "chunk"), [(1, 256), (7, 3), (300, 256), (513, 64)])
@@ -139,3 +143,54 @@ def test_large_logits_subtract_their_maximum():
         torch.autograd.grad(fused, inputs), torch.autograd.grad(reference, inputs), strict=True
     ):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
+def _dense_soft_targets(x, weight, bias, rows, ids, label_weight, row_weight):
+    dist = torch.zeros(len(x), len(weight), dtype=x.dtype)
+    dist.index_put_((rows, ids), label_weight, accumulate=True)
+    per_row = -(dist * F.log_softmax(F.linear(x, weight, bias), dim=-1)).sum(-1)
+    return (per_row * row_weight).mean()
+
+
+@pytest.mark.parametrize(("rows", "chunk"), [(1, 256), (9, 2), (200, 64)])
+def test_soft_targets_equal_dense_reference_in_float64(rows: int, chunk: int):
+    """Sparse labels (several per row, repeated ids, weights summing to 1 or not) and a row weight that
+    needs gradients: the value and every gradient equal the dense (N, V) formula's."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(rows, dtype=torch.float64, requires_grad=True)
+    counts = torch.randint(1, 4, (rows,))
+    label_rows = torch.repeat_interleave(torch.arange(rows), counts)
+    ids = torch.randint(0, 40, (len(label_rows),))
+    label_weight = torch.rand(len(label_rows), dtype=torch.float64)
+    for weighted in (False, True):
+        fused = soft_target_cross_entropy(
+            x, weight, bias, label_rows, ids, label_weight, torch.exp(-s) if weighted else None, chunk
+        )
+        reference = _dense_soft_targets(
+            x, weight, bias, label_rows, ids, label_weight, torch.exp(-s) if weighted else torch.ones(rows)
+        )
+        torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
+        inputs = (x, weight, bias, s) if weighted else (x, weight, bias)
+        for g, g_ref in zip(
+            torch.autograd.grad(2.0 * fused, inputs),
+            torch.autograd.grad(2.0 * reference, inputs),
+            strict=True,
+        ):
+            torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_soft_targets_without_bias_gradient():
+    """A constant bias (the MI term's zeros) needs no gradient; the others are unchanged."""
+    torch.manual_seed(3)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    rows, ids, w = torch.arange(5), torch.tensor([0, 6, 2, 2, 1]), torch.ones(5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x, weight: soft_target_cross_entropy(
+            x, weight, torch.zeros(7, dtype=torch.float64), rows, ids, w
+        ),
+        (x, weight),
+    )
