@@ -13,6 +13,18 @@ from shared_model.softmax_ce import (
 )
 
 
+def _assert_same(fused, reference, inputs, scale=1.0, grad_rtol=1e-10):
+    """``fused`` equals ``reference`` in value (float64) and in the gradients of ``scale x`` each w.r.t.
+    ``inputs``."""
+    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(
+        torch.autograd.grad(scale * fused, inputs),
+        torch.autograd.grad(scale * reference, inputs),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, g_ref, rtol=grad_rtol, atol=1e-12)
+
+
 @pytest.mark.parametrize(("rows", "chunk"), [(1, 256), (7, 3), (300, 256), (513, 64)])
 def test_equals_reference_in_float64(rows: int, chunk: int):
     torch.manual_seed(rows)
@@ -22,13 +34,7 @@ def test_equals_reference_in_float64(rows: int, chunk: int):
     target = torch.randint(0, 50, (rows,))
     fused = full_softmax_cross_entropy(x, weight, bias, target, chunk=chunk)
     reference = F.cross_entropy(F.linear(x, weight, bias), target)
-    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
-    for g, g_ref in zip(
-        torch.autograd.grad(3.0 * fused, (x, weight, bias)),
-        torch.autograd.grad(3.0 * reference, (x, weight, bias)),
-        strict=True,
-    ):
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    _assert_same(fused, reference, (x, weight, bias), scale=3.0)
 
 
 def test_gradcheck():
@@ -82,12 +88,7 @@ def test_routed_equals_reference_in_float64(rows: int, heads: int, chunk: int):
     target = torch.randint(0, 50, (rows,))
     fused = routed_softmax_cross_entropy(a, prior, tables, bias, target, chunk=chunk)
     reference = _routed_reference(a, prior, tables, bias, target)
-    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
-    inputs = (a, prior, tables, bias)
-    for g, g_ref in zip(
-        torch.autograd.grad(2.0 * fused, inputs), torch.autograd.grad(2.0 * reference, inputs), strict=True
-    ):
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    _assert_same(fused, reference, (a, prior, tables, bias), scale=2.0)
 
 
 def test_routed_gradcheck():
@@ -137,12 +138,7 @@ def test_large_logits_subtract_their_maximum():
     fused = routed_softmax_cross_entropy(a, prior, tables, bias, target, chunk=8)
     reference = _routed_reference(a, prior, tables, bias, target)
     assert torch.isfinite(fused)
-    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
-    inputs = (a, prior, tables, bias)
-    for g, g_ref in zip(
-        torch.autograd.grad(fused, inputs), torch.autograd.grad(reference, inputs), strict=True
-    ):
-        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+    _assert_same(fused, reference, (a, prior, tables, bias), grad_rtol=1e-9)
 
 
 def _dense_soft_targets(x, weight, bias, rows, ids, label_weight, row_weight):
@@ -172,14 +168,7 @@ def test_soft_targets_equal_dense_reference_in_float64(rows: int, chunk: int):
         reference = _dense_soft_targets(
             x, weight, bias, label_rows, ids, label_weight, torch.exp(-s) if weighted else torch.ones(rows)
         )
-        torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
-        inputs = (x, weight, bias, s) if weighted else (x, weight, bias)
-        for g, g_ref in zip(
-            torch.autograd.grad(2.0 * fused, inputs),
-            torch.autograd.grad(2.0 * reference, inputs),
-            strict=True,
-        ):
-            torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+        _assert_same(fused, reference, (x, weight, bias, s) if weighted else (x, weight, bias), scale=2.0)
 
 
 def test_soft_targets_without_bias_gradient():
