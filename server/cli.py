@@ -67,9 +67,15 @@ def _passphrase(args: argparse.Namespace, confirm: bool) -> str:
         if args.passphrase_env not in os.environ:
             raise ValueError(f"environment variable {args.passphrase_env} is not set")
         return os.environ[args.passphrase_env]
-    phrase = getpass.getpass("signing key passphrase: ")
-    if confirm and getpass.getpass("again: ") != phrase:
-        raise ValueError("the passphrases differ")
+    try:
+        phrase = getpass.getpass("signing key passphrase: ")
+        if confirm and getpass.getpass("again: ") != phrase:
+            raise ValueError("the passphrases differ")
+    except EOFError:
+        raise ValueError(
+            "no terminal to ask for the signing key's passphrase: put it in an environment variable and pass "
+            "--passphrase-env NAME"
+        ) from None
     return phrase
 
 

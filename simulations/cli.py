@@ -19,10 +19,21 @@ from shared_model.data.locate import DATA_DIR_HELP
 from shared_model.protocol.bundle import BundleError
 
 
+def _json_object(text: str, option: str) -> dict[str, object]:
+    """``text`` parsed as a JSON object, or a ValueError naming ``option`` and what is wrong."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{option} is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} needs a JSON object like '{{\"d_model\": 64}}', got {text!r}")
+    return value
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from simulations.train import train_and_report
 
-    overrides = json.loads(args.set) if args.set else {}
+    overrides = _json_object(args.set, "--set") if args.set else {}
     result = train_and_report(
         args.dataset,
         args.model,

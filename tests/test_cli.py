@@ -185,6 +185,8 @@ def test_train_resume_continues_and_refuses_to_overwrite(tmp_path, capsys):
         ("train", ["--set", '{"bogus": 1}'], "unknown model settings ['bogus']; known: alpha"),
         ("train", ["--set", '{"max_len": 0}'], "max_len, d_model, num_heads and num_blocks must be >= 1"),
         ("train", ["--set", '{"d_model": "abc"}'], "d_model must be int, got 'abc'"),
+        ("train", ["--set", "5"], "--set needs a JSON object like"),
+        ("train", ["--set", '{"d_model": 64'], "--set is not valid JSON (Expecting ',' delimiter"),
         ("train", ["--device", "cuda"], "no CUDA device; use --device cpu"),
     ],
 )
@@ -205,6 +207,22 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, command, option
     errors = [line for line in done.stderr.splitlines() if ": error:" in line]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_keys_without_a_terminal_and_recommend_without_a_key_say_what_to_do(tmp_path, capsys, monkeypatch):
+    """No terminal for the passphrase prompt (a script, CI): an error naming --passphrase-env, no key written;
+    no pinned public key: an error naming the missing file, before any bundle is read."""
+
+    def no_terminal(prompt: str = "") -> str:
+        raise EOFError
+
+    monkeypatch.setattr("getpass.getpass", no_terminal)
+    assert main(["keys", "--out", str(tmp_path / "keys")]) == 2
+    assert "--passphrase-env NAME" in capsys.readouterr().err
+    assert not (tmp_path / "keys").exists()
+    missing = tmp_path / "none.pub.pem"
+    assert main(["recommend", "--bundle", str(tmp_path), "--public-key", str(missing), "--user", "1"]) == 2
+    assert f"no public key at {missing}" in capsys.readouterr().err
 
 
 def test_train_refuses_an_out_that_is_a_file(tmp_path, capsys):

@@ -119,6 +119,10 @@ def load_public_key(source: Ed25519PublicKey | str | Path | bytes) -> Ed25519Pub
     if isinstance(source, bytes) or is_text:
         pem, label = (source.encode() if is_text else source), "the given PEM"
     else:
+        if not Path(source).is_file():
+            raise FileNotFoundError(
+                f"no public key at {source}: pass the pinned Ed25519 key (the .pub.pem that `tmepsr keys` wrote)"
+            )
         pem, label = Path(source).read_bytes(), str(source)
     try:
         key = serialization.load_pem_public_key(pem)
