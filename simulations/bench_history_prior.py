@@ -10,20 +10,16 @@ Run: ``python -m simulations.bench_history_prior CHECKPOINT [CHECKPOINT ...]``; 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 from pathlib import Path
-
-import torch
 
 from shared_model.baselines import popularity_explanation_metrics
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
 from shared_model.model import TMEPSR
 from shared_model.training import evaluate, load_checkpoint
+from simulations import per_checkpoint
 
-RESULTS = Path(__file__).parent / "results"
 WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 KEY = "expl_attested_ndcg@10"
 
@@ -82,21 +78,7 @@ def _markdown(rows: list[dict[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    path = RESULTS / "history_prior.json"
-    rows = json.loads(path.read_text()) if path.exists() else []
-    for checkpoint in args.checkpoints:
-        row = measure(checkpoint, args.data_dir)
-        rows = [r for r in rows if r["checkpoint"] != row["checkpoint"]] + [row]
-        print(json.dumps(row), flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        path.write_text(json.dumps(rows, indent=2) + "\n")
-        (RESULTS / "history_prior.md").write_text(_markdown(rows))
+    per_checkpoint.run(argv, __doc__.splitlines()[0], "history_prior", measure, _markdown)
 
 
 if __name__ == "__main__":

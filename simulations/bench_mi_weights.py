@@ -15,10 +15,7 @@ Run: ``python -m simulations.bench_mi_weights CHECKPOINT [CHECKPOINT ...]``; wri
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +30,8 @@ from shared_model.explanation import attested_only
 from shared_model.metrics import multilabel_metrics
 from shared_model.model import TMEPSR
 from shared_model.training import load_checkpoint
+from simulations import per_checkpoint
 
-RESULTS = Path(__file__).parent / "results"
 SIGNALS = ("certainty", "item_entropy", "branch_entropy", "log_history")
 SCALES = (0.25, 0.5, 1.0, 2.0)
 BETAS = (-1.0, -0.5, 0.0, 0.5, 1.0)
@@ -175,21 +172,7 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    path = RESULTS / "mi_weights.json"
-    rows = json.loads(path.read_text()) if path.exists() else []
-    for checkpoint in args.checkpoints:
-        row = measure(checkpoint, args.data_dir)
-        rows = [r for r in rows if r["checkpoint"] != row["checkpoint"]] + [row]
-        print(json.dumps(row), flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        path.write_text(json.dumps(rows, indent=2) + "\n")
-        (RESULTS / "mi_weights.md").write_text(_markdown(rows))
+    per_checkpoint.run(argv, __doc__.splitlines()[0], "mi_weights", measure, _markdown)
 
 
 if __name__ == "__main__":
