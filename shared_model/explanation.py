@@ -111,6 +111,12 @@ class ExplanationBranch(nn.Module):
         ``l``: id ``ids[l]`` of query ``rows[l]`` with weight ``weights[l]``, a query's weights summing to 1)."""
         return soft_target_cross_entropy(query, self.embedding.weight, self.bias, rows, ids, weights)
 
+    def rec_embeddings(self, state: Tensor) -> tuple[Tensor, Tensor]:
+        """The recommendation-side InfoNCE term's two sides: the states' projections, normalised and divided by
+        the temperature (N, d), and the normalised explanation embeddings (V, d); their product is its logits."""
+        z_rec = F.normalize(self.rec_proj(state), dim=-1) / self.temperature
+        return z_rec, F.normalize(self.embedding.weight, dim=-1)
+
     def mi_loss(
         self,
         state: Tensor,
@@ -128,8 +134,7 @@ class ExplanationBranch(nn.Module):
         """
         tau = self.temperature
         s = self.mi_weights(state)
-        z_rec = F.normalize(self.rec_proj(state), dim=-1) / tau
-        z_vocab = F.normalize(self.embedding.weight, dim=-1)
+        z_rec, z_vocab = self.rec_embeddings(state)
         # mean of exp(-s_1) nce_rec + s_1
         rec_term = (
             soft_target_cross_entropy(

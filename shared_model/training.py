@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batching import history_of, input_batch, training_batch, training_windows
+from .batching import Batch, history_of, input_batch, training_batch, training_windows
 from .build import build_model
 from .config import (
     MODEL_PRESETS,
@@ -70,6 +71,18 @@ def train_epoch(
     return {k: v / max(steps, 1) for k, v in sums.items()}
 
 
+def stage_batches(
+    log: InteractionLog, users: np.ndarray, stage: Literal["val", "test"], max_len: int, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, Batch]]:
+    """The model inputs that predict ``users``' ``stage`` event (val: their second-to-last, test: their last),
+    ``batch_size`` users at a time: each batch's history starts, target event rows and :class:`Batch`."""
+    targets = log.user_ptr[users + 1] - {"val": 2, "test": 1}[stage]
+    starts = log.user_ptr[users]
+    for b in range(0, len(users), batch_size):
+        s, t = starts[b : b + batch_size], targets[b : b + batch_size]
+        yield s, t, input_batch(log, s, t, max_len)
+
+
 @torch.no_grad()
 def evaluate(
     model: SequenceModel,
@@ -86,14 +99,10 @@ def evaluate(
     eval_users = split.eval_users if users is None else np.intersect1d(users, split.eval_users)
     if len(eval_users) == 0:
         raise ValueError("no user to evaluate (users need at least 3 events)")
-    offset = {"val": 2, "test": 1}[stage]
-    targets_ev = log.user_ptr[eval_users + 1] - offset
-    starts = log.user_ptr[eval_users]
     ranks, expl_scores, attested, expl_rows = [], [], [], []
     candidates = torch.as_tensor(split.explanation_candidates) if model.explanation is not None else None
-    for b in range(0, len(eval_users), batch_size):
-        s, t = starts[b : b + batch_size], targets_ev[b : b + batch_size]
-        batch = input_batch(log, s, t, model.cfg.max_len).to(device)
+    for s, t, batch in stage_batches(log, eval_users, stage, model.cfg.max_len, batch_size):
+        batch = batch.to(device)
         last = model.encode(batch)[:, -1]
         scores = model.item_scores(last)
         ranks.append(target_ranks(scores, log.item[t], history_of(log, s, t)))

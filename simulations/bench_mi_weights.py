@@ -16,20 +16,18 @@ Run: ``python -m simulations.bench_mi_weights CHECKPOINT [CHECKPOINT ...]``; wri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from shared_model.batching import input_batch
 from shared_model.data import InteractionLog, load_dataset
 from shared_model.data.log import Ragged
 from shared_model.data.split import LeaveOneOutSplit
 from shared_model.explanation import attested_only
 from shared_model.metrics import multilabel_metrics
 from shared_model.model import TMEPSR
-from shared_model.training import load_checkpoint
+from shared_model.training import load_checkpoint, stage_batches
 from simulations import per_checkpoint
 
 SIGNALS = ("certainty", "item_entropy", "branch_entropy", "log_history")
@@ -63,29 +61,27 @@ class Stage:
 
 
 @torch.no_grad()
-def _stage(model: TMEPSR, log: InteractionLog, split: LeaveOneOutSplit, stage: str) -> Stage:
+def _stage(
+    model: TMEPSR, log: InteractionLog, split: LeaveOneOutSplit, stage: Literal["val", "test"]
+) -> Stage:
     """The :class:`Stage` of ``stage`` ("val" or "test")."""
     branch = model.explanation
-    users = split.eval_users
-    targets = log.user_ptr[users + 1] - {"val": 2, "test": 1}[stage]
-    starts = log.user_ptr[users]
     candidates = torch.as_tensor(split.explanation_candidates)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("branch", "prior", "signals", "s", "nce")}
-    labels = log.explanations.take(targets)
-    for b in range(0, len(users), 512):
-        batch = input_batch(log, starts[b : b + 512], targets[b : b + 512], model.cfg.max_len)
+    targets = []
+    for _, t, batch in stage_batches(log, split.eval_users, stage, model.cfg.max_len, 512):
         state = model.encode(batch)[:, -1]
-        items = torch.as_tensor(log.item[targets[b : b + 512]])
+        items = torch.as_tensor(log.item[t])
         scores = model.explanation_scores(state, items)
-        prior = attested_only(torch.zeros_like(scores), candidates[items], branch.rank_prior)
         bonus = branch.input_bonus(candidates, batch.items, batch.mask)
         s = branch.mi_weights(state)
-        z_rec = F.normalize(branch.rec_proj(state), dim=-1) / branch.temperature
-        logp = (z_rec @ F.normalize(branch.embedding.weight, dim=-1).T).log_softmax(-1)
-        rows = labels.take(np.arange(b, b + len(items)))
+        z_rec, z_vocab = branch.rec_embeddings(state)
+        logp = (z_rec @ z_vocab.T).log_softmax(-1)
+        rows = log.explanations.take(t)
         nce = torch.tensor([-logp[i, torch.as_tensor(rows.row(i))].mean() for i in range(len(items))])
+        targets.append(t)
         parts["branch"].append(scores)
-        parts["prior"].append(prior if bonus is None else prior + bonus)
+        parts["prior"].append(branch.shown_scores(torch.zeros_like(scores), candidates[items], bonus))
         parts["signals"].append(
             torch.stack(
                 (
@@ -99,6 +95,7 @@ def _stage(model: TMEPSR, log: InteractionLog, split: LeaveOneOutSplit, stage: s
         )
         parts["s"].append(s)
         parts["nce"].append(nce)
+    labels = log.explanations.take(np.concatenate(targets))
     return Stage(**{k: torch.cat(v) for k, v in parts.items()}, labels=labels)
 
 

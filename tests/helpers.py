@@ -45,6 +45,19 @@ def tiny_model(log: InteractionLog, seed: int) -> TMEPSR:
     return model  # type: ignore[return-value]
 
 
+def tiny_checkpoint(tmp_path: Path) -> tuple[InteractionLog, TMEPSR, Path]:
+    """A :func:`make_events` log of 30 users x 20 events, :func:`tiny_model` on it, and the model saved as a
+    checkpoint (``tmp_path / "model.pt"``) that names the log as its dataset."""
+    from shared_model.data import load_dataset
+    from shared_model.training import save_checkpoint
+
+    events = make_events(tmp_path / "events.csv", users=30, events=20)
+    log = load_dataset(str(events))
+    model = tiny_model(log, 0)
+    save_checkpoint(tmp_path / "model.pt", model, {"dataset": str(events), "preset": "tmepsr"})
+    return log, model, tmp_path / "model.pt"
+
+
 def small_federation(tmp_path: Path, users: int = 9, **overrides: Any) -> FederatedConfig:
     """A run on a fresh :func:`make_events` log of ``users`` users, small enough for a test: d 16, windows of
     16 events, two rounds, every node each round, one user per node, writing under ``tmp_path / "run"``."""

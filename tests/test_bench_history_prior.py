@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
-from shared_model.training import evaluate, save_checkpoint
+from shared_model.training import evaluate
 from simulations.bench_history_prior import KEY, WEIGHTS, _markdown, measure
 
-from .helpers import make_events, tiny_model
+from .helpers import tiny_checkpoint
 
 
 def test_every_weight_is_scored_and_the_validation_best_is_reported(tmp_path):
-    events = make_events(tmp_path / "events.csv", users=30, events=20)
-    log = load_dataset(str(events))
-    model = tiny_model(log, 0)
-    save_checkpoint(tmp_path / "model.pt", model, {"dataset": str(events), "preset": "tmepsr"})
-    row = measure(str(tmp_path / "model.pt"))
+    log, model, checkpoint = tiny_checkpoint(tmp_path)
+    row = measure(str(checkpoint))
     assert set(row["val"]) == set(row["test"]) == {f"{w:g}" for w in WEIGHTS}
     assert row["val"][f"{row['chosen']:g}"] == max(row["val"].values())
     assert row["test_chosen"] == row["test"][f"{row['chosen']:g}"]

@@ -3,20 +3,16 @@ ranking "as trained" equal to evaluation's shown-explanation NDCG@10."""
 
 from __future__ import annotations
 
-from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
-from shared_model.training import evaluate, save_checkpoint
+from shared_model.training import evaluate
 from simulations.bench_mi_weights import SIGNALS, _markdown, measure
 
-from .helpers import make_events, tiny_model
+from .helpers import tiny_checkpoint
 
 
 def test_weights_are_chosen_on_validation_and_as_trained_matches_evaluation(tmp_path):
-    events = make_events(tmp_path / "events.csv", users=30, events=20)
-    log = load_dataset(str(events))
-    model = tiny_model(log, 0)
-    save_checkpoint(tmp_path / "model.pt", model, {"dataset": str(events), "preset": "tmepsr"})
-    row = measure(str(tmp_path / "model.pt"))
+    log, model, checkpoint = tiny_checkpoint(tmp_path)
+    row = measure(str(checkpoint))
     split = LeaveOneOutSplit(log)
     for stage in ("val", "test"):
         assert row["model_as_trained"][stage] == evaluate(model, log, split, stage)["expl_attested_ndcg@10"]
