@@ -125,7 +125,8 @@ class MultiheadLRU(nn.Module):
         the state entering the chunk to its contribution ``lambda^(t + 1) h_in`` at event ``t``. Rows and
         columns are ordered (event, re/im)."""
         p_re, p_im = (p.flatten(1) for p in self._powers(0, chunk + 1))  # (chunk + 1, C)
-        lag = torch.arange(chunk)[:, None] - torch.arange(chunk)[None, :]
+        steps = torch.arange(chunk, device=p_re.device)
+        lag = steps[:, None] - steps[None, :]
         causal = (lag >= 0).to(p_re.dtype)[:, :, None]
         t_re, t_im = p_re[lag.clamp(min=0)] * causal, p_im[lag.clamp(min=0)] * causal  # (t, s, C)
         # the 2x2 block of multiplying by re + i im: [[re, -im], [im, re]] (row: output part, column: input)

@@ -148,7 +148,9 @@ class TMEPSR(SequenceModel):
     def initial_state(self, batch: int) -> tuple[Tensor, Tensor]:
         """Zero recurrent state: (LRU state (B, blocks, H, d_state, 2), time-encoder state (B, S))."""
         time_state = (
-            self.time_encoder.initial_state(batch) if self.time_encoder is not None else torch.zeros(batch, 0)
+            self.time_encoder.initial_state(batch)
+            if self.time_encoder is not None
+            else self.item_bias.new_zeros(batch, 0)
         )
         return self.encoder.initial_state(batch), time_state
 
@@ -173,7 +175,7 @@ class TMEPSR(SequenceModel):
         time_state = (
             self.time_encoder.state_after(times, mask)
             if self.time_encoder is not None
-            else torch.zeros(items.shape[0], 0)
+            else y.new_zeros(items.shape[0], 0)
         )
         return y[:, -1], lru_state, time_state
 
