@@ -41,8 +41,9 @@ class SequenceModel(nn.Module):
         ... up to L): left padding changes no state of any model here (:meth:`encode_grid`), so the states
         are those of the full grid, but short-sequence data skips most padded cells (in a random batch of
         128 Beauty 5-core users, 11% of the 50-wide grid is events). A batch whose rows all need the full
-        width is one call on the grid as it is."""
-        if not self.groups_rows:
+        width is one call on the grid as it is, and so is every batch on a GPU (where each group's kernel
+        launches cost more than its padded cells)."""
+        if not self.groups_rows or batch.items.device.type != "cpu":
             return self.encode_grid(batch)
         lengths = batch.mask.sum(1)
         width = batch.items.shape[1]
