@@ -44,7 +44,10 @@ class ModelConfig:
     max_len: int = 200
     use_time: bool = True  # dual-view gated time encoder
     use_explanations: bool = True  # explanation branch + its losses
-    dynamic_mi: bool = True  # per-user MI weights from a small network; False = fixed equal weights
+    dynamic_mi: bool = True  # learned MI weights; False = fixed equal weights
+    mi_per_user: bool = (
+        True  # dynamic weights from each user's state (a small network); False = two learned scalars
+    )
     alpha: float = 0.5  # weight of the explanation cross-entropy
     beta: float = 0.1  # weight of the mutual-information terms
     gamma: float = 0.01  # weight of the head-diversity regulariser
@@ -157,6 +160,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tmepsr-one-head": {"num_heads": 1},
     "tmepsr-no-explanations": {"use_explanations": False},
     "tmepsr-fixed-mi": {"dynamic_mi": False},
+    "tmepsr-global-mi": {"mi_per_user": False},  # learned weights, the same for every user (control)
     "multihead-lru": {"use_time": False, "use_explanations": False},  # the backbone alone, 4 heads
     "lrurec": {"num_heads": 1, "use_time": False, "use_explanations": False},  # LRURec-equivalent
     "sasrec": {"kind": "sasrec", "num_heads": 2, "use_time": False, "use_explanations": False},

@@ -13,7 +13,8 @@ Two InfoNCE lower bounds align the branches:
 
 The dynamic part: a small network maps each user state to two log-variances ``s``; the MI loss is
 ``exp(-s_1) nce_rec + s_1 + exp(-s_2) nce_exp + s_2`` (uncertainty weighting), so every user gets their own
-balance of the two terms. ``dynamic=False`` fixes ``s = 0`` (equal, fixed weights).
+balance of the two terms. ``dynamic=False`` fixes ``s = 0`` (equal, fixed weights); ``per_user=False`` learns one
+``s`` for everyone (uncertainty weighting without the user's state: the control for the per-user network).
 
 What is shown for an item is ranked among the ids attested for that item only (:meth:`ExplanationBranch.shown_top`; the
 table: :func:`~shared_model.data.explanations.attested_explanations`), so an explanation always applies to
@@ -46,6 +47,7 @@ class ExplanationBranch(nn.Module):
         d_model: int,
         num_explanations: int,
         dynamic: bool = True,
+        per_user: bool = True,
         temperature: float = 0.2,
         rank_prior: float = 0.0,
         history_prior: float = 0.0,
@@ -60,9 +62,11 @@ class ExplanationBranch(nn.Module):
         self.exp_proj = nn.Linear(d_model, d_model)
         self.weigher = (
             nn.Sequential(nn.Linear(d_model, d_model // 2), nn.Tanh(), nn.Linear(d_model // 2, 2))
-            if dynamic
+            if dynamic and per_user
             else None
         )
+        # the control for the per-user weigher: uncertainty weighting with one pair of learned log-variances
+        self.log_variances = nn.Parameter(torch.zeros(2)) if dynamic and not per_user else None
         self.temperature = temperature
 
     def history_bonus(self, counts: Tensor) -> Tensor:
@@ -101,10 +105,13 @@ class ExplanationBranch(nn.Module):
         return F.linear(query, self.embedding.weight, self.bias)
 
     def mi_weights(self, state: Tensor) -> Tensor:
-        """Per-user log-variances (N, 2) of the two MI terms (zeros when weighting is fixed)."""
-        if self.weigher is None:
-            return state.new_zeros(state.shape[0], 2)
-        return self.weigher(state)
+        """Per-user log-variances (N, 2) of the two MI terms (zeros when weighting is fixed, the same learned
+        pair for every row when it is global)."""
+        if self.weigher is not None:
+            return self.weigher(state)
+        if self.log_variances is not None:
+            return self.log_variances.expand(state.shape[0], 2)
+        return state.new_zeros(state.shape[0], 2)
 
     def cross_entropy(self, query: Tensor, rows: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
         """Mean cross-entropy of the whole-vocabulary scores of N queries (N, d) against their labels (label

@@ -120,6 +120,7 @@ class TMEPSR(SequenceModel):
                 d,
                 cfg.num_explanations,
                 cfg.dynamic_mi,
+                cfg.mi_per_user,
                 cfg.mi_temperature,
                 cfg.explanation_rank_prior,
                 cfg.explanation_history_prior,

@@ -110,3 +110,21 @@ def test_the_history_prior_shows_the_attested_id_the_user_meets_most():
         branch.shown_top(scores, candidates, 3).tolist()
         == ExplanationBranch(8, 5, rank_prior=2.0).shown_top(scores, candidates, 3).tolist()
     )  # without a history: the rank prior alone
+
+
+def test_mi_weights_per_user_global_or_fixed():
+    """The per-user weigher gives each state its own log-variances; the global control one learned pair for
+    every row (which the MI loss trains); fixed weighting zeros."""
+    torch.manual_seed(0)
+    state = torch.randn(6, 8)
+    per_user = ExplanationBranch(8, 5).mi_weights(state)
+    assert per_user.shape == (6, 2) and not torch.allclose(per_user[0], per_user[1])
+    branch = ExplanationBranch(8, 5, per_user=False)
+    assert branch.weigher is None and torch.equal(branch.mi_weights(state), torch.zeros(6, 2))
+    rows, ids, weights = torch.arange(6), torch.randint(0, 5, (6,)), torch.ones(6)
+    items = torch.arange(6)
+    branch.mi_loss(state, torch.randn(6, 8), torch.randn(6, 8), items, rows, ids, weights).backward()
+    assert branch.log_variances.grad is not None and branch.log_variances.grad.abs().min() > 0
+    fixed = ExplanationBranch(8, 5, dynamic=False)
+    assert fixed.weigher is None and fixed.log_variances is None
+    assert torch.equal(fixed.mi_weights(state), torch.zeros(6, 2))

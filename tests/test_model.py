@@ -61,6 +61,7 @@ def test_step_rolled_over_200_events_matches_scan(log, options):
         {"num_heads": 1},
         {"use_explanations": False},
         {"dynamic_mi": False},
+        {"mi_per_user": False},
         {"kind": "sasrec", "use_time": False, "use_explanations": False, "num_heads": 2},
         {"kind": "gru4rec", "use_time": False, "use_explanations": False, "num_heads": 1, "num_blocks": 1},
     ],
