@@ -140,6 +140,12 @@ def next_item_losses(
     return torch.nn.functional.cross_entropy(scores, items, reduction="none").double().numpy()
 
 
+def require_device(device: str) -> None:
+    """A clear error for a CUDA device that this torch build or machine does not have."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch build has no CUDA device; use --device cpu")
+
+
 @dataclass
 class FitResult:
     """What :func:`fit` returns and writes: per-epoch history, the best epoch and its test metrics."""

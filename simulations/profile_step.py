@@ -21,7 +21,7 @@ from shared_model.build import build_model
 from shared_model.config import MODEL_PRESETS, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
-from shared_model.training import evaluate, model_config_for, train_end_per_user
+from shared_model.training import evaluate, model_config_for, require_device, train_end_per_user
 from simulations.bench_accuracy import DATASET_SETTINGS
 
 PHASES = ("batch", "to_device", "forward", "backward", "optimizer")
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
+    require_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = profile(args.dataset, args.model, args.device, args.steps, args.ops, args.data_dir)

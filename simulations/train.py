@@ -16,7 +16,7 @@ from shared_model.build import build_model
 from shared_model.config import MODEL_PRESETS, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
-from shared_model.training import fit, model_config_for, save_checkpoint, write_json
+from shared_model.training import fit, model_config_for, require_device, save_checkpoint, write_json
 
 STATE_FILE = "train_state.pt"
 
@@ -59,10 +59,7 @@ def train_and_report(
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODEL_PRESETS)}, popularity")
     cfg = model_config_for(log, **(MODEL_PRESETS[model] | (overrides or {})))
     train_cfg = TrainConfig(**train_kwargs)
-    if train_cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {train_cfg.device!r}: this torch build has no CUDA device; use --device cpu"
-        )
+    require_device(train_cfg.device)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: results go into a folder")
     state = out / STATE_FILE
