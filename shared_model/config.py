@@ -45,9 +45,8 @@ class ModelConfig:
     use_time: bool = True  # dual-view gated time encoder
     use_explanations: bool = True  # explanation branch + its losses
     dynamic_mi: bool = True  # learned MI weights; False = fixed equal weights
-    mi_per_user: bool = (
-        True  # dynamic weights from each user's state (a small network); False = two learned scalars
-    )
+    # learned weights from each user's state (a small network); False = one learned pair for everyone
+    mi_per_user: bool = True
     alpha: float = 0.5  # weight of the explanation cross-entropy
     beta: float = 0.1  # weight of the mutual-information terms
     gamma: float = 0.01  # weight of the head-diversity regulariser
