@@ -25,6 +25,9 @@ from shared_model.partition import load_parts, parameter_groups, split_state
 from shared_model.protocol.clipping import clip_update
 from shared_model.protocol.updates import (
     ITEM_TABLES,
+    STATE_COUNTS,
+    STATE_SHARES,
+    STATES,
     compress,
     densify,
     encode_rows,
@@ -297,8 +300,10 @@ class HostedUsers:
         rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
         sparse = self.cfg.upload == "sparse"
         sampling = self.cfg.sparse_sampling if sparse else None
-        dense_training = sampling in ("importance", "error-feedback")  # rows chosen after dense training
+        dense_training = sampling in ("importance", "error-feedback", "states")  # rows chosen after training
         node_rows: dict[str, list[np.ndarray]] = {}  # sparse: the rows each user's own device would send
+        states: list[np.ndarray] = []  # "states": each user's output states, and its example weight
+        state_weights: list[int] = []
         examples, losses, shares = 0, [], {}
         for user in users:
             n = update_weight(
@@ -310,14 +315,22 @@ class HostedUsers:
                 if sparse and not dense_training
                 else None
             )
-            epochs = self._fit(
-                user,
-                (shared, users[user].personal),
-                server_round,
-                self.cfg.local_epochs,
-                item_rows=rows,
-                head_share=head_share,
-            )
+            self.model.output_states = [] if sampling == "states" else None
+            try:
+                epochs = self._fit(
+                    user,
+                    (shared, users[user].personal),
+                    server_round,
+                    self.cfg.local_epochs,
+                    item_rows=rows,
+                    head_share=head_share,
+                )
+                if sampling == "states":  # one SGD step: one (coordinates, log-priors) pair
+                    ((a, prior),) = self.model.output_states
+                    states.append(torch.cat((a, prior.unsqueeze(-1)), dim=-1).numpy())
+                    state_weights.append(n)
+            finally:
+                self.model.output_states = None
             losses += [parts["loss"] for parts in epochs]
             for key in (k for k in epochs[-1] if k.startswith("head_share_")):
                 shares[key] = shares.get(key, 0.0) + n * epochs[-1][key]
@@ -336,11 +349,16 @@ class HostedUsers:
                     residual = unsent_change(new_shared, shared, one)
                 elif sampling == "importance":
                     one = importance_update(new_shared, shared, touched, decoys, fraction, rng)
+                elif sampling == "states":  # the touched item rows; the server computes the others' change
+                    one = importance_update(new_shared, shared, touched, 0, fraction, rng)
                 else:
                     one = sparse_update(new_shared, shared, touched, rows, fraction, rng)
                 for name, r in sent_rows(one).items():
                     node_rows.setdefault(name, []).append(r)
-                new_shared = densify(one, shared)
+                # "states": every user's own rows enter the node's mean whole (the union of the users' rows
+                # is sent, and the server adds the other rows' change from the states)
+                whole = ITEM_TABLES if sampling == "states" else ()
+                new_shared = densify(one, shared) | {k: new_shared[k] for k in whole}
             self.save_personal(user, personal, server_round, residual)
             for k, v in new_shared.items():
                 total[k] = total.get(k, 0) + n * v.astype(np.float64)
@@ -350,6 +368,14 @@ class HostedUsers:
             update = encode_rows(update, {k: np.unique(np.concatenate(r)) for k, r in node_rows.items()})
         if self.cfg.compress != "none":
             update = compress(update, shared, rng, self.cfg.compress)
+        if states:
+            update |= {
+                STATES: np.concatenate(states).astype(
+                    np.float32 if self.cfg.compress == "none" else np.float16
+                ),
+                STATE_COUNTS: np.array([len(x) for x in states], np.int32),
+                STATE_SHARES: (np.array(state_weights, np.float64) / examples).astype(np.float32),
+            }
         metrics = {"train-loss": float(np.mean(losses)), "failed-users": len(failures)}
         if (
             self.cfg.privacy == "plain"

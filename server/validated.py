@@ -45,6 +45,7 @@ class ValidatedStrategy(Wrapper):
         clip_norm: float = 0.0,
         row_clip: float = 0.0,
         max_examples: float = math.inf,
+        states_lr: float = 0.0,
     ) -> None:
         super().__init__(strategy)
         self.base = innermost(strategy)  # the Flower strategy that samples, addresses and steps
@@ -53,6 +54,7 @@ class ValidatedStrategy(Wrapper):
         self.min_reply_fraction = min_reply_fraction
         self.clip_norm = clip_norm
         self.row_clip = row_clip
+        self.states_lr = states_lr  # > 0: sparse updates with output states are completed at this local lr
         self.sent: dict[str, np.ndarray] = {}
         self.sampled = 0
         self._last_round: dict[str, Any] = {}
@@ -119,7 +121,13 @@ class ValidatedStrategy(Wrapper):
                 metrics = next(iter(content.metric_records.values()))
                 update = record_to_numpy(next(iter(content.array_records.values())))
                 dense = validate_update(
-                    update, self.sent, metrics.get(WEIGHT_KEY), self.norm_bound, self.max_examples
+                    update,
+                    self.sent,
+                    metrics.get(WEIGHT_KEY),
+                    self.norm_bound,
+                    self.max_examples,
+                    self.states_lr,
+                    self.row_clip,
                 )
             except (UpdateRejected, KeyError, ValueError, TypeError) as exc:
                 rejected.append(str(exc))

@@ -15,6 +15,10 @@ from shared_model.protocol.updates import (
     ROW_IDS,
     ROWS,
     SCALE,
+    STATE_COUNTS,
+    STATE_KEYS,
+    STATE_SHARES,
+    STATES,
     VALUES,
     decompress,
     densify,
@@ -23,7 +27,9 @@ from shared_model.protocol.updates import (
     rows_of,
     sampled_names,
     scale_shape,
+    split_states,
 )
+from shared_model.softmax_change import softmax_change, state_shape
 
 
 class UpdateRejected(ValueError):
@@ -73,10 +79,15 @@ def validate_update(
     num_examples: float,
     norm_bound: float,
     max_examples: float = math.inf,
+    states_lr: float = 0.0,
+    row_clip: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Check an update against the arrays the server sent; return it dense. ``max_examples``: the largest
-    example weight an honest device can claim (a larger one would outvote the cohort). Raises
-    :class:`UpdateRejected`."""
+    example weight an honest device can claim (a larger one would outvote the cohort). A sparse update with
+    output states (``sparse_sampling="states"``) gets every item row it did not send from them, as one local
+    SGD step at ``states_lr`` changed it, clipped per row to ``row_clip`` (``states_lr`` 0: such updates are
+    refused). Raises :class:`UpdateRejected`."""
+    update, states = split_states(update)
     if not (isinstance(num_examples, int | float) and math.isfinite(num_examples) and num_examples > 0):
         raise UpdateRejected(f"num-examples must be a positive finite number, got {num_examples!r}")
     if num_examples > max_examples:
@@ -116,7 +127,55 @@ def validate_update(
         if not np.isfinite(value).all():
             raise UpdateRejected(f"{key}: non-finite values")
     dense = densify(update, reference)
+    if states is not None:
+        dense = _with_state_change(dense, update, reference, states, states_lr, row_clip)
     norm = math.sqrt(sum(float(np.sum((dense[k].astype(np.float64) - reference[k]) ** 2)) for k in reference))
     if norm > norm_bound:
         raise UpdateRejected(f"update norm {norm:.3g} exceeds the bound {norm_bound:.3g}")
     return dense
+
+
+def _with_state_change(
+    dense: dict[str, np.ndarray],
+    update: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    states: dict[str, np.ndarray],
+    lr: float,
+    row_clip: float,
+) -> dict[str, np.ndarray]:
+    """``dense`` with the change of every item row the sparse ``update`` did not send added, computed from its
+    output ``states`` (:func:`shared_model.softmax_change.softmax_change`) after checking them."""
+    if not lr > 0:
+        raise UpdateRejected(
+            "this server takes no output states (sparse_sampling='states' is not configured)"
+        )
+    if set(states) != set(STATE_KEYS) or ITEM_TABLES[0] + ROWS not in update:
+        raise UpdateRejected(f"output states need {list(STATE_KEYS)} and the item tables as rows")
+    values, counts, shares = states[STATES], states[STATE_COUNTS], states[STATE_SHARES]
+    heads, width = state_shape(reference)
+    if values.dtype not in (np.float32, np.float16) or values.ndim != 3 or values.shape[1:] != (heads, width):
+        raise UpdateRejected(
+            f"{STATES}: need float32 or float16 of shape (positions, {heads}, {width}), got {values.dtype}"
+            f" {values.shape}"
+        )
+    if counts.dtype != np.int32 or counts.ndim != 1 or not len(counts) or (counts < 1).any():
+        raise UpdateRejected(f"{STATE_COUNTS}: need a non-empty 1-D int32 array of counts >= 1")
+    if int(counts.sum()) != len(values):
+        raise UpdateRejected(
+            f"{STATE_COUNTS}: counts sum to {int(counts.sum())}, not {len(values)} positions"
+        )
+    if shares.dtype != np.float32 or shares.shape != counts.shape:
+        raise UpdateRejected(f"{STATE_SHARES}: need float32 of shape {counts.shape}")
+    if not (np.isfinite(shares).all() and (shares > 0).all() and abs(float(shares.sum()) - 1) <= 1e-3):
+        raise UpdateRejected(f"{STATE_SHARES}: shares must be finite, > 0 and sum to 1")
+    if not np.isfinite(values).all():
+        raise UpdateRejected(f"{STATES}: non-finite values")
+    change = softmax_change(reference, values, counts, shares, lr, row_clip)
+    untouched = np.ones(len(reference[ITEM_TABLES[0]]), dtype=bool)
+    untouched[update[ITEM_TABLES[0] + ROWS]] = False
+    out = dict(dense)
+    for name in ITEM_TABLES:
+        table = dense[name].astype(np.float64)
+        table[untouched] += change[name][untouched]
+        out[name] = table.astype(reference[name].dtype)
+    return out

@@ -17,7 +17,7 @@ LocalOptimizer = Literal["sgd", "adamw"]
 ServerOptimizer = Literal["fedadam", "fedavg"]
 Upload = Literal["dense", "sparse"]
 Compress = Literal["none", "int8", "int4"]
-SparseSampling = Literal["uniform", "importance", "error-feedback"]
+SparseSampling = Literal["uniform", "importance", "error-feedback", "states"]
 Privacy = Literal["plain", "dp", "secagg"]
 Aggregation = Literal["mean", "trimmed-mean", "median"]
 RobustScope = Literal["all", "item-tables"]
@@ -269,7 +269,10 @@ class FederatedConfig:
         " other matrices drawn with a chance proportional to its change: less variance for the same bytes) |"
         " uniform (decoys and sampled rows drawn uniformly, the decoys trained as the only untouched rows) |"
         " error-feedback (dense local training, then the rows that changed most, unscaled; the device keeps"
-        " what it did not send and adds it to its next change)",
+        " what it did not send and adds it to its next change) | states (dense local training; the touched"
+        " item rows, the other matrices as importance, and the step's output states, from which the server"
+        " computes every other item row's change exactly: no decoys; needs one local SGD epoch and"
+        " clip_norm=0)",
     )
     compress: Compress = _opt(
         "none",
@@ -346,6 +349,14 @@ class FederatedConfig:
             raise ValueError("local_lr, server_lr and round_timeout must be > 0 and decoy_rows >= 0")
         if not 0 < self.fraction_evaluate <= 1 or not 0 < self.row_fraction <= 1:
             raise ValueError("fractions must lie in (0, 1]")
+        if self.sparse_sampling == "states" and self.upload == "sparse":
+            wrong = {"local_epochs": 1, "local_optimizer": "sgd", "clip_norm": 0.0}
+            bad = [f"{k}={getattr(self, k)!r}" for k, v in wrong.items() if getattr(self, k) != v]
+            if bad:
+                raise ValueError(
+                    "sparse_sampling='states' lets the server recompute one local SGD step's softmax change"
+                    " (it needs local_epochs=1, local_optimizer='sgd', clip_norm=0), got " + ", ".join(bad)
+                )
         if self.row_fraction < 1 and self.upload != "sparse":
             raise ValueError("row_fraction < 1 samples the rows of a sparse upload: it needs upload='sparse'")
         heads = MODEL_PRESETS[self.preset].get("num_heads", ModelConfig.num_heads)

@@ -33,6 +33,9 @@ class SequenceModel(nn.Module):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
         self.item_bias = nn.Parameter(torch.zeros(cfg.num_items + 1))
+        # when a list, :meth:`item_loss` appends the output states it scores (a detached copy of each call's
+        # head coordinates and log-priors: what a "states" upload sends, shared_model.softmax_change)
+        self.output_states: list[tuple[Tensor, Tensor]] | None = None
 
     def encode(self, batch: Batch) -> Tensor:
         """States (B, L, d) after each event of a left-padded batch (unspecified at padding).
@@ -95,6 +98,8 @@ class SequenceModel(nn.Module):
     def item_loss(self, a: Tensor, prior: Tensor, tables: Tensor, targets: Tensor) -> Tensor:
         """Full-softmax next-item cross-entropy of the routed scores (:meth:`interest_coordinates`) against
         dense item ids (N,)."""
+        if self.output_states is not None:
+            self.output_states.append((a.detach().clone(), prior.detach().clone()))
         return routed_softmax_cross_entropy(a, prior, tables, self.item_bias[1:], targets)
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:

@@ -103,6 +103,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "row_fraction": 0.3,
         "sparse_sampling": "importance",
     },
+    "default, sparse int4 upload, output states, 30% of other rows": {
+        "upload": "sparse",
+        "compress": "int4",
+        "row_fraction": 0.3,
+        "sparse_sampling": "states",
+    },
+    "default, sparse int4 upload, output states, 40% of other rows": {
+        "upload": "sparse",
+        "compress": "int4",
+        "row_fraction": 0.4,
+        "sparse_sampling": "states",
+    },
     "default, sparse int4 upload, 300 importance-sampled decoys, 30% of other rows, 20% of devices per round": {
         "upload": "sparse",
         "compress": "int4",
@@ -154,7 +166,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "server_lr_decay": 0.0,
     },
 }
-SAMPLING_LABELS = {"uniform": "", "importance": ", importance-sampled", "error-feedback": ", error feedback"}
+SAMPLING_LABELS = {
+    "uniform": "",
+    "importance": ", importance-sampled",
+    "error-feedback": ", error feedback",
+    "states": ", output states",
+}
 REACH = (0.8, 0.9, 0.95)
 PARTS = ("centralized", "federated", "personalization", "bytes", "throughput")
 # upload modes whose bytes are measured on one-user devices: (upload, decoy rows, compression, row fraction[,
@@ -174,6 +191,10 @@ UPLOADS = (
     ("sparse", 300, "int4", 0.3, "error-feedback"),
     ("sparse", 300, "int4", 0.4, "error-feedback"),
     ("sparse", 300, "int4", 1.0),
+    ("sparse", 0, "int4", 0.3, "states"),
+    ("sparse", 0, "int4", 0.4, "states"),
+    ("sparse", 0, "int4", 0.5, "states"),
+    ("sparse", 0, "int4", 1.0, "states"),
 )
 BYTES_USERS = 12  # one-user devices measured per upload mode (their median)
 

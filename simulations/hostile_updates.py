@@ -15,12 +15,16 @@ from shared_model.config import FederatedConfig
 from shared_model.protocol.updates import (
     ITEM_TABLES,
     ROW_IDS,
+    STATE_COUNTS,
+    STATE_SHARES,
+    STATES,
     compress,
     encode_sparse,
     rows_of,
     sample_rows,
     sampled_names,
 )
+from shared_model.softmax_change import state_shape
 
 
 def hostile_updates(
@@ -97,6 +101,15 @@ def hostile_updates(
         "int8: int16 values": (edit(f"{emb}@q8", packed[f"{emb}@q8"].astype(np.int16), packed), n),
         "int4: level -8": (edit(f"{emb}@q4", minus8, packed4), n),
         "int4: values shape": (edit(f"{emb}@q4", packed4[f"{emb}@q4"][:-1], packed4), n),
+        "states: output states to a server that takes none": (
+            sparse
+            | {
+                STATES: np.zeros((3, *state_shape(sent)), np.float32),
+                STATE_COUNTS: np.array([3], np.int32),
+                STATE_SHARES: np.ones(1, np.float32),
+            },
+            n,
+        ),
         **sampled,
     }
 

@@ -710,3 +710,52 @@ def test_devices_report_head_shares_and_train_toward_the_populations(cfg):
     dp = replace(cfg, privacy="dp", server_optimizer="fedavg", local_optimizer="sgd")
     private = HostedUsers(dp, 0, 3, store_dir=Path(cfg.out_dir) / "dp").train(shared, 1)
     assert not any(k.startswith("head-share") for k in private.metrics)
+
+
+def test_states_upload_completes_to_the_dense_update_and_bad_states_are_refused(cfg):
+    """``sparse_sampling="states"``: the touched item rows plus each user's output states; the server computes
+    every other item row's change from the states, and the completed update equals the dense one (one local
+    SGD step, same users, same round). Malformed states are refused."""
+    run = replace(cfg, local_epochs=1)
+    shared = initial_shared(run)
+    dense = HostedUsers(run, 0, 2, Path(cfg.out_dir) / "dense").train(shared, server_round=1).update
+    states_run = replace(run, upload="sparse", sparse_sampling="states")
+    device = HostedUsers(states_run, 0, 2, Path(cfg.out_dir) / "states")
+    result = device.train(shared, server_round=1)
+    update = result.update
+    assert len(update["softmax@counts"]) == len(device.users) > 1  # one block of states per hosted user
+    assert len(update["item_emb.weight@rows"]) < len(shared["item_emb.weight"])
+    with pytest.raises(UpdateRejected, match="no output states"):
+        validate_update(update, shared, result.num_examples, run.norm_bound)
+    lr, clip = states_run.local_lr, states_run.row_clip
+    completed = validate_update(
+        update, shared, result.num_examples, run.norm_bound, states_lr=lr, row_clip=clip
+    )
+    assert completed.keys() == dense.keys()
+    for name in dense:
+        np.testing.assert_allclose(completed[name], dense[name], rtol=0, atol=2e-7, err_msg=name)
+    moved = np.abs(completed["item_bias"] - shared["item_bias"])
+    assert (moved[1:] > 0).all()  # every item moved, not only the rows sent
+
+    def refused(match: str, **changes: np.ndarray) -> None:
+        with pytest.raises(UpdateRejected, match=match):
+            validate_update(
+                update | changes, shared, result.num_examples, run.norm_bound, states_lr=lr, row_clip=clip
+            )
+
+    states, counts = update["softmax@states"], update["softmax@counts"]
+    refused("shape", **{"softmax@states": states[:, :, :-1]})
+    refused("counts sum", **{"softmax@counts": counts + 1})
+    refused("sum to 1", **{"softmax@shares": 2 * update["softmax@shares"]})
+    refused("non-finite", **{"softmax@states": np.where(states == states.max(), np.nan, states)})
+    refused("int32", **{"softmax@counts": counts.astype(np.int64)})
+    with pytest.raises(UpdateRejected, match="as rows"):
+        validate_update(
+            dense | {k: update[k] for k in ("softmax@states", "softmax@counts", "softmax@shares")},
+            shared,
+            result.num_examples,
+            run.norm_bound,
+            states_lr=lr,
+        )
+    with pytest.raises(ValueError, match="local_epochs=1"):
+        replace(states_run, local_epochs=2)

@@ -20,6 +20,14 @@ With error feedback (:func:`largest_rows_update`) it sends the rows whose change
 what it left out (:func:`unsent_change`) to add to its next change: biased in one round, nothing lost over
 rounds.
 
+With output states (``sparse_sampling="states"``) the device sends its touched item rows exactly and, instead of
+any other item row, what the server needs to compute every other row's change itself: the interests its one
+local SGD step scored the full softmax with (``STATES``: per position, each head's coordinates and log-prior),
+how many positions each of its users trained (``STATE_COUNTS``) and each user's share of its reply
+(``STATE_SHARES``). An untouched item's row changes only through the softmax's log-partition, which those
+states determine (:mod:`shared_model.softmax_change`), so the server's item tables are the dense update's, for
+a few KB.
+
 Compression replaces every float array ``k`` of an update by the change from what the server sent, quantized
 per row with stochastic rounding so that the decoded update is unbiased (FedAvg averages the rounding noise
 away): ``int8`` as ``k@q8`` (int8, levels -127..127), ``int4`` as ``k@q4`` (levels -7..7, two per byte: uint8,
@@ -37,6 +45,8 @@ import numpy as np
 ITEM_TABLES = ("item_emb.weight", "item_bias")
 ROWS, VALUES = "@rows", "@values"
 ROW_IDS = np.int32  # the dtype of row ids
+STATES, STATE_COUNTS, STATE_SHARES = "softmax@states", "softmax@counts", "softmax@shares"
+STATE_KEYS = (STATES, STATE_COUNTS, STATE_SHARES)
 Q8, Q4, SCALE = "@q8", "@q4", "@scale"
 QUANTIZED = {"int8": Q8, "int4": Q4}  # compression -> the suffix of its quantized arrays
 LEVELS = {Q8: 127, Q4: 7}  # the largest quantized magnitude of each
@@ -277,6 +287,17 @@ def sample_rows(
         rows = np.sort(rng.choice(total, size=keep, replace=False)).astype(ROW_IDS)
         out |= _weighted_rows(update, sent, [name], rows, np.full(keep, keep / total))
     return _replace_rows(update, out)
+
+
+def split_states(
+    update: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """``update`` without its output states (``STATE_KEYS``), and those states (None when it has none)."""
+    if not any(k in update for k in STATE_KEYS):
+        return update, None
+    return {k: v for k, v in update.items() if k not in STATE_KEYS}, {
+        k: update[k] for k in STATE_KEYS if k in update
+    }
 
 
 def is_sparse(update: dict[str, np.ndarray]) -> bool:
