@@ -115,6 +115,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "row_fraction": 0.4,
         "sparse_sampling": "states",
     },
+    "default, sparse int4 upload, output states, 50% of other rows": {
+        "upload": "sparse",
+        "compress": "int4",
+        "row_fraction": 0.5,
+        "sparse_sampling": "states",
+    },
     "default, sparse int4 upload, 300 importance-sampled decoys, 30% of other rows, 20% of devices per round": {
         "upload": "sparse",
         "compress": "int4",

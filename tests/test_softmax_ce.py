@@ -183,3 +183,51 @@ def test_soft_targets_without_bias_gradient():
         ),
         (x, weight),
     )
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_softmax_change_is_the_sgd_step_on_untouched_items(heads: int):
+    """:func:`shared_model.softmax_change.softmax_change`: from the output states alone, the change one SGD step
+    on the routed cross-entropy gives every item row that is not a target (with and without head projections),
+    row-clipped like a device's update."""
+    import numpy as np
+
+    from shared_model.softmax_change import softmax_change
+
+    rng = np.random.default_rng(heads)
+    items, d, k, rows, lr = 40, 8, 8 // heads, 6, 0.5
+    sent = {
+        "item_emb.weight": rng.normal(size=(items + 1, d)).astype(np.float32),
+        "item_bias": rng.normal(size=items + 1).astype(np.float32),
+    }
+    if heads > 1:
+        sent["interests.proj"] = rng.normal(size=(heads, k, d)).astype(np.float32)
+    states = rng.normal(size=(rows, heads, (k if heads > 1 else d) + 1)).astype(np.float32)
+    if heads == 1:
+        states[..., -1] = 0  # one interest: log-prior 0
+    targets = torch.tensor([3, 3, 7, 11, 20, 1])
+    emb = torch.from_numpy(sent["item_emb.weight"]).requires_grad_()
+    bias = torch.from_numpy(sent["item_bias"]).requires_grad_()
+    proj = torch.from_numpy(sent["interests.proj"]) if heads > 1 else None
+    tables = torch.einsum("vd,hkd->hvk", emb[1:], proj) if proj is not None else emb[1:].expand(1, -1, -1)
+    a, prior = torch.from_numpy(states[..., :-1]), torch.from_numpy(states[..., -1])
+    routed_softmax_cross_entropy(a, prior, tables, bias[1:], targets).backward()
+    untouched = np.setdiff1d(np.arange(1, items + 1), targets.numpy() + 1)
+    for clip in (0.0, 0.05):
+        change = softmax_change(sent, states, np.array([rows]), np.ones(1), lr, clip)
+        want = [-lr * t.grad.double().numpy() for t in (emb, bias)]
+        if clip:
+            norm = np.sqrt((want[0] ** 2).sum(1) + want[1] ** 2)
+            scale = np.minimum(1, clip / norm)
+            want = [want[0] * scale[:, None], want[1] * scale]
+            assert (scale[untouched] < 1).any()  # the clip bites somewhere
+        np.testing.assert_allclose(
+            change["item_emb.weight"][untouched], want[0][untouched], rtol=1e-5, atol=1e-8
+        )
+        np.testing.assert_allclose(change["item_bias"][untouched], want[1][untouched], rtol=1e-5, atol=1e-8)
+        assert not change["item_emb.weight"][0].any() and change["item_bias"][0] == 0  # padding
+    two = softmax_change(
+        sent, np.concatenate([states, states]), np.array([rows, rows]), np.full(2, 0.5), lr, 0
+    )
+    one = softmax_change(sent, states, np.array([rows]), np.ones(1), lr, 0)
+    np.testing.assert_allclose(two["item_bias"], one["item_bias"], rtol=1e-6)  # shares weight the users
