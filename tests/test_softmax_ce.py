@@ -218,7 +218,7 @@ def test_softmax_change_is_the_sgd_step_on_untouched_items(heads: int):
         want = [-lr * t.grad.double().numpy() for t in (emb, bias)]
         if clip:
             norm = np.sqrt((want[0] ** 2).sum(1) + want[1] ** 2)
-            scale = np.minimum(1, clip / norm)
+            scale = np.minimum(1, clip / np.maximum(norm, 1e-300))
             want = [want[0] * scale[:, None], want[1] * scale]
             assert (scale[untouched] < 1).any()  # the clip bites somewhere
         np.testing.assert_allclose(
