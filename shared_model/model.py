@@ -42,7 +42,7 @@ from .dropout import Dropout
 from .explanation import ExplanationBranch
 from .lru import LRUEncoder
 from .sequence_model import SequenceModel
-from .softmax_ce import target_terms
+from .softmax_ce import head_item_tables, target_terms
 from .time_encoder import DualViewGatedTimeEncoder
 
 
@@ -77,7 +77,7 @@ class InterestHeads(nn.Module):
     def item_tables(self, table: Tensor) -> Tensor:
         """Every item in each head's coordinates, (H, V, d_head): ``coordinates_h . item_tables[h, i]`` is
         ``v_h . table[i]``, at d_head instead of d multiply-adds."""
-        return torch.einsum("vd,hkd->hvk", table, self.proj)
+        return head_item_tables(table, self.proj)
 
     def _parts(
         self, y: Tensor, cosines: bool = False

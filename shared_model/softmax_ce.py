@@ -124,6 +124,12 @@ def mean_log_partition(
     return _MeanLogPartition.apply(a.contiguous(), prior.contiguous(), tables, bias, row_weight, chunk)
 
 
+def head_item_tables(table: Tensor, proj: Tensor) -> Tensor:
+    """Every item of ``table`` (V, d) in each head's coordinates, (H, V, k), for interests ``v_h = a_h P_h`` with
+    ``proj`` (H, k, d): ``a_h . result[h, i]`` is ``v_h . table[i]`` (module docstring)."""
+    return torch.einsum("vd,hkd->hvk", table, proj)
+
+
 def target_terms(a: Tensor, prior: Tensor, tables: Tensor, target: Tensor) -> Tensor:
     """Each head's term at each row's target item, ``a[n, h] . tables[h, target[n]] + prior[n, h]`` (N, H):
     their softmax over heads is each head's responsibility for the target."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .protocol.clipping import row_clip_scale
 from .protocol.updates import ITEM_TABLES
-from .softmax_ce import mean_log_partition
+from .softmax_ce import head_item_tables, mean_log_partition
 
 PROJECTION = (
     "interests.proj"  # (H, k, d): head h scores item i by a_h . (proj_h @ e_i); absent: one head, k = d
@@ -43,24 +44,22 @@ def softmax_change(
     owns the next ``counts[u]`` rows of ``states`` (P, H, k + 1; each head's coordinates, then its log-prior) and
     contributes ``shares[u]`` times ``-lr`` x the gradient of its mean log-partition, each item row's change
     first clipped to norm ``row_clip`` (0: off). Row 0 (padding) never changes."""
-    emb, bias = (torch.from_numpy(np.ascontiguousarray(sent[k], np.float32)) for k in ITEM_TABLES)
-    proj = torch.from_numpy(sent[PROJECTION]) if PROJECTION in sent else None
+    emb, bias = (torch.tensor(sent[k], dtype=torch.float32, requires_grad=True) for k in ITEM_TABLES)
+    heads = state_shape(sent)[0]
+    table = emb[1:]
+    tables = (
+        head_item_tables(table, torch.from_numpy(sent[PROJECTION]))
+        if PROJECTION in sent
+        else table.expand(heads, -1, -1)
+    )
     total = {k: np.zeros(sent[k].shape) for k in ITEM_TABLES}
     ends = np.cumsum(counts)
     for share, end, count in zip(shares, ends, counts, strict=True):
         state = torch.from_numpy(np.asarray(states[end - count : end], np.float32))
-        e, b = emb.clone().requires_grad_(), bias.clone().requires_grad_()
-        table = e[1:]
-        tables = (
-            torch.einsum("vd,hkd->hvk", table, proj)
-            if proj is not None
-            else table.expand(state.shape[1], -1, -1)
-        )
-        mean_log_partition(state[..., :-1], state[..., -1], tables, b[1:]).backward()
-        change = [-lr * t.grad.double().numpy() for t in (e, b)]
+        loss = mean_log_partition(state[..., :-1], state[..., -1], tables, bias[1:])
+        change = [-lr * g.double().numpy() for g in torch.autograd.grad(loss, (emb, bias), retain_graph=True)]
         if row_clip > 0:
-            norm = np.sqrt((change[0] ** 2).sum(axis=1) + change[1] ** 2)
-            scale = np.minimum(1.0, row_clip / np.maximum(norm, 1e-300))
+            scale = row_clip_scale(change, row_clip)
             change = [change[0] * scale[:, None], change[1] * scale]
         for name, c in zip(ITEM_TABLES, change, strict=True):
             total[name] += float(share) * c

@@ -39,6 +39,13 @@ class Clipped:
     rows_clipped: int  # item rows scaled down to row_clip
 
 
+def row_clip_scale(changes: list[np.ndarray], row_clip: float) -> np.ndarray:
+    """Per item row, the factor (<= 1) that scales its change, taken over all ``changes`` (the item tables'
+    changes, rows along the first axis) together, down to L2 norm ``row_clip``."""
+    norm = np.sqrt(sum(np.sum(c.reshape(len(c), -1) ** 2, axis=1) for c in changes))
+    return np.minimum(1.0, row_clip / np.maximum(norm, 1e-300))
+
+
 def clip_update(
     update: dict[str, np.ndarray], sent: dict[str, np.ndarray], clip_norm: float, row_clip: float
 ) -> Clipped:
@@ -48,9 +55,7 @@ def clip_update(
     rows_clipped = 0
     tables = [k for k in ITEM_TABLES if k in delta]
     if row_clip > 0 and tables:
-        flat = [delta[k].reshape(len(delta[k]), -1) for k in tables]
-        row_norm = np.sqrt(sum(np.sum(f**2, axis=1) for f in flat))
-        scale = np.minimum(1.0, row_clip / np.maximum(row_norm, 1e-300))
+        scale = row_clip_scale([delta[k] for k in tables], row_clip)
         rows_clipped = int(np.sum(scale < 1))
         for k in tables:
             delta[k] = delta[k] * scale.reshape((-1,) + (1,) * (delta[k].ndim - 1))
