@@ -20,6 +20,7 @@ from shared_model.protocol.updates import (
     STATE_SHARES,
     STATES,
     VALUES,
+    compression,
     decompress,
     densify,
     packed_shape,
@@ -37,23 +38,30 @@ class UpdateRejected(ValueError):
 
 
 def expected_keys(
-    reference: dict[str, np.ndarray], sparse: bool, quantized: str | None = None, sampled: Iterable[str] = ()
+    reference: dict[str, np.ndarray],
+    sparse: bool,
+    compression: str | None = None,
+    sampled: Iterable[str] = (),
 ) -> set[str]:
     """The keys of a valid update: dense arrays, the item tables as rows when ``sparse``, the ``sampled``
-    matrices as rows, each as ``<quantized>``/``@scale`` pairs when ``quantized`` (``@q8`` or ``@q4``)."""
+    matrices as rows, each as ``@q8``/``@q4`` and ``@scale`` pairs when compressed (``int8`` or ``int4``;
+    :func:`~shared_model.protocol.updates.quantized_suffix` says which)."""
     by_rows = (set(ITEM_TABLES) if sparse else set()) | set(sampled)
     keys = (set(reference) - by_rows) | {n + s for n in by_rows for s in (ROWS, VALUES)}
-    if quantized:
+    if compression:
         keys = {k for k in keys if k.endswith(ROWS)} | {
-            k + s for k in keys if not k.endswith(ROWS) for s in (quantized, SCALE)
+            k + s
+            for k in keys
+            if not k.endswith(ROWS)
+            for s in (quantized_suffix(compression, reference[k.removesuffix(VALUES)].ndim), SCALE)
         }
     return keys
 
 
-def _check_quantized(update: dict[str, np.ndarray], reference: dict[str, np.ndarray], suffix: str) -> None:
+def _check_quantized(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
     """dtypes and shapes of a compressed update's quantized arrays and scales (before decoding)."""
-    dtype = np.int8 if suffix == Q8 else np.uint8
-    for key in (k.removesuffix(suffix) for k in update if k.endswith(suffix)):
+    for key, suffix in ((k[: -len(s)], s) for k in update for s in (Q8, Q4) if k.endswith(s)):
+        dtype = np.int8 if suffix == Q8 else np.uint8
         name = key.removesuffix(VALUES)
         shape = reference[name].shape
         if key.endswith(VALUES):
@@ -95,9 +103,9 @@ def validate_update(
             f"num-examples {num_examples:g} exceeds what one round trains ({max_examples:g})"
         )
     by_rows = {k.removesuffix(ROWS) for k in update if k.endswith(ROWS)}
-    sparse, quantized = bool(by_rows & set(ITEM_TABLES)), quantized_suffix(update)
+    sparse, compressed = bool(by_rows & set(ITEM_TABLES)), compression(update)
     sampled = sorted(by_rows & set(sampled_names(reference)))
-    keys, want = set(update), expected_keys(reference, sparse, quantized, sampled)
+    keys, want = set(update), expected_keys(reference, sparse, compressed, sampled)
     if keys != want:
         missing, extra = sorted(want - keys), sorted(keys - want)
         raise UpdateRejected(f"wrong keys: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -109,8 +117,8 @@ def validate_update(
             raise UpdateRejected(f"{name}{ROWS}: row ids out of range or repeated")
         if name in ITEM_TABLES and not np.array_equal(r, update[ITEM_TABLES[0] + ROWS]):
             raise UpdateRejected(f"{name}{ROWS}: row ids must be the same for every item table")
-    if quantized:
-        _check_quantized(update, reference, quantized)
+    if compressed:
+        _check_quantized(update, reference)
         update = decompress(update, reference)
     for name in sorted(by_rows):
         want_shape = (len(update[name + ROWS]), *rows_of(reference[name]).shape[1:])

@@ -499,7 +499,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="federated")
     parser.add_argument(
-        "--out", default="runs/bench_federated", help="simulation outputs (checkpoints, stores)"
+        "--out",
+        help="simulation outputs: checkpoints and the devices' stores, whose keys depend on the seed, so two"
+        " runs must not share it (default: runs/bench_federated/<name>)",
     )
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
@@ -507,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.exists() else []
     done = {r["key"] for r in runs}
     for dataset in args.datasets:
-        runs += run_dataset(dataset, args, Path(args.out), done)
+        runs += run_dataset(dataset, args, Path(args.out or f"runs/bench_federated/{args.name}"), done)
         (RESULTS / f"{args.name}.json").write_text(json.dumps(runs, indent=2, default=float) + "\n")
         (RESULTS / f"{args.name}.md").write_text(summarise(runs))
         _plot(runs, RESULTS / f"{args.name}.png")

@@ -32,7 +32,10 @@ Compression replaces every float array ``k`` of an update by the change from wha
 per row with stochastic rounding so that the decoded update is unbiased (FedAvg averages the rounding noise
 away): ``int8`` as ``k@q8`` (int8, levels -127..127), ``int4`` as ``k@q4`` (levels -7..7, two per byte: uint8,
 the flattened array's even elements in the low nibbles), each with ``k@scale`` (float32, one scale per
-leading-axis row, or one per 1-D array). Decoding needs the arrays the server sent, which it has.
+leading-axis row, or one per 1-D array). ``int4`` quantizes the matrices only: a vector (a bias, a norm's gain,
+the touched items' biases) has one scale for all its values, and its changes are heavy-tailed (the largest 6x
+their RMS for the item bias, 15x for the explanation bias), which left int4's rounding noise as large as the
+signal; vectors go as ``@q8`` (a few hundred bytes). Decoding needs the arrays the server sent, which it has.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ ROW_IDS = np.int32  # the dtype of row ids
 STATES, STATE_COUNTS, STATE_SHARES = "softmax@states", "softmax@counts", "softmax@shares"
 STATE_KEYS = (STATES, STATE_COUNTS, STATE_SHARES)
 Q8, Q4, SCALE = "@q8", "@q4", "@scale"
-QUANTIZED = {"int8": Q8, "int4": Q4}  # compression -> the suffix of its quantized arrays
+QUANTIZED = {"int8": Q8, "int4": Q4}  # compression -> the suffix of its quantized matrices
 LEVELS = {Q8: 127, Q4: 7}  # the largest quantized magnitude of each
 SAMPLED_MIN_ROWS = 16  # a matrix with fewer rows goes whole (sampling a few rows would be mostly noise)
 
@@ -348,6 +351,12 @@ def packed_shape(suffix: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape if suffix == Q8 else (-(-math.prod(shape) // 2),)
 
 
+def quantized_suffix(kind: str, ndim: int) -> str:
+    """The suffix an array of ``ndim`` dimensions is quantized to under compression ``kind`` (module docstring:
+    ``int4`` sends vectors as int8)."""
+    return Q8 if ndim < 2 else QUANTIZED[kind]
+
+
 def compress(
     update: dict[str, np.ndarray],
     reference: dict[str, np.ndarray],
@@ -355,13 +364,13 @@ def compress(
     kind: str = "int8",
 ) -> dict[str, np.ndarray]:
     """``int8`` or ``int4`` form of a (dense or sparse) update: per-row quantized changes from ``reference``."""
-    suffix = QUANTIZED[kind]
-    levels = LEVELS[suffix]
     rows = {k: v for k, v in update.items() if k.endswith(ROWS)}
     out: dict[str, np.ndarray] = dict(rows)
     for key, value in update.items():
         if key in rows:
             continue
+        suffix = quantized_suffix(kind, value.ndim)
+        levels = LEVELS[suffix]
         delta = value.astype(np.float64) - reference_of(key, rows, reference)
         axes = tuple(range(1, delta.ndim)) if delta.ndim >= 2 else None
         scale = np.abs(delta).max(axis=axes, keepdims=True).reshape(scale_shape(delta.shape)) / levels
@@ -372,23 +381,23 @@ def compress(
     return out
 
 
-def quantized_suffix(update: dict[str, np.ndarray]) -> str | None:
-    """``@q8`` or ``@q4`` when ``update`` is compressed (the first quantized key's), else None."""
-    return next((s for k in update for s in (Q8, Q4) if k.endswith(s)), None)
+def compression(update: dict[str, np.ndarray]) -> str | None:
+    """``int4`` or ``int8`` when ``update`` is compressed (``int4`` if any array is ``@q4``), else None."""
+    suffixes = {s for k in update for s in (Q8, Q4) if k.endswith(s)}
+    return None if not suffixes else "int4" if Q4 in suffixes else "int8"
 
 
 def is_compressed(update: dict[str, np.ndarray]) -> bool:
-    return quantized_suffix(update) is not None
+    return compression(update) is not None
 
 
 def decompress(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The float32 (still possibly sparse) update of a compressed one; other updates are returned as they are."""
-    suffix = quantized_suffix(update)
-    if suffix is None:
+    if not is_compressed(update):
         return dict(update)
     rows = {k: v for k, v in update.items() if k.endswith(ROWS)}
     out: dict[str, np.ndarray] = dict(rows)
-    for key in (k.removesuffix(suffix) for k in update if k.endswith(suffix)):
+    for key, suffix in ((k[: -len(s)], s) for k in update for s in (Q8, Q4) if k.endswith(s)):
         ref = reference_of(key, rows, reference)
         q = update[key + suffix] if suffix == Q8 else unpack_int4(update[key + suffix], ref.shape)
         out[key] = (ref + q.astype(np.float64) * update[key + SCALE]).astype(np.float32)
