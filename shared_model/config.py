@@ -276,7 +276,8 @@ class FederatedConfig:
     )
     compress: Compress = _opt(
         "none",
-        "none | int8 | int4 (per-row quantized changes with stochastic rounding, ~4x / ~8x smaller)",
+        "none | int8 | int4 (per-row quantized changes with stochastic rounding, ~4x / ~8x smaller; int4 sends"
+        " vectors such as biases as int8)",
     )
     norm_bound: float = _opt(50.0, "reject an update whose L2 distance to the sent arrays is larger")
     privacy: Privacy = _opt(
