@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from simulations import bench_federated
+from simulations import bench_federated, compare_seeds
 from simulations.bench_federated import rounds_to_reach
 
 from .helpers import make_events
@@ -67,3 +67,44 @@ def test_benchmark_records_converged_centralized_curves_and_paired_personalizati
     assert again["kind"] == "personalization" and again["round"] == 2
     assert again["personalization"].keys() == pers.keys()
     assert all(again["personalization"][k] == pytest.approx(v, rel=1e-6, abs=1e-9) for k, v in pers.items())
+
+
+def _write_run(results, name, seed, val, test, kind="federated"):
+    row = {
+        "kind": kind,
+        "variant": "v",
+        "config": {"seed": seed},
+        "val": {"ndcg@10": val},
+        "test": {"ndcg@10": test},
+        "upload_bytes_per_device": 1000.0,
+    }
+    with (results / f"{name}_runs.jsonl").open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def test_compare_seeds_pairs_runs_by_seed_and_reads_each_files_last_federated_row(tmp_path):
+    # seed 0: base 0.04 (an older row 0.01 comes first), variant 0.03; seed 1: base 0.05, variant 0.055
+    _write_run(tmp_path, "base", 0, 0.01, 0.01)
+    _write_run(tmp_path, "base", 0, 0.04, 0.02)
+    _write_run(tmp_path, "base", 0, 9.0, 9.0, kind="bytes")
+    _write_run(tmp_path, "var", 0, 0.03, 0.02)
+    _write_run(tmp_path, "base-seed1", 1, 0.05, 0.04)
+    _write_run(tmp_path, "var-seed1", 1, 0.055, 0.04)
+    result = compare_seeds.compare("base", "var", [0, 1], tmp_path)
+    assert [r["val"]["gap"] for r in result["seeds"]] == pytest.approx([-0.25, 0.1])
+    val = result["summary"]["val"]
+    assert val["gap_of_means"] == pytest.approx(0.085 / 0.09 - 1)
+    assert val["mean_gap"] == pytest.approx(-0.075)
+    assert val["std"] == pytest.approx(0.35 / 2**0.5)
+    assert val["se"] == pytest.approx(0.35 / 2)
+    assert result["summary"]["test"]["gap_of_means"] == pytest.approx(0.0)
+    assert "**-5.6%**" in compare_seeds.to_markdown(result)
+
+
+def test_compare_seeds_refuses_missing_runs_and_unpaired_seeds(tmp_path):
+    _write_run(tmp_path, "base", 0, 0.04, 0.02)
+    with pytest.raises(FileNotFoundError, match="var_runs.jsonl"):
+        compare_seeds.compare("base", "var", [0], tmp_path)
+    _write_run(tmp_path, "var", 3, 0.04, 0.02)  # run with seed 3 under seed 0's name
+    with pytest.raises(ValueError, match="seeds 0 and 3"):
+        compare_seeds.compare("base", "var", [0], tmp_path)
