@@ -300,6 +300,7 @@ class HostedUsers:
         rng = np.random.default_rng([self.cfg.seed, server_round, int(self.users[0]), 1])
         sparse = self.cfg.upload == "sparse"
         sampling = self.cfg.sparse_sampling if sparse else None
+        balanced_for = self.cfg.compress if self.cfg.row_budget == "balanced" else None
         dense_training = sampling in ("importance", "error-feedback", "states")  # rows chosen after training
         node_rows: dict[str, list[np.ndarray]] = {}  # sparse: the rows each user's own device would send
         states: list[np.ndarray] = []  # "states": each user's output states, and its example weight
@@ -347,10 +348,9 @@ class HostedUsers:
                 if sampling == "error-feedback":
                     one = largest_rows_update(new_shared, shared, touched, decoys, fraction)
                     residual = unsent_change(new_shared, shared, one)
-                elif sampling == "importance":
-                    one = importance_update(new_shared, shared, touched, decoys, fraction, rng)
-                elif sampling == "states":  # the touched item rows; the server computes the others' change
-                    one = importance_update(new_shared, shared, touched, 0, fraction, rng)
+                elif sampling in ("importance", "states"):  # states: the server computes the untouched rows
+                    decoys = decoys if sampling == "importance" else 0
+                    one = importance_update(new_shared, shared, touched, decoys, fraction, rng, balanced_for)
                 else:
                     one = sparse_update(new_shared, shared, touched, rows, fraction, rng)
                 for name, r in sent_rows(one).items():

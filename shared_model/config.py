@@ -18,6 +18,7 @@ ServerOptimizer = Literal["fedadam", "fedavg"]
 Upload = Literal["dense", "sparse"]
 Compress = Literal["none", "int8", "int4"]
 SparseSampling = Literal["uniform", "importance", "error-feedback", "states"]
+RowBudget = Literal["per-matrix", "balanced"]
 Privacy = Literal["plain", "dp", "secagg"]
 Aggregation = Literal["mean", "trimmed-mean", "median"]
 RobustScope = Literal["all", "item-tables"]
@@ -274,6 +275,12 @@ class FederatedConfig:
         " computes every other item row's change exactly: no decoys; needs one local SGD epoch and"
         " clip_norm=0)",
     )
+    row_budget: RowBudget = _opt(
+        "per-matrix",
+        "sparse upload with importance or states sampling and row_fraction < 1: per-matrix (each other matrix"
+        " sends about row_fraction of its rows) | balanced (the same expected bytes, shared among the matrices"
+        " so that the sum of their relative sampling variances is least)",
+    )
     compress: Compress = _opt(
         "none",
         "none | int8 | int4 (per-row quantized changes with stochastic rounding, ~4x / ~8x smaller; int4 sends"
@@ -358,6 +365,11 @@ class FederatedConfig:
                     "sparse_sampling='states' lets the server recompute one local SGD step's softmax change"
                     " (it needs local_epochs=1, local_optimizer='sgd', clip_norm=0), got " + ", ".join(bad)
                 )
+        if self.row_budget == "balanced" and self.sparse_sampling not in ("importance", "states"):
+            raise ValueError(
+                "row_budget='balanced' shares importance-sampled rows: it needs sparse_sampling"
+                f" 'importance' or 'states', got {self.sparse_sampling!r}"
+            )
         if self.row_fraction < 1 and self.upload != "sparse":
             raise ValueError("row_fraction < 1 samples the rows of a sparse upload: it needs upload='sparse'")
         heads = MODEL_PRESETS[self.preset].get("num_heads", ModelConfig.num_heads)

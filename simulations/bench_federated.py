@@ -116,6 +116,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "row_fraction": 0.2,
         "sparse_sampling": "states",
     },
+    # the same bytes shared among the other matrices by the balanced row budget
+    "default, sparse int4 upload, output states, 40% of other rows, balanced": {
+        "upload": "sparse",
+        "compress": "int4",
+        "row_fraction": 0.4,
+        "sparse_sampling": "states",
+        "row_budget": "balanced",
+    },
     # what the 40% setting's cost is made of: the other matrices whole (int4), or sampled but not quantized
     "default, sparse int4 upload, output states, every other row": {
         "upload": "sparse",
@@ -187,7 +195,7 @@ SAMPLING_LABELS = {
 REACH = (0.8, 0.9, 0.95)
 PARTS = ("centralized", "federated", "personalization", "bytes", "throughput")
 # upload modes whose bytes are measured on one-user devices: (upload, decoy rows, compression, row fraction[,
-# sparse sampling when not uniform])
+# sparse sampling when not uniform[, row budget when not per-matrix]])
 UPLOADS = (
     ("dense", 0, "none", 1.0),
     ("dense", 0, "int8", 1.0),
@@ -206,6 +214,7 @@ UPLOADS = (
     ("sparse", 0, "int4", 0.3, "states"),
     ("sparse", 0, "int4", 0.4, "states"),
     ("sparse", 0, "int8", 0.2, "states"),
+    ("sparse", 0, "int4", 0.4, "states", "balanced"),
     ("sparse", 0, "int4", 0.5, "states"),
     ("sparse", 0, "int4", 1.0, "states"),
 )
@@ -369,6 +378,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
             )
     for upload, decoys, compress, fraction, *how in UPLOADS if "bytes" in args.parts else ():
         sampling = how[0] if how else "uniform"  # the rows measured before importance sampling existed
+        budget = how[1] if len(how) > 1 else "per-matrix"
         key = f"{dataset}/bytes/{upload}/{decoys}/{compress}/{fraction:g}" + "".join(f"/{h}" for h in how)
         if key in done:
             continue
@@ -379,6 +389,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
             compress=compress,
             row_fraction=fraction,
             sparse_sampling=sampling,
+            row_budget=budget,
         )
         record(
             "bytes",
@@ -388,6 +399,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
             compress=compress,
             row_fraction=fraction,
             sparse_sampling=sampling,
+            row_budget=budget,
             upload_bytes_per_device=_device_bytes(cfg, out / "bytes"),
         )
     for per_node in (1, args.users_per_node) if "throughput" in args.parts else ():
@@ -445,6 +457,7 @@ def summarise(runs: list[dict[str, Any]]) -> str:
                     + (f", {r['compress']}" if r.get("compress", "none") != "none" else "")
                     + (f", {r['row_fraction']:.0%} of other rows" if r.get("row_fraction", 1.0) < 1 else "")
                     + SAMPLING_LABELS[r.get("sparse_sampling", "uniform")]
+                    + (", balanced" if r.get("row_budget", "per-matrix") == "balanced" else "")
                 )
                 cells[8] = r["upload_bytes_per_device"] / 1000
             else:

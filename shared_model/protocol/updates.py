@@ -15,7 +15,11 @@ divided by that share, so that the server's mean is an unbiased estimate of the 
 
 With importance sampling (:func:`importance_update`) the device trains densely and then draws the rows to send
 with chances proportional to the size of their change (the touched item rows for certain), each drawn row's
-change divided by its chance: the same unbiased estimate with less variance for the same expected size.
+change divided by its chance: the same unbiased estimate with less variance for the same expected size. By
+default each other matrix sends about ``row_fraction`` of its rows; with a balanced row budget
+(:func:`balanced_budgets`) the matrices share those bytes so that the sum of their relative variances is least
+(a small matrix whose change spreads over all its rows sends more of them, one whose change sits in a few rows
+fewer).
 With error feedback (:func:`largest_rows_update`) it sends the rows whose change is largest, unscaled, and keeps
 what it left out (:func:`unsent_change`) to add to its next change: biased in one round, nothing lost over
 rounds.
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -175,6 +180,41 @@ def _weighted_rows(
     return out
 
 
+def row_bytes(width: int, compress: str) -> float:
+    """Upload bytes of one sampled row of ``width`` values under ``compress``: its values, its int32 id and,
+    when quantized, its float32 scale."""
+    value = {"none": 4.0, "int8": 1.0, "int4": 0.5}[compress]
+    return width * value + np.dtype(ROW_IDS).itemsize + (0 if compress == "none" else 4)
+
+
+def balanced_budgets(
+    norms: dict[str, np.ndarray], fraction: float, cost: dict[str, float]
+) -> dict[str, float]:
+    """Expected rows to draw from each matrix (row change norms ``norms``, ``cost`` bytes a row) so that the
+    expected bytes are those of ``fraction`` of every matrix's rows and the sum over matrices of the relative
+    variance of their importance-sampled estimate (variance / squared norm of the change) is least.
+
+    Drawing ``b`` rows by norm leaves a variance of about ``S**2 / b - E`` (``S``: the sum of the row norms,
+    ``E``: of their squares), so the optimum is ``b_a = mu * S_a / sqrt(cost_a * E_a)`` (Lagrange), ``mu``
+    spending the bytes; a matrix whose share reaches all its changed rows gets them all and the rest is shared
+    again among the others. A matrix that did not change gets 0."""
+    total = fraction * sum(cost[a] * len(n) for a, n in norms.items())
+    budgets = {a: 0.0 for a, n in norms.items() if not (n > 0).any()}
+    free = [a for a in norms if a not in budgets]
+    while free:
+        raw = {a: float(norms[a].sum()) / math.sqrt(cost[a] * float((norms[a] ** 2).sum())) for a in free}
+        left = total - sum(cost[a] * b for a, b in budgets.items())
+        mu = max(left, 0.0) / sum(cost[a] * raw[a] for a in free)
+        full = [a for a in free if mu * raw[a] >= (norms[a] > 0).sum()]
+        if not full:
+            budgets |= {a: mu * raw[a] for a in free}
+            break
+        for a in full:
+            budgets[a] = float((norms[a] > 0).sum())
+            free.remove(a)
+    return budgets
+
+
 def importance_update(
     update: dict[str, np.ndarray],
     sent: dict[str, np.ndarray],
@@ -182,15 +222,18 @@ def importance_update(
     decoys: int,
     fraction: float,
     rng: np.random.Generator,
+    compress: str | None = None,
 ) -> dict[str, np.ndarray]:
     """What a sparse device sends with importance sampling (``sparse_sampling="importance"``), after dense local
     training: the item tables' ``touched`` rows for certain and about ``decoys`` other rows, and, when
     ``fraction`` < 1, about that share of every other matrix's rows; each row drawn with a chance proportional to
     the norm of its change (:func:`poisson_sample`) and its change divided by that chance. Unbiased like
     :func:`sparse_update`, with less variance for the same expected size: the rows that changed most (the items
-    the softmax pushed hardest, the explanation ids the user used) are sent, the ones that barely moved rarely."""
-
-    return _rows_by_change(update, sent, touched, decoys, fraction, lambda w, b: poisson_sample(w, b, rng))
+    the softmax pushed hardest, the explanation ids the user used) are sent, the ones that barely moved rarely.
+    With ``compress`` (the upload's compression: ``row_budget="balanced"``) the other matrices share the bytes of
+    ``fraction`` of their rows by :func:`balanced_budgets` instead of each sending that share of its own."""
+    choose = partial(poisson_sample, rng=rng)
+    return _rows_by_change(update, sent, touched, decoys, fraction, choose, compress)
 
 
 def largest_rows_update(
@@ -233,17 +276,25 @@ def _rows_by_change(
     decoys: int,
     fraction: float,
     choose: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]],
+    balanced_for: str | None = None,
 ) -> dict[str, np.ndarray]:
     """``update`` with the item tables and (``fraction`` < 1) every sampled matrix reduced to the rows that
     ``choose(change norms, expected rows)`` returns with their chances: the item tables' ``touched`` rows
-    always (infinite norm) plus about ``decoys``, each other matrix about ``fraction`` of its rows."""
+    always (infinite norm) plus about ``decoys``, each other matrix about ``fraction`` of its rows (with
+    ``balanced_for``, a compression: the matrices' :func:`balanced_budgets` of the same bytes)."""
     item_norms = np.sqrt(sum(_row_norms(update, sent, name) ** 2 for name in ITEM_TABLES))
     certain = np.unique(np.asarray(touched, dtype=np.int64))
     item_norms[certain] = np.inf
     out = _weighted_rows(update, sent, list(ITEM_TABLES), *choose(item_norms, len(certain) + decoys))
-    for name in sampled_names(sent) if fraction < 1 else ():
-        budget = fraction * len(rows_of(sent[name]))
-        out |= _weighted_rows(update, sent, [name], *choose(_row_norms(update, sent, name), budget))
+    names = sampled_names(sent) if fraction < 1 else []
+    norms = {name: _row_norms(update, sent, name) for name in names}
+    if balanced_for is None:
+        budgets = {name: fraction * len(n) for name, n in norms.items()}
+    else:
+        cost = {name: row_bytes(rows_of(sent[name]).shape[-1], balanced_for) for name in names}
+        budgets = balanced_budgets(norms, fraction, cost)
+    for name in names:
+        out |= _weighted_rows(update, sent, [name], *choose(norms[name], budgets[name]))
     return _replace_rows(update, out)
 
 
