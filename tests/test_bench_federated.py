@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from simulations import bench_federated, compare_seeds
+from simulations import bench_federated, bench_upload_noise, compare_seeds
 from simulations.bench_federated import rounds_to_reach
 
 from .helpers import make_events
@@ -108,3 +108,33 @@ def test_compare_seeds_refuses_missing_runs_and_unpaired_seeds(tmp_path):
     _write_run(tmp_path, "var", 3, 0.04, 0.02)  # run with seed 3 under seed 0's name
     with pytest.raises(ValueError, match="seeds 0 and 3"):
         compare_seeds.compare("base", "var", [0], tmp_path)
+
+
+def test_upload_noise_bench_measures_zero_for_an_exact_upload_and_more_for_a_sampled_one(
+    tmp_path, monkeypatch
+):
+    """The upload-noise measure: output states with every row unquantized decode to the dense cohort mean
+    (error ~0), sampling 40% of the other matrices' rows adds error there and not in the item tables."""
+    monkeypatch.setattr(bench_upload_noise, "RESULTS", tmp_path)
+    monkeypatch.setitem(
+        bench_upload_noise.VARIANTS, "exact states", {"upload": "sparse", "sparse_sampling": "states"}
+    )
+    data = make_events(tmp_path / "events.csv", users=12)
+    bench_upload_noise.main(
+        [
+            "--dataset",
+            str(data),
+            "--devices",
+            "6",
+            "--variants",
+            "exact states",
+            "default, sparse upload, output states, 40% of other rows",
+            "--out",
+            str(tmp_path / "stores"),
+        ]
+    )
+    result = json.loads((tmp_path / "upload_noise.json").read_text())
+    exact, sampled = (r["relative_error"] for r in result["rows"][1:])
+    assert max(exact.values()) < 1e-9
+    assert sampled["explanation"] > 1e-3 and sampled["item_emb"] < 1e-9
+    assert "| exact states |" in (tmp_path / "upload_noise.md").read_text()
