@@ -54,7 +54,6 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int, num_users: int) -> Valid
     if cfg.privacy == "dp":
         step = CentralDP(step, cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, sample, num_nodes)
     most = max_update_weight(cfg.max_len, cfg.local_epochs, num_users, num_nodes)
-    states = cfg.upload == "sparse" and cfg.sparse_sampling == "states"
     return ValidatedStrategy(
         step,
         cfg.norm_bound,
@@ -62,5 +61,5 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int, num_users: int) -> Valid
         cfg.clip_norm,
         cfg.row_clip,
         max_examples=most,
-        states_lr=cfg.local_lr if states else 0.0,
+        states_lr=cfg.states_lr,
     )

@@ -403,6 +403,12 @@ class FederatedConfig:
         if not self.secagg_clip > 0:
             raise ValueError(f"secagg_clip must be > 0, got {self.secagg_clip}")
 
+    @property
+    def states_lr(self) -> float:
+        """The local SGD rate a server completes output-states uploads with (``sparse_sampling="states"``):
+        ``local_lr``, or 0 when the upload sends no states."""
+        return self.local_lr if self.upload == "sparse" and self.sparse_sampling == "states" else 0.0
+
     def to_run_config(self) -> dict[str, Any]:
         """Flower run config (kebab-case keys, scalar values)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

@@ -51,14 +51,18 @@ def cohort_mean(
     """The example-weighted mean change of ``devices`` (one user each) as the server decodes their replies,
     and their median upload bytes."""
     num_users = cached_log(cfg.dataset, cfg.data_dir).num_users
-    states_lr = cfg.local_lr if cfg.upload == "sparse" and cfg.sparse_sampling == "states" else 0.0
     total: dict[str, np.ndarray] = {k: np.zeros(v.shape) for k, v in shared.items()}
     weight, sizes = 0.0, []
     for p in devices:
         result = HostedUsers(cfg, int(p), num_users, store / str(p)).train(shared, server_round)
         sizes.append(sum(v.nbytes for v in result.update.values()))
         dense = validate_update(
-            result.update, shared, result.num_examples, math.inf, states_lr=states_lr, row_clip=cfg.row_clip
+            result.update,
+            shared,
+            result.num_examples,
+            math.inf,
+            states_lr=cfg.states_lr,
+            row_clip=cfg.row_clip,
         )
         for k in total:
             total[k] += result.num_examples * (dense[k].astype(np.float64) - shared[k])

@@ -199,19 +199,20 @@ def balanced_budgets(
     spending the bytes; a matrix whose share reaches all its changed rows gets them all and the rest is shared
     again among the others. A matrix that did not change gets 0."""
     total = fraction * sum(cost[a] * len(n) for a, n in norms.items())
-    budgets = {a: 0.0 for a, n in norms.items() if not (n > 0).any()}
-    free = [a for a in norms if a not in budgets]
-    while free:
-        raw = {a: float(norms[a].sum()) / math.sqrt(cost[a] * float((norms[a] ** 2).sum())) for a in free}
+    changed = {a: int((n > 0).sum()) for a, n in norms.items()}
+    budgets = {a: 0.0 for a in norms if not changed[a]}
+    raw = {
+        a: float(n.sum()) / math.sqrt(cost[a] * float((n**2).sum())) for a, n in norms.items() if changed[a]
+    }
+    while raw:
         left = total - sum(cost[a] * b for a, b in budgets.items())
-        mu = max(left, 0.0) / sum(cost[a] * raw[a] for a in free)
-        full = [a for a in free if mu * raw[a] >= (norms[a] > 0).sum()]
+        mu = max(left, 0.0) / sum(cost[a] * r for a, r in raw.items())
+        full = [a for a, r in raw.items() if mu * r >= changed[a]]
         if not full:
-            budgets |= {a: mu * raw[a] for a in free}
-            break
+            return budgets | {a: mu * r for a, r in raw.items()}
         for a in full:
-            budgets[a] = float((norms[a] > 0).sum())
-            free.remove(a)
+            budgets[a] = float(changed[a])
+            del raw[a]
     return budgets
 
 
@@ -222,7 +223,7 @@ def importance_update(
     decoys: int,
     fraction: float,
     rng: np.random.Generator,
-    compress: str | None = None,
+    balanced_for: str | None = None,
 ) -> dict[str, np.ndarray]:
     """What a sparse device sends with importance sampling (``sparse_sampling="importance"``), after dense local
     training: the item tables' ``touched`` rows for certain and about ``decoys`` other rows, and, when
@@ -230,10 +231,10 @@ def importance_update(
     the norm of its change (:func:`poisson_sample`) and its change divided by that chance. Unbiased like
     :func:`sparse_update`, with less variance for the same expected size: the rows that changed most (the items
     the softmax pushed hardest, the explanation ids the user used) are sent, the ones that barely moved rarely.
-    With ``compress`` (the upload's compression: ``row_budget="balanced"``) the other matrices share the bytes of
-    ``fraction`` of their rows by :func:`balanced_budgets` instead of each sending that share of its own."""
+    With ``balanced_for`` (the upload's compression, under ``row_budget="balanced"``) the other matrices share the
+    bytes of ``fraction`` of their rows by :func:`balanced_budgets` instead of each sending that share of its own."""
     choose = partial(poisson_sample, rng=rng)
-    return _rows_by_change(update, sent, touched, decoys, fraction, choose, compress)
+    return _rows_by_change(update, sent, touched, decoys, fraction, choose, balanced_for)
 
 
 def largest_rows_update(
