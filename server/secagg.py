@@ -36,6 +36,8 @@ within ``norm_bound`` of the sent arrays. A rejected aggregate rejects the whole
 stay). Robust aggregates (trimmed mean, median) need individual updates: the configuration refuses them with
 ``privacy="secagg"``. ``clip_norm`` and ``row_clip`` are applied by each device to its own update before
 masking (which binds honest devices only), and ``secagg_clip`` bounds each device's influence per coordinate.
+The row quorum (:mod:`server.row_quorum`) counts which devices raised an item's bias, which a masked update
+does not show: SecAgg+ rounds hold no rows.
 
 What the server still sees in the clear: who took part and who dropped out, the stage messages' sizes, and
 nothing per device about its update, weight or loss (the device reports its weight as 0 outside the masked

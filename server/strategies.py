@@ -62,4 +62,12 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int, num_users: int) -> Valid
         cfg.row_clip,
         max_examples=most,
         states_lr=cfg.states_lr,
+        row_quorum=effective_quorum(cfg.row_quorum, num_nodes),
     )
+
+
+def effective_quorum(row_quorum: int, num_nodes: int) -> int:
+    """The row quorum a federation of ``num_nodes`` devices runs with: ``row_quorum`` capped at a tenth of the
+    devices, and none (0) below 2, so a small federation still learns its items (server/row_quorum.py)."""
+    quorum = min(row_quorum, num_nodes // 10)
+    return quorum if quorum >= 2 else 0

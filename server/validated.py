@@ -2,7 +2,8 @@
 that validates every update before the wrapped strategy sees it.
 
 :class:`ValidatedStrategy` samples seeded cohorts, densifies sparse updates, rejects invalid ones (logged, never
-averaged), clips the valid ones (``clip_norm``, ``row_clip``: :mod:`shared_model.protocol.clipping`), folds the
+averaged), holds the item rows that fewer than ``row_quorum`` distinct devices have supported
+(:mod:`server.row_quorum`), clips the valid ones (``clip_norm``, ``row_clip``: :mod:`shared_model.protocol.clipping`), folds the
 devices' head shares into the population estimate, and skips aggregation when fewer than
 ``min_reply_fraction`` of the sampled devices replied validly (the round completes; the arrays stay). What it
 wraps aggregates and steps: Flower's FedAvg or FedAdam, possibly behind :class:`server.robust.RobustAggregate`
@@ -22,8 +23,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, Strategy
 
 from shared_model.protocol.clipping import clip_update
+from shared_model.protocol.updates import ITEM_TABLES
 
 from .records import WEIGHT_KEY, numpy_to_record, record_to_numpy
+from .row_quorum import RowQuorum
 from .validation import UpdateRejected, validate_update
 from .wrapper import Wrapper, innermost, wrappers
 
@@ -46,6 +49,7 @@ class ValidatedStrategy(Wrapper):
         row_clip: float = 0.0,
         max_examples: float = math.inf,
         states_lr: float = 0.0,
+        row_quorum: int = 0,
     ) -> None:
         super().__init__(strategy)
         self.base = innermost(strategy)  # the Flower strategy that samples, addresses and steps
@@ -55,6 +59,10 @@ class ValidatedStrategy(Wrapper):
         self.clip_norm = clip_norm
         self.row_clip = row_clip
         self.states_lr = states_lr  # > 0: sparse updates with output states are completed at this local lr
+        self.row_quorum = row_quorum  # > 0: item rows held until this many distinct devices support them
+        self.quorum: RowQuorum | None = (
+            None  # created at the first round, when the item table's size is known
+        )
         self.sent: dict[str, np.ndarray] = {}
         self.sampled = 0
         self._last_round: dict[str, Any] = {}
@@ -88,6 +96,8 @@ class ValidatedStrategy(Wrapper):
         devices asked. ``configure_train`` records both; a caller that aggregates replies it did not ask for
         (a benchmark or test replaying replies) calls this instead."""
         self.sent, self.sampled = sent, sampled
+        if self.row_quorum and self.quorum is None:
+            self.quorum = RowQuorum(self.row_quorum, len(sent[ITEM_TABLES[1]]))
         for wrapper in wrappers(self.strategy):
             wrapper.expect(sent)
         if isinstance(self.base, FedAdam):  # it steps from the arrays it sent
@@ -106,7 +116,7 @@ class ValidatedStrategy(Wrapper):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, rejected, failed, clipped, failed_users = [], [], 0, [0, 0], 0
+        accepted, rejected, failed, clipped, failed_users = [], [], 0, [0, 0], 0
         for msg in replies:
             if msg.has_error():
                 failed += 1
@@ -136,11 +146,21 @@ class ValidatedStrategy(Wrapper):
                 )
                 continue
             failed_users += int(metrics.get("failed-users", 0))  # users whose stores could not be read
+            accepted.append((msg, dense, metrics))
+        if self.quorum is not None:  # this round's supporters count before any row is held
+            for msg, dense, _ in accepted:
+                device = self.partitions.get(msg.metadata.src_node_id, msg.metadata.src_node_id)
+                self.quorum.observe(device, dense, self.sent)
+        held = 0
+        for msg, dense, metrics in accepted:
+            if self.quorum is not None:
+                dense, raised = self.quorum.hold(dense, self.sent)
+                held += raised
             clip = clip_update(dense, self.sent, self.clip_norm, self.row_clip)
             clipped[0] += clip.norm_clipped
             clipped[1] += clip.rows_clipped
             msg.content = RecordDict({"arrays": numpy_to_record(clip.arrays), "metrics": metrics})
-            valid.append(msg)
+        valid = [msg for msg, _, _ in accepted]
         self._update_head_share(valid)
         needed = self.needed(self.sampled)
         self.last_round = {
@@ -154,6 +174,8 @@ class ValidatedStrategy(Wrapper):
         }
         if self.clip_norm or self.row_clip:
             self._last_round |= {"norm_clipped": clipped[0], "rows_clipped": clipped[1]}
+        if self.quorum is not None:
+            self._last_round |= {"rows_held": held, "rows_open": int(self.quorum.open_rows.sum())}
         if len(valid) < needed:
             log.warning(
                 "round %d: %d valid replies < %d needed; shared arrays unchanged",
@@ -220,9 +242,10 @@ class ValidatedStrategy(Wrapper):
 
     def server_state(self) -> dict[str, np.ndarray]:
         """The server's state across rounds for the checkpoint: the optimizer's (FedAdam's first and second
-        moments; none for FedAvg) and the population's head shares."""
+        moments; none for FedAvg), the row quorum's supporters and the population's head shares."""
         moments = {"m_t": getattr(self.base, "m_t", None), "v_t": getattr(self.base, "v_t", None)}
         state = {f"{name}/{k}": v for name, m in moments.items() if m for k, v in m.items()}
+        state |= {} if self.quorum is None else self.quorum.state()
         return state | ({} if self.head_share is None else {SHARE_KEY: self.head_share})
 
     def restore_server_state(self, state: dict[str, np.ndarray]) -> None:
@@ -233,3 +256,6 @@ class ValidatedStrategy(Wrapper):
                 setattr(self.base, name, part)
         if SHARE_KEY in state:
             self.head_share = np.asarray(state[SHARE_KEY], np.float64)
+        if self.row_quorum and "row-quorum/count" in state:
+            self.quorum = RowQuorum(self.row_quorum, len(state["row-quorum/count"]))
+            self.quorum.restore(state)

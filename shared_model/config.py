@@ -314,6 +314,11 @@ class FederatedConfig:
         "clip each item-table row's L2 change to this norm before aggregating (0 = off; it halves what 3"
         " percent item-promotion attackers reach, at no measured NDCG cost: simulations/results/poisoning.md)",
     )
+    row_quorum: int = _opt(
+        4,
+        "an item row moves up only once this many distinct devices have raised its bias (0 = off; plain and DP"
+        " rounds: server/row_quorum.py, simulations/results/poisoning.md)",
+    )
     eval_every: int = _opt(50, "federated evaluation every k rounds (and after the last round)")
     fraction_evaluate: float = _opt(1.0, "share of devices that evaluate")
     users_per_node: int = _opt(
@@ -339,6 +344,8 @@ class FederatedConfig:
             )
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError("trim_fraction must lie in [0, 0.5)")
+        if self.row_quorum < 0:
+            raise ValueError(f"row_quorum must be >= 0, got {self.row_quorum}")
         if min(self.dp_noise, self.dp_clip, self.clip_norm, self.row_clip) < 0 or not 0 < self.dp_delta < 1:
             raise ValueError("dp_noise, dp_clip, clip_norm, row_clip must be >= 0 and dp_delta in (0, 1)")
         if self.privacy == "dp" and (min(self.dp_noise, self.dp_clip) <= 0 or self.aggregation != "mean"):

@@ -382,26 +382,16 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
         key = f"{dataset}/bytes/{upload}/{decoys}/{compress}/{fraction:g}" + "".join(f"/{h}" for h in how)
         if key in done:
             continue
-        cfg = replace(
-            base,
-            upload=upload,
-            decoy_rows=decoys,
-            compress=compress,
-            row_fraction=fraction,
-            sparse_sampling=sampling,
-            row_budget=budget,
-        )
-        record(
-            "bytes",
-            key=key,
-            upload=upload,
-            decoy_rows=decoys,
-            compress=compress,
-            row_fraction=fraction,
-            sparse_sampling=sampling,
-            row_budget=budget,
-            upload_bytes_per_device=_device_bytes(cfg, out / "bytes"),
-        )
+        fields = {
+            "upload": upload,
+            "decoy_rows": decoys,
+            "compress": compress,
+            "row_fraction": fraction,
+            "sparse_sampling": sampling,
+            "row_budget": budget,
+        }
+        cfg = replace(base, **fields)
+        record("bytes", key=key, **fields, upload_bytes_per_device=_device_bytes(cfg, out / "bytes"))
     for per_node in (1, args.users_per_node) if "throughput" in args.parts else ():
         key = f"{dataset}/throughput/{per_node}"
         if key in done:

@@ -61,12 +61,21 @@ ATTACK_SHARE = 0.03  # share of the devices that attack
 BOOST = 0.9  # an attacker's update uses this share of the norm bound
 FAKE_PROFILES = 8  # fabricated profiles an attacker trains on
 TARGET_EVERY = 4  # the target item comes back every this many events of a fabricated profile
-DEFENCE_KEYS = ("row_clip", "clip_norm", "aggregation", "trim_fraction", "robust_scope", "server_tau_items")
-NO_DEFENCE = {"row_clip": 0.0, "clip_norm": 0.0, "aggregation": "mean"}
+DEFENCE_KEYS = (
+    "row_clip",
+    "row_quorum",
+    "clip_norm",
+    "aggregation",
+    "trim_fraction",
+    "robust_scope",
+    "server_tau_items",
+)
+NO_DEFENCE = {"row_clip": 0.0, "row_quorum": 0, "clip_norm": 0.0, "aggregation": "mean"}
 DEFENCES: dict[str, dict[str, Any]] = {
     "none": {},
     "default": {k: getattr(FederatedConfig(), k) for k in DEFENCE_KEYS},  # the product's defence settings
-    "row_clip 0.5": {"row_clip": 0.5},
+    "row_clip 0.5": {"row_clip": 0.5},  # the default before the row quorum
+    "row quorum 4": {"row_quorum": 4},
     "row_clip 0.05": {"row_clip": 0.05},
     "median": {"aggregation": "median"},
     "item-table trimmed-mean 0.2": {
@@ -367,15 +376,15 @@ def run_continuation(
     for r in range(1, rounds + 1):
         rnd = start_round + r
         cohort = np.random.default_rng([cfg.seed, rnd, 5]).choice(num_nodes, size=cohort_size, replace=False)
-        replies = []
-        for p in sorted(cohort.tolist()):
+        replies, nodes = [], sorted(cohort.tolist())
+        for p in nodes:
             result = devices[p].train(shared, rnd)
             if p in bad:  # the attack replaces the reply, keeping its plausible example weight
                 replies.append((promotion_update(cfg, shared, rnd), result.num_examples))
                 attacks += 1
             else:
                 replies.append((result.update, result.num_examples))
-        new, _ = strategy_round(strategy, rnd, shared, replies)
+        new, _ = strategy_round(strategy, rnd, shared, replies, nodes)  # partitions: stable device ids
         shared = shared if new is None else new
         if r % 10 == 0 or r == rounds:
             curve.append({"round": r, "exposure": population_exposure(cfg, shared, honest, target)})

@@ -135,24 +135,35 @@ def train_reply(arrays: dict[str, np.ndarray] | None, examples: Any = 5, node: i
 
 
 def aggregate_round(
-    cfg: FederatedConfig, sent: dict[str, np.ndarray], replies: list[tuple[dict | None, Any]]
+    cfg: FederatedConfig,
+    sent: dict[str, np.ndarray],
+    replies: list[tuple[dict | None, Any]],
+    num_nodes: int | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
     """One training round's aggregation of ``replies`` ((arrays, example weight) pairs, see :func:`train_reply`) by
-    the strategy ``cfg`` asks for: the new arrays (None when it did not aggregate) and its round statistics."""
+    the strategy ``cfg`` asks for in a federation of ``num_nodes`` devices (default: the replies'): the new
+    arrays (None when it did not aggregate) and its round statistics."""
     from server.strategies import make_strategy
 
-    return strategy_round(make_strategy(cfg, len(replies), len(replies)), 1, sent, replies)
+    nodes = num_nodes or len(replies)
+    return strategy_round(make_strategy(cfg, nodes, nodes), 1, sent, replies)
 
 
 def strategy_round(
-    strategy: Any, server_round: int, sent: dict[str, np.ndarray], replies: list[tuple[dict | None, Any]]
+    strategy: Any,
+    server_round: int,
+    sent: dict[str, np.ndarray],
+    replies: list[tuple[dict | None, Any]],
+    nodes: list[int] | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
-    """One round of ``strategy`` on ``replies`` to ``sent``: the new arrays (None when it did not aggregate)
-    and its round statistics. The strategy keeps its state (FedAdam's moments) for the next round."""
+    """One round of ``strategy`` on ``replies`` to ``sent`` from ``nodes`` (the replying devices' ids; default
+    1, 2, ...): the new arrays (None when it did not aggregate) and its round statistics. The strategy keeps its
+    state (FedAdam's moments, the row quorum's supporters) for the next round."""
     from server.records import record_to_numpy
 
     strategy.begin_round(sent, len(replies))  # what configure_train records
-    messages = [train_reply(a, n, node) for node, (a, n) in enumerate(replies, 1)]
+    nodes = nodes or list(range(1, len(replies) + 1))
+    messages = [train_reply(a, n, node) for node, (a, n) in zip(nodes, replies, strict=True)]
     arrays, _ = strategy.aggregate_train(server_round, messages)
     return (None if arrays is None else record_to_numpy(arrays)), strategy.last_round
 
@@ -163,8 +174,9 @@ def hostile_round(
     """One round of ``goods`` plus every :func:`hostile_updates` reply (built from the first good one) through
     the strategy ``cfg`` asks for, and the same round with the good replies alone."""
     hostile = hostile_updates(sent, goods[0][0], cfg.norm_bound, np.random.default_rng(seed))
-    mixed, stats = aggregate_round(cfg, sent, goods + list(hostile.values()))
-    alone, _ = aggregate_round(cfg, sent, goods)
+    federation = len(goods) + len(hostile)  # the same strategy (and row quorum) for both rounds
+    mixed, stats = aggregate_round(cfg, sent, goods + list(hostile.values()), federation)
+    alone, _ = aggregate_round(cfg, sent, goods, federation)
     reasons = stats["rejections"]
     same = mixed is not None and alone is not None and all(np.array_equal(mixed[k], alone[k]) for k in sent)
     return {

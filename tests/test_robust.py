@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from server.row_quorum import RowQuorum
+from server.strategies import effective_quorum, make_strategy
 from server.validation import UpdateRejected, validate_update
 from shared_model.config import FederatedConfig
 from shared_model.protocol.clipping import clip_update
@@ -17,7 +19,7 @@ from shared_model.protocol.updates import (
     sample_rows,
     update_weight,
 )
-from simulations.hostile_updates import aggregate_round, hostile_round, hostile_updates
+from simulations.hostile_updates import aggregate_round, hostile_round, hostile_updates, strategy_round
 
 
 def _sent(rng: np.random.Generator, rows: int = 12) -> dict[str, np.ndarray]:
@@ -121,7 +123,12 @@ def test_clipping_comes_after_validation():
     sent = _constant(_sent(np.random.default_rng(4)), 0.0)
     size = np.sqrt(sum(v.size for v in sent.values()))  # the norm of an update of all ones
     cfg = FederatedConfig(
-        server_optimizer="fedavg", row_clip=0, norm_bound=3 * size, clip_norm=size / 2, min_reply_fraction=0.5
+        server_optimizer="fedavg",
+        row_clip=0,
+        row_quorum=0,
+        norm_bound=3 * size,
+        clip_norm=size / 2,
+        min_reply_fraction=0.5,
     )
     replies = [
         (_constant(sent, 1.0), 1),
@@ -139,7 +146,9 @@ def test_clipping_comes_after_validation():
     assert (
         "norm_clipped"
         not in aggregate_round(
-            FederatedConfig(server_optimizer="fedavg", row_clip=0, norm_bound=1e4), sent, replies[:2]
+            FederatedConfig(server_optimizer="fedavg", row_clip=0, row_quorum=0, norm_bound=1e4),
+            sent,
+            replies[:2],
         )[1]
     )
 
@@ -168,11 +177,15 @@ def test_sparse_updates_under_trimmed_mean_move_only_rows_enough_devices_touched
     new = _constant(sent, 1.0)
     replies = [(encode_sparse(new, np.array([0, 1])), 1)] + [(encode_sparse(new, np.array([1])), 1)] * 4
     trimmed, _ = aggregate_round(
-        FederatedConfig(server_optimizer="fedavg", row_clip=0, aggregation="trimmed-mean", trim_fraction=0.2),
+        FederatedConfig(
+            server_optimizer="fedavg", row_clip=0, row_quorum=0, aggregation="trimmed-mean", trim_fraction=0.2
+        ),
         sent,
         replies,
     )
-    mean, _ = aggregate_round(FederatedConfig(server_optimizer="fedavg", row_clip=0), sent, replies)
+    mean, _ = aggregate_round(
+        FederatedConfig(server_optimizer="fedavg", row_clip=0, row_quorum=0), sent, replies
+    )
     assert trimmed["item_bias"][0] == 0.0 and mean["item_bias"][0] == pytest.approx(0.2)
     assert trimmed["item_bias"][1] == 1.0 and (trimmed["item_bias"][2:] == 0).all()
 
@@ -192,7 +205,14 @@ def test_fedadam_steps_on_a_robust_aggregate(aggregation):
     attack = {k: v.copy() for k, v in sent.items()}
     attack["item_bias"][1] += 0.4  # the promoted row, within the row clip
     replies = honest + [(attack, 10), (attack, 10)]
-    base = dict(server_optimizer="fedadam", server_tau=1e-8, row_clip=0.5, norm_bound=1e4, trim_fraction=0.25)
+    base = dict(
+        server_optimizer="fedadam",
+        server_tau=1e-8,
+        row_clip=0.5,
+        row_quorum=0,
+        norm_bound=1e4,
+        trim_fraction=0.25,
+    )
     plain, _ = aggregate_round(FederatedConfig(**base), sent, replies)
     robust, _ = aggregate_round(FederatedConfig(**base, aggregation=aggregation), sent, replies)
     step = plain["item_bias"][5] - sent["item_bias"][5]
@@ -215,7 +235,7 @@ def test_fedadam_robust_on_the_item_tables_only():
     attack = {k: v.copy() for k, v in sent.items()}
     attack["item_bias"][1] += 0.4
     replies += [(attack, 5)]
-    base = dict(server_optimizer="fedadam", server_tau=1e-8, row_clip=0.5, norm_bound=1e4)
+    base = dict(server_optimizer="fedadam", server_tau=1e-8, row_clip=0.5, row_quorum=0, norm_bound=1e4)
     plain, _ = aggregate_round(FederatedConfig(**base), sent, replies)
     scoped, _ = aggregate_round(
         FederatedConfig(**base, aggregation="median", robust_scope="item-tables"), sent, replies
@@ -317,3 +337,71 @@ def test_example_weight_bound():
     validate_update(sent, sent, 500, 1e4, max_examples=500)
     with pytest.raises(UpdateRejected, match="exceeds what one round trains"):
         validate_update(sent, sent, 501, 1e4, max_examples=500)
+
+
+def _raising(sent: dict, rows: list[int], size: float = 0.1) -> dict[str, np.ndarray]:
+    """An update that raises the bias of ``rows`` (and moves their embedding), lowers every other bias."""
+    update = {k: v.copy() for k, v in sent.items()}
+    update["item_bias"] -= np.float32(0.01)
+    update["item_bias"][rows] += np.float32(size + 0.01)
+    update["item_emb.weight"][rows] += np.float32(size)
+    return update
+
+
+def test_row_quorum_counts_distinct_devices_and_holds_rows_until_then():
+    sent = _sent(np.random.default_rng(8))
+    quorum = RowQuorum(3, len(sent["item_bias"]))
+    for device in (7, 7, 8):  # a device counts once per row, however often it comes back
+        quorum.observe(device, _raising(sent, [2, 5]), sent)
+    quorum.observe(9, _raising(sent, [5]), sent)
+    assert quorum.count[2] == 2 and quorum.count[5] == 3 and quorum.open_rows.sum() == 1
+    assert (quorum.supporters[5] == -1).all()  # an open row forgets its supporters
+    held, raised = quorum.hold(_raising(sent, [2, 5]), sent)
+    assert raised == 1  # row 2's rise was held back; row 5 is open
+    np.testing.assert_array_equal(held["item_emb.weight"][2], sent["item_emb.weight"][2])
+    assert held["item_bias"][2] == sent["item_bias"][2]
+    assert held["item_bias"][5] > sent["item_bias"][5]  # open: moves as sent
+    np.testing.assert_array_equal(held["item_emb.weight"][5], _raising(sent, [5])["item_emb.weight"][5])
+    assert held["item_bias"][0] < sent["item_bias"][0]  # held rows may still go down
+    np.testing.assert_array_equal(held["explanation.bias"], sent["explanation.bias"])
+    restored = RowQuorum(3, len(sent["item_bias"]))
+    restored.restore(quorum.state())
+    np.testing.assert_array_equal(restored.count, quorum.count)
+    quorum.observe(9, _raising(sent, [2]), sent)  # the state is a copy
+    assert restored.count[2] == 2 and quorum.count[2] == 3
+
+
+def test_row_quorum_keeps_a_few_devices_from_promoting_an_item_across_rounds():
+    """Two devices push item 3 in every round, with honest devices that never raise it: under the quorum the
+    item's row never moves up and its embedding never moves; without it the pushers' rise gets through. The
+    quorum's supporters survive a checkpoint (server_state) and identify devices by partition."""
+    rng = np.random.default_rng(9)
+    sent = _sent(rng)
+    honest_rows = [[0, 1], [1, 2], [0, 2], [1, 4], [0, 4], [2, 4]]  # rows 0, 1, 2, 4 reach a quorum of 3
+    ends = {}
+    for quorum in (0, 3):
+        cfg = FederatedConfig(server_optimizer="fedavg", row_clip=0, norm_bound=50, row_quorum=quorum)
+        strategy = make_strategy(cfg, 40, 40)  # a quorum of 3 needs a federation of 30 or more
+        arrays = sent
+        for rnd in range(1, 4):
+            replies = [(_raising(arrays, [3], 1.0), 5), (_raising(arrays, [3], 1.0), 5)]
+            replies += [(_raising(arrays, rows), 5) for rows in honest_rows]
+            nodes = [101, 102] + list(range(6))
+            arrays, stats = strategy_round(strategy, rnd, arrays, replies, nodes)
+        ends[quorum] = (arrays, stats, strategy.server_state())
+    plain, held = ends[0][0], ends[3][0]
+    assert plain["item_bias"][3] > sent["item_bias"][3] + 0.5
+    assert held["item_bias"][3] < sent["item_bias"][3]
+    np.testing.assert_allclose(held["item_emb.weight"][3], sent["item_emb.weight"][3], atol=1e-6)
+    assert held["item_bias"][4] > sent["item_bias"][4]  # the honest quorum's rows are learned
+    stats, state = ends[3][1], ends[3][2]
+    assert stats["rows_open"] == 4 and stats["rows_held"] == 2  # the two pushes on row 3, last round
+    assert "row-quorum/count" not in ends[0][2] and state["row-quorum/count"][3] == 2
+    resumed = make_strategy(
+        FederatedConfig(server_optimizer="fedavg", row_clip=0, norm_bound=50, row_quorum=3), 40, 40
+    )
+    resumed.restore_server_state(state)
+    np.testing.assert_array_equal(
+        resumed.server_state()["row-quorum/supporters"], state["row-quorum/supporters"]
+    )
+    assert [effective_quorum(4, n) for n in (10, 19, 20, 39, 61, 610)] == [0, 0, 2, 3, 4, 4]

@@ -63,7 +63,7 @@ def test_item_tables_own_adam_epsilon_damps_tiny_consistent_pushes():
     moved["item_bias"][5] += 1e-1
     moved["explanation.bias"] += 1e-6
     replies = [(moved, 4), (moved, 6)]
-    base = dict(server_optimizer="fedadam", server_tau=1e-8, row_clip=0.0, norm_bound=1e4)
+    base = dict(server_optimizer="fedadam", server_tau=1e-8, row_clip=0.0, row_quorum=0, norm_bound=1e4)
     plain, _ = aggregate_round(FederatedConfig(**base), sent, replies)
     damped, _ = aggregate_round(FederatedConfig(**base, server_tau_items=1e-3), sent, replies)
     step = plain["item_bias"][5] - sent["item_bias"][5]
