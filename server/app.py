@@ -216,7 +216,7 @@ def _round_line(row: dict[str, Any], total: int) -> str:
         f"upload {row['upload_bytes_per_device'] / 1024:.1f} KiB/device, {row['seconds']:.1f}s"
     )
     if "rows_open" in row:
-        line += f"; item rows open {row['rows_open']} ({row['rows_held']} promotions held)"
+        line += f"; item rows open {row['rows_open']} ({row['promotions_held']} promotions held)"
     if "epsilon" in row:
         line += f"; DP epsilon {row['epsilon']:.3g} at delta {row['dp_delta']:g}"
     for stage in ("val", "test") if row["round"] == total else ("val",):

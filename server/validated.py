@@ -175,7 +175,7 @@ class ValidatedStrategy(Wrapper):
         if self.clip_norm or self.row_clip:
             self._last_round |= {"norm_clipped": clipped[0], "rows_clipped": clipped[1]}
         if self.quorum is not None:
-            self._last_round |= {"rows_held": held, "rows_open": int(self.quorum.open_rows.sum())}
+            self._last_round |= {"promotions_held": held, "rows_open": int(self.quorum.open_rows.sum())}
         if len(valid) < needed:
             log.warning(
                 "round %d: %d valid replies < %d needed; shared arrays unchanged",

@@ -395,7 +395,7 @@ def test_row_quorum_keeps_a_few_devices_from_promoting_an_item_across_rounds():
     np.testing.assert_allclose(held["item_emb.weight"][3], sent["item_emb.weight"][3], atol=1e-6)
     assert held["item_bias"][4] > sent["item_bias"][4]  # the honest quorum's rows are learned
     stats, state = ends[3][1], ends[3][2]
-    assert stats["rows_open"] == 4 and stats["rows_held"] == 2  # the two pushes on row 3, last round
+    assert stats["rows_open"] == 4 and stats["promotions_held"] == 2  # the two pushes on row 3, last round
     assert "row-quorum/count" not in ends[0][2] and state["row-quorum/count"][3] == 2
     resumed = make_strategy(
         FederatedConfig(server_optimizer="fedavg", row_clip=0, norm_bound=50, row_quorum=3), 40, 40
