@@ -18,6 +18,8 @@ replying with ``HostedUsers.train`` and attacking nodes with the same promotion 
 join a deployed federation, the case FedAdam's per-coordinate normalization makes hardest. Reported: the
 population model's exposure of the target every 10 rounds and the honest users' test NDCG@10 at the end.
 
+**Quorum reach** (``--parts quorum --trained RUN``): what the row quorum leaves unlearned (:func:`quorum_reach`).
+
 **Hostile updates** (through the strategy, in-process): real device updates plus every hostile update of
 :func:`simulations.hostile_updates.hostile_updates` in one round, for each aggregation: every hostile update must be rejected with a
 reason, the aggregate must equal the aggregate of the good updates alone, and the round must complete.
@@ -114,7 +116,7 @@ VARIANTS: dict[str, tuple[bool, str]] = {
     },
 }
 ESSENTIAL = list(VARIANTS)[:4]  # the default defence with and without attack, and the same without defence
-PARTS = ("poisoning", "continuation", "hostile")
+PARTS = ("poisoning", "continuation", "hostile", "quorum")
 
 
 # ---------------------------------------------------------------------------------------------- poisoning
@@ -335,6 +337,61 @@ def population_exposure(
     return float(np.mean(ranks < 10))
 
 
+def quorum_reach(cfg: FederatedConfig, trained: Path, quorum: int) -> dict[str, Any]:
+    """What a row quorum of ``quorum`` devices leaves unlearned: the items fewer than ``quorum`` nodes (of the
+    simulation's partition) have in their users' training events, their share of the items, of the training
+    events and of the test targets; and on the population model of the run in ``trained`` (with or without the
+    quorum), the share of the honest users' top-10 slots (history masked) on those items and of its test
+    NDCG@10 that comes from targets among them."""
+    import torch
+
+    from client_sdk.device import _cached_model, cached_log
+    from server.checkpoint import load_server_checkpoint, load_server_state
+    from shared_model.batching import history_of, input_batch
+    from shared_model.data.split import LeaveOneOutSplit
+    from shared_model.metrics import target_ranks
+    from shared_model.partition import load_parts
+
+    log = cached_log(cfg.dataset, cfg.data_dir)
+    split = LeaveOneOutSplit(log)
+    num_nodes = math.ceil(log.num_users / cfg.users_per_node)
+    node_of = np.empty(log.num_users, np.int64)
+    for node, users in enumerate(partition_users(log.num_users, num_nodes, cfg.seed)):
+        node_of[users] = node
+    train = np.flatnonzero(split.train_mask)
+    user_of = np.repeat(np.arange(log.num_users), np.diff(log.user_ptr))
+    pairs = np.unique(np.stack([log.item[train], node_of[user_of[train]]]), axis=1)
+    below = np.bincount(pairs[0], minlength=log.num_items) < quorum
+    loaded = load_server_checkpoint(trained)
+    if loaded is None:
+        raise SystemExit(f"{trained}: no server checkpoint")
+    model, _ = _cached_model(cfg)
+    load_parts(model, loaded[0])
+    model.eval()
+    users = split.eval_users
+    starts, ends = log.user_ptr[users], log.user_ptr[users + 1] - 1
+    history = history_of(log, starts, ends)
+    with torch.no_grad():
+        scores = model.item_scores(model.encode(input_batch(log, starts, ends, cfg.max_len))[:, -1])
+    ranks = target_ranks(scores, log.item[ends], history)
+    gain = np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0)
+    rows = np.repeat(np.arange(len(users)), np.diff(history.ptr))
+    scores[torch.as_tensor(rows), torch.as_tensor(history.ids)] = -torch.inf
+    top = scores.topk(10, dim=1).indices.numpy()
+    state = load_server_state(trained)
+    return {
+        "quorum": quorum,
+        "round": loaded[1],
+        "trained_with_quorum": "row-quorum/count" in state,
+        "items_below": float(below.mean()),
+        "train_events_below": float(below[log.item[train]].mean()),
+        "test_targets_below": float(below[log.item[ends]].mean()),
+        "top10_slots_below": float(below[top].mean()),
+        "ndcg_share_below": float(gain[below[log.item[ends]]].sum() / max(gain.sum(), 1e-12)),
+        "test_ndcg@10": float(gain.mean()),
+    }
+
+
 def run_continuation(
     variant: str, base: FederatedConfig, trained: Path, rounds: int, root: Path
 ) -> dict[str, Any]:
@@ -500,6 +557,28 @@ def write_report(results: dict[str, Any], root: Path) -> None:
                 f"| {name} | {r['exposure']:.4f} | {r['max_exposure']:.4f} | {ratio} | {r['attacks']} | "
                 f"{r['test_ndcg@10']:.4f} | {r['minutes']:.1f} |"
             )
+    reach = results.get("quorum", {})
+    if reach:
+        lines += [
+            "",
+            "## What the row quorum leaves unlearned (`--parts quorum --trained RUN`)",
+            "",
+            "Items that fewer than `row_quorum` nodes have in their users' training events (the partition of the"
+            " runs above) never move up under the quorum; the share of the items, of the training events and of"
+            " the test targets that are such items; on a trained run's population model, the share of the honest"
+            " users' top-10 slots (history masked) on them and of its test NDCG@10 that comes from targets among"
+            " them.",
+            "",
+            "| trained run | round | trained with the quorum | quorum | items below | training events | test targets"
+            " | top-10 slots | share of test NDCG@10 | test NDCG@10 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for run, q in reach.items():
+            lines.append(
+                f"| {run} | {q['round']} | {'yes' if q['trained_with_quorum'] else 'no'} | {q['quorum']} | "
+                f"{q['items_below']:.3f} | {q['train_events_below']:.3f} | {q['test_targets_below']:.3f} | "
+                f"{q['top10_slots_below']:.3f} | {q['ndcg_share_below']:.3f} | {q['test_ndcg@10']:.4f} |"
+            )
     hostile = results.get("hostile", [])
     if hostile:
         lines += [
@@ -572,6 +651,10 @@ def main(argv: list[str] | None = None) -> None:
             cont.clear()
             cont["_from"] = [str(args.trained), args.continue_rounds]
         cont[variant] = run_continuation(variant, base, Path(args.trained), args.continue_rounds, root)
+        write_report(results, root)
+    if "quorum" in args.parts:
+        quorum = FederatedConfig().row_quorum
+        results.setdefault("quorum", {})[str(args.trained)] = quorum_reach(base, Path(args.trained), quorum)
         write_report(results, root)
     if "hostile" in args.parts:
         results["hostile"] = run_hostile(base)
