@@ -3,8 +3,9 @@ that validates every update before the wrapped strategy sees it.
 
 :class:`ValidatedStrategy` samples seeded cohorts, densifies sparse updates, rejects invalid ones (logged, never
 averaged), holds the item rows that fewer than ``row_quorum`` distinct devices have supported
-(:mod:`server.row_quorum`), clips the valid ones (``clip_norm``, ``row_clip``: :mod:`shared_model.protocol.clipping`), folds the
-devices' head shares into the population estimate, and skips aggregation when fewer than
+(:mod:`server.row_quorum`), clips the valid ones (``clip_norm``, ``row_clip``:
+:mod:`shared_model.protocol.clipping`), folds the devices' head shares into the population estimate, and skips
+aggregation when fewer than
 ``min_reply_fraction`` of the sampled devices replied validly (the round completes; the arrays stay). What it
 wraps aggregates and steps: Flower's FedAvg or FedAdam, possibly behind :class:`server.robust.RobustAggregate`
 or :class:`server.dp.CentralDP` (``server/strategies.py`` composes them from the run config).
@@ -60,9 +61,8 @@ class ValidatedStrategy(Wrapper):
         self.row_clip = row_clip
         self.states_lr = states_lr  # > 0: sparse updates with output states are completed at this local lr
         self.row_quorum = row_quorum  # > 0: item rows held until this many distinct devices support them
-        self.quorum: RowQuorum | None = (
-            None  # created at the first round, when the item table's size is known
-        )
+        # created at the first round, when the item table's size is known
+        self.quorum: RowQuorum | None = None
         self.sent: dict[str, np.ndarray] = {}
         self.sampled = 0
         self._last_round: dict[str, Any] = {}

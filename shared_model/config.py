@@ -316,8 +316,8 @@ class FederatedConfig:
     )
     row_quorum: int = _opt(
         4,
-        "an item row moves up only once this many distinct devices have raised its bias (0 = off; plain and DP"
-        " rounds: server/row_quorum.py, simulations/results/poisoning.md)",
+        "an item row moves up only once this many distinct devices have raised its bias (0 = off; at most a"
+        " tenth of the devices, none below 20; plain and DP rounds: server/row_quorum.py, THREAT_MODEL.md)",
     )
     eval_every: int = _opt(50, "federated evaluation every k rounds (and after the last round)")
     fraction_evaluate: float = _opt(1.0, "share of devices that evaluate")
