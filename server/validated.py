@@ -5,9 +5,8 @@ that validates every update before the wrapped strategy sees it.
 averaged), holds the item rows that fewer than ``row_quorum`` distinct devices have supported
 (:mod:`server.row_quorum`), clips the valid ones (``clip_norm``, ``row_clip``:
 :mod:`shared_model.protocol.clipping`), folds the devices' head shares into the population estimate, and skips
-aggregation when fewer than
-``min_reply_fraction`` of the sampled devices replied validly (the round completes; the arrays stay). What it
-wraps aggregates and steps: Flower's FedAvg or FedAdam, possibly behind :class:`server.robust.RobustAggregate`
+aggregation when fewer than ``min_reply_fraction`` of the sampled devices replied validly (the round completes;
+the arrays stay). What it wraps aggregates and steps: Flower's FedAvg or FedAdam, possibly behind :class:`server.robust.RobustAggregate`
 or :class:`server.dp.CentralDP` (``server/strategies.py`` composes them from the run config).
 """
 
