@@ -62,7 +62,8 @@ def make_strategy(cfg: FederatedConfig, num_nodes: int, num_users: int) -> Valid
         cfg.row_clip,
         max_examples=most,
         states_lr=cfg.states_lr,
-        row_quorum=effective_quorum(cfg.row_quorum, num_nodes),
+        # SecAgg+ rounds never show one device's update: no quorum to count
+        row_quorum=0 if cfg.privacy == "secagg" else effective_quorum(cfg.row_quorum, num_nodes),
     )
 
 

@@ -405,3 +405,5 @@ def test_row_quorum_keeps_a_few_devices_from_promoting_an_item_across_rounds():
         resumed.server_state()["row-quorum/supporters"], state["row-quorum/supporters"]
     )
     assert [effective_quorum(4, n) for n in (10, 19, 20, 39, 61, 610)] == [0, 0, 2, 3, 4, 4]
+    secagg = FederatedConfig(privacy="secagg", row_quorum=4)
+    assert make_strategy(secagg, 61, 610).row_quorum == 0  # SecAgg+ rounds cannot count devices
