@@ -314,16 +314,13 @@ def paired_change(root: Path, variant: str, reference: str = "no attack") -> tup
 
 
 # ---------------------------------------------------------------------------------------------- attacking a trained federation
-def population_exposure(
-    cfg: FederatedConfig, shared: dict[str, np.ndarray], users: np.ndarray, target: int
-) -> float:
-    """Share of ``users`` with ``target`` in the population model's top-10 for their test event (history
-    masked)."""
+def population_scores(cfg: FederatedConfig, shared: dict[str, np.ndarray], users: np.ndarray) -> tuple:
+    """The population model's item scores for ``users``' test events (their whole history as input), the
+    histories (to mask) and the test events' positions in the log."""
     import torch
 
     from client_sdk.device import _cached_model, cached_log
     from shared_model.batching import history_of, input_batch
-    from shared_model.metrics import target_ranks
     from shared_model.partition import load_parts
 
     log = cached_log(cfg.dataset, cfg.data_dir)
@@ -333,8 +330,18 @@ def population_exposure(
     starts, ends = log.user_ptr[users], log.user_ptr[users + 1] - 1
     with torch.no_grad():
         scores = model.item_scores(model.encode(input_batch(log, starts, ends, cfg.max_len))[:, -1])
-    ranks = target_ranks(scores, np.full(len(users), target), history_of(log, starts, ends))
-    return float(np.mean(ranks < 10))
+    return scores, history_of(log, starts, ends), ends
+
+
+def population_exposure(
+    cfg: FederatedConfig, shared: dict[str, np.ndarray], users: np.ndarray, target: int
+) -> float:
+    """Share of ``users`` with ``target`` in the population model's top-10 for their test event (history
+    masked)."""
+    from shared_model.metrics import target_ranks
+
+    scores, history, _ = population_scores(cfg, shared, users)
+    return float(np.mean(target_ranks(scores, np.full(len(users), target), history) < 10))
 
 
 def quorum_reach(cfg: FederatedConfig, trained: Path, quorum: int) -> dict[str, Any]:
@@ -345,12 +352,10 @@ def quorum_reach(cfg: FederatedConfig, trained: Path, quorum: int) -> dict[str, 
     NDCG@10 that comes from targets among them."""
     import torch
 
-    from client_sdk.device import _cached_model, cached_log
+    from client_sdk.device import cached_log
     from server.checkpoint import load_server_checkpoint, load_server_state
-    from shared_model.batching import history_of, input_batch
     from shared_model.data.split import LeaveOneOutSplit
     from shared_model.metrics import target_ranks
-    from shared_model.partition import load_parts
 
     log = cached_log(cfg.dataset, cfg.data_dir)
     split = LeaveOneOutSplit(log)
@@ -365,14 +370,8 @@ def quorum_reach(cfg: FederatedConfig, trained: Path, quorum: int) -> dict[str, 
     loaded = load_server_checkpoint(trained)
     if loaded is None:
         raise SystemExit(f"{trained}: no server checkpoint")
-    model, _ = _cached_model(cfg)
-    load_parts(model, loaded[0])
-    model.eval()
     users = split.eval_users
-    starts, ends = log.user_ptr[users], log.user_ptr[users + 1] - 1
-    history = history_of(log, starts, ends)
-    with torch.no_grad():
-        scores = model.item_scores(model.encode(input_batch(log, starts, ends, cfg.max_len))[:, -1])
+    scores, history, ends = population_scores(cfg, loaded[0], users)
     ranks = target_ranks(scores, log.item[ends], history)
     gain = np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0)
     rows = np.repeat(np.arange(len(users)), np.diff(history.ptr))

@@ -407,3 +407,19 @@ def test_row_quorum_keeps_a_few_devices_from_promoting_an_item_across_rounds():
     assert [effective_quorum(4, n) for n in (10, 19, 20, 39, 61, 610)] == [0, 0, 2, 3, 4, 4]
     secagg = FederatedConfig(privacy="secagg", row_quorum=4)
     assert make_strategy(secagg, 61, 610).row_quorum == 0  # SecAgg+ rounds cannot count devices
+
+
+def test_quorum_reach_reports_the_items_a_quorum_leaves_unlearned(tmp_path):
+    """The poisoning benchmark's quorum part on an untrained latest-small checkpoint: shares in [0, 1] that grow
+    with the quorum, and a run without the quorum's state reported as such."""
+    from server.app import initial_shared
+    from server.checkpoint import save_server_checkpoint
+    from simulations.bench_poisoning import quorum_reach
+
+    cfg = FederatedConfig()
+    save_server_checkpoint(tmp_path, initial_shared(cfg), 1, [], {})
+    low, high = (quorum_reach(cfg, tmp_path, q) for q in (2, 4))
+    assert not high["trained_with_quorum"] and high["round"] == 1
+    for key in ("items_below", "train_events_below", "test_targets_below", "top10_slots_below"):
+        assert 0 <= low[key] <= high[key] <= 1
+    assert 0.5 < high["items_below"] < 0.7 and high["train_events_below"] < 0.15  # latest-small: a long tail
