@@ -90,8 +90,10 @@ def run_rounds(grid: Grid, cfg: FederatedConfig, echo: bool = True) -> dict[str,
     out = Path(cfg.out_dir)
     log = load_dataset(cfg.dataset, cfg.data_dir or None)
     strategy = make_strategy(cfg, wait_for_nodes(grid, cfg, log.num_users), log.num_users)
-    if cfg.privacy != "dp":  # DP's accountant counts on amplification by sampling nobody can predict
-        strategy.setup_sampling(node_partitions(grid, cfg.round_timeout), cfg.seed)
+    # DP's accountant counts on amplification by sampling nobody can predict: Flower samples its cohorts
+    strategy.setup_sampling(
+        node_partitions(grid, cfg.round_timeout), None if cfg.privacy == "dp" else cfg.seed
+    )
     resumed = resumable_checkpoint(cfg)
     if resumed is not None:
         shared, start, history, _ = resumed

@@ -28,7 +28,8 @@ import numpy as np
 from shared_model.protocol.updates import ITEM_TABLES
 
 ITEM_EMBEDDING, ITEM_BIAS = ITEM_TABLES
-UNSET = -1  # an empty supporter slot
+# supporters are device identities: partition ids, or Flower node ids, which are unsigned 64-bit integers
+UNSET = np.iinfo(np.uint64).max  # an empty supporter slot
 
 
 class RowQuorum:
@@ -39,7 +40,7 @@ class RowQuorum:
         if quorum < 1:
             raise ValueError(f"quorum must be >= 1, got {quorum}")
         self.quorum = quorum
-        self.supporters = np.full((rows, quorum), UNSET, np.int64)
+        self.supporters = np.full((rows, quorum), UNSET, np.uint64)
         self.count = np.zeros(rows, np.int64)
 
     @property
@@ -51,6 +52,7 @@ class RowQuorum:
         """Count ``device`` among the supporters of every held row whose bias its (dense) ``update`` raises
         above ``sent``; a device counts once per row."""
         rows = np.flatnonzero((update[ITEM_BIAS] > sent[ITEM_BIAS]) & ~self.open_rows)
+        device = np.uint64(device)
         rows = rows[~(self.supporters[rows] == device).any(axis=1)]
         self.supporters[rows, self.count[rows]] = device
         self.count[rows] += 1
@@ -72,8 +74,9 @@ class RowQuorum:
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
         """Inverse of :meth:`state`; a checkpoint without it (or of another quorum or catalogue) leaves the
-        registry empty, so rows open again as devices support them."""
+        registry empty, so rows open again as devices support them. (A checkpoint written with signed
+        identities, -1 for an empty slot, reads the same.)"""
         supporters = state.get("row-quorum/supporters")
         if supporters is not None and supporters.shape == self.supporters.shape:
-            self.supporters = np.asarray(supporters, np.int64).copy()
+            self.supporters = np.asarray(supporters).astype(np.uint64)
             self.count = np.asarray(state["row-quorum/count"], np.int64).copy()

@@ -33,6 +33,11 @@ Accuracy: real Flower simulations (``run_simulation``) of each mode and two plai
 the run-to-run spread); cost = relative NDCG@10 drop from the dense seed-0 run. SecAgg+ returns the exact sum,
 so its cost here is that of dense (its quantization is measured with SecAgg+ itself).
 
+With ``--accuracy-from NAME ...`` the accuracy of "dense" (the shipped defaults) and of "dp z=<z>" comes from
+the federated benchmark's results instead (``simulations.bench_federated``: runs of the full round budget,
+resumable, e.g. 400 rounds, where this benchmark's own runs are short), and ``--rounds`` should be that budget
+so the epsilons match.
+
 Results go to ``simulations/results/<name>.json`` (rewritten after each item) and ``<name>.md``.
 Run: ``python -m simulations.bench_privacy`` (``--parts``, ``--variants``, ``--dataset``).
 """
@@ -314,6 +319,37 @@ def _dense_keys() -> list[str]:
     ]
 
 
+def federated_accuracy(names: list[str], dataset: str) -> list[dict[str, Any]]:
+    """Accuracy rows from federated benchmark results (``simulations/results/<name>_runs.jsonl`` of
+    ``simulations.bench_federated``, runs trained to their full round budget): its shipped defaults as "dense"
+    and its central-DP variants as "dp z=<z>"; other variants are left out."""
+    rows = []
+    for name in names:
+        for line in (RESULTS / f"{name}_runs.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] != "federated" or r["dataset"] != dataset:
+                continue
+            cfg = r["config"]
+            run = f"dp z={cfg['dp_noise']:g}" if cfg["privacy"] == "dp" else "dense"
+            if run == "dense" and r["variant"] != "default":
+                continue
+            rows.append(
+                {
+                    "kind": "accuracy",
+                    "key": f"accuracy/{run}",
+                    "run": run,
+                    "source": f"{name}: {r['variant']}",
+                    "config": cfg,
+                    "test": r["test"],
+                    "val": r["val"],
+                    "epsilon": r.get("epsilon"),
+                    "upload_bytes_per_device": r["upload_bytes_per_device"],
+                    "seconds": r["seconds_per_round"] * cfg["num_rounds"],
+                }
+            )
+    return rows
+
+
 def accuracy_runs(base: FederatedConfig, args: argparse.Namespace, done: set[str], record) -> None:
     for name in args.variants:
         key = f"accuracy/{name}"
@@ -427,6 +463,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--variants", nargs="+", default=list(ACCURACY_RUNS), choices=ACCURACY_RUNS)
     parser.add_argument("--cpus", type=int, default=None)
+    parser.add_argument(
+        "--accuracy-from",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="take the accuracy of 'dense' and 'dp z=...' from these bench_federated results (400-round runs"
+        " of the shipped defaults and their central-DP variants) instead of running them here",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="privacy")
     parser.add_argument("--out", default="runs/bench_privacy", help="simulation outputs and device stores")
@@ -438,8 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_every=args.rounds,
         seed=args.seed,
         dp_clip=args.dp_clip,
-        row_clip=0.0,
-    )  # the poisoning defence is measured in bench_poisoning
+    )
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{args.name}.json"
     rows = json.loads(path.read_text()) if path.exists() else []
@@ -453,6 +496,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if "attack" in args.parts:
         attack_views(base, args, done, record)
+    for row in federated_accuracy(args.accuracy_from, args.dataset):
+        if row["key"] not in done:
+            record(**row)
+            done.add(row["key"])
     if "accuracy" in args.parts:
         accuracy_runs(base, args, done, record)
     print(summarise(rows))

@@ -226,3 +226,30 @@ def test_simulation_with_dp_reports_increasing_epsilon(tmp_path):
     assert 0 < eps[0] < eps[1]
     assert f"DP epsilon {eps[1]:.3g} at delta 1e-05" in _round_line(history[1], 2)
     assert 0 <= history[-1]["test"]["ndcg@10"] <= 1
+
+
+def test_row_quorum_under_dp_counts_devices_by_partition(task_identity):
+    """Central DP keeps Flower's unseeded sampling, but the row quorum still counts each device by its stable
+    partition id; Flower's node ids (unsigned 64-bit) never enter the registry, and an unknown node counts by
+    its node id without overflowing it."""
+    nodes = 20  # the quorum runs from 20 nodes on (a tenth of them, at least 2)
+    cfg = FederatedConfig(
+        server_optimizer="fedavg", privacy="dp", dp_noise=1e-9, dp_clip=10.0, row_quorum=2, norm_bound=1e6
+    )
+    strategy = make_strategy(cfg, nodes, nodes)
+    node_ids = [2**64 - 1 - i for i in range(nodes)]
+    strategy.setup_sampling(dict(zip(node_ids, range(nodes), strict=True)), None)
+    assert not strategy.seeded and strategy.quorum is None
+    sent = {"item_bias": np.zeros(5, np.float32), "item_emb.weight": np.zeros((5, 2), np.float32)}
+    raise_row_3 = {
+        "item_bias": np.array([0, 0, 0, 1, 0], np.float32),
+        "item_emb.weight": sent["item_emb.weight"],
+    }
+    _aggregate(
+        strategy, sent, [train_reply(raise_row_3, node=node_ids[4]), train_reply(raise_row_3, node=2**63)]
+    )
+    assert strategy.quorum.open_rows[3]  # two distinct devices
+    assert set(strategy.quorum.supporters[1:3].ravel().tolist()) <= {int(np.iinfo(np.uint64).max)}
+    raise_row_2 = raise_row_3 | {"item_bias": np.array([0, 0, 1, 0, 0], np.float32)}
+    _aggregate(strategy, sent, [train_reply(raise_row_2, node=node_ids[4])], rnd=2)
+    assert strategy.quorum.supporters[2, 0] == 4  # its partition id

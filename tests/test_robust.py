@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.row_quorum import RowQuorum
+from server.row_quorum import UNSET, RowQuorum
 from server.strategies import effective_quorum, make_strategy
 from server.validation import UpdateRejected, validate_update
 from shared_model.config import FederatedConfig
@@ -355,7 +355,7 @@ def test_row_quorum_counts_distinct_devices_and_holds_rows_until_then():
         quorum.observe(device, _raising(sent, [2, 5]), sent)
     quorum.observe(9, _raising(sent, [5]), sent)
     assert quorum.count[2] == 2 and quorum.count[5] == 3 and quorum.open_rows.sum() == 1
-    assert (quorum.supporters[5] == -1).all()  # an open row forgets its supporters
+    assert (quorum.supporters[5] == UNSET).all()  # an open row forgets its supporters
     held, raised = quorum.hold(_raising(sent, [2, 5]), sent)
     assert raised == 1  # row 2's rise was held back; row 5 is open
     np.testing.assert_array_equal(held["item_emb.weight"][2], sent["item_emb.weight"][2])
@@ -369,6 +369,28 @@ def test_row_quorum_counts_distinct_devices_and_holds_rows_until_then():
     np.testing.assert_array_equal(restored.count, quorum.count)
     quorum.observe(9, _raising(sent, [2]), sent)  # the state is a copy
     assert restored.count[2] == 2 and quorum.count[2] == 3
+
+
+def test_row_quorum_counts_flower_node_ids_and_reads_signed_checkpoints():
+    """Without partition ids a device is its Flower node id, an unsigned 64-bit integer (a central-DP run, whose
+    cohorts are not seeded, overflowed a signed registry); checkpoints of the signed registry still restore."""
+    sent = _sent(np.random.default_rng(10))
+    quorum = RowQuorum(2, len(sent["item_bias"]))
+    big = 2**64 - 2
+    for device in (big, big, 2**63 + 5):
+        quorum.observe(device, _raising(sent, [3]), sent)
+    assert quorum.open_rows[3] and quorum.count[3] == 2
+    quorum.observe(big, _raising(sent, [1]), sent)
+    assert quorum.supporters[1, 0] == big and quorum.count[1] == 1
+    signed = {
+        "row-quorum/supporters": np.where(quorum.supporters == UNSET, -1, 7).astype(np.int64),
+        "row-quorum/count": quorum.count,
+    }
+    restored = RowQuorum(2, len(sent["item_bias"]))
+    restored.restore(signed)
+    assert restored.supporters[1, 0] == 7 and restored.supporters[1, 1] == UNSET
+    restored.observe(7, _raising(sent, [1]), sent)  # the same device: still one supporter
+    assert restored.count[1] == 1
 
 
 def test_row_quorum_keeps_a_few_devices_from_promoting_an_item_across_rounds():
