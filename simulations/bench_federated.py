@@ -189,6 +189,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "users_per_node": 1,
     },
     "default, one user per node": {"users_per_node": 1},
+    "default without the row quorum": {"row_quorum": 0},
     "default, 3 local epochs": {"local_epochs": 3},
     "server lr 2e-3": {"server_lr": 2e-3},
     "constant server lr": {"server_lr_decay": 0.0},
