@@ -66,8 +66,7 @@ class ValidatedStrategy(Wrapper):
         self.sampled = 0
         self._last_round: dict[str, Any] = {}
         self.partitions: dict[int, int] = {}  # node id -> partition id: a device's stable identity
-        self.seeded = False
-        self.sampling_seed = 0
+        self.sampling_seed: int | None = None  # None: Flower's own, unseeded cohorts
         self.sampled_partitions: list[int] = []  # partition ids of the last seeded cohort
         self.head_share: np.ndarray | None = None  # the population's head shares of target items, estimated
 
@@ -78,8 +77,12 @@ class ValidatedStrategy(Wrapper):
         each round samples partitions with a generator seeded by (seed, round), so a rerun or a resumed run
         trains the same devices in every round; None keeps Flower's own sampling."""
         self.partitions = dict(partitions)
-        self.seeded = seed is not None
-        self.sampling_seed = seed or 0
+        self.sampling_seed = seed
+
+    @property
+    def seeded(self) -> bool:
+        """Whether cohorts are drawn by :meth:`sample_nodes` (a seed and the nodes' partition ids are known)."""
+        return self.sampling_seed is not None and bool(self.partitions)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -87,7 +90,7 @@ class ValidatedStrategy(Wrapper):
         # the wrapped strategies' own configure_train keeps their side effects (FedAdam remembers the sent
         # arrays, DP counts the round); with seeded cohorts the messages are re-addressed to the seeded sample
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        if self.seeded and self.partitions and messages:
+        if self.seeded and messages:
             nodes = self.sample_nodes(server_round, set(grid.get_node_ids()))
             messages = list(self.base._construct_messages(messages[0].content, nodes, MessageType.TRAIN))
         self.begin_round(record_to_numpy(arrays), len(messages))
