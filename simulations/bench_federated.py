@@ -426,9 +426,34 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
     return rows
 
 
+def centralized_references(names: list[str], results: Path | None = None) -> list[dict[str, Any]]:
+    """The centralized rows of other runs of this benchmark (``<results>/<name>_runs.jsonl``), each marked with
+    the run it came from (``"from"``): a federated run's reference when its centralized seeds ran separately."""
+    rows = []
+    for name in names:
+        path = (results or RESULTS) / f"{name}_runs.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such benchmark run (--centralized-from names a --name)")
+        found = [json.loads(line) for line in path.read_text().splitlines()]
+        found = [r | {"from": name} for r in found if r["kind"] == "centralized"]
+        if not found:
+            raise ValueError(f"{path} has no centralized row")
+        rows += found
+    return rows
+
+
+def _centralized_mean(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Mean validation and test NDCG@10 of the centralized rows among ``rows`` (None: there are none)."""
+    central = [r for r in rows if r["kind"] == "centralized"]
+    if not central:
+        return None
+    return {stage: sum(r[stage]["ndcg@10"] for r in central) / len(central) for stage in ("val", "test")}
+
+
 def summarise(runs: list[dict[str, Any]]) -> str:
-    """The markdown table: test NDCG@10 as a share of centralized, rounds to 80/90/95% of it (validation and
-    test), the paired personalization result, upload size and speed."""
+    """The markdown table: test NDCG@10 as a share of centralized (the mean of the dataset's centralized rows
+    when there are several, e.g. seeds), rounds to 80/90/95% of it (validation and test), the paired
+    personalization result, upload size and speed."""
     lines = [
         "| dataset | run | rounds | val NDCG@10 | test NDCG@10 | x centralized (test) | rounds to 80/90/95% val | rounds to 80/90/95% test "
         "| adaptation kept | served / population NDCG@10 (test; kept users) | upload KB/device | s/round |",
@@ -436,13 +461,14 @@ def summarise(runs: list[dict[str, Any]]) -> str:
     ]
     for dataset in sorted({r["dataset"] for r in runs}):
         sub = [r for r in runs if r["dataset"] == dataset]
-        central = next((r for r in sub if r["kind"] == "centralized"), None)
+        central = _centralized_mean(sub)
         for r in sub:
             val, test = r.get("val", {}), r.get("test", {})
             cells: list[Any] = [None] * 10
             if r["kind"] == "centralized":
-                name = f"centralized ({r['stopped']}, best epoch {r['epochs']})"
-                cells[1:4] = [val.get("ndcg@10"), test.get("ndcg@10"), 1.0]
+                origin = f", from {r['from']}" if "from" in r else ""
+                name = f"centralized ({r['stopped']}, best epoch {r['epochs']}{origin})"
+                cells[1:4] = [val.get("ndcg@10"), test.get("ndcg@10"), test["ndcg@10"] / central["test"]]
             elif r["kind"] == "federated":
                 name = f"federated: {r['variant']}" + (
                     f" (epsilon {r['epsilon']:.3g})" if r.get("epsilon") is not None else ""
@@ -450,9 +476,9 @@ def summarise(runs: list[dict[str, Any]]) -> str:
                 cells[0] = r["curve"][-1]["round"] if r["curve"] else None
                 cells[1:3] = [val.get("ndcg@10"), test.get("ndcg@10")]
                 if central:
-                    cells[3] = test.get("ndcg@10", float("nan")) / central["test"]["ndcg@10"]
+                    cells[3] = test.get("ndcg@10", float("nan")) / central["test"]
                     for i, stage in ((4, "val"), (5, "test")):
-                        reach = rounds_to_reach(r["curve"], central[stage]["ndcg@10"], stage)
+                        reach = rounds_to_reach(r["curve"], central[stage], stage)
                         cells[i] = "/".join("-" if v is None else str(v) for v in reach.values())
                 cells[6:8] = _personalization_cells(r.get("personalization") or {})
                 kb = r.get("upload_bytes_per_device")
@@ -510,8 +536,9 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
             if r["dataset"] == dataset and r["kind"] == "federated" and r["curve"]:
                 rounds = [c["round"] for c in r["curve"]]
                 ax.plot(rounds, [c.get("val/ndcg@10") for c in r["curve"]], marker=".", label=r["variant"])
-            if r["dataset"] == dataset and r["kind"] == "centralized":
-                ax.axhline(r["val"]["ndcg@10"], color="k", linestyle="--", label="centralized (val)")
+        central = _centralized_mean([r for r in runs if r["dataset"] == dataset])
+        if central:
+            ax.axhline(central["val"], color="k", linestyle="--", label="centralized (val)")
         ax.set_title(f"{dataset}: validation NDCG@10")
         ax.set_xlabel("round")
         ax.legend(fontsize=6)
@@ -536,17 +563,27 @@ def main(argv: list[str] | None = None) -> None:
         help="simulation outputs: checkpoints and the devices' stores, whose keys depend on the seed, so two"
         " runs must not share it (default: runs/bench_federated/<name>)",
     )
+    parser.add_argument(
+        "--centralized-from",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="also use the centralized rows of these runs (their --name) as the reference: ratios and rounds to"
+        " 80/90/95%% then divide by the mean of every centralized row of the dataset (e.g. several seeds)",
+    )
     args = parser.parse_args(argv)
+    references = centralized_references(args.centralized_from)
     RESULTS.mkdir(exist_ok=True)
     runs_path = RESULTS / f"{args.name}_runs.jsonl"
     runs = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.exists() else []
     done = {r["key"] for r in runs}
     for dataset in args.datasets:
         runs += run_dataset(dataset, args, Path(args.out or f"runs/bench_federated/{args.name}"), done)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(runs, indent=2, default=float) + "\n")
-        (RESULTS / f"{args.name}.md").write_text(summarise(runs))
-        _plot(runs, RESULTS / f"{args.name}.png")
-    print(summarise(runs))
+        shown = runs + references  # the references stay out of this run's JSONL (they are recorded in theirs)
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(shown, indent=2, default=float) + "\n")
+        (RESULTS / f"{args.name}.md").write_text(summarise(shown))
+        _plot(shown, RESULTS / f"{args.name}.png")
+    print(summarise(runs + references))
 
 
 if __name__ == "__main__":

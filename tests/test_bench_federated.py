@@ -69,6 +69,29 @@ def test_benchmark_records_converged_centralized_curves_and_paired_personalizati
     assert all(again["personalization"][k] == pytest.approx(v, rel=1e-6, abs=1e-9) for k, v in pers.items())
 
 
+def test_centralized_references_from_other_runs_make_the_mean_the_reference(tmp_path):
+    """Centralized seeds recorded by other runs: each federated ratio and rounds-to-reach divides by their mean."""
+    for name, val, test in (("central-a", 0.10, 0.08), ("central-b", 0.12, 0.10)):
+        row = {"dataset": "d", "kind": "centralized", "key": "d/centralized", "val": {"ndcg@10": val}}
+        row |= {"test": {"ndcg@10": test}, "epochs": 5, "stopped": "patience"}
+        (tmp_path / f"{name}_runs.jsonl").write_text(json.dumps(row) + "\n")
+    refs = bench_federated.centralized_references(["central-a", "central-b"], tmp_path)
+    assert [r["from"] for r in refs] == ["central-a", "central-b"]
+    curve = [
+        {"round": 10, "val/ndcg@10": 0.089, "test/ndcg@10": 0.073},
+        {"round": 20, "val/ndcg@10": 0.1, "test/ndcg@10": 0.0855},
+    ]
+    federated = {"dataset": "d", "kind": "federated", "variant": "default", "curve": curve}
+    federated |= {"val": {"ndcg@10": 0.1}, "test": {"ndcg@10": 0.0855}, "seconds_per_round": 1.0}
+    table = bench_federated.summarise([federated, *refs])
+    row = next(line for line in table.splitlines() if "federated: default" in line).split(" | ")
+    # mean reference: val 0.11, test 0.09 (0.0855 / 0.09 = 0.95); 80/90/95% of each: 0.088/0.099/0.1045, 0.072/0.081/0.0855
+    assert row[5:8] == ["0.95", "10/20/-", "10/20/20"]
+    assert "from central-b" in table
+    with pytest.raises(FileNotFoundError, match="missing_runs.jsonl"):
+        bench_federated.centralized_references(["missing"], tmp_path)
+
+
 def _write_run(results, name, seed, val, test, kind="federated"):
     row = {
         "kind": kind,
