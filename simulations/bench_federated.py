@@ -19,6 +19,8 @@
 
 Results are appended to ``simulations/results/<name>_runs.jsonl`` as they finish and summarised in
 ``<name>.json``, ``<name>.md`` and ``<name>.png``; an interrupted federated run resumes from its checkpoint.
+``--centralized-from NAME...`` adds the centralized rows recorded by other runs (e.g. its seeds, run with
+``--parts centralized --seed S``): every ratio and rounds-to-reach then divides by the mean of them all.
 Run: ``python -m simulations.bench_federated --datasets movielens-latest-small movielens-100k``.
 """
 
