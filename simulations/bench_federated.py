@@ -36,6 +36,7 @@ from client_sdk.device import HostedUsers, cached_log
 from server.app import initial_shared
 from server.checkpoint import load_server_checkpoint
 from shared_model.config import FederatedConfig
+from simulations.compare_seeds import recorded_rows
 from simulations.simulate import run_simulation
 from simulations.train import train_and_report
 
@@ -431,17 +432,9 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
 def centralized_references(names: list[str], results: Path | None = None) -> list[dict[str, Any]]:
     """The centralized rows of other runs of this benchmark (``<results>/<name>_runs.jsonl``), each marked with
     the run it came from (``"from"``): a federated run's reference when its centralized seeds ran separately."""
-    rows = []
-    for name in names:
-        path = (results or RESULTS) / f"{name}_runs.jsonl"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such benchmark run (--centralized-from names a --name)")
-        found = [json.loads(line) for line in path.read_text().splitlines()]
-        found = [r | {"from": name} for r in found if r["kind"] == "centralized"]
-        if not found:
-            raise ValueError(f"{path} has no centralized row")
-        rows += found
-    return rows
+    return [
+        r | {"from": name} for name in names for r in recorded_rows(name, "centralized", results or RESULTS)
+    ]
 
 
 def _centralized_mean(rows: list[dict[str, Any]]) -> dict[str, float] | None:

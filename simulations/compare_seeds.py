@@ -28,18 +28,23 @@ def run_name(name: str, seed: int) -> str:
     return name if seed == 0 else f"{name}-seed{seed}"
 
 
-def final_row(name: str, results: Path = RESULTS) -> dict[str, Any]:
-    """The last federated row of ``<name>_runs.jsonl``."""
+def recorded_rows(name: str, kind: str, results: Path = RESULTS) -> list[dict[str, Any]]:
+    """The rows of ``kind`` ("federated", "centralized", ...) in ``<name>_runs.jsonl``, in recorded order."""
     path = results / f"{name}_runs.jsonl"
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: no such benchmark result (run simulations.bench_federated --name {name})"
         )
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    federated = [r for r in rows if r["kind"] == "federated"]
-    if not federated:
-        raise ValueError(f"{path} holds no federated run")
-    return federated[-1]
+    found = [r for r in rows if r["kind"] == kind]
+    if not found:
+        raise ValueError(f"{path} holds no {kind} run")
+    return found
+
+
+def final_row(name: str, results: Path = RESULTS) -> dict[str, Any]:
+    """The last federated row of ``<name>_runs.jsonl``."""
+    return recorded_rows(name, "federated", results)[-1]
 
 
 def compare(base: str, variant: str, seeds: list[int], results: Path = RESULTS) -> dict[str, Any]:
