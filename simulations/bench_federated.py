@@ -429,12 +429,10 @@ def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str
     return rows
 
 
-def centralized_references(names: list[str], results: Path | None = None) -> list[dict[str, Any]]:
+def centralized_references(names: list[str], results: Path = RESULTS) -> list[dict[str, Any]]:
     """The centralized rows of other runs of this benchmark (``<results>/<name>_runs.jsonl``), each marked with
     the run it came from (``"from"``): a federated run's reference when its centralized seeds ran separately."""
-    return [
-        r | {"from": name} for name in names for r in recorded_rows(name, "centralized", results or RESULTS)
-    ]
+    return [r | {"from": name} for name in names for r in recorded_rows(name, "centralized", results)]
 
 
 def _centralized_mean(rows: list[dict[str, Any]]) -> dict[str, float] | None:
