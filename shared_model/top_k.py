@@ -133,6 +133,28 @@ def head_usage(model: SequenceModel, log: InteractionLog, users: np.ndarray, k: 
     }
 
 
+@torch.no_grad()
+def head_sources(
+    model: SequenceModel, log: InteractionLog, user: int, heads: list[int], n: int = 3
+) -> dict[int, list[int]]:
+    """What each of ``heads`` follows in ``user``'s own history: per head, up to ``n`` of the user's last
+    ``max_len`` distinct items whose largest head term (:meth:`head_contributions` at the user's current state)
+    is that head's, strongest first. A head's index means a different taste for each user (its vector is made
+    from the user's history), so this, not a population label, says what it stands for here."""
+    model.eval()
+    lo, hi = log.user_ptr[user], log.user_ptr[user + 1]
+    state = model.encode(input_batch(log, np.array([lo]), np.array([hi]), model.cfg.max_len))[:, -1]
+    recent = list(dict.fromkeys(log.item[max(lo, hi - model.cfg.max_len) : hi][::-1].tolist()))
+    terms = model.head_contributions(state, torch.tensor([recent]))[0]  # (items, H)
+    best, owner = terms.max(-1)
+    out = {}
+    for h in dict.fromkeys(heads):
+        mine = torch.nonzero(owner == h).reshape(-1)
+        order = mine[best[mine].argsort(descending=True, stable=True)][:n]
+        out[h] = [recent[i] for i in order.tolist()]
+    return out
+
+
 def recent_titles(log: InteractionLog, user: int, n: int = 3) -> str:
     """The titles (or ids) of ``user``'s last ``n`` events, oldest first, for display."""
     lo, hi = log.user_ptr[user], log.user_ptr[user + 1]

@@ -106,6 +106,27 @@ def plot_convergence(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _own_heads(
+    model: Any, log: Any, user: int, heads: list[int], adaptation: Any, shared: dict, personal: dict
+) -> str:
+    """One line: the heads that drove the user's list, each with how many items it drove and the user's own
+    history events it follows most (``head_sources``), on the weights the runtime served (its kept adaptation
+    or the population's)."""
+    from shared_model.partition import load_parts
+    from shared_model.top_k import head_sources
+
+    if adaptation.kept:
+        load_parts(model, shared, personal | adaptation.weights)
+    titles = log.item_meta.titles
+    sources = head_sources(model, log, user, sorted(set(heads), key=heads.index))
+    parts = [
+        f"head {h} ({heads.count(h)} of the {len(heads)}) <- "
+        + (", ".join(titles[i] if titles else str(log.item_ids[i]) for i in items) or "none of its history")
+        for h, items in sources.items()
+    ]
+    return "Its interest heads and the history events each follows most: " + "; ".join(parts)
+
+
 def sample_recommendation(
     cfg: FederatedConfig, shared: dict[str, np.ndarray], user: int | None = None, k: int = 10
 ) -> str:
@@ -182,8 +203,13 @@ def sample_recommendation(
         f"Signed on-device bundle: {out / 'bundle'} ({size:.1f} MB). Sample user {log.user_ids[user]} on the "
         f"on-device runtime (onnxruntime, {weights}; {len(rec.history)} stored events; most recent: {recent})"
     )
-    lines = [head, format_recommendations([asdict(r) for r in rec.recommend(k)])]
+    recs = rec.recommend(k)
+    lines = [head, format_recommendations([asdict(r) for r in recs])]
     if device.model.cfg.num_heads > 1:
+        lines.append(
+            _own_heads(device.model, log, user, [r.head for r in recs], adaptation, shared, personal)
+        )
+        load_parts(device.model, shared, device.initial_personal)  # the population model again
         usage = head_usage(device.model, log, device.split.eval_users[:HEAD_USAGE_USERS], k)
         heads = ", ".join(
             f"head {h} {share:.0%}" + (f" ({', '.join(favours)})" if favours else "")
@@ -194,6 +220,7 @@ def sample_recommendation(
         lines.append(
             f"Interest heads over the top-{k}s of {usage['users']} users (population model): "
             f"{usage['multi_head_users']:.0%} of the lists draw on 2+ heads; each head's share of the shown items"
-            f" and the explanation labels most over-represented among its items: {heads}"
+            f" and the explanation labels most over-represented among its items (a head's index stands for a"
+            f" different taste in each user's state, as above: these are loose averages): {heads}"
         )
     return "\n".join(lines)

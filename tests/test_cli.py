@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,9 @@ def test_simulate_export_recommend_end_to_end(tmp_path, capfd, monkeypatch):
     )
     assert any(text in out for text in served)
     assert " 1. " in out and "because: " in out and "[interest head " in out
+    # every head that drove an item of the list, with what it follows in the user's own history
+    own = next(line for line in out.splitlines() if line.startswith("Its interest heads and the history"))
+    assert all(f"head {h} (" in own for h in set(re.findall(r"\[interest head (\d+)\]", out)))
     heads = next(line for line in out.splitlines() if line.startswith("Interest heads over the top-10s"))
     assert all(
         f"head {h} " in heads for h in range(4)

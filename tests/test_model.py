@@ -13,7 +13,7 @@ from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
 from shared_model.model import TMEPSR
 from shared_model.partition import SPLITS, parameter_groups
-from shared_model.top_k import head_profiles, head_usage
+from shared_model.top_k import head_profiles, head_sources, head_usage
 from shared_model.training import (
     evaluate,
     fit,
@@ -125,6 +125,30 @@ def test_top_items_ranks_as_the_item_scores_without_a_log_per_item(log):
     assert torch.equal(items[:4], expected.indices[:4])
     torch.testing.assert_close(scores, expected.values, atol=1e-9, rtol=1e-9)
     assert not exclude[4, items[4, :3]].any() and torch.isinf(scores[4, 3:]).all()
+
+
+def test_head_sources_are_the_users_history_items_each_head_scores_highest(log):
+    """Per asked head: the user's recent distinct items whose largest head term is that head's, strongest first,
+    at most n; a head that wins none of them gets an empty list."""
+    torch.manual_seed(0)
+    model = TMEPSR(_small(log, max_len=30)).eval()
+    user = int(np.flatnonzero(log.sequence_lengths() >= 40)[0])
+    lo, hi = log.user_ptr[user], log.user_ptr[user + 1]
+    sources = head_sources(model, log, user, [2, 0, 1, 3, 0], n=2)
+    assert list(sources) == [2, 0, 1, 3]  # each head once, in the order asked
+    recent = list(dict.fromkeys(log.item[hi - 30 : hi][::-1].tolist()))
+    with torch.no_grad():
+        state = model.encode(input_batch(log, np.array([lo]), np.array([hi]), 30))[:, -1]
+        terms = model.head_contributions(state, torch.tensor([recent]))[0]
+    for h, items in sources.items():
+        assert len(items) <= 2 and set(items) <= set(recent)
+        rows = [recent.index(i) for i in items]
+        assert all(int(terms[r].argmax()) == h for r in rows)
+        assert [float(terms[r, h]) for r in rows] == sorted((float(terms[r, h]) for r in rows), reverse=True)
+        won = [r for r in range(len(recent)) if int(terms[r].argmax()) == h]
+        assert len(items) == min(2, len(won))
+        if won:
+            assert float(terms[rows[0], h]) == max(float(terms[r, h]) for r in won)
 
 
 def test_head_profiles_name_what_each_head_favours():
