@@ -317,14 +317,15 @@ def write_json(path: str | Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
 
 
-def model_for_run(fed: FederatedConfig, log: InteractionLog) -> SequenceModel:
+def model_for_run(fed: FederatedConfig, log: InteractionLog, **model_overrides: Any) -> SequenceModel:
     """The initial model of a federated run. Seeded, so the server and every device build identical initial
-    weights (devices take their initial personal weights from it)."""
+    weights (devices take their initial personal weights from it). ``model_overrides``: further
+    :class:`ModelConfig` settings (a what-if, e.g. ``simulations.federated_proxy``'s dropout variants)."""
     overrides = {
         "max_len": fed.max_len,
         "d_model": fed.d_model,
         "explanation_history_prior": fed.explanation_history_prior,
     }
-    cfg = model_config_for(log, **(MODEL_PRESETS[fed.preset] | overrides))
+    cfg = model_config_for(log, **(MODEL_PRESETS[fed.preset] | overrides | model_overrides))
     torch.manual_seed(fed.seed)
     return build_model(cfg)

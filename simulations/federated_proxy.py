@@ -1,0 +1,173 @@
+"""A central stand-in of the federated optimizer, for quick what-ifs about federated convergence: per step, one
+Adam step (FedAdam's betas 0.9 / 0.99, epsilon ``server_tau``, no weight decay or clipping) on the mean loss of a
+cohort-sized batch of random users (``fraction_train`` of them, one window each), with eta from the server's own
+schedule (``server.server_adam.server_lr_at``), from the federated run's initial model (``model_for_run``: same
+seed, same weights). Validation NDCG@10 every ``--eval-every`` steps, test at the end.
+
+A federated round with one local SGD epoch is such a step (FedAdam over the example-weighted mean of the devices'
+changes), so ``--steps 400`` stands for the federated benchmark's 400 rounds at about 2 minutes on one core
+instead of about 70. Left out: Flower, the per-update clips, the row quorum, cohorts drawn by node, and the
+population's head shares (the batch's own shares steer the responsibility balance). Measured against the
+federated runs: docs/RESULTS.md#federated-training.
+
+Each (variant, seed) row is appended to ``simulations/results/<name>_runs.jsonl`` when it finishes (a rerun
+skips it); the table (``<name>.md``) gives each variant's mean over seeds, its ratio to the default's (same
+seeds) and to the centralized reference (the mean of ``--centralized-from`` rows of ``bench_federated``).
+
+    python -m simulations.federated_proxy --variants default max-len-100 --seeds 0 1 2 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from server.server_adam import server_lr_at
+from shared_model.batching import training_batch, training_windows
+from shared_model.config import FederatedConfig
+from shared_model.data import load_dataset
+from shared_model.data.split import LeaveOneOutSplit
+from shared_model.training import evaluate, model_for_run, train_end_per_user
+from simulations.bench_federated import centralized_references
+
+RESULTS = Path(__file__).parent / "results"
+# name -> FederatedConfig overrides ("federated"), ModelConfig overrides ("model"), and "explanation_warm_up":
+# steps over which the explanation losses' weights (alpha, beta) rise linearly from 0
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "dropout-0.1": {"model": {"dropout": 0.1}},
+    "dropout-0.3": {"model": {"dropout": 0.3}},
+    "max-len-100": {"federated": {"max_len": 100}},
+    "explanation-warm-up-100": {"explanation_warm_up": 100},
+}
+
+
+def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> dict[str, Any]:
+    """One stand-in run; returns its row (validation curve, final validation and test metrics)."""
+    spec = VARIANTS[variant]
+    fed = FederatedConfig(dataset=dataset, seed=seed, num_rounds=steps, **spec.get("federated", {}))
+    log = load_dataset(dataset)
+    split = LeaveOneOutSplit(log)
+    model = model_for_run(fed, log, **spec.get("model", {}))
+    adam = torch.optim.Adam(model.parameters(), lr=fed.server_lr, betas=(0.9, 0.99), eps=fed.server_tau)
+    rng = np.random.default_rng(seed)
+    train_end = train_end_per_user(log, split)
+    users = np.flatnonzero(train_end - log.user_ptr[:-1] >= 2)
+    cohort = max(1, round(fed.fraction_train * log.num_users))
+    weights = {"alpha": model.cfg.alpha, "beta": model.cfg.beta}
+    curve, start = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        model.train()
+        for group in adam.param_groups:
+            group["lr"] = server_lr_at(step, fed.server_lr, steps, fed.server_lr_decay)
+        if warm := spec.get("explanation_warm_up"):
+            for key, value in weights.items():  # the config is frozen: a what-if sets the field in place
+                object.__setattr__(model.cfg, key, value * min(1.0, (step - 1) / warm))
+        chunk = rng.choice(users, min(cohort, len(users)), replace=False)
+        starts, ends = training_windows(log.user_ptr, train_end, chunk, model.cfg.max_len, rng)
+        adam.zero_grad(set_to_none=True)
+        loss, _ = model.loss(training_batch(log, starts, ends, model.cfg.max_len))
+        loss.backward()
+        adam.step()
+        if step % eval_every == 0 or step == steps:
+            point = {"step": step, "val_ndcg@10": evaluate(model, log, split, "val")["ndcg@10"]}
+            curve.append(point | {"seconds": time.perf_counter() - start})
+            print(json.dumps({"variant": variant, "seed": seed} | point), flush=True)
+    return {
+        "dataset": dataset,
+        "variant": variant,
+        "seed": seed,
+        "steps": steps,
+        "spec": spec,
+        "curve": curve,
+        "val": evaluate(model, log, split, "val"),
+        "test": evaluate(model, log, split, "test"),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def summarise(rows: list[dict[str, Any]], central: dict[str, float] | None) -> str:
+    """Per dataset and variant: seeds, mean val / test NDCG@10 (and their spread), the ratio to the default's
+    mean over the same seeds, and to the centralized reference."""
+    lines = [
+        "| dataset | variant | steps | seeds | val NDCG@10 (sd) | test NDCG@10 (sd) | x default val / test (same seeds) "
+        "| x centralized val / test |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (dataset, steps), group in _groups(rows, ("dataset", "steps")).items():
+        default = {r["seed"]: r for r in group if r["variant"] == "default"}
+        for (variant,), runs in _groups(group, ("variant",)).items():
+            val = np.array([r["val"]["ndcg@10"] for r in runs])
+            test = np.array([r["test"]["ndcg@10"] for r in runs])
+            paired = [r for r in runs if r["seed"] in default]
+            ratio = "-"
+            if paired and variant != "default":
+                ratio = " / ".join(
+                    f"{np.mean([r[s]['ndcg@10'] for r in paired]) / np.mean([default[r['seed']][s]['ndcg@10'] for r in paired]):.3f}"
+                    for s in ("val", "test")
+                )
+            versus = (
+                f"{val.mean() / central['val']:.3f} / {test.mean() / central['test']:.3f}" if central else "-"
+            )
+            lines.append(
+                f"| {dataset} | {variant} | {steps} | {len(runs)} | {val.mean():.4f} ({val.std():.4f}) "
+                f"| {test.mean():.4f} ({test.std():.4f}) | {ratio} | {versus} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _groups(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple, list[dict[str, Any]]]:
+    out: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="movielens-100k")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    parser.add_argument("--steps", type=int, default=400, help="Adam steps (federated rounds)")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument(
+        "--centralized-from",
+        nargs="*",
+        default=["federated-central-100k", "federated-central-100k-seed1", "federated-central-100k-seed2"],
+        help="bench_federated results whose centralized rows are the reference (their mean)",
+    )
+    parser.add_argument("--name", default="federated-proxy")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    path = RESULTS / f"{args.name}_runs.jsonl"
+    done = {(r["dataset"], r["variant"], r["seed"], r["steps"]) for r in _read(path)}
+    for seed in args.seeds:
+        for variant in args.variants:
+            if (args.dataset, variant, seed, args.steps) in done:
+                continue
+            row = run(args.dataset, variant, seed, args.steps, args.eval_every)
+            with path.open("a") as fh:
+                fh.write(json.dumps(row, default=float) + "\n")
+    refs = [r for r in centralized_references(args.centralized_from) if r["dataset"] == args.dataset]
+    central = {s: float(np.mean([r[s]["ndcg@10"] for r in refs])) for s in ("val", "test")} if refs else None
+    rows = _read(path)  # with the rows of any other process working on the same name
+    table = summarise(rows, central)
+    (RESULTS / f"{args.name}.md").write_text(table)
+    (RESULTS / f"{args.name}.json").write_text(
+        json.dumps({"centralized": central, "rows": rows}, indent=1, default=float) + "\n"
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
