@@ -323,7 +323,11 @@ def _device_bytes(cfg: FederatedConfig, store: Path) -> float:
 def run_dataset(dataset: str, args: argparse.Namespace, out: Path, done: set[str]) -> list[dict[str, Any]]:
     """All comparisons for one dataset; skips those already in ``done``."""
     base = FederatedConfig(
-        dataset=dataset, num_rounds=args.rounds, eval_every=args.eval_every, seed=args.seed
+        dataset=dataset,
+        num_rounds=args.rounds,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        max_len=args.max_len,
     )
     rows = []
     out = out / Path(dataset).name.replace(".", "_")  # a dataset name or an event file path
@@ -550,6 +554,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="comparisons to run")
     parser.add_argument("--cpus", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        default=FederatedConfig.max_len,
+        help="events per training window and per input, for the centralized model and every federated run",
+    )
     parser.add_argument("--name", default="federated")
     parser.add_argument(
         "--out",

@@ -44,12 +44,14 @@ def test_benchmark_records_converged_centralized_curves_and_paired_personalizati
         str(tmp_path / "runs"),
         "--cpus",
         "2",
+        "--max-len",
+        "20",
     ]
     bench_federated.main(args)
     rows = [json.loads(line) for line in (tmp_path / "results" / "tiny_runs.jsonl").read_text().splitlines()]
     central, federated = rows
     assert central["stopped"] in ("patience", "max_epochs") and central["val"]["ndcg@10"] >= 0
-    assert federated["key"] == f"{data}/federated/default"
+    assert federated["key"] == f"{data}/federated/default" and federated["config"]["max_len"] == 20
     assert [c["round"] for c in federated["curve"]] == [1, 2]  # validation and test at every evaluation
     assert all("val/ndcg@10" in c and "test/ndcg@10" in c for c in federated["curve"])
     assert federated["seconds_per_round"] > 0
