@@ -118,7 +118,7 @@ def _own_heads(
     if adaptation.kept:
         load_parts(model, shared, personal | adaptation.weights)
     titles = log.item_meta.titles
-    sources = head_sources(model, log, user, sorted(set(heads), key=heads.index))
+    sources = head_sources(model, log, user, heads)  # each head once, in the order of the list
     parts = [
         f"head {h} ({heads.count(h)} of the {len(heads)}) <- "
         + (", ".join(titles[i] if titles else str(log.item_ids[i]) for i in items) or "none of its history")
