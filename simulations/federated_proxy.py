@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,8 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
         for group in adam.param_groups:
             group["lr"] = server_lr_at(step, fed.server_lr, steps, fed.server_lr_decay)
         if warm := spec.get("explanation_warm_up"):
-            for key, value in weights.items():  # the config is frozen: a what-if sets the field in place
-                object.__setattr__(model.cfg, key, value * min(1.0, (step - 1) / warm))
+            ramp = min(1.0, (step - 1) / warm)
+            model.cfg = replace(model.cfg, **{key: value * ramp for key, value in weights.items()})
         chunk = rng.choice(users, min(cohort, len(users)), replace=False)
         starts, ends = training_windows(log.user_ptr, train_end, chunk, model.cfg.max_len, rng)
         adam.zero_grad(set_to_none=True)
