@@ -439,7 +439,7 @@ def centralized_references(names: list[str], results: Path = RESULTS) -> list[di
     return [r | {"from": name} for name in names for r in recorded_rows(name, "centralized", results)]
 
 
-def _centralized_mean(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+def centralized_mean(rows: list[dict[str, Any]]) -> dict[str, float] | None:
     """Mean validation and test NDCG@10 of the centralized rows among ``rows`` (None: there are none)."""
     central = [r for r in rows if r["kind"] == "centralized"]
     if not central:
@@ -458,7 +458,7 @@ def summarise(runs: list[dict[str, Any]]) -> str:
     ]
     for dataset in sorted({r["dataset"] for r in runs}):
         sub = [r for r in runs if r["dataset"] == dataset]
-        central = _centralized_mean(sub)
+        central = centralized_mean(sub)
         for r in sub:
             val, test = r.get("val", {}), r.get("test", {})
             cells: list[Any] = [None] * 10
@@ -533,7 +533,7 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
             if r["dataset"] == dataset and r["kind"] == "federated" and r["curve"]:
                 rounds = [c["round"] for c in r["curve"]]
                 ax.plot(rounds, [c.get("val/ndcg@10") for c in r["curve"]], marker=".", label=r["variant"])
-        central = _centralized_mean([r for r in runs if r["dataset"] == dataset])
+        central = centralized_mean([r for r in runs if r["dataset"] == dataset])
         if central:
             ax.axhline(central["val"], color="k", linestyle="--", label="centralized (val)")
         ax.set_title(f"{dataset}: validation NDCG@10")

@@ -35,7 +35,7 @@ from shared_model.config import FederatedConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
 from shared_model.training import evaluate, model_for_run, train_end_per_user
-from simulations.bench_federated import centralized_references
+from simulations.bench_federated import centralized_mean, centralized_references
 
 RESULTS = Path(__file__).parent / "results"
 # name -> FederatedConfig overrides ("federated"), ModelConfig overrides ("model"), and "explanation_warm_up":
@@ -77,7 +77,8 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
         loss.backward()
         adam.step()
         if step % eval_every == 0 or step == steps:
-            point = {"step": step, "val_ndcg@10": evaluate(model, log, split, "val")["ndcg@10"]}
+            val = evaluate(model, log, split, "val")  # the last one is the row's
+            point = {"step": step, "val_ndcg@10": val["ndcg@10"]}
             curve.append(point | {"seconds": time.perf_counter() - start})
             print(json.dumps({"variant": variant, "seed": seed} | point), flush=True)
     return {
@@ -87,7 +88,7 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
         "steps": steps,
         "spec": spec,
         "curve": curve,
-        "val": evaluate(model, log, split, "val"),
+        "val": val,
         "test": evaluate(model, log, split, "test"),
         "seconds": time.perf_counter() - start,
     }
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             with path.open("a") as fh:
                 fh.write(json.dumps(row, default=float) + "\n")
     refs = [r for r in centralized_references(args.centralized_from) if r["dataset"] == args.dataset]
-    central = {s: float(np.mean([r[s]["ndcg@10"] for r in refs])) for s in ("val", "test")} if refs else None
+    central = centralized_mean(refs)
     rows = _read(path)  # with the rows of any other process working on the same name
     table = summarise(rows, central)
     (RESULTS / f"{args.name}.md").write_text(table)
