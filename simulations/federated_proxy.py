@@ -14,6 +14,11 @@ Each (variant, seed) row is appended to ``simulations/results/<name>_runs.jsonl`
 skips it); the table (``<name>.md``) gives each variant's mean over seeds, its ratio to the default's (same
 seeds) and to the centralized reference (the mean of ``--centralized-from`` rows of ``bench_federated``).
 
+Two variants change the loop itself: ``centralized-adamw`` takes the centralized trainer's AdamW instead of the
+FedAdam stand-in, and ``per-user-loss`` computes each user's loss on its own (as a device does: the in-batch terms
+see one user's window) and averages the gradients by targets, with the population's head shares estimated from
+the previous step (about 10x slower).
+
     python -m simulations.federated_proxy --variants default max-len-100 --seeds 0 1 2 3
 """
 
@@ -31,21 +36,25 @@ import torch
 
 from server.server_adam import server_lr_at
 from shared_model.batching import training_batch, training_windows
-from shared_model.config import FederatedConfig
+from shared_model.config import FederatedConfig, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
 from shared_model.training import evaluate, model_for_run, train_end_per_user
 from simulations.bench_federated import centralized_mean, centralized_references
 
 RESULTS = Path(__file__).parent / "results"
-# name -> FederatedConfig overrides ("federated"), ModelConfig overrides ("model"), and "explanation_warm_up":
-# steps over which the explanation losses' weights (alpha, beta) rise linearly from 0
+# name -> FederatedConfig overrides ("federated"), ModelConfig overrides ("model"), "explanation_warm_up":
+# steps over which the explanation losses' weights (alpha, beta) rise linearly from 0, and "optimizer": the
+# centralized trainer's AdamW (TrainConfig's lr and weight decay, torch's betas and epsilon, constant lr) in
+# place of the FedAdam stand-in
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "dropout-0.1": {"model": {"dropout": 0.1}},
     "dropout-0.3": {"model": {"dropout": 0.3}},
     "max-len-100": {"federated": {"max_len": 100}},
     "explanation-warm-up-100": {"explanation_warm_up": 100},
+    "centralized-adamw": {"optimizer": "centralized"},
+    "per-user-loss": {"per_user_loss": True},
 }
 
 
@@ -56,7 +65,12 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
     log = load_dataset(dataset)
     split = LeaveOneOutSplit(log)
     model = model_for_run(fed, log, **spec.get("model", {}))
-    adam = torch.optim.Adam(model.parameters(), lr=fed.server_lr, betas=(0.9, 0.99), eps=fed.server_tau)
+    central = spec.get("optimizer") == "centralized"
+    if central:
+        train = TrainConfig()
+        adam = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    else:
+        adam = torch.optim.Adam(model.parameters(), lr=fed.server_lr, betas=(0.9, 0.99), eps=fed.server_tau)
     rng = np.random.default_rng(seed)
     train_end = train_end_per_user(log, split)
     users = np.flatnonzero(train_end - log.user_ptr[:-1] >= 2)
@@ -65,16 +79,32 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
     curve, start = [], time.perf_counter()
     for step in range(1, steps + 1):
         model.train()
-        for group in adam.param_groups:
-            group["lr"] = server_lr_at(step, fed.server_lr, steps, fed.server_lr_decay)
+        if not central:
+            for group in adam.param_groups:
+                group["lr"] = server_lr_at(step, fed.server_lr, steps, fed.server_lr_decay)
         if warm := spec.get("explanation_warm_up"):
             ramp = min(1.0, (step - 1) / warm)
             model.cfg = replace(model.cfg, **{key: value * ramp for key, value in weights.items()})
         chunk = rng.choice(users, min(cohort, len(users)), replace=False)
         starts, ends = training_windows(log.user_ptr, train_end, chunk, model.cfg.max_len, rng)
         adam.zero_grad(set_to_none=True)
-        loss, _ = model.loss(training_batch(log, starts, ends, model.cfg.max_len))
-        loss.backward()
+        if spec.get("per_user_loss"):  # each user's own loss, as a device computes it, target-weighted
+            # with the population's head shares estimated from the last step's users, as the server does
+            targets = np.minimum(ends - starts - 1, model.cfg.max_len)
+            weight = targets / targets.sum()
+            shares = np.zeros(model.cfg.num_heads)
+            for i in range(len(chunk)):
+                loss, parts = model.loss(
+                    training_batch(log, starts[i : i + 1], ends[i : i + 1], model.cfg.max_len)
+                )
+                (loss * float(weight[i])).backward()
+                shares += weight[i] * np.array(
+                    [parts.get(f"head_share_{h}", 0.0) for h in range(len(shares))]
+                )
+            model.population_share = torch.as_tensor(shares, dtype=torch.float32)
+        else:
+            loss, _ = model.loss(training_batch(log, starts, ends, model.cfg.max_len))
+            loss.backward()
         adam.step()
         if step % eval_every == 0 or step == steps:
             val = evaluate(model, log, split, "val")  # the last one is the row's
