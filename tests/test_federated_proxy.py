@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from simulations.federated_proxy import run, summarise
 
 
@@ -31,10 +33,11 @@ def test_table_divides_by_the_default_on_the_same_seeds_and_by_the_centralized_m
     assert "| 3 |" in default and "| - |" in default
 
 
-def test_a_run_is_deterministic_per_seed():
-    """(The warm-up variant: it also changes the loss weights as it goes.)"""
-    first = run("movielens-latest-small", "explanation-warm-up-100", seed=3, steps=2, eval_every=1)
-    again = run("movielens-latest-small", "explanation-warm-up-100", seed=3, steps=2, eval_every=1)
+@pytest.mark.parametrize("variant", ["explanation-warm-up-100", "centralized-adamw", "per-user-loss"])
+def test_a_run_is_deterministic_per_seed(variant):
+    """(The variants that change the loop: loss weights as it goes, the optimizer, one loss per user.)"""
+    first = run("movielens-latest-small", variant, seed=3, steps=2, eval_every=1)
+    again = run("movielens-latest-small", variant, seed=3, steps=2, eval_every=1)
     assert [p["step"] for p in first["curve"]] == [1, 2]
     assert first["val"] == again["val"] and first["test"] == again["test"]
     assert first["curve"][-1]["val_ndcg@10"] == first["val"]["ndcg@10"]
