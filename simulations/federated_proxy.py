@@ -39,6 +39,7 @@ from shared_model.batching import training_batch, training_windows
 from shared_model.config import FederatedConfig, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit
+from shared_model.protocol.updates import update_weight
 from shared_model.training import evaluate, model_for_run, train_end_per_user
 from simulations.bench_federated import centralized_mean, centralized_references
 
@@ -68,9 +69,13 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
     central = spec.get("optimizer") == "centralized"
     if central:
         train = TrainConfig()
-        adam = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            model.parameters(), lr=train.lr, weight_decay=train.weight_decay
+        )
     else:
-        adam = torch.optim.Adam(model.parameters(), lr=fed.server_lr, betas=(0.9, 0.99), eps=fed.server_tau)
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=fed.server_lr, betas=(0.9, 0.99), eps=fed.server_tau
+        )
     rng = np.random.default_rng(seed)
     train_end = train_end_per_user(log, split)
     users = np.flatnonzero(train_end - log.user_ptr[:-1] >= 2)
@@ -80,17 +85,19 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
     for step in range(1, steps + 1):
         model.train()
         if not central:
-            for group in adam.param_groups:
+            for group in optimizer.param_groups:
                 group["lr"] = server_lr_at(step, fed.server_lr, steps, fed.server_lr_decay)
         if warm := spec.get("explanation_warm_up"):
             ramp = min(1.0, (step - 1) / warm)
             model.cfg = replace(model.cfg, **{key: value * ramp for key, value in weights.items()})
         chunk = rng.choice(users, min(cohort, len(users)), replace=False)
         starts, ends = training_windows(log.user_ptr, train_end, chunk, model.cfg.max_len, rng)
-        adam.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         if spec.get("per_user_loss"):  # each user's own loss, as a device computes it, target-weighted
             # with the population's head shares estimated from the last step's users, as the server does
-            targets = np.minimum(ends - starts - 1, model.cfg.max_len)
+            targets = np.array(
+                [update_weight(int(e - s), model.cfg.max_len, 1) for s, e in zip(starts, ends, strict=True)]
+            )
             weight = targets / targets.sum()
             shares = np.zeros(model.cfg.num_heads)
             for i in range(len(chunk)):
@@ -105,7 +112,7 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
         else:
             loss, _ = model.loss(training_batch(log, starts, ends, model.cfg.max_len))
             loss.backward()
-        adam.step()
+        optimizer.step()
         if step % eval_every == 0 or step == steps:
             val = evaluate(model, log, split, "val")  # the last one is the row's
             point = {"step": step, "val_ndcg@10": val["ndcg@10"]}
