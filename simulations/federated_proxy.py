@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--centralized-from",
         nargs="*",
-        default=["federated-central-100k", "federated-central-100k-seed1", "federated-central-100k-seed2"],
+        default=[
+            f"federated-central-100k{suffix}" for suffix in ("", "-seed1", "-seed2", "-seed3", "-seed4")
+        ],
         help="bench_federated results whose centralized rows are the reference (their mean)",
     )
     parser.add_argument("--name", default="federated-proxy")
