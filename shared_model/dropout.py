@@ -20,12 +20,17 @@ from torch import Tensor, nn
 LANES = 65536  # values of a 16-bit lane
 
 
+def dropped_lanes(p: float) -> int:
+    """How many of a lane's 65,536 values drop an element: ``p`` to 16 bits (at most all but one)."""
+    return min(round(p * LANES), LANES - 1)
+
+
 def drop_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
-    """A bool tensor of ``shape``, True with probability ``round(65536 p) / 65536`` each, independently."""
+    """A bool tensor of ``shape``, True with probability ``dropped_lanes(p) / 65536`` each, independently."""
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
     lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes < min(round(p * LANES), LANES - 1) - LANES // 2
+    return lanes < dropped_lanes(p) - LANES // 2
 
 
 class _Dropout(torch.autograd.Function):
@@ -33,7 +38,7 @@ class _Dropout(torch.autograd.Function):
     def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
         drop = drop_mask(x.shape, p, x.device)
         ctx.save_for_backward(drop)
-        ctx.scale = LANES / (LANES - min(round(p * LANES), LANES - 1))
+        ctx.scale = LANES / (LANES - dropped_lanes(p))
         return torch.where(drop, 0.0, x).mul_(ctx.scale)
 
     @staticmethod
