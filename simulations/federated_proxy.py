@@ -59,6 +59,31 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _optimizer(model: torch.nn.Module, fed: FederatedConfig, central: bool) -> torch.optim.Optimizer:
+    """The FedAdam stand-in (betas 0.9 / 0.99, epsilon ``server_tau``), or with ``central`` the centralized
+    trainer's AdamW (TrainConfig's lr and weight decay)."""
+    if central:
+        train = TrainConfig()
+        return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=fed.server_lr, betas=(0.9, 0.99), eps=fed.server_tau)
+
+
+def _per_user_backward(model: Any, log: Any, starts: np.ndarray, ends: np.ndarray) -> torch.Tensor:
+    """Each window's loss on its own, as a device computes it, backpropagated with its share of the targets
+    (``update_weight``); returns the windows' target-weighted head shares, the population estimate the server
+    would send for the next step."""
+    targets = np.array(
+        [update_weight(int(e - s), model.cfg.max_len, 1) for s, e in zip(starts, ends, strict=True)]
+    )
+    weight = targets / targets.sum()
+    shares = np.zeros(model.cfg.num_heads)
+    for i, w in enumerate(weight):
+        loss, parts = model.loss(training_batch(log, starts[i : i + 1], ends[i : i + 1], model.cfg.max_len))
+        (loss * float(w)).backward()
+        shares += w * np.array([parts.get(f"head_share_{h}", 0.0) for h in range(len(shares))])
+    return torch.as_tensor(shares, dtype=torch.float32)
+
+
 def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> dict[str, Any]:
     """One stand-in run; returns its row (validation curve, final validation and test metrics)."""
     spec = VARIANTS[variant]
@@ -67,15 +92,7 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
     split = LeaveOneOutSplit(log)
     model = model_for_run(fed, log, **spec.get("model", {}))
     central = spec.get("optimizer") == "centralized"
-    if central:
-        train = TrainConfig()
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            model.parameters(), lr=train.lr, weight_decay=train.weight_decay
-        )
-    else:
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=fed.server_lr, betas=(0.9, 0.99), eps=fed.server_tau
-        )
+    optimizer = _optimizer(model, fed, central)
     rng = np.random.default_rng(seed)
     train_end = train_end_per_user(log, split)
     users = np.flatnonzero(train_end - log.user_ptr[:-1] >= 2)
@@ -93,22 +110,8 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
         chunk = rng.choice(users, min(cohort, len(users)), replace=False)
         starts, ends = training_windows(log.user_ptr, train_end, chunk, model.cfg.max_len, rng)
         optimizer.zero_grad(set_to_none=True)
-        if spec.get("per_user_loss"):  # each user's own loss, as a device computes it, target-weighted
-            # with the population's head shares estimated from the last step's users, as the server does
-            targets = np.array(
-                [update_weight(int(e - s), model.cfg.max_len, 1) for s, e in zip(starts, ends, strict=True)]
-            )
-            weight = targets / targets.sum()
-            shares = np.zeros(model.cfg.num_heads)
-            for i in range(len(chunk)):
-                loss, parts = model.loss(
-                    training_batch(log, starts[i : i + 1], ends[i : i + 1], model.cfg.max_len)
-                )
-                (loss * float(weight[i])).backward()
-                shares += weight[i] * np.array(
-                    [parts.get(f"head_share_{h}", 0.0) for h in range(len(shares))]
-                )
-            model.population_share = torch.as_tensor(shares, dtype=torch.float32)
+        if spec.get("per_user_loss"):
+            model.population_share = _per_user_backward(model, log, starts, ends)
         else:
             loss, _ = model.loss(training_batch(log, starts, ends, model.cfg.max_len))
             loss.backward()
