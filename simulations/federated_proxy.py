@@ -6,18 +6,20 @@ seed, same weights). Validation NDCG@10 every ``--eval-every`` steps, test at th
 
 A federated round with one local SGD epoch is such a step (FedAdam over the example-weighted mean of the devices'
 changes), so ``--steps 400`` stands for the federated benchmark's 400 rounds at about 2 minutes on one core
-instead of about 70. Left out: Flower, the per-update clips, the row quorum, cohorts drawn by node, and the
-population's head shares (the batch's own shares steer the responsibility balance). Measured against the
+instead of about 70. Left out: Flower, the per-update clips, the row quorum and the population's head shares (the
+batch's own shares steer the responsibility balance); cohorts drawn by node are a variant. Measured against the
 federated runs: docs/RESULTS.md#federated-training.
 
 Each (variant, seed) row is appended to ``simulations/results/<name>_runs.jsonl`` when it finishes (a rerun
 skips it); the table (``<name>.md``) gives each variant's mean over seeds, its ratio to the default's (same
 seeds) and to the centralized reference (the mean of ``--centralized-from`` rows of ``bench_federated``).
 
-Two variants change the loop itself: ``centralized-adamw`` takes the centralized trainer's AdamW instead of the
-FedAdam stand-in, and ``per-user-loss`` computes each user's loss on its own (as a device does: the in-batch terms
+Three variants change the loop itself: ``centralized-adamw`` takes the centralized trainer's AdamW instead of the
+FedAdam stand-in; ``per-user-loss`` computes each user's loss on its own (as a device does: the in-batch terms
 see one user's window) and averages the gradients by targets, with the population's head shares estimated from
-the previous step (about 10x slower).
+the previous step (about 10x slower); ``node-cohorts`` draws each step's users as the simulation does, every user
+of ``fraction_train`` of the nodes, the nodes being fixed seeded groups of ``users_per_node`` users
+(``partition_users``), instead of ``fraction_train`` of the users independently.
 
     python -m simulations.federated_proxy --variants default max-len-100 --seeds 0 1 2 3
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +41,7 @@ from server.server_adam import server_lr_at
 from shared_model.batching import training_batch, training_windows
 from shared_model.config import FederatedConfig, TrainConfig
 from shared_model.data import load_dataset
-from shared_model.data.split import LeaveOneOutSplit
+from shared_model.data.split import LeaveOneOutSplit, partition_users
 from shared_model.protocol.updates import update_weight
 from shared_model.training import evaluate, model_for_run, train_end_per_user
 from simulations.bench_federated import centralized_mean, centralized_references
@@ -56,6 +59,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "explanation-warm-up-100": {"explanation_warm_up": 100},
     "centralized-adamw": {"optimizer": "centralized"},
     "per-user-loss": {"per_user_loss": True},
+    "node-cohorts": {"node_cohorts": True},
 }
 
 
@@ -84,6 +88,16 @@ def _per_user_backward(model: Any, log: Any, starts: np.ndarray, ends: np.ndarra
     return torch.as_tensor(shares, dtype=torch.float32)
 
 
+def _cohort(
+    rng: np.random.Generator, users: np.ndarray, size: int, nodes: list[np.ndarray] | None
+) -> np.ndarray:
+    """A step's users: ``size`` random users, or with ``nodes`` every user of ``size`` random nodes."""
+    if nodes is None:
+        return rng.choice(users, min(size, len(users)), replace=False)
+    picked = rng.choice(len(nodes), min(size, len(nodes)), replace=False)
+    return np.concatenate([nodes[i] for i in sorted(picked)])
+
+
 def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> dict[str, Any]:
     """One stand-in run; returns its row (validation curve, final validation and test metrics)."""
     spec = VARIANTS[variant]
@@ -97,6 +111,11 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
     train_end = train_end_per_user(log, split)
     users = np.flatnonzero(train_end - log.user_ptr[:-1] >= 2)
     cohort = max(1, round(fed.fraction_train * log.num_users))
+    nodes = None
+    if spec.get("node_cohorts"):  # the simulation's nodes: fixed seeded groups of users_per_node users
+        groups = partition_users(log.num_users, math.ceil(log.num_users / fed.users_per_node), fed.seed)
+        nodes = [np.intersect1d(group, users) for group in groups]
+        cohort = max(1, round(fed.fraction_train * len(nodes)))
     weights = {"alpha": model.cfg.alpha, "beta": model.cfg.beta}
     curve, start = [], time.perf_counter()
     for step in range(1, steps + 1):
@@ -107,7 +126,7 @@ def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> d
         if warm := spec.get("explanation_warm_up"):
             ramp = min(1.0, (step - 1) / warm)
             model.cfg = replace(model.cfg, **{key: value * ramp for key, value in weights.items()})
-        chunk = rng.choice(users, min(cohort, len(users)), replace=False)
+        chunk = _cohort(rng, users, cohort, nodes)
         starts, ends = training_windows(log.user_ptr, train_end, chunk, model.cfg.max_len, rng)
         optimizer.zero_grad(set_to_none=True)
         if spec.get("per_user_loss"):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from simulations.federated_proxy import run, summarise
+from simulations.federated_proxy import _cohort, run, summarise
 
 
 def _row(variant: str, seed: int, val: float, test: float) -> dict:
@@ -33,9 +34,25 @@ def test_table_divides_by_the_default_on_the_same_seeds_and_by_the_centralized_m
     assert "| 3 |" in default and "| - |" in default
 
 
-@pytest.mark.parametrize("variant", ["explanation-warm-up-100", "centralized-adamw", "per-user-loss"])
+def test_node_cohorts_take_whole_nodes_and_independent_cohorts_single_users():
+    users = np.arange(100)
+    nodes = [users[i : i + 10] for i in range(0, 100, 10)]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        picked = _cohort(rng, users, 3, nodes)
+        groups = {int(u) // 10 for u in picked}
+        assert len(groups) == 3 and len(picked) == 30  # every user of three nodes
+        assert sorted(picked.tolist()) == sorted(u for g in groups for u in range(10 * g, 10 * g + 10))
+    single = _cohort(rng, users, 30, None)
+    assert len(set(single.tolist())) == 30
+
+
+@pytest.mark.parametrize(
+    "variant", ["explanation-warm-up-100", "centralized-adamw", "per-user-loss", "node-cohorts"]
+)
 def test_a_run_is_deterministic_per_seed(variant):
-    """(The variants that change the loop: loss weights as it goes, the optimizer, one loss per user.)"""
+    """(The variants that change the loop: loss weights as it goes, the optimizer, one loss per user, cohorts
+    by node.)"""
     first = run("movielens-latest-small", variant, seed=3, steps=2, eval_every=1)
     again = run("movielens-latest-small", variant, seed=3, steps=2, eval_every=1)
     assert [p["step"] for p in first["curve"]] == [1, 2]
