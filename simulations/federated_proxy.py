@@ -22,6 +22,12 @@ of ``fraction_train`` of the nodes, the nodes being fixed seeded groups of ``use
 (``partition_users``), instead of ``fraction_train`` of the users independently.
 
     python -m simulations.federated_proxy --variants default max-len-100 --seeds 0 1 2 3
+
+Any other setting runs as a custom variant: ``--set JSON`` takes :class:`FederatedConfig` fields (the federated
+run's settings, e.g. ``server_lr``, ``max_len``) and :class:`ModelConfig` fields (e.g. ``dropout``), and its rows
+are named ``set {...}``, run beside the default (its paired reference) unless ``--variants`` says otherwise:
+
+    python -m simulations.federated_proxy --set '{"server_lr": 0.006}' --seeds 0 1
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +45,7 @@ import torch
 
 from server.server_adam import server_lr_at
 from shared_model.batching import training_batch, training_windows
-from shared_model.config import FederatedConfig, TrainConfig
+from shared_model.config import FederatedConfig, ModelConfig, TrainConfig
 from shared_model.data import load_dataset
 from shared_model.data.split import LeaveOneOutSplit, partition_users
 from shared_model.protocol.updates import update_weight
@@ -61,6 +67,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "per-user-loss": {"per_user_loss": True},
     "node-cohorts": {"node_cohorts": True},
 }
+
+
+def custom_variant(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A ``--set`` variant: its row name and its spec, each key sent to the FederatedConfig (first) or the
+    ModelConfig field of that name; an unknown key is an error."""
+    federated = {f.name for f in fields(FederatedConfig)}
+    model = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(settings) - federated - model)
+    if unknown:
+        raise ValueError(f"--set: {unknown} are neither FederatedConfig nor ModelConfig fields")
+    spec = {
+        "federated": {k: v for k, v in settings.items() if k in federated},
+        "model": {k: v for k, v in settings.items() if k not in federated},
+    }
+    return "set " + json.dumps(settings, sort_keys=True), spec
 
 
 def _optimizer(model: torch.nn.Module, fed: FederatedConfig, central: bool) -> torch.optim.Optimizer:
@@ -98,9 +119,12 @@ def _cohort(
     return np.concatenate([nodes[i] for i in sorted(picked)])
 
 
-def run(dataset: str, variant: str, seed: int, steps: int, eval_every: int) -> dict[str, Any]:
-    """One stand-in run; returns its row (validation curve, final validation and test metrics)."""
-    spec = VARIANTS[variant]
+def run(
+    dataset: str, variant: str, seed: int, steps: int, eval_every: int, spec: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One stand-in run of a named variant (or of ``spec``, a custom one); returns its row (validation curve,
+    final validation and test metrics)."""
+    spec = VARIANTS[variant] if spec is None else spec
     fed = FederatedConfig(dataset=dataset, seed=seed, num_rounds=steps, **spec.get("federated", {}))
     log = load_dataset(dataset)
     split = LeaveOneOutSplit(log)
@@ -197,7 +221,19 @@ def _read(path: Path) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="movielens-100k")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        choices=list(VARIANTS),
+        help="named variants (default: all; with --set: default)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="a custom variant: FederatedConfig and ModelConfig fields, e.g. '{\"server_lr\": 0.006}' (repeatable)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--steps", type=int, default=400, help="Adam steps (federated rounds)")
     parser.add_argument("--eval-every", type=int, default=100)
@@ -214,11 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     path = RESULTS / f"{args.name}_runs.jsonl"
     done = {(r["dataset"], r["variant"], r["seed"], r["steps"]) for r in _read(path)}
+    named = args.variants if args.variants is not None else ["default"] if args.set else list(VARIANTS)
+    variants = [(v, VARIANTS[v]) for v in named] + [custom_variant(json.loads(s)) for s in args.set]
     for seed in args.seeds:
-        for variant in args.variants:
+        for variant, spec in variants:
             if (args.dataset, variant, seed, args.steps) in done:
                 continue
-            row = run(args.dataset, variant, seed, args.steps, args.eval_every)
+            row = run(args.dataset, variant, seed, args.steps, args.eval_every, spec)
             with path.open("a") as fh:
                 fh.write(json.dumps(row, default=float) + "\n")
     refs = [r for r in centralized_references(args.centralized_from) if r["dataset"] == args.dataset]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulations.federated_proxy import _cohort, run, summarise
+import simulations.federated_proxy as proxy
+from simulations.federated_proxy import _cohort, custom_variant, run, summarise
 
 
 def _row(variant: str, seed: int, val: float, test: float) -> dict:
@@ -58,3 +59,26 @@ def test_a_run_is_deterministic_per_seed(variant):
     assert [p["step"] for p in first["curve"]] == [1, 2]
     assert first["val"] == again["val"] and first["test"] == again["test"]
     assert first["curve"][-1]["val_ndcg@10"] == first["val"]["ndcg@10"]
+
+
+def test_a_custom_variant_sends_each_setting_to_its_config_and_refuses_unknown_ones():
+    name, spec = custom_variant({"server_lr": 0.006, "dropout": 0.1, "max_len": 100})
+    assert name == 'set {"dropout": 0.1, "max_len": 100, "server_lr": 0.006}'
+    assert spec == {"federated": {"server_lr": 0.006, "max_len": 100}, "model": {"dropout": 0.1}}
+    with pytest.raises(ValueError, match="servr_lr"):
+        custom_variant({"servr_lr": 0.006})
+
+
+def test_a_custom_variant_runs_its_settings(monkeypatch):
+    built, original = [], proxy.model_for_run
+
+    def spy(fed, log, **overrides):
+        model = original(fed, log, **overrides)
+        built.append(model.cfg)
+        return model
+
+    monkeypatch.setattr(proxy, "model_for_run", spy)
+    _, spec = custom_variant({"dropout": 0.0, "max_len": 20})
+    row = proxy.run("movielens-latest-small", "custom", seed=3, steps=1, eval_every=1, spec=spec)
+    assert row["spec"] == spec and row["steps"] == 1 and row["val"]["ndcg@10"] > 0
+    assert built[0].dropout == 0.0 and built[0].max_len == 20
