@@ -23,9 +23,10 @@ of ``fraction_train`` of the nodes, the nodes being fixed seeded groups of ``use
 
     python -m simulations.federated_proxy --variants default max-len-100 --seeds 0 1 2 3
 
-Any other setting runs as a custom variant: ``--set JSON`` takes :class:`FederatedConfig` fields (the federated
-run's settings, e.g. ``server_lr``, ``max_len``) and :class:`ModelConfig` fields (e.g. ``dropout``), and its rows
-are named ``set {...}``, run beside the default (its paired reference) unless ``--variants`` says otherwise:
+Any other setting runs as a custom variant: ``--set JSON`` takes the :class:`FederatedConfig` settings the stand-in
+acts on (``STAND_IN_SETTINGS``, e.g. ``server_lr``, ``max_len``) and :class:`ModelConfig` fields (e.g.
+``dropout``); its rows are named ``set {...}`` and run beside the default (their paired reference) unless
+``--variants`` says otherwise:
 
     python -m simulations.federated_proxy --set '{"server_lr": 0.006}' --seeds 0 1
 """
@@ -69,14 +70,31 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# the FederatedConfig settings the stand-in acts on (the others concern devices, uploads or the server's defences,
+# which it leaves out; dataset, seed and rounds come from its own flags)
+STAND_IN_SETTINGS = (
+    "preset",
+    "max_len",
+    "d_model",
+    "explanation_history_prior",
+    "fraction_train",
+    "server_lr",
+    "server_lr_decay",
+    "server_tau",
+)
+
+
 def custom_variant(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A ``--set`` variant: its row name and its spec, each key sent to the FederatedConfig (first) or the
-    ModelConfig field of that name; an unknown key is an error."""
-    federated = {f.name for f in fields(FederatedConfig)}
-    model = {f.name for f in fields(ModelConfig)}
+    """A ``--set`` variant: its row name and its spec, each key sent to the FederatedConfig (one of
+    ``STAND_IN_SETTINGS``) or the ModelConfig field of that name; any other key is an error."""
+    federated = set(STAND_IN_SETTINGS)
+    model = {f.name for f in fields(ModelConfig)} - {f.name for f in fields(FederatedConfig)}
     unknown = sorted(set(settings) - federated - model)
     if unknown:
-        raise ValueError(f"--set: {unknown} are neither FederatedConfig nor ModelConfig fields")
+        raise ValueError(
+            f"--set: the stand-in does not act on {unknown}; it takes the FederatedConfig settings "
+            f"{', '.join(STAND_IN_SETTINGS)} and any ModelConfig field"
+        )
     spec = {
         "federated": {k: v for k, v in settings.items() if k in federated},
         "model": {k: v for k, v in settings.items() if k not in federated},
@@ -232,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         metavar="JSON",
-        help="a custom variant: FederatedConfig and ModelConfig fields, e.g. '{\"server_lr\": 0.006}' (repeatable)",
+        help="a custom variant: STAND_IN_SETTINGS and ModelConfig fields, e.g. '{\"server_lr\": 0.006}' (repeatable)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--steps", type=int, default=400, help="Adam steps (federated rounds)")

@@ -67,6 +67,9 @@ def test_a_custom_variant_sends_each_setting_to_its_config_and_refuses_unknown_o
     assert spec == {"federated": {"server_lr": 0.006, "max_len": 100}, "model": {"dropout": 0.1}}
     with pytest.raises(ValueError, match="servr_lr"):
         custom_variant({"servr_lr": 0.006})
+    for ignored in ("local_lr", "upload", "seed", "num_rounds"):  # not acted on, or set by the flags
+        with pytest.raises(ValueError, match=ignored):
+            custom_variant({ignored: 1})
 
 
 def test_a_custom_variant_runs_its_settings(monkeypatch):
