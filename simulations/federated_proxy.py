@@ -152,12 +152,11 @@ def run(
     rng = np.random.default_rng(seed)
     train_end = train_end_per_user(log, split)
     users = np.flatnonzero(train_end - log.user_ptr[:-1] >= 2)
-    cohort = max(1, round(fed.fraction_train * log.num_users))
     nodes = None
     if spec.get("node_cohorts"):  # the simulation's nodes: fixed seeded groups of users_per_node users
         groups = partition_users(log.num_users, math.ceil(log.num_users / fed.users_per_node), fed.seed)
         nodes = [np.intersect1d(group, users) for group in groups]
-        cohort = max(1, round(fed.fraction_train * len(nodes)))
+    cohort = max(1, round(fed.fraction_train * (log.num_users if nodes is None else len(nodes))))
     weights = {"alpha": model.cfg.alpha, "beta": model.cfg.beta}
     curve, start = [], time.perf_counter()
     for step in range(1, steps + 1):
