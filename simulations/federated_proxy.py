@@ -14,12 +14,14 @@ Each (variant, seed) row is appended to ``simulations/results/<name>_runs.jsonl`
 skips it); the table (``<name>.md``) gives each variant's mean over seeds, its ratio to the default's (same
 seeds) and to the centralized reference (the mean of ``--centralized-from`` rows of ``bench_federated``).
 
-Three variants change the loop itself: ``centralized-adamw`` takes the centralized trainer's AdamW instead of the
+Five variants change the loop itself: ``centralized-adamw`` takes the centralized trainer's AdamW instead of the
 FedAdam stand-in; ``per-user-loss`` computes each user's loss on its own (as a device does: the in-batch terms
 see one user's window) and averages the gradients by targets, with the population's head shares estimated from
 the previous step (about 10x slower); ``node-cohorts`` draws each step's users as the simulation does, every user
 of ``fraction_train`` of the nodes, the nodes being fixed seeded groups of ``users_per_node`` users
-(``partition_users``), instead of ``fraction_train`` of the users independently.
+(``partition_users``), instead of ``fraction_train`` of the users independently; ``windows-2`` and ``windows-4``
+give each cohort user that many windows per step (each with its own random end, so users with more than
+``max_len + 1`` training events contribute more of their history to one gradient; shorter users repeat theirs).
 
     python -m simulations.federated_proxy --variants default max-len-100 --seeds 0 1 2 3
 
@@ -67,6 +69,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "centralized-adamw": {"optimizer": "centralized"},
     "per-user-loss": {"per_user_loss": True},
     "node-cohorts": {"node_cohorts": True},
+    "windows-2": {"windows_per_user": 2},
+    "windows-4": {"windows_per_user": 4},
 }
 
 
@@ -167,7 +171,7 @@ def run(
         if warm := spec.get("explanation_warm_up"):
             ramp = min(1.0, (step - 1) / warm)
             model.cfg = replace(model.cfg, **{key: value * ramp for key, value in weights.items()})
-        chunk = _cohort(rng, users, cohort, nodes)
+        chunk = np.repeat(_cohort(rng, users, cohort, nodes), spec.get("windows_per_user", 1))
         starts, ends = training_windows(log.user_ptr, train_end, chunk, model.cfg.max_len, rng)
         optimizer.zero_grad(set_to_none=True)
         if spec.get("per_user_loss"):
