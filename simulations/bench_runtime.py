@@ -10,7 +10,8 @@ benchmark's run folder) and ``amazon-beauty-sasrec-lrurec`` (57,289 items; laten
 The runtime is measured in a subprocess that imports neither torch nor flwr.
 Run: ``python -m simulations.bench_runtime [--checkpoint runs/bench_scale]``; writes
 ``simulations/results/bench_runtime.{json,md}``. ``--compare A B KEY`` instead times two bundles of one catalogue
-against each other (a graph change), interleaved event by event in one process, and prints JSON.
+against each other (a graph change), interleaved event by event in one process, and prints JSON;
+``--breakdown BUNDLE KEY`` prints where one bundle's step graph spends its time, phase by phase.
 """
 
 from __future__ import annotations
@@ -122,6 +123,90 @@ def compare(bundles: list[str], public_key: str, items: np.ndarray, times: np.nd
     }
     first, second = (out[b]["record_recommend"]["median_us"] for b in bundles)
     return {"events": len(items), "bundles": out, "b_over_a": second / first}
+
+
+# the step graph's phases, in order: each cut keeps the outputs of its phase and of every phase before it
+PHASES = {
+    "recurrent step": ("state",),
+    "ranking (top items and scores)": ("top_items", "top_scores"),
+    "driving heads": ("top_heads",),
+    "explanations": ("top_explanations",),
+}
+
+
+def breakdown(bundle: str, public_key: str, items: np.ndarray, times: np.ndarray) -> dict[str, Any]:
+    """(In this process) where a step's time goes: the bundle's step graph cut after each of :data:`PHASES`
+    (``onnx.utils.Extractor``: the subgraph that computes those outputs and the recurrent states) and run after
+    every event on the runtime's own inputs of that event, bound once like the runtime binds its step, the cuts
+    taking turns event by event. Median microseconds of record + recommend(10), of the runtime's step graph run
+    again alone, of each cut, and what each phase adds to the one before; the rest of the total (the Python API, and the caches
+    the event's first run finds cold) is the total minus the step graph run again."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.utils import Extractor
+
+    from client_sdk.runtime import Recommender
+    from client_sdk.store import EncryptedStore
+    from shared_model.graph_io import session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = Recommender.open(bundle, public_key, EncryptedStore(Path(tmp) / "s.store", key=bytes(32)))
+        step = rec._loaded.step
+        graph = onnx.load(str(Path(bundle) / rec._loaded.spec["graphs"]["step"]["file"]))
+        extractor = Extractor(graph)
+        inputs = [i.name for i in graph.graph.input]
+        states = [o.name for o in graph.graph.output if o.name.startswith("next_")]
+        here = {name: np.zeros_like(a) for name, a in step.inputs.items()}  # this event's inputs, copied
+        values = here | rec._loaded.personal["step"]
+        cuts, outputs = {}, list(states)
+        for phase, names in PHASES.items():
+            outputs += [n for n in names if n in {o.name for o in graph.graph.output}]
+            sess = session(extractor.extract_model(inputs, outputs).SerializeToString(), batch=1)
+            binding, kept = sess.io_binding(), []
+            for value in sess.get_inputs():
+                kept.append(ort.OrtValue.ortvalue_from_numpy(values[value.name]))
+                binding.bind_ortvalue_input(value.name, kept[-1])
+            for value in sess.get_outputs():
+                binding.bind_output(value.name)
+            sess.run_with_iobinding(binding)  # allocates the outputs once
+            cuts[phase] = (sess, binding, kept)
+        ids = rec.catalogue_ids
+        total: list[float] = []
+        whole: list[float] = []
+        seconds: dict[str, list[float]] = {phase: [] for phase in cuts}
+        for item, t in zip(items, times, strict=True):
+            for name, array in here.items():  # the inputs the runtime's step will read for this event
+                array[...] = step.inputs[name]
+            here["item"][0], here["timestamp"][0] = item, int(t)
+            here["exclude"][0, item] = True
+            t0 = time.perf_counter()
+            rec.record(ids[item], int(t), save=False)
+            rec.recommend(10)
+            ranked = step.outputs["top_items"].copy()  # this event's ranking, before the run below
+            t1 = time.perf_counter()
+            step.run()  # the runtime's own step graph again, alone (as in compare)
+            total.append(t1 - t0)
+            whole.append(time.perf_counter() - t1)
+            for phase, (sess, binding, _) in cuts.items():
+                t0 = time.perf_counter()
+                sess.run_with_iobinding(binding)
+                seconds[phase].append(time.perf_counter() - t0)
+            cut_ranked = dict(zip(outputs, binding.copy_outputs_to_cpu(), strict=True))["top_items"]
+            if not np.array_equal(cut_ranked, ranked):  # the cuts must run on the event the runtime ran
+                raise RuntimeError("the whole-graph cut ranked differently from the runtime's step graph")
+        rec.close()
+    medians = {phase: _percentiles(s)["median_us"] for phase, s in seconds.items()}
+    added, before = {}, 0.0
+    for phase, us in medians.items():
+        added[phase], before = us - before, us
+    total_us, step_us = _percentiles(total)["median_us"], _percentiles(whole)["median_us"]
+    return {
+        "events": len(items),
+        "record_recommend_median_us": total_us,
+        "step_graph_median_us": step_us,
+        "cut_median_us": medians,
+        "phase_adds_us": added | {"Python API and cold caches (total - step graph)": total_us - step_us},
+    }
 
 
 def _js_probe(
@@ -266,6 +351,13 @@ def main(argv: list[str] | None = None) -> None:
         help="A/B latency of two bundles of one catalogue (e.g. a graph change), interleaved event by event on"
         " the first --catalogues' events; prints JSON",
     )
+    parser.add_argument(
+        "--breakdown",
+        nargs=2,
+        metavar=("BUNDLE", "PUBLIC_KEY"),
+        help="where the step graph's time goes in one bundle (per phase, interleaved) on the first --catalogues'"
+        " events; prints JSON",
+    )
     parser.add_argument("--checkpoint", help="trained ML-1M checkpoint (model.pt or a federated run folder)")
     parser.add_argument("--catalogues", nargs="+", default=list(CATALOGUES))
     parser.add_argument("--events", type=int, default=1000)
@@ -278,10 +370,13 @@ def main(argv: list[str] | None = None) -> None:
     from server.release import generate_keys, load_private_key
     from shared_model.data import DATASETS, load_dataset
 
-    if args.compare:
-        *bundles, public = args.compare
+    if args.compare or args.breakdown:
         items, times = _events(load_dataset(args.catalogues[0]), args.events)
-        print(json.dumps(compare(bundles, public, items, times), indent=2))
+        if args.compare:
+            *bundles, public = args.compare
+            print(json.dumps(compare(bundles, public, items, times), indent=2))
+        else:
+            print(json.dumps(breakdown(*args.breakdown, items, times), indent=2))
         return
 
     rows = []

@@ -278,3 +278,17 @@ def test_device_modules_import_neither_torch_nor_flwr(module):
         [sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_benchmarks_breakdown_times_every_phase_of_the_step_graph_on_the_runtimes_events(env):
+    from simulations.bench_runtime import PHASES, _events, breakdown
+
+    items, times = _events(env["log"], 30)
+    # breakdown raises if the whole-graph cut ranks any event differently from the runtime's own step graph
+    out = breakdown(str(env["root"] / "v1"), str(env["public"]), items, times)
+    assert out["events"] == 30
+    assert list(out["cut_median_us"]) == list(PHASES)
+    assert all(us > 0 for us in out["cut_median_us"].values())
+    adds = list(out["phase_adds_us"].values())[: len(PHASES)]
+    assert abs(sum(adds) - out["cut_median_us"]["explanations"]) < 1e-6
+    assert out["record_recommend_median_us"] > 0 and out["step_graph_median_us"] > 0
