@@ -136,11 +136,12 @@ PHASES = {
 
 def breakdown(bundle: str, public_key: str, items: np.ndarray, times: np.ndarray) -> dict[str, Any]:
     """(In this process) where a step's time goes: the bundle's step graph cut after each of :data:`PHASES`
-    (``onnx.utils.Extractor``: the subgraph that computes those outputs and the recurrent states) and run after
-    every event on the runtime's own inputs of that event, bound once like the runtime binds its step, the cuts
-    taking turns event by event. Median microseconds of record + recommend(10), of the runtime's step graph run
-    again alone, of each cut, and what each phase adds to the one before; the rest of the total (the Python API, and the caches
-    the event's first run finds cold) is the total minus the step graph run again."""
+    (``onnx.utils.Extractor``: the subgraph computing the recurrent states and the outputs so far; a phase the
+    graph has no output of, e.g. explanations without a branch, is left out), each cut run after every event on
+    the runtime's own inputs of that event, bound once as the runtime binds its step, the cuts taking turns event
+    by event. Median microseconds of record + recommend(10), of the runtime's step graph run again alone, of each
+    cut, and what each phase adds to the one before; the rest of the total (the Python API, and the caches the
+    event's first run finds cold) is the total minus the step graph run again."""
     import onnx
     import onnxruntime as ort
     from onnx.utils import Extractor
@@ -158,9 +159,12 @@ def breakdown(bundle: str, public_key: str, items: np.ndarray, times: np.ndarray
         states = [o.name for o in graph.graph.output if o.name.startswith("next_")]
         here = {name: np.zeros_like(a) for name, a in step.inputs.items()}  # this event's inputs, copied
         values = here | rec._loaded.personal["step"]
+        present = {o.name for o in graph.graph.output}
         cuts, outputs = {}, list(states)
         for phase, names in PHASES.items():
-            outputs += [n for n in names if n in {o.name for o in graph.graph.output}]
+            if not present.intersection(names):
+                continue
+            outputs += [n for n in names if n in present]
             sess = session(extractor.extract_model(inputs, outputs).SerializeToString(), batch=1)
             binding, kept = sess.io_binding(), []
             for value in sess.get_inputs():
