@@ -91,6 +91,21 @@ def probe(bundle: str, public_key: str, events: str) -> None:
     )
 
 
+def _timed_event(rec: Any, item: str, t: int) -> tuple[float, float, np.ndarray]:
+    """Seconds of one ``record`` + ``recommend(10)``, seconds of the runtime's step graph run again at once,
+    alone (the graph's share of the total), and the event's top items (copied before that second run, which
+    overwrites the outputs)."""
+    t0 = time.perf_counter()
+    rec.record(item, t, save=False)
+    rec.recommend(10)
+    t1 = time.perf_counter()
+    step = rec._loaded.step
+    ranked = step.outputs["top_items"].copy()
+    t2 = time.perf_counter()
+    step.run()
+    return t1 - t0, time.perf_counter() - t2, ranked
+
+
 def compare(bundles: list[str], public_key: str, items: np.ndarray, times: np.ndarray) -> dict[str, Any]:
     """(In this process) record + recommend(10) per event through one runtime per bundle, the bundles taking
     turns event by event (so that a busy or throttled machine slows them alike): median microseconds of each and
@@ -110,13 +125,9 @@ def compare(bundles: list[str], public_key: str, items: np.ndarray, times: np.nd
         steps: list[list[float]] = [[] for _ in recs]
         for item, t in zip(items, times, strict=True):
             for rec, total, step in zip(recs, seconds, steps, strict=True):
-                t0 = time.perf_counter()
-                rec.record(ids[item], int(t), save=False)
-                rec.recommend(10)
-                t1 = time.perf_counter()
-                rec._loaded.step.run()  # the same graph run again, alone: the graph's share of the total
-                total.append(t1 - t0)
-                step.append(time.perf_counter() - t1)
+                event_s, step_s, _ = _timed_event(rec, ids[item], int(t))
+                total.append(event_s)
+                step.append(step_s)
     out = {
         b: {"record_recommend": _percentiles(s), "step_run": _percentiles(g)}
         for b, s, g in zip(bundles, seconds, steps, strict=True)
@@ -174,6 +185,8 @@ def breakdown(bundle: str, public_key: str, items: np.ndarray, times: np.ndarray
                 binding.bind_output(value.name)
             sess.run_with_iobinding(binding)  # allocates the outputs once
             cuts[phase] = (sess, binding, kept)
+        whole_graph, whole_binding, _ = cuts[list(cuts)[-1]]  # checked against the runtime's ranking
+        whole_names = [value.name for value in whole_graph.get_outputs()]
         ids = rec.catalogue_ids
         total: list[float] = []
         whole: list[float] = []
@@ -183,19 +196,14 @@ def breakdown(bundle: str, public_key: str, items: np.ndarray, times: np.ndarray
                 array[...] = step.inputs[name]
             here["item"][0], here["timestamp"][0] = item, int(t)
             here["exclude"][0, item] = True
-            t0 = time.perf_counter()
-            rec.record(ids[item], int(t), save=False)
-            rec.recommend(10)
-            ranked = step.outputs["top_items"].copy()  # this event's ranking, before the run below
-            t1 = time.perf_counter()
-            step.run()  # the runtime's own step graph again, alone (as in compare)
-            total.append(t1 - t0)
-            whole.append(time.perf_counter() - t1)
+            event_s, step_s, ranked = _timed_event(rec, ids[item], int(t))
+            total.append(event_s)
+            whole.append(step_s)
             for phase, (sess, binding, _) in cuts.items():
                 t0 = time.perf_counter()
                 sess.run_with_iobinding(binding)
                 seconds[phase].append(time.perf_counter() - t0)
-            cut_ranked = dict(zip(outputs, binding.copy_outputs_to_cpu(), strict=True))["top_items"]
+            cut_ranked = dict(zip(whole_names, whole_binding.copy_outputs_to_cpu(), strict=True))["top_items"]
             if not np.array_equal(cut_ranked, ranked):  # the cuts must run on the event the runtime ran
                 raise RuntimeError("the whole-graph cut ranked differently from the runtime's step graph")
         rec.close()
