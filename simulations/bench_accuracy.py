@@ -11,7 +11,7 @@
 Early stopping on validation NDCG@10 with ``--patience`` evaluations (default 10). ``--max-minutes`` is only a
 safety net: a run it cuts, or one that reaches ``--max-epochs``, is marked and does not count in the means.
 Every run saves its whole training state after each epoch (under ``--state-dir``) and a rerun resumes it;
-every finished run is appended to ``<name>_runs.jsonl`` at once (a rerun skips it) and the summary
+every finished run is appended to ``<name>_runs.jsonl.gz`` at once (a rerun skips it) and the summary
 (``<name>.json``, ``<name>.md``, ``<name>.png``) is rewritten after each run. Several workers may share a
 suite: each run is claimed with a lock file first.
 Run: ``python -m simulations.bench_accuracy --suite backbone``.
@@ -20,6 +20,7 @@ Run: ``python -m simulations.bench_accuracy --suite backbone``.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 from collections import Counter
@@ -150,7 +151,18 @@ def parse_model(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 
 def _load_runs(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """Every finished run of a suite's ``<name>_runs.jsonl.gz`` (gzip members, one JSON line each)."""
+    if not path.exists():
+        return []
+    with gzip.open(path, "rt") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _append_run(path: Path, run: dict[str, Any]) -> None:
+    """Append one finished run as a gzip member of its own, in one write (workers may share the file): a run's
+    per-epoch history is most of its bytes and compresses about 5x."""
+    with path.open("ab") as fh:
+        fh.write(gzip.compress((json.dumps(run, default=float) + "\n").encode()))
 
 
 def _claim(lock: Path) -> bool:
@@ -312,7 +324,7 @@ def _header(suite: str, runs: list[dict[str, Any]]) -> str:
 
 
 def _write_summary(name: str, suite: str) -> None:
-    runs = _load_runs(RESULTS / f"{name}_runs.jsonl")  # every worker's finished runs
+    runs = _load_runs(RESULTS / f"{name}_runs.jsonl.gz")  # every worker's finished runs
     rows = summarise(runs)
     header = _header(suite, runs)
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
@@ -354,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     suite = SUITES[args.suite]
     name = args.name or args.suite
     RESULTS.mkdir(exist_ok=True)
-    runs_path = RESULTS / f"{name}_runs.jsonl"
+    runs_path = RESULTS / f"{name}_runs.jsonl.gz"
     if args.report:
         _write_summary(name, args.suite)
         return
@@ -381,8 +393,7 @@ def main(argv: list[str] | None = None) -> None:
                     **(stopping | settings["train"] | train_over),
                 )
                 result |= {"model": model, "seed": seed}
-                with runs_path.open("a") as fh:
-                    fh.write(json.dumps(result, default=float) + "\n")
+                _append_run(runs_path, result)
                 folder.with_suffix(".lock").unlink(missing_ok=True)
                 _write_summary(name, args.suite)
                 print(

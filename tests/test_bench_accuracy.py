@@ -7,7 +7,7 @@ import os
 import pytest
 
 from simulations import bench_accuracy
-from simulations.bench_accuracy import _claim, _header, parse_model, summarise
+from simulations.bench_accuracy import _append_run, _claim, _header, _load_runs, parse_model, summarise
 
 
 def test_parse_model_splits_model_and_training_overrides():
@@ -92,3 +92,12 @@ def test_header_states_what_the_runs_recorded_not_the_reporting_command():
     assert "patience in evaluations: a 30, b 10;" in header
     assert "device: cpu (3 runs)" in header
     assert "torch threads per run: 1 (1 run), 2 (1 run), not recorded (1 run)." in header
+
+
+def test_runs_file_appends_gzip_members_that_read_back_in_order(tmp_path):
+    path = tmp_path / "suite_runs.jsonl.gz"
+    assert _load_runs(path) == []
+    runs = [{"dataset": "a", "seed": 0, "history": [{"epoch": 1}]}, {"dataset": "a", "seed": 1, "x": 0.5}]
+    for run in runs:
+        _append_run(path, run)
+    assert _load_runs(path) == runs
