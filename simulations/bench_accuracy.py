@@ -150,6 +150,11 @@ def parse_model(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     return preset, model, train
 
 
+def _runs_path(name: str) -> Path:
+    """Where suite ``name`` keeps its finished runs."""
+    return RESULTS / f"{name}_runs.jsonl.gz"
+
+
 def _load_runs(path: Path) -> list[dict[str, Any]]:
     """Every finished run of a suite's ``<name>_runs.jsonl.gz`` (gzip members, one JSON line each)."""
     if not path.exists():
@@ -324,7 +329,7 @@ def _header(suite: str, runs: list[dict[str, Any]]) -> str:
 
 
 def _write_summary(name: str, suite: str) -> None:
-    runs = _load_runs(RESULTS / f"{name}_runs.jsonl.gz")  # every worker's finished runs
+    runs = _load_runs(_runs_path(name))  # every worker's finished runs
     rows = summarise(runs)
     header = _header(suite, runs)
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
@@ -366,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     suite = SUITES[args.suite]
     name = args.name or args.suite
     RESULTS.mkdir(exist_ok=True)
-    runs_path = RESULTS / f"{name}_runs.jsonl.gz"
+    runs_path = _runs_path(name)
     if args.report:
         _write_summary(name, args.suite)
         return
