@@ -188,7 +188,12 @@ def history_counts(ids: Tensor, num: int, events: Tensor | None = None) -> Tenso
     of the user's events each id applies to."""
     if events is not None:
         ids = ids.masked_fill(~events[..., None], -1)
+    return add_history_counts(torch.zeros(len(ids), num, dtype=torch.float32, device=ids.device), ids)
+
+
+def add_history_counts(history: Tensor, ids: Tensor) -> Tensor:
+    """``history`` (N, V) float32 counts plus those of ``ids`` (N, ...; -1 = none), as :func:`history_counts`
+    counts them: a new event's attested ids added to a user's counts (one ScatterElements in an exported
+    graph)."""
     ids = ids.reshape(len(ids), -1)
-    slots = torch.where(ids >= 0, ids, num)  # -1 counts into a dropped column
-    counts = torch.zeros(len(ids), num + 1, dtype=torch.float32, device=ids.device)
-    return counts.scatter_add(1, slots, torch.ones_like(slots, dtype=torch.float32))[:, :num]
+    return history.scatter_add(1, ids.clamp(min=0), (ids >= 0).to(history.dtype))

@@ -28,6 +28,7 @@ MAX_LOG_GAP = math.log1p(366 * 24 * 60)  # a year in minutes; longer gaps fall i
 INIT_STD = 0.02  # initial weight scale of the output layers: time vectors start as small as item embeddings
 STATE_SIZE = 4  # [day of the previous event, its second of the day, events seen, mean of their log-gaps]
 ORDER_TICK = (0.0, 0.0, 1.0, 0.0)  # the state change per event in order mode
+SIN_COS_OFFSETS = (0.0, math.pi / 2)  # a periodic feature's phase offsets: its sine, then its cosine
 
 
 def log_gap(delta: Tensor, has_prev: Tensor) -> Tensor:
@@ -35,6 +36,13 @@ def log_gap(delta: Tensor, has_prev: Tensor) -> Tensor:
     out-of-order times count as 0."""
     gap = torch.where(has_prev, delta, 0).clamp(min=0)
     return torch.log1p(gap.double() / 60).float()
+
+
+def day_and_second(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Unix seconds (int64) as float32 (day, second of the day), both exact: float32 cannot hold unix seconds
+    to the second, but it holds each of these (integer arithmetic throughout: no float32 rounding of ``t``)."""
+    second = torch.remainder(t, SECONDS_PER_DAY)
+    return ((t - second).double() / SECONDS_PER_DAY).float(), second.float()
 
 
 def gap_features(times: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -71,11 +79,16 @@ class DualViewGatedTimeEncoder(nn.Module):
             return
         hour_of_day = ((SECONDS_PER_DAY, 0),) if time_unit == "seconds" else ()
         # (period, shift) in seconds of each periodic feature
-        self.cycles = (*hour_of_day, (SECONDS_PER_WEEK, MONDAY_SHIFT), (SECONDS_PER_YEAR, 0))
+        cycles = (*hour_of_day, (SECONDS_PER_WEEK, MONDAY_SHIFT), (SECONDS_PER_YEAR, 0))
+        # each cycle twice (its sine, then its cosine), as int64 seconds
+        periods, shifts = ([c[k] for c in cycles for _ in SIN_COS_OFFSETS] for k in (0, 1))
+        self.register_buffer("cycle_periods", torch.tensor(periods), persistent=False)
+        self.register_buffer("cycle_shifts", torch.tensor(shifts), persistent=False)
+        self.phase_offsets = SIN_COS_OFFSETS * len(cycles)
         self.register_buffer("gap_centers", torch.linspace(0, MAX_LOG_GAP, num_gap_buckets), persistent=False)
         self.gap_width = MAX_LOG_GAP / (num_gap_buckets - 1)
         self.short = nn.Linear(num_gap_buckets + 1, d_model)
-        self.long = nn.Linear(2 * len(self.cycles) + 1, d_model)
+        self.long = nn.Linear(len(periods) + 1, d_model)
         self.gate_proj = nn.Linear(2 * d_model, 1)
         for layer in (self.short, self.long):  # start at the item embeddings' scale, not above it
             nn.init.normal_(layer.weight, std=INIT_STD)
@@ -87,19 +100,22 @@ class DualViewGatedTimeEncoder(nn.Module):
     def _views(
         self, times: Tensor, lg: Tensor, first: Tensor, rhythm: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Short view, long view and gate for events of any shape (...)."""
-        buckets = torch.exp(
-            -(((lg.clamp(max=MAX_LOG_GAP)[..., None] - self.gap_centers) / self.gap_width) ** 2)
-        )
-        short = self.short(torch.cat((buckets, first[..., None].float()), dim=-1))
-        phases = [
-            torch.remainder(times + shift, period).double() * (2 * math.pi / period)
-            for period, shift in self.cycles
-        ]
-        periodic = [f(p).float() for p in phases for f in (torch.sin, torch.cos)]
-        long = self.long(torch.stack((*periodic, rhythm), dim=-1))
+        """Short view, long view and gate of events whose features come with a trailing axis of 1: times, log-gap,
+        first-event flag and rhythm (..., 1) -> (..., d_model) views and the gate (..., 1). (Kept at (..., 1),
+        the one-event step exports without a squeeze or unsqueeze per feature.)"""
+        buckets = torch.exp(-(((lg.clamp(max=MAX_LOG_GAP) - self.gap_centers) / self.gap_width) ** 2))
+        short = self.short(torch.cat((buckets, first.float()), dim=-1))
+        # every cycle's sine and cosine at once (..., 2C) from its phase as a fraction of the period, the cosine
+        # as the sine a quarter turn on (one Mod and one Sin in an exported graph)
+        turns = torch.remainder(times + self.cycle_shifts, self.cycle_periods).double() / self.cycle_periods
+        periodic = torch.sin(turns * (2 * math.pi) + turns.new_tensor(self.phase_offsets)).float()
+        long = self.long(torch.cat((periodic, rhythm), dim=-1))
         gate = torch.sigmoid(self.gate_proj(torch.cat((short, long), dim=-1)))
         return short, long, gate
+
+    def _sequence_views(self, times: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_views` of every event of left-padded sequences (B, L)."""
+        return self._views(*(x[..., None] for x in (times, *gap_features(times, mask))))
 
     def forward(self, times: Tensor, mask: Tensor) -> Tensor:
         """times (B, L) int64, mask (B, L) bool (True at real events, left padding False) -> (B, L, d_model)
@@ -107,14 +123,13 @@ class DualViewGatedTimeEncoder(nn.Module):
         keep = mask[..., None].float()
         if self.time_unit == "order":
             return self._position(torch.cumsum(mask.long(), dim=1) - 1) * keep
-        short, long, gate = self._views(times, *gap_features(times, mask))
-        return (gate * short + (1 - gate) * long) * keep
+        return _mix(*self._sequence_views(times, mask)) * keep
 
     def gate(self, times: Tensor, mask: Tensor) -> Tensor:
         """The gate g (B, L, 1) on the short view (1 in order mode; not masked at padded positions)."""
         if self.time_unit == "order":
             return torch.ones_like(times, dtype=torch.float32)[..., None]
-        return self._views(times, *gap_features(times, mask))[2]
+        return self._sequence_views(times, mask)[2]
 
     def initial_state(self, batch: int) -> Tensor:
         """The state before any event: float32 zeros (batch, STATE_SIZE)."""
@@ -130,9 +145,8 @@ class DualViewGatedTimeEncoder(nn.Module):
         lg = gap_features(times, mask)[0]  # 0 at the first event and at padding
         gaps = (count - 1).clamp(min=0)
         mean = torch.where(gaps > 0, lg.double().sum(1) / gaps.clamp(min=1), 0).float()
-        last = torch.where(count > 0, times[:, -1], 0)
-        day = torch.div(last, SECONDS_PER_DAY, rounding_mode="floor")
-        return torch.stack((day.float(), (last - day * SECONDS_PER_DAY).float(), count.float(), mean), dim=-1)
+        day, second = day_and_second(torch.where(count > 0, times[:, -1], 0))
+        return torch.stack((day, second, count.float(), mean), dim=-1)
 
     def step(self, t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """The next event of each sequence: t (B,) int64, state (B, STATE_SIZE) -> (B, d_model), new state.
@@ -140,12 +154,16 @@ class DualViewGatedTimeEncoder(nn.Module):
         Equals ``forward`` on the whole sequence at that event."""
         if self.time_unit == "order":  # only the count moves (one Add in an exported graph)
             return self._position(state.select(-1, 2).long()), state + state.new_tensor(ORDER_TICK)
-        prev_day, prev_second, seen, mean = state.unbind(-1)
+        t = t.unsqueeze(-1)  # (B, 1): every feature below keeps that shape (see _views)
+        prev_day, prev_second, seen, mean = (state.narrow(-1, k, 1) for k in range(STATE_SIZE))
         prev = prev_day.long() * SECONDS_PER_DAY + prev_second.long()
         lg = log_gap(t - prev, seen > 0)
         rhythm = torch.where(seen >= 2, lg - mean, 0)
-        short, long, gate = self._views(t, lg, seen == 0, rhythm)
+        vector = _mix(*self._views(t, lg, seen == 0, rhythm))
         mean = torch.where(seen > 0, mean + (lg - mean) / seen.clamp(min=1), mean)  # mean over `seen` gaps
-        day = torch.div(t, SECONDS_PER_DAY, rounding_mode="floor")  # day and second are exact in float32
-        new_state = torch.stack((day.float(), (t - day * SECONDS_PER_DAY).float(), seen + 1, mean), dim=-1)
-        return gate * short + (1 - gate) * long, new_state
+        return vector, torch.cat((*day_and_second(t), seen + 1, mean), dim=-1)
+
+
+def _mix(short: Tensor, long: Tensor, gate: Tensor) -> Tensor:
+    """The gated mix ``g * short + (1 - g) * long``, as ``long + g * (short - long)``."""
+    return long + gate * (short - long)

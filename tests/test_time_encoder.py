@@ -1,4 +1,5 @@
-"""Dual-view gated time encoder: step == forward, padding, gate range, order mode, personal rhythm."""
+"""Dual-view gated time encoder: step == forward, padding, gate range, order mode, personal rhythm, the
+calendar features and the exact (day, second) state, in torch and in an exported step graph."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from shared_model.time_encoder import SECONDS_PER_DAY, DualViewGatedTimeEncoder, gap_features
+from shared_model.export.torch_graphs import _export_graph
+from shared_model.graph_io import session
+from shared_model.time_encoder import (
+    SECONDS_PER_DAY,
+    SECONDS_PER_WEEK,
+    SECONDS_PER_YEAR,
+    DualViewGatedTimeEncoder,
+    day_and_second,
+    gap_features,
+)
 
 D_MODEL = 16
 
@@ -131,3 +141,63 @@ def test_gradients_and_bad_unit():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
     with pytest.raises(ValueError):
         DualViewGatedTimeEncoder(D_MODEL, "hours")
+
+
+# just before and at midnight UTC (where float32 rounds unix seconds across the day boundary), past 2038 (2^31 s),
+# before 1970
+EDGE_TIMES = [0, 86_399, 1_600_041_599, 1_600_041_600, 2**31 + 86_399, 4_102_444_799, -1]
+
+
+def test_day_and_second_are_exact():
+    t = torch.tensor(EDGE_TIMES)
+    day, second = day_and_second(t)
+    assert day.dtype == second.dtype == torch.float32
+    assert (day.long() * SECONDS_PER_DAY + second.long()).tolist() == EDGE_TIMES
+    assert ((second >= 0) & (second < SECONDS_PER_DAY)).all()
+
+
+@torch.no_grad()
+def test_long_view_reads_each_cycle_as_sine_then_cosine():
+    """The long view's inputs, computed independently: per cycle (hour of day, day of week from Monday, time of
+    year) its sine then its cosine, then the rhythm (the layout trained checkpoints were saved with)."""
+    enc = DualViewGatedTimeEncoder(D_MODEL)
+    t = torch.tensor(EDGE_TIMES)[:, None]
+    rhythm = torch.linspace(-1, 1, len(EDGE_TIMES))[:, None]
+    long = enc._views(t, torch.zeros_like(rhythm), torch.zeros_like(t, dtype=torch.bool), rhythm)[1]
+    features = []
+    for period, shift in (
+        (SECONDS_PER_DAY, 0),
+        (SECONDS_PER_WEEK, 3 * SECONDS_PER_DAY),
+        (SECONDS_PER_YEAR, 0),
+    ):
+        angle = 2 * np.pi * (((np.array(EDGE_TIMES) + shift) % period) / period)
+        features += [np.sin(angle), np.cos(angle)]
+    inputs = torch.from_numpy(np.stack(features, axis=1)).float()
+    torch.testing.assert_close(long, enc.long(torch.cat((inputs, rhythm), dim=1)), atol=1e-6, rtol=0)
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, enc: DualViewGatedTimeEncoder) -> None:
+        super().__init__()
+        self.enc = enc
+
+    def forward(self, t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.enc.step(t, state)
+
+
+@torch.no_grad()
+def test_exported_step_keeps_the_state_exact_and_matches_torch():
+    """The step as an onnxruntime graph (the runtime's): the new state bit for bit as torch's (day and second
+    exact around midnight and past 2038), the time vector within float32 rounding."""
+    torch.manual_seed(0)
+    enc = DualViewGatedTimeEncoder(D_MODEL).eval()
+    t = torch.tensor(EDGE_TIMES)
+    state = enc.state_after(t[:, None] - 3_600, torch.ones(len(t), 1, dtype=torch.bool))  # an hour earlier
+    proto = _export_graph(_Step(enc), (t, state), ["t", "state"], ["vector", "next_state"])
+    sess = session(proto.SerializeToString())
+    feeds = {"t": t.numpy(), "state": state.numpy()}
+    vector, next_state = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
+    expected_vector, expected_state = enc.step(t, state)
+    assert np.array_equal(next_state, expected_state.numpy())
+    assert (next_state[:, 0].astype(np.int64) * SECONDS_PER_DAY + next_state[:, 1]).tolist() == EDGE_TIMES
+    assert np.abs(vector - expected_vector.numpy()).max() <= 1e-6

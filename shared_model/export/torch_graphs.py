@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..explanation import history_counts
+from ..explanation import add_history_counts, history_counts
 from ..graph_io import MAX_EVENTS
 from ..model import TMEPSR
 
@@ -85,11 +85,6 @@ class _Graph(nn.Module):
         super().__init__()
         self.model, self.top_k, self.num_expl, self.attested = model, top_k, num_expl, attested
 
-    def _history(self, items: Tensor) -> Tensor:
-        """The explanation-history counts of dense ``items`` (B, ...; -1 = no event): (B, V)."""
-        ids = self.attested(items.clamp(min=0).reshape(-1)).reshape(*items.shape, -1)
-        return history_counts(ids, self.model.cfg.num_explanations, items >= 0)
-
 
 class _Step(_Graph):
     fixed_inputs = 3
@@ -103,7 +98,7 @@ class _Step(_Graph):
         next_states = {"lru_state": lru_state, "time_state": time_state}
         history = None
         if "explanation_history" in named:
-            history = named["explanation_history"] + self._history(item[:, None])
+            history = add_history_counts(named["explanation_history"], self.attested(item))
             next_states["explanation_history"] = history
         return (
             *(next_states[name] for name in named),
@@ -131,8 +126,9 @@ class _Encoder(_Graph):
     def forward(self, items: Tensor, timestamps: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
         state, lru_state, time_state = self.model.reencode(items, timestamps, mask)
         states = (lru_state,) if self.model.time_encoder is None else (lru_state, time_state)
-        if uses_history(self.model):
-            states = (*states, self._history(torch.where(mask, items, -1)))
+        if uses_history(self.model):  # the counts of the ids attested for the history's items (not padding's)
+            ids = self.attested(torch.where(mask, items, 0).reshape(-1)).reshape(*items.shape, -1)
+            states = (*states, history_counts(ids, self.model.cfg.num_explanations, mask))
         return *states, state
 
 
