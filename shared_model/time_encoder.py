@@ -25,6 +25,7 @@ SECONDS_PER_WEEK = 7 * SECONDS_PER_DAY
 SECONDS_PER_YEAR = 31_556_952  # mean Gregorian year, 365.2425 days
 MONDAY_SHIFT = 3 * SECONDS_PER_DAY  # 1970-01-01 was a Thursday: shift so that phase 0 is Monday 00:00 UTC
 MAX_LOG_GAP = math.log1p(366 * 24 * 60)  # a year in minutes; longer gaps fall in the last bucket
+BUCKET_CUTOFF = 20.0  # squared widths from a gap bucket's centre beyond which it reads 0 (exp(-20) = 2e-9)
 INIT_STD = 0.02  # initial weight scale of the output layers: time vectors start as small as item embeddings
 STATE_SIZE = 4  # [day of the previous event, its second of the day, events seen, mean of their log-gaps]
 ORDER_TICK = (0.0, 0.0, 1.0, 0.0)  # the state change per event in order mode
@@ -97,14 +98,20 @@ class DualViewGatedTimeEncoder(nn.Module):
     def _position(self, index: Tensor) -> Tensor:
         return self.position(index.clamp(0, self.max_len - 1))
 
+    def gap_buckets(self, lg: Tensor) -> Tensor:
+        """The short view's Gaussian soft buckets of log-gaps (..., 1) -> (..., num_gap_buckets), exactly 0 where
+        the Gaussian is negligible: its tail (exp(-87) and below) is denormal in float32, and denormals in the
+        short view's matmuls made the time encoder's training pass 2.5x slower on a CPU."""
+        distance = ((lg.clamp(max=MAX_LOG_GAP) - self.gap_centers) / self.gap_width) ** 2
+        return torch.exp(-distance).masked_fill(distance > BUCKET_CUTOFF, 0)
+
     def _views(
         self, times: Tensor, lg: Tensor, first: Tensor, rhythm: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Short view, long view and gate of events whose features come with a trailing axis of 1: times, log-gap,
         first-event flag and rhythm (..., 1) -> (..., d_model) views and the gate (..., 1). (Kept at (..., 1),
         the one-event step exports without a squeeze or unsqueeze per feature.)"""
-        buckets = torch.exp(-(((lg.clamp(max=MAX_LOG_GAP) - self.gap_centers) / self.gap_width) ** 2))
-        short = self.short(torch.cat((buckets, first.float()), dim=-1))
+        short = self.short(torch.cat((self.gap_buckets(lg), first.float()), dim=-1))
         # every cycle's sine and cosine at once (..., 2C) from its phase as a fraction of the period, the cosine
         # as the sine a quarter turn on (one Mod and one Sin in an exported graph)
         turns = torch.remainder(times + self.cycle_shifts, self.cycle_periods).double() / self.cycle_periods

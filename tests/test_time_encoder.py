@@ -201,3 +201,14 @@ def test_exported_step_keeps_the_state_exact_and_matches_torch():
     assert np.array_equal(next_state, expected_state.numpy())
     assert (next_state[:, 0].astype(np.int64) * SECONDS_PER_DAY + next_state[:, 1]).tolist() == EDGE_TIMES
     assert np.abs(vector - expected_vector.numpy()).max() <= 1e-6
+
+
+def test_gap_buckets_have_no_denormal_tail():
+    """Far from its centre a bucket reads exactly 0, never a denormal float32 (slow in every matmul it enters)."""
+    enc = DualViewGatedTimeEncoder(D_MODEL)
+    lg = torch.linspace(0, 20, 2001)[:, None]  # log-gaps from 0 past the last bucket's centre
+    buckets = enc.gap_buckets(lg)
+    tiny = (buckets > 0) & (buckets < torch.finfo(torch.float32).tiny)
+    assert not tiny.any() and (buckets == 0).any()
+    assert ((buckets == 0) | (buckets >= np.exp(-20.0) * 0.999)).all()
+    assert (buckets.max(dim=1).values > 0.5).all()  # every gap still falls near some bucket
