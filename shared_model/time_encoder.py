@@ -165,9 +165,9 @@ class DualViewGatedTimeEncoder(nn.Module):
         prev_day, prev_second, seen, mean = (state.narrow(-1, k, 1) for k in range(STATE_SIZE))
         prev = prev_day.long() * SECONDS_PER_DAY + prev_second.long()
         lg = log_gap(t - prev, seen > 0)
-        rhythm = torch.where(seen >= 2, lg - mean, 0)
-        vector = _mix(*self._views(t, lg, seen == 0, rhythm))
-        mean = torch.where(seen > 0, mean + (lg - mean) / seen.clamp(min=1), mean)  # mean over `seen` gaps
+        deviation = lg - mean  # the rhythm, and the running mean's update
+        vector = _mix(*self._views(t, lg, seen == 0, torch.where(seen >= 2, deviation, 0)))
+        mean = torch.where(seen > 0, mean + deviation / seen.clamp(min=1), mean)  # mean over `seen` gaps
         return vector, torch.cat((*day_and_second(t), seen + 1, mean), dim=-1)
 
 
